@@ -1,0 +1,3 @@
+from ctrserve.cli import main
+
+main()

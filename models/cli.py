@@ -1,0 +1,145 @@
+"""Offline commands: ``data``, ``train``, ``eval``, ``results``, ``models``."""
+
+from __future__ import annotations
+
+import shlex
+import sys
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+console = Console()
+data_app = typer.Typer(help="Prepare datasets: vocabularies, normalisation, density statistics.", no_args_is_help=True)
+
+SetOpt = Annotated[list[str] | None, typer.Option("--set", help="Override, e.g. train.lr=3e-3 or model.embedding_dim=16")]
+
+
+def invoked_command() -> str:
+    return "ctrserve " + " ".join(shlex.quote(a) for a in sys.argv[1:])
+
+
+def _parse_data_overrides(items: list[str] | None) -> dict:
+    from .train.config import parse_set
+
+    return parse_set(items or [])
+
+
+def prepared_dir_for(dataset: str, overrides: dict | None = None) -> Path:
+    from ctrserve.paths import settings
+
+    tag = "" if not overrides else "-" + "-".join(f"{k}{v}" for k, v in sorted(overrides.items()))
+    return settings().processed_dir / f"{Path(dataset).stem}{tag}"
+
+
+def ensure_prepared(dataset: str, overrides: dict | None = None, force: bool = False) -> Path:
+    """Prepare ``dataset`` unless a prepared copy exists; return its directory."""
+    from ctrserve.paths import settings
+
+    from .data.prepare import prepare
+
+    out = prepared_dir_for(dataset, overrides)
+    if force or not (out / "feature_map.json").exists():
+        console.print(f"[bold]preparing[/] {dataset} -> {out}")
+        prepare(dataset, settings().data_dir, out, overrides)
+    return out
+
+
+@data_app.command("prepare")
+def data_prepare(
+    dataset: Annotated[str, typer.Option(help="dataset name (models/data/specs) or spec path")],
+    set_: SetOpt = None,
+) -> None:
+    """Build vocabularies, normalise numbers, measure information density, write splits."""
+    from .data.spec import SpecError
+
+    try:
+        out = ensure_prepared(dataset, _parse_data_overrides(set_), force=True)
+    except (SpecError, FileNotFoundError, ValueError) as exc:
+        console.print(f"[red]error:[/] {exc}")
+        raise typer.Exit(2) from None
+    _print_density(out)
+
+
+def _print_density(prepared: Path) -> None:
+    from .data.feature_map import FeatureMap
+
+    fmap = FeatureMap.load(prepared / "feature_map.json")
+    table = Table(title=f"{fmap.dataset}: {fmap.num_rows}")
+    for col in ("feature", "kind", "side", "vocab", "cardinality", "entropy", "coverage", "oov", "density"):
+        table.add_column(col)
+    for f in fmap.features:
+        s = f.stats
+        table.add_row(f.name, f.kind, f.side, str(f.vocab_size or "-"), str(s.cardinality) if s else "-",
+                      f"{s.entropy_bits:.2f}" if s else "-", f"{s.coverage:.3f}" if s else "-",
+                      f"{s.oov_rate:.4f}" if s else "-", f"{s.density:.2f}" if s else "-")
+    console.print(table)
+    console.print("density order: " + ", ".join(fmap.density_order()))
+
+
+def train_cmd(
+    model: Annotated[str, typer.Option(help="registered model name (ctrserve models)")],
+    dataset: Annotated[str, typer.Option(help="dataset name")],
+    config: Annotated[Path | None, typer.Option(help="YAML with train:/model: blocks")] = None,
+    set_: SetOpt = None,
+    seed: Annotated[list[int] | None, typer.Option(help="seed; repeat for several runs")] = None,
+    variant: Annotated[str, typer.Option(help="label of this configuration in results")] = "default",
+    data_set: Annotated[list[str] | None, typer.Option("--data-set", help="dataset override, e.g. n_rows=5000")] = None,
+    record: Annotated[bool, typer.Option(help="append the test metrics to docs/results.json")] = False,
+) -> None:
+    """Train a model, evaluate it on the test split, write a run directory."""
+    from ctrserve.paths import settings
+
+    from .train.config import parse_set, resolve_config
+    from .train.results import record_result, write_markdown
+    from .train.trainer import train
+
+    prepared = ensure_prepared(dataset, _parse_data_overrides(data_set))
+    for s in seed or [2026]:
+        try:
+            cfg = resolve_config(model, dataset, config, parse_set(set_ or []), seed=s, variant=variant)
+        except ValueError as exc:
+            console.print(f"[red]error:[/] {exc}")
+            raise typer.Exit(2) from None
+        result = train(cfg, prepared, settings().runs_dir, command=invoked_command())
+        m = result.metrics
+        console.print(f"[bold green]{model}[/] on {dataset} seed {s}: test AUC {m['auc']:.4f} GAUC {m['gauc']:.4f} "
+                      f"LogLoss {m['logloss']:.4f} ({m['epochs']} epochs, {m['epoch_seconds']:.1f}s/epoch) -> {result.run_dir}")
+        if record:
+            record_result(m)
+    if record:
+        write_markdown()
+
+
+def eval_cmd(
+    run: Annotated[Path, typer.Option(help="run directory written by ctrserve train")],
+    split: Annotated[str, typer.Option(help="valid or test")] = "test",
+) -> None:
+    """Re-evaluate a trained run on a prepared split."""
+    from .train.trainer import evaluate, load_run
+
+    if not (run / "model.pt").exists():
+        console.print(f"[red]error:[/] {run} is not a run directory (no model.pt)")
+        raise typer.Exit(2)
+    cfg, fmap, model = load_run(run)
+    from .data.prepare import load_split
+
+    prepared = Path((run / "prepared_dir.txt").read_text().strip())
+    metrics = evaluate(model, load_split(prepared, split), fmap, cfg.train.eval_batch_size)
+    console.print({"run": str(run), "split": split, **metrics})
+
+
+def results_cmd() -> None:
+    """Regenerate docs/results.md from docs/results.json."""
+    from .train.results import write_markdown
+
+    console.print(f"wrote {write_markdown()}")
+
+
+def models_cmd() -> None:
+    """List registered models."""
+    from .registry import list_models
+
+    console.print(", ".join(list_models()))

@@ -1,0 +1,202 @@
+"""``ctrserve data prepare``: raw splits -> vocabularies, normalised numbers, density stats,
+columnar splits (``.npz``) and the feature map (``feature_map.json``, ``vocab.json``)."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from tqdm.auto import tqdm
+
+from .datasets import RawSplits, load_raw
+from .density import dense_stats, sequence_stats, sparse_stats
+from .feature_map import FeatureInfo, FeatureMap, SequenceInfo
+from .spec import DatasetSpec, DenseSpec, SequenceSpec, SparseSpec, SpecError, load_spec
+from .vocab import Vocabulary
+
+SPLITS = ("train", "valid", "test")
+USER_KEY = "__user__"  # GAUC grouping column stored with every split
+
+
+@dataclass
+class Prepared:
+    out_dir: Path
+    feature_map: FeatureMap
+
+
+def apply_overrides(spec: DatasetSpec, overrides: dict[str, Any] | None) -> DatasetSpec:
+    """``max_len`` resizes every sequence; any other key is a loader source option."""
+    if not overrides:
+        return spec
+    overrides = dict(overrides)
+    data = spec.model_dump()
+    if "max_len" in overrides:
+        max_len = int(overrides.pop("max_len"))
+        for f in data["features"]:
+            if f["type"] == "sequence":
+                f["max_len"] = max_len
+    data["source"] = {**data["source"], **overrides}
+    return DatasetSpec.model_validate(data)
+
+
+def _check_raw(spec: DatasetSpec, raw: RawSplits) -> None:
+    for split in SPLITS:
+        if split not in raw:
+            raise SpecError(f"loader {spec.loader!r} returned no {split!r} split")
+        cols = raw[split]
+        need = [spec.label, spec.user_id]
+        for f in spec.features:
+            need += [fld.name for fld in f.fields] if isinstance(f, SequenceSpec) else [f.name]
+        missing = [c for c in need if c not in cols]
+        if missing:
+            raise SpecError(f"loader {spec.loader!r}: split {split!r} lacks columns {missing}")
+        n = len(cols[spec.label])
+        for c in need:
+            if len(cols[c]) != n:
+                raise SpecError(f"split {split!r}: column {c!r} has {len(cols[c])} rows, label has {n}")
+        for f in spec.sequences:
+            for fld in f.fields:
+                shape = np.shape(cols[fld.name])
+                if len(shape) != 2 or shape[1] != f.max_len:
+                    raise SpecError(f"sequence field {fld.name!r} has shape {shape}, expected (N, {f.max_len})")
+
+
+def _dense_transform(spec: DenseSpec, train: np.ndarray) -> dict[str, float | str]:
+    x = np.asarray(train, dtype=np.float64)
+    x = x[~np.isnan(x)]
+    if spec.transform == "log":
+        x = np.log1p(np.maximum(x, 0))
+    params: dict[str, float | str] = {"kind": spec.transform}
+    if spec.transform in ("standard", "log"):
+        params.update(mean=float(x.mean()) if x.size else 0.0, std=float(x.std()) or 1.0 if x.size else 1.0)
+    elif spec.transform == "minmax":
+        lo, hi = (float(x.min()), float(x.max())) if x.size else (0.0, 1.0)
+        params.update(min=lo, max=hi if hi > lo else lo + 1.0)
+    return params
+
+
+def apply_dense(values: np.ndarray, params: dict[str, float | str]) -> np.ndarray:
+    """Normalise a dense column with training parameters; missing (NaN) becomes 0."""
+    x = np.asarray(values, dtype=np.float64)
+    kind = params["kind"]
+    if kind == "log":
+        x = np.log1p(np.maximum(x, 0))
+    if kind in ("standard", "log"):
+        x = (x - float(params["mean"])) / float(params["std"])
+    elif kind == "minmax":
+        x = (x - float(params["min"])) / (float(params["max"]) - float(params["min"]))
+    return np.nan_to_num(x, nan=0.0).astype(np.float32)
+
+
+def prepare(
+    dataset: str | Path,
+    data_dir: Path,
+    out_dir: Path,
+    overrides: dict[str, Any] | None = None,
+) -> Prepared:
+    spec = apply_overrides(load_spec(dataset), overrides)
+    raw = load_raw(spec.loader, data_dir, spec, **spec.source)
+    _check_raw(spec, raw)
+    train = raw["train"]
+    out = {split: {} for split in SPLITS}
+    infos: list[FeatureInfo] = []
+    seq_infos: list[SequenceInfo] = []
+    vocabs: dict[str, Vocabulary] = {}
+    dense_params: dict[str, dict[str, float | str]] = {}
+
+    # vocabularies: an owner table is fitted on its own column plus every column sharing it
+    sharers: dict[str, list[str]] = {}
+    for f in spec.features:
+        if isinstance(f, SparseSpec) and f.share:
+            sharers.setdefault(f.share, []).append(f.name)
+        if isinstance(f, SequenceSpec):
+            for fld in f.fields:
+                sharers.setdefault(fld.share, []).append(fld.name)
+    for f in tqdm(spec.features, desc=f"{spec.name}: vocabularies", leave=False):
+        if isinstance(f, SparseSpec) and not f.share:
+            cols = [train[f.name]] + [train[c] for c in sharers.get(f.name, [])]
+            vocabs[f.name] = Vocabulary.fit(cols, min_count=f.min_count)
+        elif isinstance(f, DenseSpec) and f.buckets:
+            x = np.asarray(train[f.name], dtype=np.float64)
+            edges = np.unique(np.nanquantile(x, np.linspace(0, 1, f.buckets + 1)[1:-1]))
+            dense_params[f.name] = {"kind": "buckets", "edges": json.dumps(edges.tolist())}
+        elif isinstance(f, DenseSpec):
+            dense_params[f.name] = _dense_transform(f, train[f.name])
+
+    for f in tqdm(spec.features, desc=f"{spec.name}: encode", leave=False):
+        if isinstance(f, SparseSpec):
+            owner = f.share or f.name
+            voc = vocabs[owner]
+            for split in SPLITS:
+                out[split][f.name] = voc.encode(raw[split][f.name])
+            card = int(np.unique(np.asarray(train[f.name])).size)
+            infos.append(FeatureInfo(
+                name=f.name, kind="sparse", side=f.side, dtype="int64", embedding=owner,
+                vocab_size=len(voc), stats=sparse_stats(out["train"][f.name], card),
+            ))
+        elif isinstance(f, DenseSpec) and f.buckets:
+            edges = np.asarray(json.loads(str(dense_params[f.name]["edges"])))
+            for split in SPLITS:
+                x = np.asarray(raw[split][f.name], dtype=np.float64)
+                ids = np.searchsorted(edges, x, side="right") + 2
+                out[split][f.name] = np.where(np.isnan(x), 0, ids).astype(np.int64)
+            infos.append(FeatureInfo(
+                name=f.name, kind="sparse", side=f.side, dtype="int64", embedding=f.name,
+                vocab_size=len(edges) + 3, transform=dense_params[f.name],
+                stats=sparse_stats(out["train"][f.name], len(edges) + 1),
+            ))
+        elif isinstance(f, DenseSpec):
+            for split in SPLITS:
+                out[split][f.name] = apply_dense(raw[split][f.name], dense_params[f.name])
+            infos.append(FeatureInfo(
+                name=f.name, kind="dense", side=f.side, dtype="float32",
+                transform=dense_params[f.name], stats=dense_stats(train[f.name]),
+            ))
+        else:
+            stats = None
+            for i, fld in enumerate(f.fields):
+                voc = vocabs[fld.share]
+                for split in SPLITS:
+                    out[split][fld.name] = voc.encode(raw[split][fld.name])
+                card = int(np.unique(np.asarray(train[fld.name])).size)
+                fstats = sequence_stats(out["train"][fld.name], card)
+                if i == 0:
+                    stats = fstats
+                infos.append(FeatureInfo(
+                    name=fld.name, kind="sequence", side="user", dtype="int64", embedding=fld.share,
+                    vocab_size=len(voc), sequence=f.name, max_len=f.max_len, stats=fstats,
+                ))
+            seq_infos.append(SequenceInfo(
+                name=f.name, max_len=f.max_len, fields=[fld.name for fld in f.fields],
+                targets=[fld.share for fld in f.fields], stats=stats,
+            ))
+
+    for split in SPLITS:
+        out[split][spec.label] = np.asarray(raw[split][spec.label], dtype=np.float32)
+        out[split][USER_KEY] = np.unique(np.asarray(raw[split][spec.user_id]).astype(str), return_inverse=True)[1]
+
+    fmap = FeatureMap(
+        dataset=spec.name, label=spec.label, user_id=spec.user_id, features=infos, sequences=seq_infos,
+        num_rows={split: len(out[split][spec.label]) for split in SPLITS},
+    )
+    if out_dir.exists():
+        shutil.rmtree(out_dir)
+    out_dir.mkdir(parents=True)
+    for split in tqdm(SPLITS, desc=f"{spec.name}: write", leave=False):
+        np.savez(out_dir / f"{split}.npz", **out[split])
+    fmap.save(out_dir / "feature_map.json")
+    (out_dir / "vocab.json").write_text(json.dumps({k: v.to_json() for k, v in vocabs.items()}))
+    (out_dir / "spec.json").write_text(spec.model_dump_json(indent=2))
+    return Prepared(out_dir=out_dir, feature_map=fmap)
+
+
+def load_split(prepared_dir: Path, split: str) -> dict[str, np.ndarray]:
+    path = Path(prepared_dir) / f"{split}.npz"
+    if not path.exists():
+        raise FileNotFoundError(f"{path} not found: run `ctrserve data prepare` first")
+    with np.load(path, allow_pickle=False) as z:
+        return {k: z[k] for k in z.files}

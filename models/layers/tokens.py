@@ -1,0 +1,36 @@
+"""Field tokens for flat models: every input becomes one ``d``-vector, sequences pooled."""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from ..data.feature_map import FeatureMap
+from .embedding import Batch, FeatureEmbedding
+from .sequence import Pooling, SequencePooling
+
+
+class FieldTokens(nn.Module):
+    """``batch -> [B, F, d]``, one token per feature-map input in ``order`` (default: spec order)."""
+
+    def __init__(
+        self,
+        feature_map: FeatureMap,
+        dim: int,
+        seq_pooling: Pooling = "mean",
+        order: list[str] | None = None,
+        embedding: FeatureEmbedding | None = None,
+    ):
+        super().__init__()
+        self.embedding = embedding or FeatureEmbedding(feature_map, dim)
+        self.pools = nn.ModuleDict({s.name: SequencePooling(s, dim, seq_pooling) for s in feature_map.sequences})
+        self.seq_items = {s.name: s.fields[0] for s in feature_map.sequences}
+        self.order = list(order or feature_map.token_names())
+        self.num_fields = len(self.order)
+        self.dim = dim
+
+    def forward(self, batch: Batch) -> Tensor:
+        emb = self.embedding(batch)
+        for name, pool in self.pools.items():
+            emb.update(pool(emb, batch[self.seq_items[name]]))
+        return torch.stack([emb[n] for n in self.order], dim=1)

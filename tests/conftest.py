@@ -1,0 +1,62 @@
+"""Shared fixtures: a tiny prepared synthetic dataset and batches drawn from it.
+
+Area-specific fixtures live in ``tests/<area>/conftest.py``; fixtures that several areas need
+(real redis-server, real tritonserver) live here, each in its own section."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+SHARED_DATA = Path(__file__).resolve().parent.parent.parent / "shared" / "data"
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    import os
+
+    # keep a 2-core machine usable while tests run beside other work
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+
+
+@pytest.fixture(scope="session")
+def shared_data() -> Path:
+    """The shared public datasets; tests needing them skip with a clear message if absent."""
+    if not SHARED_DATA.exists():
+        pytest.skip(f"shared datasets not found at {SHARED_DATA}")
+    return SHARED_DATA
+
+
+@pytest.fixture(scope="session")
+def tiny_prepared(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Synthetic data (3,000 rows, sequences of length 12) prepared into a temp dir."""
+    from ctrserve.models.data.prepare import prepare
+
+    out = tmp_path_factory.mktemp("prepared") / "synthetic"
+    prepare("synthetic", SHARED_DATA, out, {"n_rows": 3000, "n_users": 300, "n_items": 200,
+                                             "n_cates": 10, "max_len": 12})
+    return out
+
+
+@pytest.fixture(scope="session")
+def tiny_fmap(tiny_prepared: Path):
+    from ctrserve.models.data.feature_map import FeatureMap
+
+    return FeatureMap.load(tiny_prepared / "feature_map.json")
+
+
+@pytest.fixture()
+def tiny_batch(tiny_prepared: Path, tiny_fmap):
+    """64 training rows as model inputs, including a user with an empty sequence."""
+    import torch
+    from ctrserve.models.data.prepare import load_split
+
+    arrays = load_split(tiny_prepared, "train")
+    seq = tiny_fmap.sequence_fields[0].name
+    empty = np.flatnonzero((arrays[seq] == 0).all(axis=1))
+    assert empty.size, "the synthetic generator must produce users without history"
+    idx = np.r_[empty[:1], np.arange(63)]
+    batch = {f.name: torch.from_numpy(arrays[f.name][idx]) for f in tiny_fmap.features}
+    labels = torch.from_numpy(arrays[tiny_fmap.label][idx])
+    return batch, labels
