@@ -124,7 +124,7 @@ def train(
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
-            total += float(loss) * len(labels)
+            total += float(loss.detach()) * len(labels)
             n += len(labels)
         epoch_seconds.append(time.perf_counter() - start)
         valid = evaluate(model, valid_arrays, fmap, t.eval_batch_size)
