@@ -14,7 +14,9 @@ from rich.table import Table
 console = Console()
 data_app = typer.Typer(help="Prepare datasets: vocabularies, normalisation, density statistics.", no_args_is_help=True)
 
-SetOpt = Annotated[list[str] | None, typer.Option("--set", help="Override, e.g. train.lr=3e-3 or model.embedding_dim=16")]
+SetOpt = Annotated[
+    list[str] | None, typer.Option("--set", help="Override, e.g. train.lr=3e-3 or model.embedding_dim=16")
+]
 
 
 def invoked_command() -> str:
@@ -105,8 +107,10 @@ def train_cmd(
             raise typer.Exit(2) from None
         result = train(cfg, prepared, settings().runs_dir, command=invoked_command())
         m = result.metrics
-        console.print(f"[bold green]{model}[/] on {dataset} seed {s}: test AUC {m['auc']:.4f} GAUC {m['gauc']:.4f} "
-                      f"LogLoss {m['logloss']:.4f} ({m['epochs']} epochs, {m['epoch_seconds']:.1f}s/epoch) -> {result.run_dir}")
+        console.print(
+            f"[bold green]{model}[/] on {dataset} seed {s}: test AUC {m['auc']:.4f} GAUC {m['gauc']:.4f} "
+            f"LogLoss {m['logloss']:.4f} ({m['epochs']} epochs, {m['epoch_seconds']:.1f}s/epoch) -> {result.run_dir}"
+        )
         if record:
             record_result(m)
     if record:

@@ -50,6 +50,7 @@ def tiny_fmap(tiny_prepared: Path):
 def tiny_batch(tiny_prepared: Path, tiny_fmap):
     """64 training rows as model inputs, including a user with an empty sequence."""
     import torch
+
     from ctrserve.models.data.prepare import load_split
 
     arrays = load_split(tiny_prepared, "train")

@@ -76,13 +76,16 @@ def render_markdown(rows: list[dict[str, Any]]) -> str:
         lines += [f"## {dataset}", "",
                   "| model | variant | seeds | test AUC | test GAUC | test LogLoss | params | s/epoch |",
                   "|---|---|---|---|---|---|---|---|"]
-        keys = sorted((k for k in groups if k[0] == dataset), key=lambda k: -_mean_std([r["auc"] for r in groups[k]])[0])
+        keys = sorted(
+            (k for k in groups if k[0] == dataset), key=lambda k: -_mean_std([r["auc"] for r in groups[k]])[0]
+        )
         for key in keys:
             rs = groups[key]
             a, g, ll = (_mean_std([r[m] for r in rs]) for m in ("auc", "gauc", "logloss"))
+            secs = _mean_std([r["epoch_seconds"] for r in rs])[0]
             lines.append(
                 f"| {key[1]} | {key[2]} | {len(rs)} | {a[0]:.4f} ± {a[1]:.4f} | {g[0]:.4f} ± {g[1]:.4f} "
-                f"| {ll[0]:.4f} ± {ll[1]:.4f} | {rs[0]['params']:,} | {_mean_std([r['epoch_seconds'] for r in rs])[0]:.1f} |"
+                f"| {ll[0]:.4f} ± {ll[1]:.4f} | {rs[0]['params']:,} | {secs:.1f} |"
             )
         lines += ["", "Commands:", ""]
         for key in keys:

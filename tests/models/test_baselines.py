@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+
 from ctrserve.models.registry import build_model, list_models
 
 BASELINES = ["lr", "fm", "dnn", "wide_deep", "deepfm", "dcnv2", "autoint"]
