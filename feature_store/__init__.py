@@ -1,1 +1,17 @@
+"""Online feature store: user profiles, behaviour sequences and item features in Redis.
 
+``OnlineStore`` is the small interface (``online_write_batch``, ``online_read``);
+``RedisOnlineStore`` (module ``redis_store``) the Redis backend, configured by
+``RedisStoreConfig`` (env prefix ``CTRSERVE_REDIS_``). No torch anywhere in this package.
+"""
+
+from .base import ItemRecords, OnlineStore, RequestFeatures, UserRecords
+from .config import RedisStoreConfig
+from .errors import CorruptValue, FeatureStoreError, SchemaMismatch, StoreNotLoaded, StoreTimeout, StoreUnavailable
+from .schema import SequenceSchema, StoreSchema
+
+__all__ = [
+    "CorruptValue", "FeatureStoreError", "ItemRecords", "OnlineStore", "RedisStoreConfig", "RequestFeatures",
+    "SchemaMismatch", "SequenceSchema", "StoreNotLoaded", "StoreSchema", "StoreTimeout", "StoreUnavailable",
+    "UserRecords",
+]

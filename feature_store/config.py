@@ -1,0 +1,68 @@
+"""Redis store settings, environment-overridable with the ``CTRSERVE_REDIS_`` prefix
+(e.g. ``CTRSERVE_REDIS_URL=redis://cache:6379/0``, ``CTRSERVE_REDIS_TIMEOUT_MS=30``)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import Field, SecretStr
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class RedisStoreConfig(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="CTRSERVE_REDIS_", extra="forbid")
+
+    #: ``redis://`` or ``rediss://`` (TLS); credentials may also be given in the URL
+    url: str = "redis://localhost:6379/0"
+    username: str | None = None
+    password: SecretStr | None = None
+    #: TLS pass-through (``rediss://`` in the URL turns TLS on as well)
+    tls: bool = False
+    tls_ca_certs: Path | None = None
+    tls_certfile: Path | None = None
+    tls_keyfile: Path | None = None
+    tls_cert_reqs: Literal["required", "optional", "none"] = "required"
+
+    #: budget of one online call (a request's read, an append), end to end
+    timeout_ms: float = Field(50.0, gt=0)
+    connect_timeout_ms: float = Field(200.0, gt=0)
+    #: budget of one bulk-load pipeline (thousands of keys)
+    bulk_timeout_ms: float = Field(30_000.0, gt=0)
+    #: connections per process; a call waits for a free one within its timeout
+    pool_size: int = Field(32, ge=1)
+
+    #: keys are ``<key_prefix>:<namespace>:...``; the namespace defaults to the dataset name
+    key_prefix: str = "ctrserve:fs"
+    #: in-process LRU cache of item values (0 disables it); TTL bounds staleness after put-item
+    item_cache_size: int = Field(50_000, ge=0)
+    item_cache_ttl_s: float = Field(30.0, gt=0)
+
+    #: users or items per bulk-load pipeline
+    bulk_batch_size: int = Field(2_000, ge=1)
+    #: wait after flipping ``active`` before deleting the previous version, so reads in flight finish
+    cleanup_grace_s: float = Field(2.0, ge=0)
+
+    def effective_url(self) -> str:
+        """The URL with the ``rediss://`` scheme when ``tls`` is set (that scheme selects TLS connections)."""
+        if self.tls and self.url.startswith("redis://"):
+            return "rediss://" + self.url[len("redis://"):]
+        return self.url
+
+    def client_kwargs(self) -> dict[str, Any]:
+        """Keyword arguments for ``redis.asyncio`` connection pools (beyond the URL)."""
+        kwargs: dict[str, Any] = {
+            "socket_timeout": self.timeout_ms / 1000,
+            "socket_connect_timeout": self.connect_timeout_ms / 1000,
+        }
+        if self.username:
+            kwargs["username"] = self.username
+        if self.password is not None:
+            kwargs["password"] = self.password.get_secret_value()
+        if self.effective_url().startswith("rediss://"):
+            kwargs.update(ssl_cert_reqs=self.tls_cert_reqs)
+            for name in ("ca_certs", "certfile", "keyfile"):
+                value = getattr(self, f"tls_{name}")
+                if value is not None:
+                    kwargs[f"ssl_{name}"] = str(value)
+        return kwargs

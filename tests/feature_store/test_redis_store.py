@@ -1,0 +1,346 @@
+"""The Redis store against a real redis-server (fixture ``redis_url`` in tests/conftest.py)."""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+
+import numpy as np
+import pytest
+import redis
+
+from ctrserve.feature_store import (
+    CorruptValue,
+    ItemRecords,
+    RedisStoreConfig,
+    SchemaMismatch,
+    SequenceSchema,
+    StoreNotLoaded,
+    StoreSchema,
+    StoreTimeout,
+    StoreUnavailable,
+    UserRecords,
+)
+from ctrserve.feature_store.redis_store import RedisOnlineStore
+from ctrserve.models.data.feature_map import OOV_ID
+
+pytestmark = pytest.mark.redis
+
+L = 5
+SCHEMA = StoreSchema(
+    dataset="t", user_id_feature="user_id", item_id_feature="item_id",
+    user_sparse=["user_id", "segment"], user_dense=["age"],
+    item_sparse=["item_id", "cate_id"], item_dense=["price"],
+    sequences=[SequenceSchema(name="hist", fields=["hist_item_id", "hist_cate_id"],
+                              targets=["item_id", "cate_id"], max_len=L)],
+)
+
+
+def make_records(seed: int) -> tuple[UserRecords, ItemRecords]:
+    """4 users (history lengths 0, 2, 5, 3) and 6 items with seeded values."""
+    rng = np.random.default_rng(seed)
+    lengths = [0, 2, 5, 3]
+    hist_item = np.zeros((4, L), np.int64)
+    hist_cate = np.zeros((4, L), np.int64)
+    ts = np.zeros((4, L), np.int64)
+    for u, n in enumerate(lengths):
+        hist_item[u, :n] = rng.integers(2, 100, n)
+        hist_cate[u, :n] = rng.integers(2, 10, n)
+        ts[u, :n] = 1_700_000_000 - np.arange(n) * 60  # most recent first
+    users = UserRecords(
+        ids=[f"u{i}" for i in range(4)],
+        profile={"user_id": np.arange(2, 6), "segment": rng.integers(2, 8, 4),
+                 "age": rng.normal(size=4).astype(np.float32)},
+        sequences={"hist_item_id": hist_item, "hist_cate_id": hist_cate},
+        timestamps={"hist": ts},
+    )
+    items = ItemRecords(ids=[f"i{i}" for i in range(6)], features={
+        "item_id": np.arange(2, 8), "cate_id": rng.integers(2, 10, 6), "price": rng.normal(size=6).astype(np.float32)})
+    return users, items
+
+
+def make_store(url: str, schema: StoreSchema = SCHEMA, namespace: str = "t", **cfg: object) -> RedisOnlineStore:
+    # generous budgets: the test machine is shared; the timeout test sets its own
+    config = RedisStoreConfig(**{"url": url, "cleanup_grace_s": 0, "timeout_ms": 2000, "bulk_batch_size": 2, **cfg})
+    return RedisOnlineStore(schema, config, namespace)
+
+
+def assert_user(got, users: UserRecords, u: int) -> None:
+    assert not got.user_missing and not got.profile_missing
+    for f in ("user_id", "segment", "age"):
+        np.testing.assert_array_equal(got.user[f], users.profile[f][u])
+    np.testing.assert_array_equal(got.sequence["hist_item_id"], users.sequences["hist_item_id"][u])
+    np.testing.assert_array_equal(got.sequence["hist_cate_id"], users.sequences["hist_cate_id"][u])
+    np.testing.assert_array_equal(got.timestamps["hist"], users.timestamps["hist"][u])
+    assert got.sequence_length["hist"] == int((users.sequences["hist_item_id"][u] != 0).sum())
+
+
+def assert_items(got, items: ItemRecords, idx: list[int]) -> None:
+    for f, col in items.features.items():
+        np.testing.assert_array_equal(got.items[f], col[idx])
+        assert got.items[f].dtype == (np.float32 if f == "price" else np.int64)
+
+
+def version_keys(url: str, ns: str = "ctrserve:fs:t") -> set[int]:
+    with redis.Redis.from_url(url) as client:
+        return {int(k.split(b":")[3][1:]) for k in client.scan_iter(match=f"{ns}:v*")}
+
+
+async def test_round_trip_profiles_sequences_items(redis_url: str) -> None:
+    users, items = make_records(0)
+    async with make_store(redis_url) as store:
+        version = await store.bulk_load(users, items)
+        for u in range(4):
+            got = await store.online_read(f"u{u}", ["i3", "i0", "i5", "i3"])
+            assert got.version == version
+            assert_user(got, users, u)
+            assert_items(got, items, [3, 0, 5, 3])
+            assert got.missing_items.size == 0
+        assert (await store.online_read("u0", [])).sequence_length["hist"] == 0  # stored, empty history
+
+
+async def test_missing_user_and_items_get_cold_start_defaults(redis_url: str) -> None:
+    users, items = make_records(0)
+    async with make_store(redis_url) as store:
+        await store.bulk_load(users, items)
+        got = await store.online_read("nobody", ["i1", "no-such-item", "i2"])
+    assert got.user_missing and got.profile_missing
+    assert got.user["user_id"] == OOV_ID and got.user["segment"] == OOV_ID and got.user["age"] == 0.0
+    assert got.sequence_length["hist"] == 0 and not got.sequence["hist_item_id"].any()
+    assert got.sequence["hist_item_id"].shape == (L,)
+    np.testing.assert_array_equal(got.missing_items, [1])
+    np.testing.assert_array_equal(got.items["item_id"], [items.features["item_id"][1], OOV_ID,
+                                                         items.features["item_id"][2]])
+    assert got.items["price"][1] == 0.0
+
+
+async def test_append_trims_to_max_len_atomically(redis_url: str) -> None:
+    users, items = make_records(0)
+    async with make_store(redis_url) as store:
+        await store.bulk_load(users, items)
+        before = users.sequences["hist_item_id"][3][:3]
+        for k in range(4):  # 3 + 4 events, L = 5: the two oldest fall off
+            n = await store.append_event("u3", f"i{k}", ts=1_800_000_000 + k)
+            assert n == min(3 + k + 1, L)
+        got = await store.online_read("u3", [])
+        np.testing.assert_array_equal(got.sequence["hist_item_id"], [5, 4, 3, 2, before[0]])  # item_id of i3..i0
+        np.testing.assert_array_equal(got.sequence["hist_cate_id"][:4], items.features["cate_id"][3::-1])
+        np.testing.assert_array_equal(got.timestamps["hist"][:4], [1_800_000_003, 1_800_000_002, 1_800_000_001,
+                                                                   1_800_000_000])
+        # concurrent appends from many clients: none lost mid-way, never longer than L
+        stamps = list(range(1_900_000_000, 1_900_000_030))
+        await asyncio.gather(*(store.append_event("u1", fields={"hist_item_id": 9, "hist_cate_id": 3}, ts=t)
+                               for t in stamps))
+        got = await store.online_read("u1", [])
+        assert got.sequence_length["hist"] == L
+        assert set(got.timestamps["hist"].tolist()) <= set(stamps)
+        # a new user gets a sequence but no profile; an unknown item gives OOV fields
+        assert await store.append_event("fresh", "no-such-item", ts=5) == 1
+        got = await store.online_read("fresh", [])
+        assert got.profile_missing and not got.user_missing
+        assert got.sequence["hist_item_id"][0] == OOV_ID and got.sequence_length["hist"] == 1
+        with pytest.raises(ValueError, match="exactly"):
+            await store.append_event("u1", fields={"hist_item_id": 2})
+
+
+async def test_put_item_and_cache(redis_url: str) -> None:
+    from prometheus_client import REGISTRY
+
+    def hits() -> float:
+        return REGISTRY.get_sample_value("ctrserve_feature_store_item_cache_lookups_total", {"result": "hit"}) or 0
+
+    users, items = make_records(0)
+    async with make_store(redis_url) as store:
+        await store.bulk_load(users, items)
+        first = await store.online_read("u1", ["i0", "i1", "i2"])
+        assert first.item_cache_hits == 0
+        h0 = hits()
+        second = await store.online_read("u2", ["i2", "i1", "i4"])
+        assert second.item_cache_hits == 2 and hits() - h0 == 2
+        assert_items(second, items, [2, 1, 4])
+        await store.put_item("i1", {"item_id": 3, "cate_id": 9, "price": 1.5})
+        await store.put_item("brand-new", {"item_id": 40, "cate_id": 2, "price": -0.5})
+        got = await store.online_read("u2", ["i1", "brand-new"])
+        np.testing.assert_array_equal(got.items["cate_id"], [9, 2])
+        np.testing.assert_array_equal(got.items["price"], np.float32([1.5, -0.5]))
+        with pytest.raises(ValueError, match="exactly"):
+            await store.put_item("x", {"item_id": 3})
+    assert 0 < store.item_cache.hit_ratio < 1
+
+
+async def test_crash_mid_load_keeps_previous_version_serving(redis_url: str) -> None:
+    old_users, old_items = make_records(1)
+    new_users, new_items = make_records(2)
+    async with make_store(redis_url) as store, make_store(redis_url) as reader:
+        v1 = await store.bulk_load(old_users, old_items)
+        assert_user(await reader.online_read("u1", ["i0"]), old_users, 1)
+
+        batches = []
+
+        def crash_after_two_batches(n: int) -> None:
+            batches.append(n)
+            if len(batches) == 2:
+                raise RuntimeError("simulated crash mid-load")
+
+        with pytest.raises(RuntimeError, match="simulated crash"):
+            await store.bulk_load(new_users, new_items, progress=crash_after_two_batches)
+        assert await store.active_version() == v1
+        assert version_keys(redis_url) == {v1, v1 + 1}  # half a load written ...
+        for u in range(4):  # ... but readers still see only the old version, u0 and u1 included
+            got = await reader.online_read(f"u{u}", ["i0", "i5"])
+            assert got.version == v1
+            assert_user(got, old_users, u)
+            assert_items(got, old_items, [0, 5])
+
+        v3 = await store.bulk_load(new_users, new_items)
+        assert version_keys(redis_url) == {v3}  # the old and the crashed versions are gone
+        got = await reader.online_read("u2", ["i0", "i5"])  # the reader notices the flip at once
+        assert got.version == v3
+        assert_user(got, new_users, 2)
+        assert_items(got, new_items, [0, 5])  # not stale values from the item cache
+
+
+async def test_no_active_version_and_online_writes_create_one(redis_url: str) -> None:
+    async with make_store(redis_url) as store:
+        with pytest.raises(StoreNotLoaded, match="store load"):
+            await store.online_read("u1", ["i1"])
+        await store.put_user("u1", {"user_id": 7, "segment": 3, "age": 0.5})
+        got = await store.online_read("u1", [])
+        assert got.user["user_id"] == 7 and not got.profile_missing
+        users, items = make_records(0)
+        await store.online_write_batch(users, items)
+        assert_user(await store.online_read("u2", []), users, 2)
+
+
+async def test_schema_mismatch_is_detected(redis_url: str) -> None:
+    users, items = make_records(0)
+    other = SCHEMA.model_copy(update={"user_dense": []})
+    async with make_store(redis_url) as store, make_store(redis_url, other) as wrong:
+        await store.bulk_load(users, items)
+        with pytest.raises(SchemaMismatch, match="user_dense"):
+            await wrong.online_read("u1", [])
+
+
+async def test_malformed_values_raise_corrupt_value(redis_url: str) -> None:
+    users, items = make_records(0)
+    async with make_store(redis_url) as store:
+        version = await store.bulk_load(users, items)
+        base = store.keys.base(version)
+        with redis.Redis.from_url(redis_url) as client:
+            client.set(base + "i:i2", b"not a feature row")
+            client.set(base + "u:u1", b"CT\x01U" + bytes(40))
+            client.set(base + "s:hist:u2", store._seq_codecs["hist"].header + b"\x01\x02\x03")
+        with pytest.raises(CorruptValue, match="i:i2"):
+            await store.online_read("u0", ["i1", "i2"])
+        with pytest.raises(CorruptValue, match="u:u1"):
+            await store.online_read("u1", [])
+        with pytest.raises(CorruptValue, match="s:hist:u2"):
+            await store.online_read("u2", [])
+        with pytest.raises(CorruptValue, match="s:hist:u2"):
+            await store.append_event("u2", fields={"hist_item_id": 2, "hist_cate_id": 2})
+        assert_user(await store.online_read("u3", ["i1"]), users, 3)  # the rest still reads
+        with redis.Redis.from_url(redis_url) as client:
+            client.set(store.keys.active, b"junk")
+        with pytest.raises(CorruptValue, match="active"):
+            await store.online_read("u3", [])
+
+
+async def test_redis_stopped_gives_typed_error_then_recovers(redis_server, redis_url: str) -> None:
+    users, items = make_records(0)
+    async with make_store(redis_url) as store:
+        await store.bulk_load(users, items)
+        await store.online_read("u1", ["i1"])  # pooled connections exist when the server goes away
+        with redis.Redis.from_url(redis_url) as client:
+            client.save()  # --save "" disables automatic snapshots; this one survives the restart
+        redis_server.stop()
+        try:
+            with pytest.raises(StoreUnavailable, match="cannot reach"):
+                await store.online_read("u1", ["i1"])
+            with pytest.raises(StoreUnavailable):
+                await store.append_event("u1", fields={"hist_item_id": 2, "hist_cate_id": 2})
+        finally:
+            redis_server.start()
+        got = await store.online_read("u1", ["i1"])  # the same store object reconnects
+        assert_user(got, users, 1)
+
+
+async def test_connection_refused_and_timeout(redis_url: str) -> None:
+    async with make_store("redis://127.0.0.1:1/0") as dead:
+        with pytest.raises(StoreUnavailable, match="cannot reach"):
+            await dead.online_read("u1", ["i1"])
+    users, items = make_records(0)
+    async with make_store(redis_url, timeout_ms=100) as store:
+        await store.bulk_load(users, items)
+        with redis.Redis.from_url(redis_url) as client:
+            client.execute_command("CLIENT", "PAUSE", "600", "ALL")  # the server stops answering for 0.6 s
+        with pytest.raises(StoreTimeout, match="100 ms"):
+            await store.online_read("u1", ["i1"])
+        await asyncio.sleep(0.7)
+        assert_user(await store.online_read("u1", ["i1"]), users, 1)
+
+
+async def test_bulk_load_from_prepared_dataset(redis_url: str, tiny_prepared: Path) -> None:
+    from ctrserve.feature_store.loader import load_prepared
+    from ctrserve.models.data.prepare import load_split
+
+    config = RedisStoreConfig(url=redis_url, cleanup_grace_s=0, timeout_ms=2000, bulk_batch_size=50)
+    version, rec = await load_prepared(tiny_prepared, config, "tiny")
+    assert rec.skipped_user_rows > 0  # users below min_count have no raw id in the vocabulary
+    splits = {s: load_split(tiny_prepared, s) for s in ("train", "valid", "test")}
+    vocab = __import__("json").loads((tiny_prepared / "vocab.json").read_text())
+    async with RedisOnlineStore(rec.schema, config, "tiny") as store:
+        checked = 0
+        for raw_user in vocab["user_id"][:40]:
+            enc = vocab["user_id"].index(raw_user) + 2
+            split = next(s for s in ("test", "valid", "train") if (splits[s]["user_id"] == enc).any())
+            row = np.flatnonzero(splits[split]["user_id"] == enc)[-1]  # latest row of the latest split
+            item_enc = int(splits[split]["item_id"][row])
+            raw_item = vocab["item_id"][item_enc - 2] if item_enc >= 2 else "unknown-item"
+            got = await store.online_read(raw_user, [raw_item])
+            assert not got.user_missing and got.version == version
+            for f in ("hist_item_id", "hist_cate_id"):
+                np.testing.assert_array_equal(got.sequence[f], splits[split][f][row])
+            np.testing.assert_array_equal(got.user["segment"], splits[split]["segment"][row])
+            np.testing.assert_allclose(got.user["age"], splits[split]["age"][row])
+            if item_enc >= 2:
+                for f in ("item_id", "cate_id", "price", "quality"):
+                    np.testing.assert_allclose(got.items[f][0], splits[split][f][row])
+                checked += 1
+        assert checked > 10
+        keys_before = version_keys(redis_url, "ctrserve:fs:tiny")
+        again, _ = await load_prepared(tiny_prepared, config, "tiny")  # idempotent rerun: same data, new version
+        assert again == version + 1 and keys_before == {version}
+        assert version_keys(redis_url, "ctrserve:fs:tiny") == {again}
+        got = await store.online_read(vocab["user_id"][0], [])
+        assert got.version == again and not got.user_missing
+
+
+def test_cli_load_append_and_inspect(redis_url: str, tiny_prepared: Path, tmp_path: Path,
+                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    import json
+
+    from typer.testing import CliRunner
+
+    from ctrserve.cli import app
+
+    (tmp_path / "processed").mkdir()
+    (tmp_path / "processed" / "tinycli").symlink_to(tiny_prepared)
+    monkeypatch.setenv("CTRSERVE_WORK_DIR", str(tmp_path))
+    monkeypatch.setenv("CTRSERVE_REDIS_CLEANUP_GRACE_S", "0")
+    runner = CliRunner()
+    common = ["--dataset", "tinycli", "--redis-url", redis_url]
+    res = runner.invoke(app, ["store", "load", *common])
+    assert res.exit_code == 0, res.output
+    assert "version 1" in res.output
+    vocab = json.loads((tiny_prepared / "vocab.json").read_text())
+    user, item = vocab["user_id"][0], vocab["item_id"][0]
+    res = runner.invoke(app, ["store", "append-event", *common, "--user-id", user, "--item-id", item, "--ts", "77"])
+    assert res.exit_code == 0, res.output
+    res = runner.invoke(app, ["store", "get-user", *common, "--user-id", user, "--events", "2"])
+    assert res.exit_code == 0, res.output
+    assert "hist_item_id: [2," in res.output and "ts: [77," in res.output
+    res = runner.invoke(app, ["store", "put-item", *common, "--item-id", "x", "--set", "item_id=3"])
+    assert res.exit_code == 2 and "needs exactly" in res.output
+    res = runner.invoke(app, ["store", "get-user", "--dataset", "absent", "--redis-url", redis_url,
+                              "--user-id", user])
+    assert res.exit_code == 1 and "StoreNotLoaded" in res.output
