@@ -40,3 +40,8 @@ def store_cmd(
     console = Console()
     console.print(table)
     console.print(out["figures"])
+
+
+from .bench_models import models_cmd  # noqa: E402  (registered here, defined beside its benchmark)
+
+bench_app.command("models")(models_cmd)

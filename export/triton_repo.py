@@ -1,0 +1,147 @@
+"""Triton model repository: ``<repo>/<name>/config.pbtxt`` + ``<repo>/<name>/<version>/``.
+
+Two config flavours, generated from the manifests of the exported versions:
+
+* ``local``  - the ``tritonserver`` binary of the PyPI package nvidia-pytriton, which ships only the
+  Python backend: ``backend: "python"`` and the generated ``model.py`` (triton_python_model.py)
+  runs the ONNX file with ONNX Runtime (or a TorchScript file with torch).
+* ``deploy`` - the NVIDIA Triton container: ``onnxruntime`` backend for ONNX, ``pytorch`` backend
+  for TorchScript, ``KIND_GPU`` instances when asked, dynamic batching, warm-up samples.
+
+Both use ``max_batch_size: 0``: a request is already the batch (one user, B candidates) and the
+user tensors have batch 1 while candidate tensors have batch B, so Triton must not add or
+concatenate along a batch axis of its own.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from .manifest import Manifest, list_versions
+
+MODEL_PY = "model.py"
+CONFIG_FILE = "config.pbtxt"
+TEMPLATE = Path(__file__).with_name("triton_python_model.py")
+
+Flavour = Literal["local", "deploy"]
+_DTYPES = {"int64": "TYPE_INT64", "float32": "TYPE_FP32"}
+_BACKENDS = {"onnx": "onnxruntime", "torchscript": "pytorch"}
+
+
+class RepoOptions(BaseModel):
+    """How config.pbtxt is generated (``ctrserve export`` options)."""
+
+    model_config = ConfigDict(extra="forbid")
+    flavour: Flavour = "local"
+    #: ``latest:N``, ``all`` or ``specific:1,2``
+    version_policy: str = "latest:1"
+    #: deploy flavour: KIND_GPU instances instead of KIND_CPU
+    gpu: bool = False
+    instances: int = Field(1, ge=1)
+    #: threads per instance for ONNX Runtime / torch (local) or the onnxruntime backend (deploy);
+    #: 1 instance x 1 thread leaves the second of 2 cores to the gateway and clients
+    threads: int = Field(1, ge=1)
+    #: deploy: dynamic batcher queue delay (requests are not merged, see module docstring)
+    max_queue_delay_us: int = Field(100, ge=0)
+    #: deploy: warm-up with one user and this many candidates (0: no warm-up)
+    warmup_candidates: int = Field(100, ge=0)
+
+    @field_validator("version_policy")
+    @classmethod
+    def _policy(cls, v: str) -> str:
+        parse_version_policy(v)
+        return v
+
+
+def parse_version_policy(text: str) -> dict:
+    """``latest:2`` -> ``{"latest": {"num_versions": 2}}`` (ModelVersionPolicy as a dict)."""
+    kind, _, arg = text.strip().partition(":")
+    try:
+        if kind == "all" and not arg:
+            return {"all": {}}
+        if kind == "latest":
+            n = int(arg or 1)
+            if n >= 1:
+                return {"latest": {"num_versions": n}}
+        if kind == "specific":
+            versions = [int(x) for x in arg.split(",") if x.strip()]
+            if versions and min(versions) >= 1:
+                return {"specific": {"versions": versions}}
+    except ValueError:
+        pass
+    raise ValueError(f"bad version policy {text!r}: use 'latest:N', 'all' or 'specific:1,2'")
+
+
+def build_config(manifest: Manifest, options: RepoOptions):
+    """The ``ModelConfig`` protobuf for one model (tritonclient's model_config_pb2)."""
+    from google.protobuf import json_format
+    from tritonclient.grpc import model_config_pb2 as mc
+
+    cfg = mc.ModelConfig(name=manifest.name, max_batch_size=0)
+    json_format.ParseDict(parse_version_policy(options.version_policy), cfg.version_policy)
+    for t in manifest.inputs:
+        cfg.input.add(name=t.name, data_type=mc.DataType.Value(_DTYPES[t.dtype]), dims=t.shape)
+    out = manifest.output
+    cfg.output.add(name=out.name, data_type=mc.DataType.Value(_DTYPES[out.dtype]), dims=out.shape)
+    kind = mc.ModelInstanceGroup.KIND_CPU
+    if options.flavour == "local":
+        cfg.backend = "python"
+        cfg.parameters["ORT_INTRA_OP_THREADS"].string_value = str(options.threads)
+    else:
+        cfg.backend = _BACKENDS[manifest.format]
+        if options.gpu:
+            kind = mc.ModelInstanceGroup.KIND_GPU
+        if manifest.format == "onnx":
+            cfg.parameters["intra_op_thread_count"].string_value = str(options.threads)
+            cfg.parameters["inter_op_thread_count"].string_value = "1"
+        else:
+            cfg.parameters["INFERENCE_MODE"].string_value = "true"
+            cfg.parameters["INTRA_OP_THREAD_COUNT"].string_value = str(options.threads)
+        cfg.dynamic_batching.max_queue_delay_microseconds = options.max_queue_delay_us
+        if options.warmup_candidates:
+            warm = cfg.model_warmup.add(name=f"one_user_{options.warmup_candidates}_candidates", batch_size=1)
+            for t in manifest.inputs:
+                dims = [options.warmup_candidates if d == -1 else d for d in t.shape]
+                # zeros are PAD ids and neutral dense values: valid for every embedding table
+                warm.inputs[t.name].CopyFrom(mc.ModelWarmup.Input(
+                    data_type=mc.DataType.Value(_DTYPES[t.dtype]), dims=dims, zero_data=True))
+    cfg.instance_group.add(count=options.instances, kind=kind)
+    return cfg
+
+
+def render_config(manifest: Manifest, options: RepoOptions) -> str:
+    from google.protobuf import text_format
+
+    header = (f"# generated by `ctrserve export` ({options.flavour} flavour) from {manifest.name} version "
+              f"{manifest.version}'s manifest.json; regenerate rather than edit\n")
+    return header + text_format.MessageToString(build_config(manifest, options))
+
+
+def write_config(model_dir: Path, options: RepoOptions) -> Path:
+    """(Re)write ``config.pbtxt`` from the newest version's manifest, atomically."""
+    versions = list_versions(model_dir)
+    if not versions:
+        raise FileNotFoundError(f"no exported versions in {model_dir}")
+    text = render_config(versions[max(versions)], options)
+    path = Path(model_dir) / CONFIG_FILE
+    tmp = path.with_suffix(".pbtxt.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+    return path
+
+
+def write_model_py(path: Path) -> None:
+    shutil.copyfile(TEMPLATE, path)
+
+
+def read_config(path: Path):
+    """Parse a config.pbtxt into a ModelConfig protobuf (raises on a syntax error)."""
+    from google.protobuf import text_format
+    from tritonclient.grpc import model_config_pb2 as mc
+
+    return text_format.Parse(Path(path).read_text(), mc.ModelConfig())

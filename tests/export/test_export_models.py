@@ -1,0 +1,158 @@
+"""Every registered model exports to ONNX and TorchScript and passes the parity gate; a
+mismatch fails the export and leaves no version behind."""
+
+from __future__ import annotations
+
+import collections
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from ctrserve.export.exporter import ExportError, export_run
+from ctrserve.export.manifest import Manifest, list_versions
+from ctrserve.export.parity import ParityError
+from ctrserve.models.registry import list_models
+
+pytestmark = pytest.mark.slow  # each ONNX export runs torch.export: seconds, not milliseconds
+
+
+@pytest.mark.parametrize("fmt", ["onnx", "torchscript"])
+@pytest.mark.parametrize("model_name", list_models())
+def test_model_exports_and_passes_parity(model_name: str, fmt: str, run_factory, tmp_path: Path) -> None:
+    run = run_factory(model_name)  # skips (with the reason) models without tiny params
+    result = export_run(run, fmt, tmp_path, name=model_name)
+    m = result.manifest
+    assert result.version_dir == tmp_path / model_name / "1"
+    assert (result.version_dir / m.file).exists()
+    assert (result.version_dir / "model.py").exists() and (result.version_dir / "vocab.json").exists()
+    assert m.parity.passed and m.parity.max_abs_diff <= 1e-4
+    checks = {c.name: c for c in m.parity.checks}
+    assert checks["held_out_rows"].rows >= 1000
+    assert checks["batch_of_1"].rows == 1 and checks["empty_sequence"].rows > 0
+    assert m.parity.splits[0] == "test"
+    # the manifest on disk is what the gateway reads
+    again = Manifest.load(result.version_dir)
+    assert again == m
+    assert [t.side for t in m.inputs] == sorted((t.side for t in m.inputs), key=["user", "candidate"].index)
+    seq = {f.name for f in m.feature_map.sequence_fields}
+    for t in m.inputs:
+        assert t.shape[0] == (1 if t.side == "user" else -1)
+        assert (t.side == "user") == (t.name in seq or m.feature_map.feature(t.name).side == "user")
+    if fmt == "onnx":
+        assert m.exporter.tool == "torch.onnx.dynamo" and m.exporter.opset and not m.exporter.fallback_reason
+        import onnx
+
+        graph = onnx.load(str(result.version_dir / m.file)).graph
+        ops = collections.Counter(n.op_type for n in graph.node)
+        assert "Dropout" not in ops, "training-only op in the serving graph"
+        assert [i.name for i in graph.input] == [t.name for t in m.inputs]
+        dims = {i.name: [d.dim_value or d.dim_param for d in i.type.tensor_type.shape.dim] for i in graph.input}
+        for t in m.inputs:
+            assert (dims[t.name][0] == 1) == (t.side == "user")
+
+
+def test_models_without_tiny_params_are_reported(tiny_params: dict) -> None:
+    """Not a failure: tells the reader which registered models the export tests do not cover yet."""
+    missing = sorted(set(list_models()) - set(tiny_params))
+    if missing:
+        pytest.skip(f"registered models without TINY_PARAMS (not export-tested): {missing}")
+
+
+def test_parity_failure_fails_the_export(run_factory, tmp_path: Path, monkeypatch) -> None:
+    from ctrserve.export import exporter
+
+    real = exporter.onnx_runner
+
+    def perturbed(path, threads=1):
+        run = real(path, threads)
+        return lambda req: run(req) + np.float32(1e-3)
+
+    monkeypatch.setattr(exporter, "onnx_runner", perturbed)
+    with pytest.raises(ParityError) as err:
+        export_run(run_factory("dnn"), "onnx", tmp_path, name="dnn")
+    result = err.value.result
+    assert not result.passed and result.max_abs_diff == pytest.approx(1e-3, rel=1e-2)
+    assert "FAIL" in str(err.value) and "held_out_rows" in str(err.value)
+    model_dir = tmp_path / "dnn"
+    assert list_versions(model_dir) == {}
+    assert list(model_dir.iterdir()) == [], "nothing may be left behind, not even a staging dir"
+
+
+def test_empty_output_fails_parity(run_factory, tmp_path: Path, monkeypatch) -> None:
+    """What the numpy-2 Python backend did: an empty output tensor, no error."""
+    from ctrserve.export import exporter
+
+    monkeypatch.setattr(exporter, "onnx_runner", lambda path, threads=1: lambda req: np.zeros(0, np.float32))
+    with pytest.raises(ParityError, match="returned shape"):
+        export_run(run_factory("lr"), "onnx", tmp_path, name="lr")
+
+
+def test_versions_side_by_side_and_bad_requests(run_factory, tmp_path: Path) -> None:
+    run = run_factory("lr")
+    export_run(run, "onnx", tmp_path, name="m")
+    export_run(run_factory("lr", seed=1), "onnx", tmp_path, name="m")
+    assert sorted(list_versions(tmp_path / "m")) == [1, 2]
+    with pytest.raises(ExportError, match="already exists"):
+        export_run(run, "onnx", tmp_path, name="m", version=2)
+    with pytest.raises(ExportError, match="versions of one Triton model share a backend"):
+        export_run(run, "torchscript", tmp_path, name="m")
+    _fake_version_with_other_inputs(tmp_path / "m", 7)
+    with pytest.raises(ExportError, match="different inputs"):
+        export_run(run, "onnx", tmp_path, name="m")
+    with pytest.raises(ExportError, match="not a run directory"):
+        export_run(tmp_path / "nope", "onnx", tmp_path)
+
+
+def _fake_version_with_other_inputs(model_dir: Path, version: int) -> None:
+    m = Manifest.load(model_dir / "1")
+    (model_dir / str(version)).mkdir()
+    m.model_copy(update={"inputs": m.inputs[:-1], "version": version}).save(model_dir / str(version) / "manifest.json")
+
+
+def test_static_mask_mgdin_exports_with_its_calibration(make_run_dir, tiny_params: dict, tmp_path: Path) -> None:
+    """MGDIN with calibrated static masks (state-dict buffers): exported as loaded, the
+    calibration and mask mode recorded in the manifest."""
+    if "mgdin" not in tiny_params:
+        pytest.skip("no tiny parameters for mgdin")
+    run = make_run_dir(tmp_path / "run", "mgdin", {**tiny_params["mgdin"], "mask_mode": "static"})
+    m = export_run(run, "onnx", tmp_path / "repo", name="mgdin_static").manifest
+    assert m.parity.passed
+    assert m.mask.mode == "static"
+    assert m.mask.calibration and m.mask.calibration["windows"][0]["masks"]
+
+
+def test_cli_exit_codes(run_factory, tmp_path: Path, monkeypatch) -> None:
+    """0 exported, 1 parity gate failed (nothing written), 2 bad input; messages, not tracebacks."""
+    from typer.testing import CliRunner
+
+    from ctrserve.cli import app
+    from ctrserve.export import exporter
+
+    cli = CliRunner()
+    repo = tmp_path / "repo"
+
+    def invoke(*args: str) -> tuple[int, str]:
+        r = cli.invoke(app, ["export", *args, "--out", str(repo)])
+        return r.exit_code, " ".join(r.output.split())
+
+    code, out = invoke("--run", str(tmp_path / "nope"))
+    assert code == 2 and "not a run directory" in out and "Traceback" not in out
+    code, out = invoke("--run", str(run_factory("lr")), "--version-policy", "newest")
+    assert code == 2 and "bad version policy" in out
+
+    real = exporter.onnx_runner
+
+    def off_by_one(path, threads=1):
+        run = real(path, threads)
+        return lambda req: run(req) + 1
+
+    monkeypatch.setattr(exporter, "onnx_runner", off_by_one)
+    code, out = invoke("--run", str(run_factory("lr")))
+    assert code == 1 and "parity gate" in out and "FAIL" in out
+    assert list_versions(repo / "lr") == {}
+
+    monkeypatch.setattr(exporter, "onnx_runner", real)
+    code, out = invoke("--run", str(run_factory("lr")))
+    assert code == 0 and "parity PASSED" in out and "lr version 1" in out
+    assert sorted(list_versions(repo / "lr")) == [1]

@@ -1,0 +1,119 @@
+"""Manifest schema and the two config.pbtxt flavours (parsed with Triton's own protobuf)."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from datetime import UTC, datetime
+from pathlib import Path
+
+import pytest
+
+from ctrserve.export.manifest import ExporterInfo, Manifest, ParityCheck, ParityResult, TensorSpec, list_versions
+from ctrserve.export.triton_repo import RepoOptions, parse_version_policy, read_config, render_config, write_config
+from ctrserve.models.data.feature_map import FeatureMap
+
+pytestmark = pytest.mark.quick
+
+
+def _manifest(fmap: FeatureMap, fmt: str = "onnx", version: int = 1) -> Manifest:
+    user = [f for f in fmap.features if f.side == "user" or f.kind == "sequence"]
+    cand = [f for f in fmap.features if f not in user]
+    inputs = [TensorSpec(name=f.name, dtype=f.dtype, shape=[1, f.max_len] if f.kind == "sequence" else [1],
+                         side="user") for f in user]
+    inputs += [TensorSpec(name=f.name, dtype=f.dtype, shape=[-1], side="candidate") for f in cand]
+    parity = ParityResult(runtime="onnxruntime", tolerance=1e-4, passed=True, max_abs_diff=1e-7, splits=["test"],
+                          checks=[ParityCheck(name="held_out_rows", rows=1000, requests=10, max_abs_diff=1e-7,
+                                              passed=True)])
+    return Manifest(name="dnn", version=version, model="dnn", dataset=fmap.dataset, run_dir="/runs/x", format=fmt,
+                    file="model.onnx" if fmt == "onnx" else "model.pt", inputs=inputs, feature_map=fmap,
+                    parity=parity, exporter=ExporterInfo(tool="torch.onnx.dynamo", torch_version="2.13.0", opset=20),
+                    exported_at=datetime.now(UTC))
+
+
+def test_manifest_module_does_not_import_torch() -> None:
+    code = "import sys, ctrserve.export.manifest; assert 'torch' not in sys.modules, 'torch imported'"
+    subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_manifest_round_trip(tiny_fmap: FeatureMap, tmp_path: Path) -> None:
+    m = _manifest(tiny_fmap)
+    (tmp_path / "1").mkdir()
+    m.save(tmp_path / "1" / "manifest.json")
+    again = Manifest.load(tmp_path / "1")
+    assert again == m
+    assert [t.name for t in again.user_inputs][:2] == ["user_id", "segment"]
+    assert all(t.shape == [-1] for t in again.candidate_inputs)
+    assert list_versions(tmp_path) == {1: m}
+    with pytest.raises(FileNotFoundError, match="no export manifest"):
+        Manifest.load(tmp_path / "2")
+
+
+@pytest.mark.parametrize(("text", "expected"), [
+    ("latest:2", {"latest": {"num_versions": 2}}),
+    ("all", {"all": {}}),
+    ("specific:1,3", {"specific": {"versions": [1, 3]}}),
+])
+def test_version_policy(text: str, expected: dict) -> None:
+    assert parse_version_policy(text) == expected
+
+
+@pytest.mark.parametrize("bad", ["latest:0", "specific:", "newest", "specific:a"])
+def test_bad_version_policy_is_a_clear_error(bad: str) -> None:
+    with pytest.raises(ValueError, match="bad version policy"):
+        RepoOptions(version_policy=bad)
+
+
+def _check_io(cfg, m: Manifest) -> None:
+    from tritonclient.grpc import model_config_pb2 as mc
+
+    types = {"int64": mc.TYPE_INT64, "float32": mc.TYPE_FP32}
+    assert cfg.name == m.name and cfg.max_batch_size == 0
+    assert [i.name for i in cfg.input] == [t.name for t in m.inputs]
+    for i, t in zip(cfg.input, m.inputs, strict=True):
+        assert list(i.dims) == t.shape and i.data_type == types[t.dtype]
+    assert [(o.name, list(o.dims), o.data_type) for o in cfg.output] == [("prob", [-1], mc.TYPE_FP32)]
+
+
+def test_local_flavour_config(tiny_fmap: FeatureMap, tmp_path: Path) -> None:
+    from tritonclient.grpc import model_config_pb2 as mc
+
+    m = _manifest(tiny_fmap)
+    (tmp_path / "dnn" / "1").mkdir(parents=True)
+    m.save(tmp_path / "dnn" / "1" / "manifest.json")
+    cfg = read_config(write_config(tmp_path / "dnn", RepoOptions(version_policy="latest:2", threads=1)))
+    _check_io(cfg, m)
+    assert cfg.backend == "python"
+    assert cfg.version_policy.latest.num_versions == 2
+    assert [(g.count, g.kind) for g in cfg.instance_group] == [(1, mc.ModelInstanceGroup.KIND_CPU)]
+    assert cfg.parameters["ORT_INTRA_OP_THREADS"].string_value == "1"
+    assert not cfg.HasField("dynamic_batching") and not cfg.model_warmup
+
+
+@pytest.mark.parametrize(("fmt", "backend"), [("onnx", "onnxruntime"), ("torchscript", "pytorch")])
+@pytest.mark.parametrize("gpu", [False, True])
+def test_deploy_flavour_config(tiny_fmap: FeatureMap, fmt: str, backend: str, gpu: bool) -> None:
+    from google.protobuf import text_format
+    from tritonclient.grpc import model_config_pb2 as mc
+
+    m = _manifest(tiny_fmap, fmt)
+    text = render_config(m, RepoOptions(flavour="deploy", gpu=gpu, instances=2, version_policy="specific:1,2"))
+    cfg = text_format.Parse(text, mc.ModelConfig())
+    _check_io(cfg, m)
+    assert cfg.backend == backend
+    kind = mc.ModelInstanceGroup.KIND_GPU if gpu else mc.ModelInstanceGroup.KIND_CPU
+    assert [(g.count, g.kind) for g in cfg.instance_group] == [(2, kind)]
+    assert list(cfg.version_policy.specific.versions) == [1, 2]
+    assert cfg.dynamic_batching.max_queue_delay_microseconds == 100
+    (warm,) = cfg.model_warmup
+    assert warm.batch_size == 1 and set(warm.inputs) == {t.name for t in m.inputs}
+    for t in m.inputs:
+        w = warm.inputs[t.name]
+        assert w.zero_data and list(w.dims) == [100 if d == -1 else d for d in t.shape]
+
+
+def test_numpy_is_below_2() -> None:
+    """The Python-backend stub is built against numpy 1.x; with numpy 2 it returns empty outputs."""
+    import numpy
+
+    assert int(numpy.__version__.split(".")[0]) < 2, f"numpy {numpy.__version__}: pin numpy<2"
