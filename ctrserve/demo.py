@@ -1,10 +1,25 @@
 """``ctrserve demo``: the main job end to end on an embedded default (the seeded synthetic
-dataset, no files needed): prepare data, train a small model, evaluate it, print metrics.
+dataset, no files needed): prepare data, train a small model (or reuse the last demo run),
+export it to ONNX with the parity gate, bulk-load a Redis feature store (a private redis-server
+unless ``--redis-url``), start the scoring gateway (embedded ONNX Runtime unless a Triton URL is
+given), score sample requests over HTTP and print them, then shut everything down.
+``--serve`` keeps the gateway up until Ctrl-C.
 
-Each step is a function so later stages (export, feature store, gateway) chain onto it."""
+Each step is a function, so tests and other commands can chain them."""
 
 from __future__ import annotations
 
+import contextlib
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Annotated
 
@@ -33,11 +48,212 @@ def step_train(model: str, work_dir: Path, seed: int) -> Path:
     return result.run_dir
 
 
+def find_demo_run(model: str, work_dir: Path, seed: int) -> Path | None:
+    """The newest finished demo run of ``model`` with ``seed`` (a run dir with weights and metrics)."""
+    runs = sorted((work_dir / "runs" / "synthetic" / model).glob(f"demo-s{seed}-*"))
+    done = [r for r in runs if (r / "model.pt").exists() and (r / "metrics.json").exists()]
+    return done[-1] if done else None
+
+
+def step_export(run_dir: Path, repo: Path, name: str) -> Path:
+    """Export ``run_dir`` as version 1 of ``name`` in ``repo`` (ONNX, parity-gated); reused when
+    version 1 already comes from this run."""
+    from ctrserve.export.exporter import export_run
+    from ctrserve.export.manifest import Manifest
+
+    version_dir = repo / name / "1"
+    if (version_dir / "manifest.json").exists():
+        manifest = Manifest.load(version_dir)
+        if Path(manifest.run_dir) == run_dir.resolve():
+            console.print(f"[bold]export[/] reusing {version_dir}")
+            return repo
+    t0 = time.perf_counter()
+    result = export_run(run_dir, "onnx", repo, name=name, version=1, force=True)
+    p = result.manifest.parity
+    console.print(f"[bold]export[/] ONNX -> {result.version_dir} in {time.perf_counter() - t0:.1f} s "
+                  f"(parity {'passed' if p.passed else 'FAILED'}, max |onnx - torch| {p.max_abs_diff:.1e})")
+    return repo
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _wait(check, timeout: float, what: str, proc: subprocess.Popen | None = None, log: Path | None = None) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc is not None and proc.poll() is not None:
+            tail = log.read_text(errors="replace")[-2000:] if log and log.exists() else ""
+            raise RuntimeError(f"{what} exited with code {proc.returncode}\n{tail}")
+        with contextlib.suppress(Exception):  # not up yet: refused, reset, timed out
+            if check():
+                return
+        time.sleep(0.1)
+    raise RuntimeError(f"{what} not ready within {timeout:.0f} s")
+
+
+@contextlib.contextmanager
+def private_redis(workdir: Path) -> Iterator[str]:
+    """A throw-away redis-server on a free port (no persistence); yields its URL."""
+    binary = shutil.which("redis-server")
+    if binary is None:
+        raise RuntimeError("redis-server not found: install it (apt-get install redis-server) or pass --redis-url")
+    port = _free_port()
+    proc = subprocess.Popen([binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
+                             "--dir", str(workdir), "--protected-mode", "no"],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+    def ping() -> bool:
+        with socket.create_connection(("127.0.0.1", port), timeout=0.5) as s:
+            s.sendall(b"PING\r\n")
+            return s.recv(16).startswith(b"+PONG")
+
+    try:
+        _wait(ping, 10, "redis-server", proc)
+        console.print(f"[bold]redis[/] private redis-server on port {port}")
+        yield f"redis://127.0.0.1:{port}/0"
+    finally:
+        proc.terminate()
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            proc.wait(10)
+
+
+def step_load_store(prepared: Path, redis_url: str) -> None:
+    import asyncio
+
+    from ctrserve.feature_store.config import RedisStoreConfig
+    from ctrserve.feature_store.loader import load_prepared
+
+    t0 = time.perf_counter()
+    version, rec = asyncio.run(load_prepared(prepared, RedisStoreConfig(url=redis_url)))
+    console.print(f"[bold]feature store[/] loaded {len(rec.users):,} users and {len(rec.items):,} items as "
+                  f"version {version} of namespace {prepared.name!r} in {time.perf_counter() - t0:.1f} s")
+
+
+@contextlib.contextmanager
+def gateway(repo: Path, redis_url: str, port: int, triton_url: str | None, log: Path) -> Iterator[subprocess.Popen]:
+    """``ctrserve serve`` in a subprocess; yields once ``/readyz`` answers 200."""
+    import httpx
+
+    cmd = [sys.executable, "-m", "ctrserve", "serve", "--port", str(port), "--model-repository", str(repo),
+           "--redis-url", redis_url]
+    if triton_url:
+        cmd += ["--triton-url", triton_url]
+    env = {**os.environ, "CTRSERVE_SERVER_ACCESS_LOG": "false"}
+    env.pop("CTRSERVE_ROUTING_CONFIG", None)  # the demo serves its one model
+    with open(log, "ab") as out:
+        proc = subprocess.Popen(cmd, env=env, stdout=out, stderr=subprocess.STDOUT)
+    try:
+        t0 = time.perf_counter()
+        _wait(lambda: httpx.get(f"http://127.0.0.1:{port}/readyz", timeout=2).status_code == 200, 120,
+              "the gateway", proc, log)
+        backend = f"Triton at {triton_url}" if triton_url else "embedded ONNX Runtime"
+        console.print(f"[bold]gateway[/] ready on http://127.0.0.1:{port} ({backend}) in "
+                      f"{time.perf_counter() - t0:.1f} s; log: {log}")
+        yield proc
+    finally:
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+            try:
+                proc.wait(30)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+
+
+def sample_requests(prepared: Path, n: int, candidates: int = 5, seed: int = 0) -> list[dict]:
+    """Requests for ``n`` test users with raw ids: their own test items plus random popular items."""
+    import numpy as np
+
+    from ctrserve.models.data.feature_map import FeatureMap
+    from ctrserve.models.data.prepare import load_split
+
+    fmap = FeatureMap.load(prepared / "feature_map.json")
+    vocab = json.loads((prepared / "vocab.json").read_text())
+    test = load_split(prepared, "test")
+    rng = np.random.default_rng(seed)
+
+    def raw(feature: str, i: int) -> str:
+        return vocab[fmap.feature(feature).embedding or feature][int(i) - 2]
+
+    rows = rng.permutation(np.flatnonzero((test["user_id"] >= 2) & (test["item_id"] >= 2)))[:n]
+    items = vocab["item_id"]
+    out = []
+    for r in rows:
+        cands = [raw("item_id", test["item_id"][r])] + [items[int(k)] for k in rng.integers(0, 50, candidates - 1)]
+        ctx = {f.name: raw(f.name, test[f.name][r]) for f in fmap.features
+               if f.side == "context" and test[f.name][r] >= 2}
+        out.append({"request_id": f"demo-{len(out) + 1}", "user_id": raw("user_id", test["user_id"][r]),
+                    "context": ctx, "candidates": [{"item_id": c} for c in cands]})
+    return out
+
+
+def step_score(url: str, requests: list[dict]) -> None:
+    """POST each request and print user, context, candidates with scores, arm and latency."""
+    import httpx
+
+    with httpx.Client(base_url=url, timeout=10) as client:
+        client.post("/v1/score", json=requests[0])  # first call opens the connection
+        for body in requests:
+            t0 = time.perf_counter()
+            r = client.post("/v1/score", json=body)
+            ms = (time.perf_counter() - t0) * 1000
+            if r.status_code != 200:
+                raise RuntimeError(f"gateway answered {r.status_code}: {r.text}")
+            out = r.json()
+            console.print(f"[bold]POST /v1/score[/] {out['request_id']}: user {body['user_id']}, context "
+                          f"{json.dumps(body['context'])} -> arm [bold]{out['arm']}[/] ({out['model']} "
+                          f"v{out['version']}), {ms:.1f} ms" + (f", flags {out['flags']}" if out.get("flags") else ""))
+            scored = zip(body["candidates"], out["scores"], strict=True)
+            console.print("    " + "   ".join(f"item {c['item_id']}: {s:.4f}" for c, s in scored))
+
+
 def demo_cmd(
     model: Annotated[str, typer.Option(help="registered model to train")] = "deepfm",
     seed: Annotated[int, typer.Option(help="random seed")] = 2026,
+    retrain: Annotated[bool, typer.Option(help="train even if a finished demo run exists")] = False,
+    redis_url: Annotated[str | None, typer.Option(help="use this Redis instead of a private redis-server")] = None,
+    triton_url: Annotated[str | None, typer.Option(
+        help="score through Triton (gRPC host:port) serving the demo model repository, instead of embedded "
+             "ONNX Runtime")] = None,
+    serve: Annotated[bool, typer.Option("--serve", help="keep the gateway up until Ctrl-C")] = False,
+    port: Annotated[int, typer.Option(help="gateway port (0: a free one)")] = 0,
+    requests: Annotated[int, typer.Option(help="sample requests to score")] = 3,
 ) -> None:
-    """Run the main job end to end on the embedded synthetic dataset and print the result."""
+    """Run the main job end to end: train, export, load the feature store, serve, score over HTTP."""
     from ctrserve.paths import settings
 
-    step_train(model, settings().work_dir, seed)
+    work_dir = settings().work_dir
+    run_dir = None if retrain else find_demo_run(model, work_dir, seed)
+    if run_dir is not None:
+        m = json.loads((run_dir / "metrics.json").read_text())
+        console.print(f"[bold]training[/] reusing {run_dir} (test AUC {m['auc']:.4f}; --retrain to train again)")
+    else:
+        run_dir = step_train(model, work_dir, seed)
+    prepared = Path((run_dir / "prepared_dir.txt").read_text().strip())
+    demo_dir = work_dir / "demo"
+    demo_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        repo = step_export(run_dir, demo_dir / "model_repository", model)
+        with contextlib.ExitStack() as stack:
+            if redis_url is None:
+                tmp = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="ctrserve-redis-")))
+                redis_url = stack.enter_context(private_redis(tmp))
+            step_load_store(prepared, redis_url)
+            gw_port = port or _free_port()
+            proc = stack.enter_context(gateway(repo, redis_url, gw_port, triton_url, demo_dir / "gateway.log"))
+            url = f"http://127.0.0.1:{gw_port}"
+            step_score(url, sample_requests(prepared, requests))
+            if serve:
+                console.print(f"[bold]serving[/] {url}  (POST /v1/score, GET /readyz, /metrics, /docs); Ctrl-C stops")
+                with contextlib.suppress(KeyboardInterrupt):
+                    proc.wait()
+            console.print("[bold]shutting down[/] gateway and feature store")
+    except Exception as exc:  # one clear line instead of a trace for the usual failures
+        from ctrserve.export.exporter import ExportError
+
+        if isinstance(exc, ExportError | RuntimeError | OSError):
+            console.print(f"[red]demo failed:[/] {exc}")
+            raise typer.Exit(1) from None
+        raise

@@ -1,1 +1,67 @@
+"""Model backends behind one async method: ``infer(inputs, timeout) -> scores [B]``.
 
+- ``onnxruntime``: embedded ONNX Runtime, inference in a thread pool off the event loop (default).
+- ``triton``: a Triton server through tritonclient's gRPC asyncio client (model name + version).
+
+Both read the export manifest (input names, dtypes, output name); neither knows a model.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+
+import numpy as np
+
+
+class BackendError(RuntimeError):
+    """Inference failed (HTTP 502). ``kind`` labels the backend-error metric."""
+
+    kind = "error"
+
+
+class BackendTimeout(BackendError):
+    """Inference did not finish within its budget (HTTP 504)."""
+
+    kind = "timeout"
+
+
+class BackendUnavailable(BackendError):
+    """The backend cannot serve the model right now: not loaded, not ready, unreachable (HTTP 503)."""
+
+    kind = "unavailable"
+
+
+class Backend(ABC):
+    """One loaded model version."""
+
+    #: short label for metrics and logs
+    kind: str = "backend"
+
+    def __init__(self, model: str, version: int):
+        self.model = model
+        self.version = version
+
+    @abstractmethod
+    async def start(self) -> None:
+        """Load the model (or check the server has it) so that ``infer`` can be called."""
+
+    @abstractmethod
+    async def infer(self, inputs: dict[str, np.ndarray], timeout: float) -> np.ndarray:
+        """Scores ``[B]`` (float32 probabilities) for named inputs; ``timeout`` in seconds."""
+
+    @abstractmethod
+    async def ready(self) -> bool:
+        """True when the model can serve now (cheap; used by ``/readyz``)."""
+
+    async def close(self) -> None:  # noqa: B027 - optional hook
+        """Release resources owned by this model (shared clients are closed by their owner)."""
+
+
+def check_scores(scores: np.ndarray, b: int, where: str) -> np.ndarray:
+    """The output contract: ``b`` finite probabilities."""
+    out = np.asarray(scores, dtype=np.float32).reshape(-1)
+    if out.shape[0] != b:
+        raise BackendError(f"{where} returned {out.shape[0]} scores for {b} candidates")
+    if not np.isfinite(out).all():
+        raise BackendError(f"{where} returned non-finite scores")
+    return out

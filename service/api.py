@@ -1,0 +1,387 @@
+"""HTTP API: request/response models, limits, authentication and error mapping.
+
+Every failure is a JSON body ``{"error": {"code", "message"}, "request_id"}`` with a 4xx/5xx
+status chosen here — bad input 4xx, feature store down 503, backend timeout 504, unknown
+model/version/arm 404 — and never a stack trace.
+"""
+
+from __future__ import annotations
+
+import hmac
+import logging
+import uuid
+from typing import Annotated, Any
+
+import orjson
+from fastapi import APIRouter, Depends, FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictFloat, StrictInt, StrictStr, StringConstraints
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.responses import JSONResponse, Response
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from .gateway import Gateway, GatewayError
+from .logs import request_id_var
+from .routing import RoutingError, parse_config, parse_yaml
+
+log = logging.getLogger("ctrserve.service.api")
+
+Id = Annotated[str, StringConstraints(min_length=1, max_length=256)]
+FeatureName = Annotated[str, StringConstraints(min_length=1, max_length=128)]
+Scalar = StrictStr | StrictInt | StrictFloat | StrictBool | None
+#: a raw value as in the dataset; a list (most recent first) for a behaviour-sequence field
+FeatureValue = Scalar | Annotated[list[Scalar], Field(max_length=1000)]
+
+
+class OrjsonResponse(JSONResponse):
+    """JSON via orjson (numpy arrays serialised natively)."""
+
+    def render(self, content: Any) -> bytes:
+        return orjson.dumps(content, option=orjson.OPT_SERIALIZE_NUMPY)
+
+
+# -- request / response models ---------------------------------------------------------------
+class Candidate(BaseModel):
+    model_config = ConfigDict(extra="forbid", coerce_numbers_to_str=True, allow_inf_nan=False)
+    item_id: Id = Field(description="Raw item id (as in the dataset); numbers are accepted as strings.")
+    features: dict[FeatureName, FeatureValue] | None = Field(
+        None, description="Raw item or context feature values overriding the stored ones for this candidate.")
+
+
+class ScoreRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid", coerce_numbers_to_str=True, allow_inf_nan=False, json_schema_extra={
+        "examples": [{"user_id": "42", "context": {"device": 0, "hour": 20},
+                      "candidates": [{"item_id": "7"}, {"item_id": "11", "features": {"price": 19.9}}]}]})
+    request_id: Annotated[str, StringConstraints(min_length=1, max_length=128, pattern=r"^[\x21-\x7e]+$")] | None = \
+        Field(None, description="Echoed back and logged; generated when absent.")
+    user_id: Id = Field(description="Raw user id; also the A/B hashing key.")
+    context: dict[FeatureName, FeatureValue] | None = Field(
+        None, description="Raw request-time features (context side) and user-side overrides (profile values, or "
+                          "a whole behaviour sequence as lists, most recent first).")
+    candidates: list[Candidate] = Field(min_length=1, description="Items to score (at most the configured "
+                                                                   "maximum, default 1000); scores keep this order.")
+    model: Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.\-]{0,127}(:[0-9]{1,9})?$")] | None = \
+        Field(None, description="Bypass the A/B split: `name` (newest served version) or `name:version`.")
+
+
+class ScoreResponse(BaseModel):
+    request_id: str
+    model: str
+    version: int
+    arm: str
+    scores: list[float] = Field(description="Click probabilities, one per candidate, in request order.")
+    flags: dict[str, Any] | None = Field(
+        None, description="Present when something is off: `degraded` (store down, cold-start features), "
+                          "`user_missing`, `missing_items` (item ids not in the store).")
+
+
+class ErrorDetail(BaseModel):
+    code: str
+    message: str
+
+
+class ErrorResponse(BaseModel):
+    error: ErrorDetail
+    request_id: str | None = None
+
+
+def error_response(status: int, code: str, message: str, headers: dict[str, str] | None = None) -> OrjsonResponse:
+    return OrjsonResponse({"error": {"code": code, "message": message}, "request_id": request_id_var.get()},
+                          status_code=status, headers=headers)
+
+
+_ERRORS = {code: {"model": ErrorResponse, "description": desc} for code, desc in {
+    400: "Body is not valid JSON", 401: "Missing or wrong API key", 404: "Unknown model, version, experiment or arm",
+    413: "Body too large", 422: "Invalid request (fields, limits, feature names or values)",
+    502: "The model backend failed", 503: "Feature store unavailable or gateway not ready",
+    504: "Backend timeout or request deadline exceeded"}.items()}
+
+
+# -- dependencies ----------------------------------------------------------------------------
+def gateway(request: Request) -> Gateway:
+    gw = getattr(request.app.state, "gateway", None)
+    if gw is None:
+        raise GatewayError(503, "not_ready", "the gateway is starting")
+    return gw
+
+
+def require_api_key(request: Request, gw: Gateway = Depends(gateway)) -> None:
+    key = gw.settings.api.api_key
+    if key is None:
+        return
+    given = request.headers.get("x-api-key", "")
+    if not hmac.compare_digest(given.encode(), key.get_secret_value().encode()):
+        raise GatewayError(401, "unauthorized", "missing or wrong X-API-Key header")
+
+
+def require_admin(request: Request, gw: Gateway = Depends(gateway)) -> None:
+    token = gw.settings.api.admin_token
+    if token is None:
+        raise GatewayError(403, "admin_disabled", "admin endpoints are disabled: set CTRSERVE_API_ADMIN_TOKEN")
+    scheme, _, given = request.headers.get("authorization", "").partition(" ")
+    if scheme.lower() != "bearer" or not hmac.compare_digest(given.strip().encode(), token.get_secret_value().encode()):
+        raise GatewayError(401, "unauthorized", "admin endpoints need 'Authorization: Bearer <admin token>'")
+
+
+# -- routes ----------------------------------------------------------------------------------
+router = APIRouter()
+
+
+@router.post("/v1/score", response_model=ScoreResponse, responses=_ERRORS, tags=["scoring"],
+             dependencies=[Depends(require_api_key)])
+async def score(body: ScoreRequest, request: Request, gw: Gateway = Depends(gateway)) -> Response:
+    """Score one user's candidates with the model of the user's A/B arm (or the requested model)."""
+    if body.request_id:
+        request_id_var.set(body.request_id)
+        request.state.request_id = body.request_id
+    api = gw.settings.api
+    n = len(body.candidates)
+    if n > api.max_candidates:
+        raise GatewayError(422, "too_many_candidates", f"{n} candidates; at most {api.max_candidates} per request")
+    if body.context and len(body.context) > api.max_feature_keys:
+        raise GatewayError(422, "too_many_features", f"context has {len(body.context)} keys; at most "
+                                                     f"{api.max_feature_keys}")
+    for i, c in enumerate(body.candidates):
+        if c.features and len(c.features) > api.max_feature_keys:
+            raise GatewayError(422, "too_many_features", f"candidates[{i}].features has {len(c.features)} keys; "
+                                                         f"at most {api.max_feature_keys}")
+    gw.metrics.candidates.observe(n)
+    rs = gw.settings.routing
+    label: list[str] = []
+    try:
+        result = await gw.score(
+            body.user_id, [c.item_id for c in body.candidates], body.context, [c.features for c in body.candidates],
+            model=body.model, experiment=request.headers.get(rs.experiment_header) or None,
+            arm=request.headers.get(rs.arm_header) or None, route_label=label)
+    finally:
+        request.state.arm = label[0] if label else "none"
+    out: dict[str, Any] = {"request_id": request_id_var.get(), "model": result.model, "version": result.version,
+                           "arm": result.arm, "scores": result.scores}
+    if result.flags:
+        out["flags"] = result.flags
+    return OrjsonResponse(out)
+
+
+@router.get("/healthz", tags=["operations"])
+async def healthz() -> Response:
+    """The process is alive (no dependency is checked)."""
+    return OrjsonResponse({"status": "ok"})
+
+
+@router.get("/readyz", tags=["operations"], responses={503: {"description": "Not ready; the body says why"}})
+async def readyz(gw: Gateway = Depends(gateway)) -> Response:
+    """Ready when Redis answers and every model of the routing config is loaded and warmed up."""
+    ok, checks = await gw.readiness()
+    return OrjsonResponse({"status": "ready" if ok else "not ready", "checks": checks}, status_code=200 if ok else 503)
+
+
+@router.get("/metrics", tags=["operations"])
+async def metrics(gw: Gateway = Depends(gateway)) -> Response:
+    """Prometheus metrics."""
+    from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+    return Response(generate_latest(gw.metrics.registry), media_type=CONTENT_TYPE_LATEST)
+
+
+@router.get("/admin/routing", tags=["admin"], dependencies=[Depends(require_admin)], responses=_ERRORS)
+async def get_routing(gw: Gateway = Depends(gateway)) -> Response:
+    """The routing config in effect."""
+    from .gateway import config_digest
+
+    if gw.table is None:
+        raise GatewayError(503, "not_ready", f"no routing config in effect: {gw.startup_error}")
+    cfg = gw.table.router.config
+    return OrjsonResponse({"digest": config_digest(cfg), "config": cfg.model_dump(mode="json")})
+
+
+@router.put("/admin/routing", tags=["admin"], dependencies=[Depends(require_admin)], responses=_ERRORS,
+            openapi_extra={"requestBody": {"required": True, "content": {
+                "application/yaml": {"schema": {"type": "string"}},
+                "application/json": {"schema": {"type": "object"}}}}})
+async def put_routing(request: Request, gw: Gateway = Depends(gateway)) -> Response:
+    """Validate a new routing config (YAML or JSON body), load its models, then swap it in
+    atomically. A bad config answers 422 and the previous one stays in effect."""
+    raw = await request.body()
+    try:
+        if "json" in request.headers.get("content-type", ""):
+            try:
+                doc = orjson.loads(raw)
+            except orjson.JSONDecodeError as exc:
+                raise RoutingError(f"body is not valid JSON: {exc}") from None
+            config = parse_config(doc, "request body")
+        else:
+            config = parse_yaml(raw, "request body")
+    except RoutingError as exc:
+        gw.metrics.reloads.labels("admin", "rejected").inc()
+        raise GatewayError(422, "routing_rejected", str(exc)) from None
+    try:
+        digest = await gw.apply(config, "admin")  # counts its own rejections
+    except RoutingError as exc:
+        raise GatewayError(422, "routing_rejected", str(exc)) from None
+    return OrjsonResponse({"status": "applied", "digest": digest})
+
+
+@router.post("/admin/routing/reload", tags=["admin"], dependencies=[Depends(require_admin)], responses=_ERRORS)
+async def reload_routing(gw: Gateway = Depends(gateway)) -> Response:
+    """Re-read the routing file (CTRSERVE_ROUTING_CONFIG) and apply it like PUT does."""
+    try:
+        digest = await gw.reload_file("admin")
+    except RoutingError as exc:
+        raise GatewayError(422, "routing_rejected", str(exc)) from None
+    return OrjsonResponse({"status": "applied", "digest": digest})
+
+
+class AssignRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid", coerce_numbers_to_str=True)
+    user_ids: list[Id] = Field(min_length=1, max_length=100_000)
+    experiment: str | None = Field(None, description="Experiment to assign in (default: the config's default).")
+
+
+@router.post("/admin/routing/assign", tags=["admin"], dependencies=[Depends(require_admin)], responses=_ERRORS)
+async def assign(body: AssignRequest, gw: Gateway = Depends(gateway)) -> Response:
+    """Which arm (and bucket) each user gets under the config in effect — the same function
+    ``/v1/score`` routes with; for QA and for checking a split without scoring."""
+    from .routing import NotFound
+
+    table = gw.table
+    if table is None:
+        raise GatewayError(503, "not_ready", f"no routing config in effect: {gw.startup_error}")
+    try:
+        routes = [table.router.assign(u, body.experiment) for u in body.user_ids]
+    except NotFound as exc:
+        raise GatewayError(404, "not_found", str(exc)) from None
+    return OrjsonResponse({"experiment": routes[0].experiment, "arms": [r.arm for r in routes],
+                           "buckets": [r.bucket for r in routes]})
+
+
+# -- error handlers --------------------------------------------------------------------------
+def _loc(loc: tuple[Any, ...]) -> str:
+    parts = [str(p) for p in loc if p != "body"]
+    out = ""
+    for p in parts:
+        out += f"[{p}]" if p.isdigit() else (f".{p}" if out else p)
+    return out or "body"
+
+
+async def _on_gateway_error(request: Request, exc: Exception) -> Response:
+    assert isinstance(exc, GatewayError)
+    return error_response(exc.status, exc.code, exc.message)
+
+
+async def _on_validation_error(request: Request, exc: Exception) -> Response:
+    assert isinstance(exc, RequestValidationError)
+    errors = exc.errors()
+    if any(e.get("type") == "json_invalid" for e in errors):
+        return error_response(400, "invalid_json", "request body is not valid JSON")
+    if len(errors) == 1 and tuple(errors[0].get("loc", ())) == ("body",):
+        ctype = request.headers.get("content-type") or "none"
+        return error_response(422, "invalid_request", f"the body must be a JSON object (Content-Type: "
+                                                      f"application/json; got {ctype})")
+    # the messages name the field and the rule, never echo the (possibly huge) input
+    msgs = [f"{_loc(tuple(e.get('loc', ())))}: {e.get('msg', 'invalid')}" for e in errors[:10]]
+    more = f" (and {len(errors) - 10} more)" if len(errors) > 10 else ""
+    return error_response(422, "invalid_request", "; ".join(msgs) + more)
+
+
+async def _on_http_error(request: Request, exc: Exception) -> Response:
+    assert isinstance(exc, StarletteHTTPException)
+    codes = {404: "not_found", 405: "method_not_allowed", 413: "body_too_large", 400: "bad_request"}
+    return error_response(exc.status_code, codes.get(exc.status_code, "http_error"), str(exc.detail),
+                          headers=getattr(exc, "headers", None))
+
+
+def install(app: FastAPI) -> None:
+    app.include_router(router)
+    app.add_exception_handler(GatewayError, _on_gateway_error)
+    app.add_exception_handler(RequestValidationError, _on_validation_error)
+    app.add_exception_handler(StarletteHTTPException, _on_http_error)
+
+
+# -- ASGI middleware: request id, body cap, metrics, access log ------------------------------
+ROUTES = {"/v1/score", "/healthz", "/readyz", "/metrics", "/admin/routing", "/admin/routing/reload",
+          "/admin/routing/assign", "/docs", "/openapi.json"}
+
+
+class BodyTooLarge(StarletteHTTPException):
+    def __init__(self, limit: int):
+        super().__init__(413, f"request body exceeds {limit} bytes")
+
+
+class GatewayMiddleware:
+    """Pure ASGI (no per-request task like BaseHTTPMiddleware): cheap enough for every request."""
+
+    def __init__(self, app: ASGIApp, max_body_bytes: int, access_log: bool = True):
+        self.app = app
+        self.max_body = max_body_bytes
+        self.access_log = access_log
+        self.log = logging.getLogger("ctrserve.access")
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        import time
+
+        t0 = time.perf_counter()
+        headers = dict(scope.get("headers") or [])
+        rid = headers.get(b"x-request-id", b"").decode("latin-1")[:128] or uuid.uuid4().hex
+        token = request_id_var.set(rid)
+        state = scope.setdefault("state", {})
+        state["request_id"] = rid
+        status = {"code": 500, "started": False}
+        path = scope.get("path", "")
+        route = path if path in ROUTES else "other"
+
+        async def send_wrapped(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                status["code"] = message["status"]
+                status["started"] = True
+                rid_now = state.get("request_id", rid)
+                message["headers"] = [*message.get("headers", []), (b"x-request-id", rid_now.encode("latin-1"))]
+            await send(message)
+
+        try:
+            length = headers.get(b"content-length")
+            if length is not None and (not length.isdigit() or int(length) > self.max_body):
+                resp = error_response(413, "body_too_large", f"request body exceeds {self.max_body} bytes")
+                await resp(scope, receive, send_wrapped)
+                return
+            received = 0
+
+            async def receive_capped() -> Message:
+                nonlocal received
+                message = await receive()
+                if message["type"] == "http.request":
+                    received += len(message.get("body", b""))
+                    if received > self.max_body:
+                        raise BodyTooLarge(self.max_body)
+                return message
+
+            try:
+                await self.app(scope, receive_capped, send_wrapped)
+            except Exception:
+                # a bug: the trace goes to the log, never to the client (answered here rather than
+                # by Starlette's ServerErrorMiddleware, which would re-raise it into the server)
+                log.exception("unhandled error")
+                if status["started"]:
+                    raise
+                resp = error_response(500, "internal", "internal error; the request id is in the gateway log")
+                await resp(scope, receive, send_wrapped)
+        finally:
+            elapsed = time.perf_counter() - t0
+            gw = _gateway_of(scope)
+            arm = state.get("arm", "none")
+            code = str(status["code"])
+            if gw is not None and route != "/metrics":
+                gw.metrics.requests.labels(route, arm, code).inc()
+                gw.metrics.latency.labels(route, arm, code).observe(elapsed)
+            if self.access_log and route not in ("/metrics", "/healthz", "/readyz"):
+                self.log.info("request", extra={"method": scope.get("method"), "path": path, "status": status["code"],
+                                                "ms": round(elapsed * 1000, 2), "arm": arm})
+            request_id_var.reset(token)
+
+
+def _gateway_of(scope: Scope) -> Gateway | None:
+    app = scope.get("app")
+    state = getattr(app, "state", None)
+    return getattr(state, "gateway", None)

@@ -1,0 +1,109 @@
+"""FastAPI app factory and the process entry point (uvicorn with uvloop and httptools).
+
+Lifespan: build the model registry (embedded ONNX Runtime, or the Triton client), the feature
+stores, and the gateway; apply the routing config in the background (loading and warming every
+referenced model) so ``/healthz`` answers at once and ``/readyz`` turns ready when the gateway can
+score. Shutdown: uvicorn stops accepting, in-flight requests finish (``graceful_shutdown_s``),
+then models and Redis connections are closed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+from fastapi import FastAPI
+
+from . import api
+from .features import FeatureStores, StoreFactory, redis_factory
+from .gateway import Gateway
+from .registry import ModelRegistry
+from .settings import GatewaySettings
+
+log = logging.getLogger("ctrserve.service")
+
+
+def create_app(settings: GatewaySettings | None = None, store_factory: StoreFactory | None = None) -> FastAPI:
+    """The gateway app. ``store_factory`` replaces the Redis store (unit tests only)."""
+    settings = settings or GatewaySettings.from_env()
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        triton = None
+        kind = settings.backend_kind
+        if kind == "triton":
+            if not settings.backend.triton_url:
+                raise RuntimeError("CTRSERVE_BACKEND_KIND=triton needs CTRSERVE_BACKEND_TRITON_URL")
+            from .backends.triton import TritonClient
+
+            triton = TritonClient(settings.backend.triton_url)
+        factory = store_factory
+        if factory is None:
+            from ctrserve.feature_store.config import RedisStoreConfig
+
+            factory = redis_factory(RedisStoreConfig())
+        stores = FeatureStores(factory, settings.store.namespace)
+        gw = Gateway(settings, ModelRegistry(settings.backend, kind, triton), stores)
+        app.state.gateway = gw
+        tasks = [asyncio.create_task(gw.start(), name="gateway-start")]
+        if settings.routing.watch and settings.routing.config is not None:
+            tasks.append(asyncio.create_task(gw.watch(), name="routing-watch"))
+        log.info("gateway starting", extra={"backend": kind, "repository": str(settings.backend.model_repository),
+                                            "routing": str(settings.routing.config or "single model")})
+        try:
+            yield
+        finally:
+            for t in tasks:
+                t.cancel()
+            for t in tasks:
+                with contextlib.suppress(asyncio.CancelledError, Exception):
+                    await t
+            await gw.close()
+            if triton is not None:
+                await triton.close()
+            log.info("gateway stopped")
+
+    app = FastAPI(
+        title="ctrserve scoring gateway",
+        version="0.1.0",
+        description="Click-through-rate scoring: one user, a batch of candidates, one probability per candidate. "
+                    "A/B arms by salted user hash; features from the Redis feature store.",
+        lifespan=lifespan,
+        default_response_class=api.OrjsonResponse,
+    )
+    api.install(app)
+    app.add_middleware(api.GatewayMiddleware, max_body_bytes=settings.api.max_body_bytes,
+                       access_log=settings.server.access_log)
+    return app
+
+
+async def wait_ready(app: FastAPI, timeout: float = 60.0) -> None:
+    """Wait until the app's gateway has a routing config in effect (tests, demo)."""
+    loop = asyncio.get_running_loop()
+    end = loop.time() + timeout
+    while loop.time() < end:
+        gw = getattr(app.state, "gateway", None)
+        if gw is not None and gw.table is not None:
+            return
+        await asyncio.sleep(0.05)
+    gw = getattr(app.state, "gateway", None)
+    raise TimeoutError(f"gateway not ready after {timeout:g} s: {gw.startup_error if gw else 'not started'}")
+
+
+def run(settings: GatewaySettings | None = None, store_factory: StoreFactory | None = None) -> None:
+    """Serve until SIGINT/SIGTERM (in-flight requests drain first)."""
+    import uvicorn
+
+    from .logs import configure_logging
+
+    settings = settings or GatewaySettings.from_env()
+    configure_logging(settings.server.log_level, settings.server.log_json)
+    config = uvicorn.Config(
+        create_app(settings, store_factory), host=settings.server.host, port=settings.server.port, loop="uvloop",
+        http="httptools", log_config=None, access_log=False, lifespan="on",
+        timeout_graceful_shutdown=int(max(1, settings.server.graceful_shutdown_s)),
+    )
+    uvicorn.Server(config).run()

@@ -1,0 +1,41 @@
+"""Prometheus metrics of the gateway, in a registry per app (tests build many apps)."""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+# request latency: sub-millisecond to the default 1 s deadline and beyond
+_LATENCY = (0.0005, 0.001, 0.002, 0.003, 0.005, 0.0075, 0.01, 0.015, 0.02, 0.03, 0.05, 0.075, 0.1, 0.15, 0.25,
+            0.5, 1.0, 2.5)
+STAGES = ("route", "feature_fetch", "assembly", "inference")
+
+
+class Metrics:
+    def __init__(self, registry: CollectorRegistry | None = None):
+        self.registry = registry or CollectorRegistry()
+        r = self.registry
+        self.requests = Counter("ctrserve_requests_total", "HTTP requests by route, arm and status code",
+                                ["route", "arm", "status"], registry=r)
+        self.latency = Histogram("ctrserve_request_seconds", "Request latency by route, arm and status code",
+                                 ["route", "arm", "status"], buckets=_LATENCY, registry=r)
+        self.stage = Histogram("ctrserve_stage_seconds", "Time per scoring stage (route, feature_fetch, assembly, "
+                               "inference) by arm", ["stage", "arm"], buckets=_LATENCY, registry=r)
+        self.candidates = Histogram("ctrserve_candidates", "Candidates per scoring request",
+                                    buckets=(1, 10, 50, 100, 200, 500, 1000, 2000, 5000), registry=r)
+        self.backend_errors = Counter("ctrserve_backend_errors_total", "Failed inference calls by model, version "
+                                      "and kind (timeout, unavailable, error)", ["model", "version", "kind"],
+                                      registry=r)
+        self.store_errors = Counter("ctrserve_store_errors_total", "Failed feature-store reads by error class",
+                                    ["error"], registry=r)
+        self.degraded = Counter("ctrserve_degraded_total", "Requests scored with cold-start features because the "
+                                "store failed", registry=r)
+        self.store_lookups = Counter("ctrserve_store_lookups_total", "Feature-store lookups by kind (user, item) "
+                                     "and result (hit, miss)", ["kind", "result"], registry=r)
+        self.item_cache = Counter("ctrserve_item_cache_total", "In-process item cache lookups by result (hit, miss); "
+                                  "hit rate = hit / (hit + miss)", ["result"], registry=r)
+        self.reloads = Counter("ctrserve_routing_reloads_total", "Routing config reloads by source and result",
+                               ["source", "result"], registry=r)
+        self.routing_info = Gauge("ctrserve_routing_config_info", "The routing config in effect (value 1)",
+                                  ["digest"], registry=r)
+        self.models_ready = Gauge("ctrserve_models_ready", "Model versions loaded and warmed up", registry=r)
+        self.in_flight = Gauge("ctrserve_requests_in_flight", "Scoring requests being processed", registry=r)

@@ -1,0 +1,138 @@
+"""Gateway configuration: one pydantic-settings class per component, every field documented.
+
+Environment variables are ``CTRSERVE_<COMPONENT>_<FIELD>`` (e.g. ``CTRSERVE_API_MAX_CANDIDATES``).
+The feature store's connection settings belong to ``ctrserve.feature_store`` (its own class);
+the gateway only decides what to do when the store fails (``CTRSERVE_API_STORE_FAILURE``).
+``docs/gateway.md`` carries the same table; ``tests/service/test_settings.py`` keeps them in step.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, Field, SecretStr, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from ctrserve.paths import REPO_ROOT
+
+
+class ServerSettings(BaseSettings):
+    """The HTTP server (uvicorn) and logging."""
+
+    model_config = SettingsConfigDict(env_prefix="CTRSERVE_SERVER_", extra="ignore")
+
+    host: str = Field("127.0.0.1", description="Interface to bind; 0.0.0.0 inside a container.")
+    port: int = Field(8000, ge=0, le=65535, description="TCP port to listen on (0 picks a free port).")
+    log_level: Literal["debug", "info", "warning", "error"] = Field("info", description="Log level.")
+    log_json: bool = Field(True, description="One JSON object per log line (false: plain text for a terminal).")
+    access_log: bool = Field(True, description="Log one line per request (method, path, status, ms, arm, id).")
+    graceful_shutdown_s: float = Field(
+        10.0, gt=0, description="On SIGTERM, seconds to let in-flight requests finish before closing.")
+
+
+class ApiSettings(BaseSettings):
+    """Request limits, deadlines, authentication and failure policy of ``/v1/score``."""
+
+    model_config = SettingsConfigDict(env_prefix="CTRSERVE_API_", extra="ignore")
+
+    max_candidates: int = Field(1000, ge=1, description="Most candidates one request may carry (422 above).")
+    max_body_bytes: int = Field(
+        4 * 1024 * 1024, ge=1024, description="Largest request body accepted, in bytes (413 above).")
+    max_feature_keys: int = Field(
+        64, ge=0, description="Most keys in `context` or in one candidate's `features` (422 above).")
+    deadline_ms: float = Field(
+        1000.0, gt=0, description="Per-request deadline over fetch + assembly + inference (504 when exceeded).")
+    api_key: SecretStr | None = Field(
+        None, description="If set, `/v1/score` requires header `X-API-Key` with this value (401 otherwise).")
+    admin_token: SecretStr | None = Field(
+        None, description="Bearer token for `/admin/*`; unset disables the admin endpoints (403).")
+
+
+class StoreSettings(BaseSettings):
+    """How the gateway uses the feature store (connection settings: ``CTRSERVE_REDIS_*``)."""
+
+    model_config = SettingsConfigDict(env_prefix="CTRSERVE_STORE_", extra="ignore")
+
+    namespace: str | None = Field(
+        None, description="Store namespace every model reads. Unset: per model, the name of the prepared dataset "
+                          "its run was trained on (what `ctrserve store load` uses), found through the manifest's "
+                          "run directory, else the dataset name.")
+    timeout_ms: float = Field(
+        100.0, gt=0, description="Budget for one feature-store read; slower counts as a store failure.")
+    failure: Literal["fail", "degrade"] = Field(
+        "fail", description="Redis down or slow: `fail` answers 503; `degrade` scores with cold-start features "
+                            "and sets `flags.degraded`.")
+
+
+class RoutingSettings(BaseSettings):
+    """A/B routing: where the config lives, hot reload, QA override headers."""
+
+    model_config = SettingsConfigDict(env_prefix="CTRSERVE_ROUTING_", extra="ignore")
+
+    config: Path | None = Field(
+        None, description="Routing YAML (experiments and arms). Unset: one arm serving the newest version of "
+                          "the only model in the model repository.")
+    watch: bool = Field(False, description="Poll the routing file and apply changes (bad configs are rejected).")
+    watch_interval_s: float = Field(2.0, gt=0, description="Polling interval of the routing-file watcher.")
+    arm_header: str = Field("X-Ctrserve-Arm", description="Header that forces an arm by name (QA).")
+    experiment_header: str = Field(
+        "X-Ctrserve-Experiment", description="Header that selects a non-default experiment.")
+
+
+class BackendSettings(BaseSettings):
+    """Model backends: the exported model repository, embedded ONNX Runtime or Triton."""
+
+    model_config = SettingsConfigDict(env_prefix="CTRSERVE_BACKEND_", extra="ignore")
+
+    model_repository: Path = Field(
+        REPO_ROOT / "work" / "model_repository",
+        description="Exported model repository (`ctrserve export`): manifests, vocabularies, ONNX files.")
+    kind: Literal["auto", "onnxruntime", "triton"] = Field(
+        "auto", description="`auto`: Triton when `triton_url` is set, else embedded ONNX Runtime.")
+    triton_url: str | None = Field(None, description="Triton gRPC address host:port (e.g. localhost:8001).")
+    timeout_ms: float = Field(500.0, gt=0, description="Budget of one inference call (504 when exceeded).")
+    ort_intra_op_threads: int = Field(1, ge=0, description="ONNX Runtime threads inside one operator (0: ORT "
+                                                           "default).")
+    ort_inter_op_threads: int = Field(1, ge=0, description="ONNX Runtime threads across operators (0: default).")
+    pool_threads: int = Field(2, ge=1, description="Worker threads running embedded inference off the event loop.")
+    warmup_candidates: int = Field(16, ge=1, description="Candidates in the warm-up request run at model load.")
+    load_timeout_s: float = Field(60.0, gt=0, description="Budget to load and warm one model (and wait for Triton).")
+
+
+class GatewaySettings(BaseModel):
+    """All gateway settings together; ``GatewaySettings.from_env()`` reads the environment."""
+
+    server: ServerSettings
+    api: ApiSettings
+    store: StoreSettings
+    routing: RoutingSettings
+    backend: BackendSettings
+
+    @model_validator(mode="after")
+    def _budgets(self) -> GatewaySettings:
+        if self.store.timeout_ms >= self.api.deadline_ms:
+            raise ValueError(f"CTRSERVE_STORE_TIMEOUT_MS ({self.store.timeout_ms:g}) must be below "
+                             f"CTRSERVE_API_DEADLINE_MS ({self.api.deadline_ms:g}) so that time is left to score after "
+                             "a slow store")
+        return self
+
+    @classmethod
+    def from_env(cls, **overrides: BaseSettings) -> GatewaySettings:
+        parts: dict[str, BaseSettings] = {
+            "server": ServerSettings(), "api": ApiSettings(), "store": StoreSettings(), "routing": RoutingSettings(),
+            "backend": BackendSettings(),
+        }
+        parts.update(overrides)
+        return cls(**parts)
+
+    @property
+    def backend_kind(self) -> Literal["onnxruntime", "triton"]:
+        if self.backend.kind == "auto":
+            return "triton" if self.backend.triton_url else "onnxruntime"
+        return self.backend.kind
+
+
+#: every settings class of the gateway, for docs and the deploy-manifest check
+SETTINGS_CLASSES: tuple[type[BaseSettings], ...] = (ServerSettings, ApiSettings, StoreSettings, RoutingSettings,
+                                                     BackendSettings)
