@@ -2,8 +2,9 @@
 dataset, no files needed): prepare data, train a small model (or reuse the last demo run),
 export it to ONNX with the parity gate, bulk-load a Redis feature store (a private redis-server
 unless ``--redis-url``), start the scoring gateway (embedded ONNX Runtime unless a Triton URL is
-given), score sample requests over HTTP and print them, then shut everything down.
-``--serve`` keeps the gateway up until Ctrl-C.
+given, or ``--triton``: the local tritonserver started on the demo's model repository), score
+sample requests over HTTP and print them, then shut everything down. ``--serve`` keeps the
+gateway up until Ctrl-C.
 
 Each step is a function, so tests and other commands can chain them."""
 
@@ -64,7 +65,8 @@ def step_export(run_dir: Path, repo: Path, name: str) -> Path:
     version_dir = repo / name / "1"
     if (version_dir / "manifest.json").exists():
         manifest = Manifest.load(version_dir)
-        if Path(manifest.run_dir) == run_dir.resolve():
+        # a manifest from before `store` existed is exported again: the gateway needs its namespace
+        if Path(manifest.run_dir) == run_dir.resolve() and manifest.store is not None:
             console.print(f"[bold]export[/] reusing {version_dir}")
             return repo
     t0 = time.perf_counter()
@@ -120,6 +122,41 @@ def private_redis(workdir: Path) -> Iterator[str]:
             proc.wait(10)
 
 
+@contextlib.contextmanager
+def local_triton(repo: Path, model: str, log: Path) -> Iterator[str]:
+    """The local tritonserver (nvidia-pytriton binary, ``export/triton_local.py``) serving ``model``
+    from the demo's repository (local config flavour); yields its gRPC address, stops it after."""
+    from ctrserve.export import triton_local
+
+    t0 = time.perf_counter()
+    server = triton_local.start(repo, models=[model], log_path=log)
+    try:
+        console.print(f"[bold]triton[/] local tritonserver ready in {time.perf_counter() - t0:.1f} s: grpc "
+                      f"{server.grpc_url}, metrics {server.metrics_url}; log: {log}")
+        yield server.grpc_url
+        n = triton_inference_count(server.metrics_url, model)
+        console.print(f"[bold]triton[/] served {n} inference requests for {model} (nv_inference_count, warm-up "
+                      "included)")
+    finally:
+        code = server.stop()
+        console.print(f"[bold]triton[/] stopped (exit code {code})")
+
+
+def triton_inference_count(metrics_url: str, model: str) -> int:
+    """Sum of Triton's ``nv_inference_count`` over the versions of ``model`` (0 if unreadable)."""
+    import httpx
+
+    try:
+        text = httpx.get(metrics_url, timeout=5).text
+    except httpx.HTTPError:
+        return 0
+    total = 0.0
+    for line in text.splitlines():
+        if line.startswith("nv_inference_count{") and f'model="{model}"' in line:
+            total += float(line.rsplit(" ", 1)[1])
+    return int(total)
+
+
 def step_load_store(prepared: Path, redis_url: str) -> None:
     import asyncio
 
@@ -142,6 +179,9 @@ def gateway(repo: Path, redis_url: str, port: int, triton_url: str | None, log: 
     if triton_url:
         cmd += ["--triton-url", triton_url]
     env = {**os.environ, "CTRSERVE_SERVER_ACCESS_LOG": "false"}
+    if triton_url:  # the extra hop on a shared 2-core machine: roomier budgets unless the caller set them
+        env.setdefault("CTRSERVE_BACKEND_TIMEOUT_MS", "2000")
+        env.setdefault("CTRSERVE_API_DEADLINE_MS", "4000")
     env.pop("CTRSERVE_ROUTING_CONFIG", None)  # the demo serves its one model
     with open(log, "ab") as out:
         proc = subprocess.Popen(cmd, env=env, stdout=out, stderr=subprocess.STDOUT)
@@ -217,12 +257,19 @@ def demo_cmd(
     triton_url: Annotated[str | None, typer.Option(
         help="score through Triton (gRPC host:port) serving the demo model repository, instead of embedded "
              "ONNX Runtime")] = None,
+    triton: Annotated[bool, typer.Option("--triton", help=(
+        "start the local tritonserver (nvidia-pytriton) on the demo model repository and score through it; "
+        "stopped at the end"))] = False,
     serve: Annotated[bool, typer.Option("--serve", help="keep the gateway up until Ctrl-C")] = False,
     port: Annotated[int, typer.Option(help="gateway port (0: a free one)")] = 0,
     requests: Annotated[int, typer.Option(help="sample requests to score")] = 3,
 ) -> None:
     """Run the main job end to end: train, export, load the feature store, serve, score over HTTP."""
     from ctrserve.paths import settings
+
+    if triton and triton_url:
+        console.print("[red]error:[/] --triton starts a local Triton; --triton-url uses a running one: pick one")
+        raise typer.Exit(2)
 
     work_dir = settings().work_dir
     run_dir = None if retrain else find_demo_run(model, work_dir, seed)
@@ -241,6 +288,8 @@ def demo_cmd(
                 tmp = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="ctrserve-redis-")))
                 redis_url = stack.enter_context(private_redis(tmp))
             step_load_store(prepared, redis_url)
+            if triton:
+                triton_url = stack.enter_context(local_triton(repo, model, demo_dir / "tritonserver.log"))
             gw_port = port or _free_port()
             proc = stack.enter_context(gateway(repo, redis_url, gw_port, triton_url, demo_dir / "gateway.log"))
             url = f"http://127.0.0.1:{gw_port}"
@@ -249,7 +298,7 @@ def demo_cmd(
                 console.print(f"[bold]serving[/] {url}  (POST /v1/score, GET /readyz, /metrics, /docs); Ctrl-C stops")
                 with contextlib.suppress(KeyboardInterrupt):
                     proc.wait()
-            console.print("[bold]shutting down[/] gateway and feature store")
+            console.print(f"[bold]shutting down[/] gateway{', Triton' if triton else ''} and feature store")
     except Exception as exc:  # one clear line instead of a trace for the usual failures
         from ctrserve.export.exporter import ExportError
 

@@ -35,8 +35,7 @@ def export_cmd(
     """Export a trained run to ONNX or TorchScript, gate it on parity, add it to a Triton repository."""
     from pydantic import ValidationError
 
-    from .exporter import ExportError, export_run
-    from .parity import ParityError
+    # no torch before the --config-only branch: it runs in the serving image, which has none
     from .triton_repo import RepoOptions, write_config
 
     try:
@@ -58,6 +57,9 @@ def export_cmd(
     if run is None:
         console.print("[red]error:[/] --run is required (unless --config-only)")
         raise typer.Exit(2)
+    from .exporter import ExportError, export_run
+    from .parity import ParityError
+
     if parity_rows < 1000:
         console.print(f"[yellow]warning:[/] --parity-rows {parity_rows} is below the 1,000 rows the gate is meant for")
     try:

@@ -9,6 +9,7 @@ export leaves no version directory behind.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import logging
 import os
@@ -32,6 +33,7 @@ from .manifest import (
     Format,
     Manifest,
     MaskInfo,
+    StoreInfo,
     TensorSpec,
     list_versions,
 )
@@ -231,6 +233,7 @@ def export_run(
             vocab_file="vocab.json" if vocab.exists() else None, metrics=_read_json(run_dir / "metrics.json"),
             mask=MaskInfo(mode=cfg.params.get("mask_mode"), calibration=_read_json(run_dir / "calibration.json")
                           or None),
+            store=store_info(prepared),
             parity=parity, exporter=exporter, exported_at=datetime.now(UTC),
         )
         manifest.save(stage / MANIFEST_FILE)
@@ -244,6 +247,17 @@ def export_run(
             shutil.rmtree(stage, ignore_errors=True)
     config = write_config(model_dir, options)
     return ExportResult(version_dir=final, manifest=manifest, config_path=config)
+
+
+def store_info(prepared: Path) -> StoreInfo:
+    """The feature-store identity of a prepared dataset: ``ctrserve store load`` keys it by the
+    directory's name and records the vocabulary's sha256 in the version meta."""
+    def sha(name: str) -> str | None:
+        f = prepared / name
+        return hashlib.sha256(f.read_bytes()).hexdigest() if f.exists() else None
+
+    return StoreInfo(namespace=prepared.name, vocab_sha256=sha("vocab.json"),
+                     feature_map_sha256=sha("feature_map.json"), prepared_dir=str(prepared.resolve()))
 
 
 def _ort_version() -> str:

@@ -17,7 +17,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from ctrserve.models.data.feature_map import FeatureMap
 
 MANIFEST_FILE = "manifest.json"
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2  # 2: adds `store` (feature-store namespace and data identity)
 
 Format = Literal["onnx", "torchscript"]
 MODEL_FILES: dict[str, str] = {"onnx": "model.onnx", "torchscript": "model.pt"}
@@ -97,6 +97,25 @@ class MaskInfo(BaseModel):
     calibration: dict[str, Any] | None = None
 
 
+class StoreInfo(BaseModel):
+    """Which feature-store data this model reads: the prepared dataset its run was trained on.
+
+    ``ctrserve store load --dataset NAME`` keys the data by the prepared directory's name, and two
+    preparations of one dataset have different vocabularies, so the gateway must read exactly
+    this namespace; the hashes let it check that the loaded data came from the same preparation.
+    """
+
+    model_config = ConfigDict(extra="forbid")
+    #: the prepared directory's name: ``ctrserve store load``'s default namespace
+    namespace: str
+    #: sha256 of the prepared ``vocab.json`` (bytes); the store's meta records the same hash
+    vocab_sha256: str | None = None
+    #: sha256 of the prepared ``feature_map.json`` (bytes)
+    feature_map_sha256: str | None = None
+    #: where the prepared data was at export time (information only; never read when serving)
+    prepared_dir: str | None = None
+
+
 class Manifest(BaseModel):
     model_config = ConfigDict(extra="forbid", protected_namespaces=())
     schema_version: int = SCHEMA_VERSION
@@ -120,6 +139,8 @@ class Manifest(BaseModel):
     #: the run's test metrics (metrics.json)
     metrics: dict[str, Any] = {}
     mask: MaskInfo = MaskInfo()
+    #: feature-store namespace and data identity; None in manifests written before it existed
+    store: StoreInfo | None = None
     parity: ParityResult
     exporter: ExporterInfo
     exported_at: datetime

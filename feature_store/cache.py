@@ -7,19 +7,31 @@ TTL; a flip of the active version clears the cache.
 
 from __future__ import annotations
 
+import contextlib
 from collections import OrderedDict
 from collections.abc import Sequence
 
-from prometheus_client import Counter, Gauge
+from prometheus_client import CollectorRegistry, Counter, Gauge
 
+# Process-wide (every store of the process adds to them). They live in prometheus-client's default
+# registry; ``register_metrics`` adds them to another one, e.g. the gateway's /metrics registry.
 ITEM_CACHE_LOOKUPS = Counter(
     "ctrserve_feature_store_item_cache_lookups", "Item-feature cache lookups by result", ["result"]
 )
 ITEM_CACHE_HIT_RATIO = Gauge(
-    "ctrserve_feature_store_item_cache_hit_ratio", "Item-feature cache hits / lookups since start"
+    "ctrserve_feature_store_item_cache_hit_ratio", "Item-feature cache hits / lookups since start, all caches of "
+    "the process"
 )
 _HITS = ITEM_CACHE_LOOKUPS.labels(result="hit")
 _MISSES = ITEM_CACHE_LOOKUPS.labels(result="miss")
+_TOTALS = [0, 0]  # hits, lookups: the gauge is the process-wide ratio, not the last cache's
+
+
+def register_metrics(registry: CollectorRegistry) -> None:
+    """Expose the item-cache metrics in ``registry`` as well (idempotent)."""
+    for collector in (ITEM_CACHE_LOOKUPS, ITEM_CACHE_HIT_RATIO):
+        with contextlib.suppress(ValueError):  # already registered there
+            registry.register(collector)
 
 
 class ItemCache:
@@ -59,7 +71,9 @@ class ItemCache:
         self.misses += len(ids) - hits
         _HITS.inc(hits)
         _MISSES.inc(len(ids) - hits)
-        ITEM_CACHE_HIT_RATIO.set(self.hit_ratio)
+        _TOTALS[0] += hits
+        _TOTALS[1] += len(ids)
+        ITEM_CACHE_HIT_RATIO.set(_TOTALS[0] / _TOTALS[1] if _TOTALS[1] else 0.0)
         return out
 
     def put(self, item_id: str, value: bytes, now: float) -> None:

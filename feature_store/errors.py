@@ -1,5 +1,10 @@
-"""Typed failures of the feature store. The gateway maps them to responses:
-``StoreUnavailable``/``StoreNotLoaded`` -> 503, ``StoreTimeout`` -> 504, anything else -> 500.
+"""Typed failures of the feature store.
+
+The gateway (service/gateway.py) treats every ``FeatureStoreError`` -- and its own read budget
+running out -- as "the store failed": with ``CTRSERVE_STORE_FAILURE=fail`` it answers 503
+``store_unavailable`` (``StoreTimeout`` included: 504 is reserved for the model backend and the
+request deadline), with ``degrade`` it scores with cold-start features and sets
+``flags.degraded``. The class name is the ``error`` label of ``ctrserve_store_errors_total``.
 Unknown user or item ids are NOT errors (they get cold-start defaults and a flag)."""
 
 from __future__ import annotations

@@ -139,9 +139,14 @@ class Keys:
 class RedisOnlineStore(OnlineStore):
     """The Redis backend. Create one per process and reuse it (it owns a connection pool)."""
 
-    def __init__(self, schema: StoreSchema, config: RedisStoreConfig | None = None, namespace: str | None = None):
+    def __init__(self, schema: StoreSchema, config: RedisStoreConfig | None = None, namespace: str | None = None,
+                 vocab_sha256: str | None = None):
+        """``vocab_sha256``: the vocabulary the reader's model was trained with (the export manifest
+        records it); a version bulk-loaded from another preparation then raises ``SchemaMismatch``
+        instead of serving ids of another vocabulary."""
         self.config = config or RedisStoreConfig()
         self.schema = schema
+        self.vocab_sha256 = vocab_sha256
         self.namespace = namespace or schema.dataset
         self.keys = Keys(self.config.key_prefix, self.namespace)
         cfg = self.config
@@ -246,6 +251,13 @@ class RedisOnlineStore(OnlineStore):
                 f"{self.keys.ns} version {version} was written with another schema or codec "
                 f"(stored, expected): {diff or (meta.get('codec_version'), CODEC_VERSION)}"
             )
+        loaded_vocab = meta.get("vocab_sha256")
+        if self.vocab_sha256 and loaded_vocab and loaded_vocab != self.vocab_sha256:
+            raise SchemaMismatch(
+                f"{self.keys.ns} version {version} was bulk-loaded from {meta.get('source', 'another preparation')!r} "
+                f"whose vocabulary (sha256 {loaded_vocab[:12]}...) is not the model's ({self.vocab_sha256[:12]}...): "
+                "load the prepared dataset the model was trained on (`ctrserve store load`)"
+            )
         self._version, self._version_bytes, self.meta = version, raw, meta
 
     def _meta(self, version: int, **extra: Any) -> str:
@@ -271,6 +283,14 @@ class RedisOnlineStore(OnlineStore):
     async def active_version(self) -> int | None:
         raw = await self._guarded(self._client.get(self.keys.active), self._timeout_s, "read the active pointer")
         return None if raw is None else int(raw)
+
+    async def check_version(self) -> int | None:
+        """The active version (None if nothing is loaded), adopted after the schema and vocabulary
+        checks of ``_sync_version`` when it is not the one already in use (readiness probes)."""
+        version = await self.active_version()
+        if version is not None and version != self._version:
+            await self._guarded(self._sync_version(), self._timeout_s, "check the active version")
+        return version
 
     # -- read path -----------------------------------------------------------------------
     async def online_read(self, user_id: str, item_ids: Sequence[str]) -> RequestFeatures:

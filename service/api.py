@@ -106,7 +106,7 @@ def gateway(request: Request) -> Gateway:
 
 
 def require_api_key(request: Request, gw: Gateway = Depends(gateway)) -> None:
-    key = gw.settings.api.api_key
+    key = gw.settings.api.key
     if key is None:
         return
     given = request.headers.get("x-api-key", "")

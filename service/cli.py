@@ -23,7 +23,8 @@ def serve_cmd(
     store_failure: Annotated[str | None, typer.Option(
         help="fail (503) or degrade when Redis is down [CTRSERVE_STORE_FAILURE]")] = None,
     namespace: Annotated[str | None, typer.Option(
-        help="feature-store namespace (default: the model's prepared dataset) [CTRSERVE_STORE_NAMESPACE]")] = None,
+        help="feature-store namespace (default: the one each model's export manifest records) "
+             "[CTRSERVE_STORE_NAMESPACE]")] = None,
     log_text: Annotated[bool, typer.Option("--log-text", help="plain-text logs instead of JSON")] = False,
 ) -> None:
     """Start the scoring gateway (FastAPI on uvicorn with uvloop/httptools)."""

@@ -6,7 +6,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 from collections.abc import Callable
-from pathlib import Path
 
 from ctrserve.export.manifest import Manifest
 from ctrserve.feature_store.base import OnlineStore
@@ -14,30 +13,37 @@ from ctrserve.feature_store.config import RedisStoreConfig
 from ctrserve.feature_store.errors import FeatureStoreError
 from ctrserve.feature_store.schema import StoreSchema
 
-StoreFactory = Callable[[StoreSchema, str], OnlineStore]
+#: ``factory(schema, namespace, vocab_sha256)``: the store for one namespace; ``vocab_sha256`` (or
+#: None) is the vocabulary the model was trained with, which the loaded data must match
+StoreFactory = Callable[[StoreSchema, str, str | None], OnlineStore]
 
 
 def redis_factory(config: RedisStoreConfig) -> StoreFactory:
-    def make(schema: StoreSchema, namespace: str) -> OnlineStore:
+    def make(schema: StoreSchema, namespace: str, vocab_sha256: str | None = None) -> OnlineStore:
         from ctrserve.feature_store.redis_store import RedisOnlineStore
 
-        return RedisOnlineStore(schema, config, namespace=namespace)
+        return RedisOnlineStore(schema, config, namespace=namespace, vocab_sha256=vocab_sha256)
 
     return make
 
 
+class NamespaceError(ValueError):
+    """The manifest does not say which feature-store namespace the model reads."""
+
+
 def namespace_of(manifest: Manifest, override: str | None = None) -> str:
-    """The namespace a model's features were bulk-loaded under: the override, else the name of
-    the prepared directory its run used (``ctrserve store load``'s default), else the dataset."""
+    """The namespace a model's features were bulk-loaded under: ``CTRSERVE_STORE_NAMESPACE`` if
+    set, else the one export recorded in the manifest (the prepared directory's name, what
+    ``ctrserve store load`` uses). Manifests written before export recorded it need the override:
+    guessing (e.g. the dataset name) could read another preparation's ids."""
     if override:
         return override
-    try:
-        prepared = (Path(manifest.run_dir) / "prepared_dir.txt").read_text().strip()
-        if prepared:
-            return Path(prepared).name
-    except OSError:
-        pass  # exported elsewhere (a serving image has no run directories)
-    return manifest.dataset
+    if manifest.store is not None:
+        return manifest.store.namespace
+    raise NamespaceError(
+        f"{manifest.name} v{manifest.version}: the manifest records no feature-store namespace (exported before "
+        "manifests carried `store`); re-export the run with `ctrserve export`, or set CTRSERVE_STORE_NAMESPACE "
+        "(`ctrserve serve --namespace`) to the name `ctrserve store load --dataset` used")
 
 
 class FeatureStores:
@@ -45,19 +51,30 @@ class FeatureStores:
         self._factory = factory
         self._namespace = namespace
         self._stores: dict[tuple[str, str], OnlineStore] = {}
+        self._vocab: dict[tuple[str, str], tuple[str | None, str]] = {}  # -> (vocab sha256, first model)
         self._by_model: dict[tuple[str, int], OnlineStore] = {}
 
     def for_model(self, manifest: Manifest) -> OnlineStore:
+        """The store a model reads; raises ValueError (config rejected) when the manifest names no
+        namespace or two models disagree about the vocabulary of one namespace."""
         key_model = (manifest.name, manifest.version)
         store = self._by_model.get(key_model)
         if store is not None:
             return store
         schema = StoreSchema.from_feature_map(manifest.feature_map)
         ns = namespace_of(manifest, self._namespace)
+        vocab = manifest.store.vocab_sha256 if manifest.store is not None else None
         key = (ns, schema.to_json())
         store = self._stores.get(key)
         if store is None:
-            store = self._stores[key] = self._factory(schema, ns)
+            store = self._stores[key] = self._factory(schema, ns, vocab)
+            self._vocab[key] = (vocab, f"{manifest.name} v{manifest.version}")
+        else:
+            known, first = self._vocab[key]
+            if vocab and known and vocab != known:
+                raise ValueError(f"{manifest.name} v{manifest.version} and {first} read namespace {ns!r} but were "
+                                 "trained on different preparations (vocabularies differ); export them from runs "
+                                 "of one preparation or load each preparation under its own namespace")
         self._by_model[key_model] = store
         return store
 
@@ -87,7 +104,8 @@ class FeatureStores:
 
 
 async def _active_version(store: OnlineStore) -> int | None:
-    fn = getattr(store, "active_version", None)
+    # the Redis store's check_version also checks schema and vocabulary of a newly active version
+    fn = getattr(store, "check_version", None) or getattr(store, "active_version", None)
     if fn is None:  # a store without versions is reachable if it answers a read
         await store.online_read("__readyz__", [])
         return 0

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
+from ctrserve.feature_store.cache import register_metrics
+
 # request latency: sub-millisecond to the default 1 s deadline and beyond
 _LATENCY = (0.0005, 0.001, 0.002, 0.003, 0.005, 0.0075, 0.01, 0.015, 0.02, 0.03, 0.05, 0.075, 0.1, 0.15, 0.25,
             0.5, 1.0, 2.5)
@@ -39,3 +41,5 @@ class Metrics:
                                   ["digest"], registry=r)
         self.models_ready = Gauge("ctrserve_models_ready", "Model versions loaded and warmed up", registry=r)
         self.in_flight = Gauge("ctrserve_requests_in_flight", "Scoring requests being processed", registry=r)
+        # the feature store's process-wide item-cache metrics, so that /metrics shows them too
+        register_metrics(r)

@@ -2,12 +2,13 @@
 
 Environment variables are ``CTRSERVE_<COMPONENT>_<FIELD>`` (e.g. ``CTRSERVE_API_MAX_CANDIDATES``).
 The feature store's connection settings belong to ``ctrserve.feature_store`` (its own class);
-the gateway only decides what to do when the store fails (``CTRSERVE_API_STORE_FAILURE``).
+the gateway only decides what to do when the store fails (``CTRSERVE_STORE_FAILURE``).
 ``docs/gateway.md`` carries the same table; ``tests/service/test_settings.py`` keeps them in step.
 """
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Literal
 
@@ -43,10 +44,19 @@ class ApiSettings(BaseSettings):
         64, ge=0, description="Most keys in `context` or in one candidate's `features` (422 above).")
     deadline_ms: float = Field(
         1000.0, gt=0, description="Per-request deadline over fetch + assembly + inference (504 when exceeded).")
-    api_key: SecretStr | None = Field(
+    #: ``key``, not ``api_key``: the variable is CTRSERVE_API_KEY
+    key: SecretStr | None = Field(
         None, description="If set, `/v1/score` requires header `X-API-Key` with this value (401 otherwise).")
     admin_token: SecretStr | None = Field(
         None, description="Bearer token for `/admin/*`; unset disables the admin endpoints (403).")
+
+    @model_validator(mode="after")
+    def _renamed_key(self) -> ApiSettings:
+        # fail closed: a deployment still setting the old name would otherwise serve without a key
+        if os.environ.get("CTRSERVE_API_API_KEY") is not None:
+            raise ValueError("CTRSERVE_API_API_KEY was renamed to CTRSERVE_API_KEY: set CTRSERVE_API_KEY instead "
+                             "(and unset the old variable)")
+        return self
 
 
 class StoreSettings(BaseSettings):
@@ -55,9 +65,8 @@ class StoreSettings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="CTRSERVE_STORE_", extra="ignore")
 
     namespace: str | None = Field(
-        None, description="Store namespace every model reads. Unset: per model, the name of the prepared dataset "
-                          "its run was trained on (what `ctrserve store load` uses), found through the manifest's "
-                          "run directory, else the dataset name.")
+        None, description="Store namespace every model reads. Unset: per model, the namespace its export "
+                          "manifest records (the prepared dataset's name, what `ctrserve store load` uses).")
     timeout_ms: float = Field(
         100.0, gt=0, description="Budget for one feature-store read; slower counts as a store failure.")
     failure: Literal["fail", "degrade"] = Field(

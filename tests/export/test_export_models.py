@@ -156,3 +156,18 @@ def test_cli_exit_codes(run_factory, tmp_path: Path, monkeypatch) -> None:
     code, out = invoke("--run", str(run_factory("lr")))
     assert code == 0 and "parity PASSED" in out and "lr version 1" in out
     assert sorted(list_versions(repo / "lr")) == [1]
+
+
+def test_manifest_records_the_store_namespace(run_factory, tiny_prepared: Path, tmp_path: Path) -> None:
+    """The gateway reads the feature-store namespace from the manifest (a serving image has no run
+    directories): the prepared directory's name, as `ctrserve store load` keys it, and the same
+    vocabulary hash the bulk load writes into the store's meta."""
+    import hashlib
+
+    from ctrserve.feature_store.loader import read_prepared
+
+    m = export_run(run_factory("lr"), "onnx", tmp_path, name="lr").manifest
+    assert m.store is not None and m.store.namespace == tiny_prepared.name
+    assert m.store.vocab_sha256 == read_prepared(tiny_prepared).vocab_sha256
+    assert m.store.feature_map_sha256 == hashlib.sha256((tiny_prepared / "feature_map.json").read_bytes()).hexdigest()
+    assert Manifest.load(tmp_path / "lr" / "1").store == m.store

@@ -117,3 +117,37 @@ def test_numpy_is_below_2() -> None:
     import numpy
 
     assert int(numpy.__version__.split(".")[0]) < 2, f"numpy {numpy.__version__}: pin numpy<2"
+
+
+def test_manifest_without_store_still_loads(tiny_fmap: FeatureMap, tmp_path: Path) -> None:
+    """Manifests written before `store` existed (schema 1) load; `store` is then None and the
+    gateway asks for CTRSERVE_STORE_NAMESPACE (tests/service)."""
+    import json
+
+    data = json.loads(_manifest(tiny_fmap).model_dump_json())
+    del data["store"]
+    data["schema_version"] = 1
+    (tmp_path / "manifest.json").write_text(json.dumps(data))
+    assert Manifest.load(tmp_path).store is None
+
+
+def test_config_only_runs_without_torch(tiny_fmap: FeatureMap, tmp_path: Path) -> None:
+    """`ctrserve export --config-only` is what the serving image (no torch) runs to regenerate
+    config.pbtxt: it must not import torch, which is blocked here."""
+    m = _manifest(tiny_fmap)
+    (tmp_path / "dnn" / "1").mkdir(parents=True)
+    m.save(tmp_path / "dnn" / "1" / "manifest.json")
+    code = (
+        "import sys\n"
+        "sys.modules['torch'] = None  # any `import torch` now raises ImportError\n"
+        "try:\n    import torch\nexcept ImportError:\n    pass\nelse:\n    raise SystemExit('torch not blocked')\n"
+        "from ctrserve.cli import app\n"
+        f"sys.argv = ['ctrserve', 'export', '--config-only', '--out', {str(tmp_path)!r}, '--name', 'dnn', "
+        "'--flavour', 'deploy', '--threads', '2']\n"
+        "app()\n"
+    )
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stdout + r.stderr
+    cfg = read_config(tmp_path / "dnn" / "config.pbtxt")
+    assert cfg.backend == "onnxruntime" and cfg.dynamic_batching.max_queue_delay_microseconds == 100
+    _check_io(cfg, m)

@@ -221,6 +221,23 @@ async def test_schema_mismatch_is_detected(redis_url: str) -> None:
             await wrong.online_read("u1", [])
 
 
+async def test_vocabulary_mismatch_is_detected(redis_url: str) -> None:
+    """Same schema, another preparation: a reader told the model's vocabulary hash refuses the
+    version (reads and the readiness check), a reader with the right hash or none serves it."""
+    users, items = make_records(0)
+    config = RedisStoreConfig(url=redis_url, cleanup_grace_s=0, timeout_ms=2000)
+    async with make_store(redis_url) as store:
+        await store.bulk_load(users, items, vocab_sha256="a" * 64, source="/work/processed/t-other")
+    async with RedisOnlineStore(SCHEMA, config, "t", vocab_sha256="b" * 64) as wrong:
+        with pytest.raises(SchemaMismatch, match="t-other.*vocabulary"):
+            await wrong.online_read("u1", [])
+        with pytest.raises(SchemaMismatch, match="vocabulary"):
+            await wrong.check_version()
+    async with RedisOnlineStore(SCHEMA, config, "t", vocab_sha256="a" * 64) as right:
+        assert await right.check_version() is not None
+        assert_user(await right.online_read("u1", []), users, 1)
+
+
 async def test_malformed_values_raise_corrupt_value(redis_url: str) -> None:
     users, items = make_records(0)
     async with make_store(redis_url) as store:

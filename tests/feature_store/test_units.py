@@ -97,6 +97,21 @@ def test_item_cache_lru_and_ttl() -> None:
     assert ItemCache(0, 10).get_many(["a"], now=0) == [None]
 
 
+def test_item_cache_metrics_register_in_another_registry() -> None:
+    """The gateway serves its own registry; register_metrics puts the item-cache series there."""
+    from prometheus_client import CollectorRegistry, generate_latest
+
+    from ctrserve.feature_store.cache import register_metrics
+
+    registry = CollectorRegistry()
+    register_metrics(registry)
+    register_metrics(registry)  # idempotent
+    ItemCache(4, 10).get_many(["x"], now=0)
+    text = generate_latest(registry).decode()
+    assert 'ctrserve_feature_store_item_cache_lookups_total{result="miss"}' in text
+    assert "ctrserve_feature_store_item_cache_hit_ratio" in text
+
+
 def test_feature_store_imports_no_torch() -> None:
     code = ("import sys; import ctrserve.feature_store.redis_store, ctrserve.feature_store.loader, "
             "ctrserve.feature_store.cli; assert 'torch' not in sys.modules, 'torch imported'")

@@ -55,8 +55,8 @@ async def running(settings: GatewaySettings) -> AsyncIterator[tuple[httpx.AsyncC
 
     stores: list[MemoryStore] = []
 
-    def factory(schema, namespace):
-        stores.append(MemoryStore(schema))
+    def factory(schema, namespace, vocab_sha256):
+        stores.append(MemoryStore(schema, namespace, vocab_sha256))
         return stores[-1]
 
     app = create_app(settings, store_factory=factory)

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ctrserve.export.manifest import ExporterInfo, Manifest, ParityResult, TensorSpec
+from ctrserve.export.manifest import ExporterInfo, Manifest, ParityResult, StoreInfo, TensorSpec
 from ctrserve.feature_store.base import OnlineStore, RequestFeatures
 from ctrserve.feature_store.errors import StoreUnavailable
 from ctrserve.feature_store.schema import StoreSchema
@@ -29,6 +29,7 @@ VOCAB = {
     "device": ["0", "1", "2"],
 }
 HOUR_EDGES = [6.0, 12.0, 18.0]
+TOY_NAMESPACE = "toy-prepared"  # what the toy manifests record as their feature-store namespace
 
 
 def toy_fmap() -> FeatureMap:
@@ -79,6 +80,7 @@ def toy_manifest(name: str = "toy", version: int = 1) -> Manifest:
     return Manifest(
         name=name, version=version, model="toy", dataset="toy", run_dir="/nonexistent", format="onnx",
         file="model.onnx", inputs=toy_inputs(fmap), feature_map=fmap, vocab_file="vocab.json",
+        store=StoreInfo(namespace=TOY_NAMESPACE, vocab_sha256="0" * 64),
         parity=ParityResult(runtime="onnxruntime", tolerance=1e-5, passed=True, max_abs_diff=0.0, splits=["test"],
                             checks=[]),
         exporter=ExporterInfo(tool="torch.onnx.dynamo", torch_version="none"),
@@ -153,9 +155,11 @@ ITEMS = {"10": {"item_id": 2, "cate_id": 2, "price": 0.25}, "11": {"item_id": 3,
 class MemoryStore(OnlineStore):
     """Answers like the Redis store (cold start: OOV ids, dense 0); ``fail`` makes it unavailable."""
 
-    def __init__(self, schema: StoreSchema):
-        self.schema = schema
+    def __init__(self, schema: StoreSchema, namespace: str = "toy", vocab_sha256: str | None = None):
+        self.schema, self.namespace, self.vocab_sha256 = schema, namespace, vocab_sha256
         self.fail = False
+        #: what ``fail`` raises (any FeatureStoreError)
+        self.error: Exception = StoreUnavailable("memory store switched off")
         self.reads = 0
 
     async def online_write_batch(self, users=None, items=None, progress=None) -> None:  # pragma: no cover
@@ -163,13 +167,13 @@ class MemoryStore(OnlineStore):
 
     async def active_version(self) -> int | None:
         if self.fail:
-            raise StoreUnavailable("memory store switched off")
+            raise self.error
         return 1
 
     async def online_read(self, user_id: str, item_ids: Sequence[str]) -> RequestFeatures:
         self.reads += 1
         if self.fail:
-            raise StoreUnavailable("memory store switched off")
+            raise self.error
         s = self.schema
         u = USERS.get(user_id)
         user = {f: np.asarray(u[f] if u else OOV_ID, dtype=np.int64) for f in s.user_sparse}

@@ -147,7 +147,7 @@ async def test_backend_timeout_is_504(toy_repo, routing_file, monkeypatch) -> No
 
 
 async def test_api_key(make_settings) -> None:
-    async with running(make_settings(api_key="s3cret")) as (client, _, _):
+    async with running(make_settings(key="s3cret")) as (client, _, _):
         assert (await client.post("/v1/score", json=BODY)).status_code == 401
         assert (await client.post("/v1/score", json=BODY, headers={"X-API-Key": "nope"})).status_code == 401
         assert (await client.post("/v1/score", json=BODY, headers={"X-API-Key": "s3cret"})).status_code == 200
@@ -226,7 +226,7 @@ async def test_not_ready_until_a_config_applies(toy_repo, tmp_path) -> None:
 
     bad = tmp_path / "r.yaml"
     bad.write_text(ROUTING.replace("version: 2", "version: 5"))
-    app = create_app(toy_settings(toy_repo, bad), store_factory=lambda s, n: MemoryStore(s))
+    app = create_app(toy_settings(toy_repo, bad), store_factory=lambda s, n, v: MemoryStore(s))
     transport = httpx.ASGITransport(app=app)
     async with app.router.lifespan_context(app), httpx.AsyncClient(transport=transport, base_url="http://g") as client:
         await asyncio.sleep(0.3)

@@ -79,6 +79,30 @@ def test_scores_equal_pytorch_over_http(gateway, exported) -> None:
         _check_parity(gateway.url, exported, arm, f"onnxruntime {arm}")
 
 
+def _sample(metrics: str, name: str, labels: str) -> float:
+    key = f"{name}{{{labels}}}" if labels else name
+    for line in metrics.splitlines():
+        if line.startswith(key + " "):
+            return float(line.rsplit(" ", 1)[1])
+    raise AssertionError(f"{key} not on /metrics")
+
+
+def test_metrics_show_the_feature_store_item_cache(gateway, exported) -> None:
+    """The feature store's item-cache series reach the gateway's /metrics: the same request twice,
+    the second one's candidates come from the in-process cache."""
+    body = probes(exported.prepared)[0].body
+    n = len({c["item_id"] for c in body["candidates"]})
+    name = "ctrserve_feature_store_item_cache_lookups_total"
+    before = httpx.get(gateway.url + "/metrics", timeout=10).text
+    hits0 = _sample(before, name, 'result="hit"') if f"{name}{{" in before else 0.0
+    for _ in range(2):
+        assert httpx.post(gateway.url + "/v1/score", json=body, timeout=10).status_code == 200
+    after = httpx.get(gateway.url + "/metrics", timeout=10).text
+    assert _sample(after, name, 'result="hit"') - hits0 >= n
+    assert _sample(after, name, 'result="miss"') >= 0
+    assert 0 < _sample(after, "ctrserve_feature_store_item_cache_hit_ratio", "") <= 1
+
+
 def test_ab_split_is_deterministic_and_matches_weights(gateway, exported, store_url, tmp_path) -> None:
     """10,000 users assigned by the running gateway: within 2 pp of the weights; 1,000 of them
     scored through /v1/score land on the same arm; a second replica assigns every user the same."""

@@ -72,3 +72,13 @@ def test_json_log_lines_carry_the_request_id() -> None:
         request_id_var.reset(token)
     out = json.loads(line)
     assert (out["msg"], out["request_id"], out["arm"], out["level"]) == ("request done", "rid-1", "control", "info")
+
+
+def test_api_key_variable_and_its_old_name(monkeypatch: pytest.MonkeyPatch) -> None:
+    """CTRSERVE_API_KEY sets the key; the old CTRSERVE_API_API_KEY is refused (fail closed) instead of
+    being ignored, which would serve /v1/score without authentication."""
+    monkeypatch.setenv("CTRSERVE_API_KEY", "s3cret")
+    assert ApiSettings().key is not None and ApiSettings().key.get_secret_value() == "s3cret"
+    monkeypatch.setenv("CTRSERVE_API_API_KEY", "old")
+    with pytest.raises(ValidationError, match="renamed to CTRSERVE_API_KEY"):
+        GatewaySettings.from_env()
