@@ -1,0 +1,158 @@
+"""``ctrserve calibrate``: fix MGDIN's deferred-interaction masks for serving.
+
+A0 is computed per sample on a seeded sample of the training split, averaged per window, and
+each layer's top-k_l mask of the average becomes a constant buffer (``mask_mode: static``).
+The calibrated model is written as a NEW run directory (variant ``static_masks``, same seed,
+same weights) with ``calibration.json``, and evaluated on the test split next to the
+dynamic-mask model it came from, so the two are compared on identical weights.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+from pathlib import Path
+from typing import TYPE_CHECKING, Annotated, Any
+
+import numpy as np
+import typer
+
+if TYPE_CHECKING:  # torch is imported inside the functions: `ctrserve` must start without it
+    from torch import nn
+
+    from .data.feature_map import FeatureMap
+
+#: static masks costing more test AUC than this deserve a look (issue 4)
+AUC_BUDGET = 0.002
+
+
+def calibration_sample(arrays: dict[str, np.ndarray], rows: int, seed: int) -> dict[str, np.ndarray]:
+    """``rows`` training rows drawn without replacement with ``seed`` (all rows if fewer)."""
+    n = len(next(iter(arrays.values())))
+    if rows < 1:
+        raise ValueError(f"calibration needs at least one row, got rows={rows}")
+    idx = np.sort(np.random.default_rng(seed).choice(n, size=min(rows, n), replace=False))
+    return {k: v[idx] for k, v in arrays.items()}
+
+
+def calibrate_model(model: nn.Module, sample: dict[str, np.ndarray], fmap: FeatureMap,
+                    batch_size: int = 4096) -> dict[str, Any]:
+    """Average A0 over ``sample``, install the static masks in ``model`` (in place) and return
+    per-window calibration info, including how well the static masks agree with the
+    per-sample (dynamic) masks they replace."""
+    import torch  # the model's calibration methods run under no_grad
+
+    from .train.batches import BatchIterator
+
+    if not hasattr(model, "a0_scores") or not hasattr(model, "set_static_masks"):
+        raise ValueError(f"model {type(model).__name__} has no deferred-interaction masks to calibrate")
+    model.eval()
+    sums: list[torch.Tensor] | None = None
+    count = 0
+    for batch, _ in BatchIterator(sample, fmap, batch_size):
+        a0 = [a.double().sum(dim=0) for a in model.a0_scores(batch)]
+        sums = a0 if sums is None else [s + a for s, a in zip(sums, a0, strict=True)]
+        count += len(next(iter(batch.values())))
+    if sums is None:
+        raise ValueError("empty calibration sample")
+    means = [s / count for s in sums]
+    static = model.masks_from_a0(means)
+    model.set_static_masks(static)
+
+    # agreement: of the k_l pairs a sample's own A0 opens at layer l, how many the static mask opens
+    hits = [torch.zeros(len(b.ks), dtype=torch.float64) for b in model.branches]
+    for batch, _ in BatchIterator(sample, fmap, batch_size):
+        for h, dyn in enumerate(model.dynamic_masks(batch)):
+            hits[h] += (dyn * static[h]).flatten(-2).sum(dim=-1).double().sum(dim=0)
+    windows = []
+    for h, branch in enumerate(model.branches):
+        m = branch.groups
+        windows.append({
+            "granularity": branch.granularity,
+            "groups": m,
+            "k": list(branch.ks),
+            "mask_density": [k / (m * m) for k in branch.ks],
+            "overlap_with_dynamic": [float(hits[h][i] / (count * k)) if k else 1.0 for i, k in enumerate(branch.ks)],
+            "a0_mean": [[round(float(v), 6) for v in row] for row in means[h]],
+            "masks": static[h].to(torch.int64).tolist(),
+        })
+    return {"rows": count, "windows": windows}
+
+
+def calibrate_run(run_dir: Path, rows: int = 10_000, seed: int | None = None,
+                  command: str = "") -> tuple[Path, dict[str, Any], dict[str, Any]]:
+    """Calibrate the model of ``run_dir`` and write a static-mask run beside it.
+
+    Returns ``(new run dir, test metrics record, calibration info)``."""
+    from .data.prepare import load_split
+    from .train.trainer import count_params, evaluate, load_run, make_run_dir, write_run
+
+    run_dir = Path(run_dir)
+    if not (run_dir / "model.pt").exists() or not (run_dir / "config.yaml").exists():
+        raise FileNotFoundError(f"{run_dir} is not a run directory (needs config.yaml and model.pt)")
+    cfg, fmap, model = load_run(run_dir)
+    if not hasattr(model, "set_static_masks"):
+        raise ValueError(f"run {run_dir} holds model {cfg.model!r}, which has no masks to calibrate")
+    prepared = Path((run_dir / "prepared_dir.txt").read_text().strip())
+    seed = cfg.seed if seed is None else seed
+    sample = calibration_sample(load_split(prepared, "train"), rows, seed)
+    test = load_split(prepared, "test")
+
+    dynamic = copy.deepcopy(model)
+    dynamic.mask_mode = "dynamic"
+    dynamic_test = evaluate(dynamic, test, fmap, cfg.train.eval_batch_size)
+
+    info = calibrate_model(model, sample, fmap, cfg.train.eval_batch_size)
+    model.mask_mode = "static"
+    static_test = evaluate(model, test, fmap, cfg.train.eval_batch_size)
+
+    new_cfg = cfg.model_copy(update={"variant": "static_masks", "params": {**cfg.params, "mask_mode": "static"}})
+    source = json.loads((run_dir / "metrics.json").read_text()) if (run_dir / "metrics.json").exists() else {}
+    history = json.loads((run_dir / "history.json").read_text()) if (run_dir / "history.json").exists() else []
+    delta = static_test["auc"] - dynamic_test["auc"]
+    metrics = {
+        "model": cfg.model, "dataset": cfg.dataset, "variant": "static_masks", "seed": cfg.seed, **static_test,
+        "best_epoch": source.get("best_epoch", 0), "best_valid_auc": source.get("best_valid_auc", float("nan")),
+        "params": count_params(model), "epoch_seconds": source.get("epoch_seconds", 0.0),
+        "epochs": source.get("epochs", 0), "command": command,
+        "notes": (f"static masks calibrated on {info['rows']} train rows (seed {seed}) from the weights of "
+                  f"{run_dir.name}; dynamic-mask test AUC {dynamic_test['auc']:.4f} (delta {delta:+.4f})"),
+    }
+    new_dir = make_run_dir(run_dir.parents[2] if len(run_dir.parents) > 2 else run_dir.parent, new_cfg)
+    write_run(new_dir, new_cfg, fmap, prepared, model, metrics, history)
+    info.update({"seed": seed, "source_run": str(run_dir.resolve()), "dynamic_test": dynamic_test,
+                 "static_test": static_test, "auc_delta_static_minus_dynamic": delta})
+    (new_dir / "calibration.json").write_text(json.dumps(info, indent=2))
+    return new_dir, metrics, info
+
+
+def calibrate_cmd(
+    run: Annotated[Path, typer.Option(help="run directory of a trained MGDIN (dynamic masks)")],
+    rows: Annotated[int, typer.Option(help="calibration rows sampled from the training split")] = 10_000,
+    seed: Annotated[int | None, typer.Option(help="sampling seed (default: the run's seed)")] = None,
+    record: Annotated[bool, typer.Option(help="record the static-mask test metrics in docs/results.json")] = False,
+) -> None:
+    """Fix MGDIN's top-k masks from A0 averaged on training rows; write a static-mask run."""
+    from rich.console import Console
+
+    from .cli import invoked_command
+    from .train.results import record_result, write_markdown
+
+    console = Console()
+    try:
+        new_dir, metrics, info = calibrate_run(run, rows, seed, command=invoked_command())
+    except (FileNotFoundError, ValueError) as exc:
+        console.print(f"[red]error:[/] {exc}")
+        raise typer.Exit(2) from None
+    for w in info["windows"]:
+        console.print(f"window g={w['granularity']} (m={w['groups']}): k={w['k']} "
+                      f"overlap with dynamic={[round(o, 3) for o in w['overlap_with_dynamic']]}")
+    d, s = info["dynamic_test"], info["static_test"]
+    console.print(f"test dynamic: AUC {d['auc']:.4f} GAUC {d['gauc']:.4f} LogLoss {d['logloss']:.4f}")
+    console.print(f"test static:  AUC {s['auc']:.4f} GAUC {s['gauc']:.4f} LogLoss {s['logloss']:.4f} -> {new_dir}")
+    if -info["auc_delta_static_minus_dynamic"] > AUC_BUDGET:
+        console.print(f"[yellow]static masks cost {-info['auc_delta_static_minus_dynamic']:.4f} AUC "
+                      f"(> {AUC_BUDGET}); consider serving with per-request (dynamic) masks[/]")
+    if record:
+        record_result(metrics)
+        write_markdown()
