@@ -90,7 +90,11 @@ def _percentiles(samples: list[float]) -> dict[str, float]:
 
 
 def run_bench(run_dir: Path | None = None, batches: list[int] | None = None, rounds: int = 3, per_round: int = 100,
-        threads: int = 1, record: bool = True) -> dict[str, Any]:
+        threads: int = 1, record: bool = True, requests: dict[int, dict[str, np.ndarray]] | None = None,
+        per_round_large: int | None = None, parity_rows: int | None = None) -> dict[str, Any]:
+    """Time every runtime on the same requests. ``requests`` (B -> named inputs, e.g. assembled by
+    the gateway's code from the feature store) replaces the test-split requests; batches above 100
+    candidates run ``per_round_large`` requests per round (default ``per_round``)."""
     import torch
 
     from ctrserve.export import triton_local
@@ -101,14 +105,16 @@ def run_bench(run_dir: Path | None = None, batches: list[int] | None = None, rou
 
     from .report import machine_facts, record_section, write_markdown
 
-    batches = batches or [1, 100, 1000]
+    batches = sorted(requests) if requests else (batches or [1, 100, 1000])
     run_dir = Path(run_dir) if run_dir else default_run()
     torch.set_num_threads(threads)
     repo = Path(tempfile.mkdtemp(prefix="ctrserve-bench-repo-"))
-    onnx_m = export_run(run_dir, "onnx", repo, name="bench").manifest
-    ts_m = export_run(run_dir, "torchscript", repo, name="bench_ts").manifest
+    parity = {} if parity_rows is None else {"parity_rows": parity_rows}
+    onnx_m = export_run(run_dir, "onnx", repo, name="bench", **parity).manifest
+    ts_m = export_run(run_dir, "torchscript", repo, name="bench_ts", **parity).manifest
     prepared = Path((run_dir / "prepared_dir.txt").read_text().strip())
-    requests = build_requests(onnx_m, prepared, batches)
+    source = "the given requests" if requests else "test-split rows"
+    requests = requests or build_requests(onnx_m, prepared, batches)
 
     _, fmap, model = load_run(run_dir)
     wrapper = build_serving_module(model, fmap).eval()
@@ -139,7 +145,7 @@ def run_bench(run_dir: Path | None = None, batches: list[int] | None = None, rou
             for b, req in requests.items():
                 for name, fn in runners.items():
                     acc = samples[(name, b)]
-                    for _ in range(per_round):
+                    for _ in range(per_round if b <= 100 or per_round_large is None else per_round_large):
                         t0 = time.perf_counter()
                         fn(req)
                         acc.append(time.perf_counter() - t0)
@@ -169,7 +175,9 @@ def run_bench(run_dir: Path | None = None, batches: list[int] | None = None, rou
             f"Model: {onnx_m.model} on {onnx_m.dataset} ({onnx_m.metrics.get('params', '?')} parameters), run "
             f"`{run_dir.name}`; sequence length {seq[0].max_len if seq else 0}; inputs: {len(onnx_m.user_inputs)} "
             f"user-side (batch 1), {len(onnx_m.candidate_inputs)} candidate-side (batch B).",
-            f"{rounds} interleaved rounds x {per_round} requests per runtime and batch size, after 10 warm-up calls; "
+            f"Requests: {source}. {rounds} interleaved rounds x {per_round} requests per runtime and batch size "
+            f"({per_round_large if per_round_large is not None else per_round} above 100 candidates), after 10 "
+            "warm-up calls; "
             f"every runtime {threads} compute thread; client, tritonserver and its Python-backend stub share the "
             "machine's 2 cores with other work (see load_avg_1m).",
             "Triton = the nvidia-pytriton binary's Python backend running the same model.onnx with ONNX Runtime "

@@ -45,3 +45,11 @@ def store_cmd(
 from .bench_models import models_cmd  # noqa: E402  (registered here, defined beside its benchmark)
 
 bench_app.command("models")(models_cmd)
+
+from .run_load import load_cmd  # noqa: E402
+
+bench_app.command("load")(load_cmd)
+
+from .bench_all import all_cmd  # noqa: E402
+
+bench_app.command("all")(all_cmd)

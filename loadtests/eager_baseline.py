@@ -1,0 +1,85 @@
+"""The baseline a user might write instead of the gateway: FastAPI + the PyTorch model, eagerly.
+
+The client sends already-encoded features (no feature store, no vocabulary): the user side once
+(profile values and the whole behaviour sequence as lists) and one list per candidate-side
+input. A plain ``def`` endpoint (FastAPI runs it in its thread pool) validates the body with
+pydantic, builds tensors and runs the trained model (the export's serving wrapper, which
+broadcasts the user side to the candidates) under ``torch.no_grad`` with torch's default
+threads. Measured under the same Locust load as the gateway (``--mode baseline``).
+
+    python -m ctrserve.loadtests.eager_baseline --run work/runs/... --port 8100
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from fastapi import FastAPI, HTTPException
+from pydantic import BaseModel
+
+
+class PredictRequest(BaseModel):
+    #: user-side input name -> values (1 for a profile feature, L for a sequence field)
+    user: dict[str, list[float]]
+    #: candidate-side input name -> one value per candidate
+    candidates: dict[str, list[float]]
+
+
+class PredictResponse(BaseModel):
+    arm: str = "eager"
+    scores: list[float]
+
+
+def create_app(run_dir: Path) -> FastAPI:
+    import torch
+
+    from ctrserve.export.serving_module import build_serving_module
+    from ctrserve.models.train.trainer import load_run
+
+    _, fmap, model = load_run(run_dir)
+    wrapper = build_serving_module(model, fmap).eval()
+    dtypes = {f.name: torch.float32 if f.dtype == "float32" else torch.int64 for f in fmap.features}
+    user_names, cand_names = set(wrapper.user_inputs), set(wrapper.candidate_inputs)
+    app = FastAPI(title="eager PyTorch baseline")
+
+    @app.get("/healthz")
+    def healthz() -> dict[str, str]:
+        return {"status": "ok"}
+
+    @app.post("/predict", response_model=PredictResponse)
+    def predict(req: PredictRequest) -> PredictResponse:
+        if set(req.user) != user_names or set(req.candidates) != cand_names:
+            raise HTTPException(422, f"need user inputs {sorted(user_names)} and candidate inputs "
+                                     f"{sorted(cand_names)}")
+        sizes = {len(v) for v in req.candidates.values()}
+        if len(sizes) != 1 or 0 in sizes:
+            raise HTTPException(422, "every candidate input needs the same, non-zero number of values")
+        tensors = []
+        for name in wrapper.input_names:
+            if name in user_names:  # profile value [1], sequence [1, L]
+                t = torch.tensor(req.user[name], dtype=dtypes[name])
+                tensors.append(t.reshape(1, -1) if fmap.feature(name).kind == "sequence" else t.reshape(1))
+            else:
+                tensors.append(torch.tensor(req.candidates[name], dtype=dtypes[name]))
+        with torch.no_grad():
+            scores = wrapper(*tensors)
+        return PredictResponse(scores=scores.tolist())
+
+    return app
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--run", type=Path, required=True, help="run directory written by `ctrserve train`")
+    parser.add_argument("--port", type=int, default=8100)
+    args = parser.parse_args()
+    if not (args.run / "model.pt").exists():
+        parser.error(f"{args.run} is not a run directory (no model.pt)")
+    import uvicorn
+
+    uvicorn.run(create_app(args.run), host="127.0.0.1", port=args.port, log_level="warning", access_log=False)
+
+
+if __name__ == "__main__":
+    main()

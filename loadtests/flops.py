@@ -1,0 +1,270 @@
+"""How well raw inference uses the cores: FLOPs of one request from the ONNX graph, a plain fp32
+matrix-multiply peak on the same thread count, and ONNX Runtime's per-operator time.
+
+FLOP counting method: every MatMul, Gemm, Conv and (two-operand) Einsum node of the graph, with
+the shapes its inputs actually have for the given request. Shapes are read by running the graph
+once in ONNX Runtime with those nodes' inputs exposed as extra outputs (graph optimisations off,
+so the names survive); initializer shapes come from the file. One multiply-add = 2 FLOPs; bias
+adds, activations, softmax, normalisation and gathers are not counted (they are memory-bound and
+small next to the products), so the figure is a lower bound of the arithmetic done.
+
+* MatMul ``[..., M, K] x [..., K, N]`` (numpy broadcasting, 1-D operands promoted): ``2·batch·M·N·K``
+* Gemm ``A[M, K] x B[K, N]`` (transA/transB honoured): ``2·M·N·K``
+* Conv: ``2 · N · C_out · prod(out spatial) · C_in/group · prod(kernel)``
+* Einsum with two operands: ``2 · prod(size of every index)`` when an index is summed, else
+  ``prod`` (an outer/elementwise product is one multiply per output)
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import tempfile
+import time
+from collections import defaultdict
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+COUNTED = ("MatMul", "Gemm", "Conv", "Einsum")
+
+
+@dataclass
+class FlopCount:
+    total: int
+    by_op: dict[str, int]
+    nodes: int
+    #: counted-kind nodes whose shapes could not be read (inside subgraphs, unknown types)
+    skipped: list[str] = field(default_factory=list)
+
+
+def _attr(node: Any, name: str, default: Any) -> Any:
+    from onnx import helper
+
+    for a in node.attribute:
+        if a.name == name:
+            return helper.get_attribute_value(a)
+    return default
+
+
+def matmul_flops(a: tuple[int, ...], b: tuple[int, ...]) -> int:
+    a2 = (1, *a) if len(a) == 1 else a
+    b2 = (*b, 1) if len(b) == 1 else b
+    m, k = a2[-2], a2[-1]
+    k2, n = b2[-2], b2[-1]
+    if k != k2:
+        raise ValueError(f"MatMul shapes {a} x {b} do not agree")
+    batch = np.broadcast_shapes(tuple(a2[:-2]), tuple(b2[:-2]))
+    return 2 * math.prod(batch) * m * n * k
+
+
+def gemm_flops(a: tuple[int, ...], b: tuple[int, ...], trans_a: int, trans_b: int) -> int:
+    m, k = (a[1], a[0]) if trans_a else (a[0], a[1])
+    n = b[0] if trans_b else b[1]
+    return 2 * m * n * k
+
+
+def conv_flops(w: tuple[int, ...], out: tuple[int, ...], group: int) -> int:
+    c_out, c_in_g, *kernel = w
+    return 2 * out[0] * c_out * math.prod(out[2:]) * c_in_g * math.prod(kernel)
+
+
+def einsum_flops(equation: str, shapes: list[tuple[int, ...]]) -> int:
+    if len(shapes) != 2:
+        return 0  # one operand: a transpose or a reduction, not a product
+    eq = equation.replace(" ", "")
+    lhs, _, rhs = eq.partition("->")
+    terms = lhs.split(",")
+    if any("..." in t for t in terms):
+        raise ValueError(f"Einsum {equation!r}: ellipsis not supported")
+    sizes: dict[str, int] = {}
+    for term, shape in zip(terms, shapes, strict=True):
+        for letter, dim in zip(term, shape, strict=True):
+            sizes[letter] = max(sizes.get(letter, 1), dim)
+    if not rhs and "->" not in eq:  # implicit output: letters seen once, sorted
+        rhs = "".join(sorted(c for c in sizes if lhs.count(c) == 1))
+    product = math.prod(sizes.values())
+    summed = set(sizes) - set(rhs)
+    return 2 * product if summed else product
+
+
+def _dtype_of(elem_type: int) -> Any:
+    from onnx import helper
+
+    return helper.tensor_dtype_to_np_dtype(elem_type)
+
+
+def count_flops(model_path: Path, inputs: dict[str, np.ndarray]) -> FlopCount:
+    """FLOPs of one run of the graph on ``inputs`` (see the module docstring for the method)."""
+    import onnx
+    import onnxruntime as ort
+    from onnx import helper, numpy_helper, shape_inference
+
+    model = onnx.load(str(model_path))
+    graph = model.graph
+    init_shapes = {t.name: tuple(t.dims) for t in graph.initializer}
+    const_shapes = {}
+    for node in graph.node:  # Constant nodes hold weights too in dynamo exports
+        if node.op_type == "Constant":
+            for a in node.attribute:
+                if a.name == "value":
+                    const_shapes[node.output[0]] = tuple(numpy_helper.to_array(a.t).shape)
+    skipped: list[str] = []
+    for node in graph.node:
+        for a in node.attribute:
+            if a.g.node or a.graphs:
+                skipped += [f"{n.op_type} in subgraph of {node.name}" for g in [a.g, *a.graphs] for n in g.node
+                            if n.op_type in COUNTED]
+    nodes = [n for n in graph.node if n.op_type in COUNTED]
+    wanted = {i for n in nodes for i in list(n.input) + list(n.output) if i}
+    known = set(init_shapes) | set(const_shapes) | {i.name for i in graph.input}
+    expose = sorted(wanted - known - {o.name for o in graph.output})
+    inferred = shape_inference.infer_shapes(model)
+    types = {v.name: v.type.tensor_type.elem_type for v in
+             list(inferred.graph.value_info) + list(inferred.graph.output) + list(inferred.graph.input)}
+    for name in expose:
+        if types.get(name):
+            graph.output.append(helper.make_tensor_value_info(name, types[name], None))
+    opts = ort.SessionOptions()
+    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    opts.intra_op_num_threads = 1
+    opts.log_severity_level = 3
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "exposed.onnx"
+        onnx.save(model, str(path))
+        sess = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+        names = [o.name for o in sess.get_outputs()]
+        feed = {i.name: inputs[i.name] for i in sess.get_inputs()}
+        values = sess.run(names, feed)
+    shapes = {**init_shapes, **const_shapes, **{k: tuple(v.shape) for k, v in inputs.items()},
+              **{n: tuple(np.shape(v)) for n, v in zip(names, values, strict=True)}}
+    by_op: dict[str, int] = defaultdict(int)
+    for node in nodes:
+        ins = [shapes.get(i) for i in node.input if i]
+        if any(s is None for s in ins):
+            skipped.append(f"{node.op_type} {node.name}: input shape unknown")
+            continue
+        if node.op_type == "MatMul":
+            f = matmul_flops(ins[0], ins[1])
+        elif node.op_type == "Gemm":
+            f = gemm_flops(ins[0], ins[1], _attr(node, "transA", 0), _attr(node, "transB", 0))
+        elif node.op_type == "Conv":
+            out = shapes.get(node.output[0])
+            if out is None:
+                skipped.append(f"Conv {node.name}: output shape unknown")
+                continue
+            f = conv_flops(ins[1], out, _attr(node, "group", 1))
+        else:
+            eq = _attr(node, "equation", b"")
+            f = einsum_flops(eq.decode() if isinstance(eq, bytes) else eq, ins)
+        by_op[node.op_type] += int(f)
+    return FlopCount(sum(by_op.values()), dict(by_op), len(nodes), skipped)
+
+
+# -- peak ------------------------------------------------------------------------------------
+def _matmul_model(n: int) -> bytes:
+    from onnx import TensorProto, helper
+
+    a = helper.make_tensor_value_info("a", TensorProto.FLOAT, [n, n])
+    b = helper.make_tensor_value_info("b", TensorProto.FLOAT, [n, n])
+    c = helper.make_tensor_value_info("c", TensorProto.FLOAT, [n, n])
+    graph = helper.make_graph([helper.make_node("MatMul", ["a", "b"], ["c"])], "sgemm", [a, b], [c])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    return model.SerializeToString()
+
+
+def _best_median(fn: Any, reps: int, rounds: int = 3) -> float:
+    """Median of ``reps`` timed calls, best of ``rounds`` rounds: a peak, robust to a busy neighbour."""
+    fn()
+    best = math.inf
+    for _ in range(rounds):
+        ts = []
+        for _ in range(reps):
+            t0 = time.perf_counter()
+            fn()
+            ts.append(time.perf_counter() - t0)
+        best = min(best, float(np.median(ts)))
+    return best
+
+
+def sgemm_peak(threads: int = 1, sizes: tuple[int, ...] = (256, 512, 1024), reps: int = 5) -> dict[str, Any]:
+    """Plain fp32 ``n x n`` matrix multiply, GFLOP/s by size, with ONNX Runtime's MatMul
+    (``threads`` intra-op threads) and numpy's BLAS (limited to ``threads`` via threadpoolctl)."""
+    import onnxruntime as ort
+
+    rng = np.random.default_rng(0)
+    out: dict[str, Any] = {"ort": {}, "numpy": {}}
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads = threads
+    opts.inter_op_num_threads = 1
+    opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    opts.log_severity_level = 3
+    try:
+        from threadpoolctl import threadpool_limits
+    except ImportError:  # pragma: no cover - threadpoolctl comes with scikit-learn
+        threadpool_limits = None
+    for n in sizes:
+        a = rng.standard_normal((n, n), dtype=np.float32)
+        b = rng.standard_normal((n, n), dtype=np.float32)
+        sess = ort.InferenceSession(_matmul_model(n), opts, providers=["CPUExecutionProvider"])
+        t = _best_median(lambda s=sess, a=a, b=b: s.run(None, {"a": a, "b": b}), reps)
+        out["ort"][n] = 2 * n**3 / t / 1e9
+        if threadpool_limits is not None:
+            with threadpool_limits(limits=threads):
+                t = _best_median(lambda a=a, b=b: a @ b, reps)
+            out["numpy"][n] = 2 * n**3 / t / 1e9
+    out["peak_gflops"] = max(v for d in (out["ort"], out["numpy"]) for v in d.values())
+    out["threads"] = threads
+    return out
+
+
+# -- where ONNX Runtime spends its time ------------------------------------------------------
+def ort_profile_events(model_path: Path, inputs: dict[str, np.ndarray], runs: int = 20,
+                       threads: int = 1) -> list[dict[str, Any]]:
+    """ORT's profiler events for ``runs`` runs of one request (graph optimisations on, as served)."""
+    import onnxruntime as ort
+
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads = threads
+    opts.inter_op_num_threads = 1
+    opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    opts.log_severity_level = 3
+    with tempfile.TemporaryDirectory() as tmp:
+        opts.enable_profiling = True
+        opts.profile_file_prefix = str(Path(tmp) / "ort")
+        sess = ort.InferenceSession(str(model_path), opts, providers=["CPUExecutionProvider"])
+        feed = {i.name: inputs[i.name] for i in sess.get_inputs()}
+        for _ in range(runs):
+            sess.run(None, feed)
+        return json.loads(Path(sess.end_profiling()).read_text())
+
+
+def _kernels(events: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    return [e for e in events if e.get("cat") == "Node" and str(e.get("name", "")).endswith("_kernel_time")]
+
+
+def aggregate_profile(events: list[dict[str, Any]], runs: int) -> list[tuple[str, float, float]]:
+    """``[(op type, ms per run, share of kernel time)]``, largest first."""
+    per_op: dict[str, float] = defaultdict(float)
+    for e in _kernels(events):
+        per_op[e.get("args", {}).get("op_name", "?")] += float(e.get("dur", 0.0))
+    total = sum(per_op.values()) or 1.0
+    rows = [(op, us / runs / 1e3, us / total) for op, us in per_op.items()]
+    return sorted(rows, key=lambda r: -r[1])
+
+
+def shape_share(events: list[dict[str, Any]], runs: int, dims: tuple[int, ...]) -> tuple[float, float]:
+    """``(ms per run, share of kernel time)`` of the nodes with an output tensor whose shape holds
+    all of ``dims`` — with ``(B, L)``: work done per candidate *and* per sequence event, i.e. the
+    user's sequence broadcast to the candidates inside the graph."""
+    total = hit = 0.0
+    for e in _kernels(events):
+        dur = float(e.get("dur", 0.0))
+        total += dur
+        shapes = [next(iter(d.values())) for d in e.get("args", {}).get("output_type_shape", []) if d]
+        if any(all(shape.count(x) >= dims.count(x) for x in set(dims)) for shape in shapes):
+            hit += dur
+    return hit / runs / 1e3, hit / total if total else 0.0

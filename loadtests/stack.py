@@ -1,0 +1,255 @@
+"""Processes of a benchmark run: redis-server, the gateway (or the eager baseline), Locust.
+
+Every child runs in its own process group with PDEATHSIG set (it gets SIGTERM if the runner
+dies, even by SIGKILL), and ``Stack`` stops all of them on exit, error or Ctrl-C: SIGTERM to
+the group, SIGKILL after a grace period. Everything binds to 127.0.0.1.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+LOCUSTFILE = Path(__file__).resolve().parent / "locustfile.py"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _child_setup() -> None:
+    """In the child: own process group, SIGTERM when the parent dies (Linux prctl)."""
+    os.setsid()
+    with contextlib.suppress(OSError, AttributeError):
+        import ctypes
+
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+
+
+def http_get(url: str, timeout: float = 2.0) -> tuple[int, bytes]:
+    try:
+        with urllib.request.urlopen(url, timeout=timeout) as r:  # loopback only
+            return r.status, r.read()
+    except urllib.error.HTTPError as exc:
+        return exc.code, exc.read()
+
+
+@dataclass
+class Stack:
+    """Owns the child processes of one run; a context manager that always cleans up."""
+
+    workdir: Path
+    procs: list[tuple[str, subprocess.Popen]] = field(default_factory=list)
+
+    def __enter__(self) -> Stack:
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        self._old = signal.signal(signal.SIGTERM, _raise_interrupt)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop_all()
+        signal.signal(signal.SIGTERM, self._old)
+
+    def spawn(self, name: str, cmd: list[str], env: dict[str, str] | None = None, log: Path | None = None,
+              ) -> subprocess.Popen:
+        log = log or self.workdir / f"{name}.log"
+        with open(log, "ab") as out:
+            proc = subprocess.Popen(cmd, env={**os.environ, **(env or {})}, stdout=out, stderr=subprocess.STDOUT,
+                                    stdin=subprocess.DEVNULL, preexec_fn=_child_setup, cwd=self.workdir)
+        self.procs.append((name, proc))
+        return proc
+
+    def stop(self, proc: subprocess.Popen, grace: float = 15.0) -> int | None:
+        """SIGTERM the process group, SIGKILL after ``grace`` seconds."""
+        if proc.poll() is None:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGTERM)
+            try:
+                proc.wait(grace)
+            except subprocess.TimeoutExpired:
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait(5)
+        else:  # the leader is gone; make sure nothing of its group lingers
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.killpg(proc.pid, signal.SIGKILL)
+        self.procs = [(n, p) for n, p in self.procs if p is not proc]
+        return proc.returncode
+
+    def stop_all(self) -> None:
+        for _, proc in reversed(list(self.procs)):
+            self.stop(proc)
+
+    # -- the pieces ----------------------------------------------------------------------
+    def redis(self) -> str:
+        binary = shutil.which("redis-server")
+        if binary is None:
+            raise RuntimeError("redis-server not found on PATH (install it, e.g. `apt-get install redis-server`)")
+        port = free_port()
+        data = Path(tempfile.mkdtemp(prefix="redis-", dir=self.workdir))
+        proc = self.spawn("redis", [binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "",
+                                    "--appendonly", "no", "--dir", str(data)])
+
+        def ping() -> bool:
+            with socket.create_connection(("127.0.0.1", port), timeout=0.5) as s:
+                s.sendall(b"PING\r\n")
+                return s.recv(16).startswith(b"+PONG")
+
+        wait_for(ping, 15, "redis-server", proc, self.workdir / "redis.log")
+        return f"redis://127.0.0.1:{port}/0"
+
+    def gateway(self, repo: Path, redis_url: str, port: int, workers: int = 1, pool_threads: int = 2,
+                intra_op_threads: int = 1, routing: Path | None = None, triton_url: str | None = None,
+                access_log: bool = False, timeout: float = 180, name: str = "gateway") -> subprocess.Popen:
+        """The scoring gateway. One worker: ``ctrserve serve`` (the production entry point); more:
+        uvicorn's process manager on the app factory (``ctrserve serve`` has no workers option)."""
+        env = {"CTRSERVE_BACKEND_MODEL_REPOSITORY": str(repo), "CTRSERVE_REDIS_URL": redis_url,
+               "CTRSERVE_SERVER_PORT": str(port), "CTRSERVE_SERVER_HOST": "127.0.0.1",
+               "CTRSERVE_SERVER_ACCESS_LOG": str(access_log).lower(), "CTRSERVE_SERVER_LOG_LEVEL": "warning",
+               "CTRSERVE_BACKEND_POOL_THREADS": str(pool_threads),
+               "CTRSERVE_BACKEND_ORT_INTRA_OP_THREADS": str(intra_op_threads),
+               "CTRSERVE_BACKEND_ORT_INTER_OP_THREADS": "1"}
+        if routing is not None:
+            env["CTRSERVE_ROUTING_CONFIG"] = str(routing)
+        if triton_url:
+            env["CTRSERVE_BACKEND_TRITON_URL"] = triton_url
+        if workers <= 1:
+            cmd = [sys.executable, "-m", "ctrserve", "serve"]
+        else:
+            cmd = [sys.executable, "-m", "uvicorn", "ctrserve.service.app:create_app", "--factory", "--host",
+                   "127.0.0.1", "--port", str(port), "--workers", str(workers), "--loop", "uvloop", "--http",
+                   "httptools", "--no-access-log", "--log-level", "warning"]
+        clean = {k: v for k, v in os.environ.items() if not k.startswith("CTRSERVE_ROUTING_")}
+        proc = self.spawn(name, cmd, env={**clean, **env})
+        url = f"http://127.0.0.1:{port}"
+        wait_for(lambda: http_get(url + "/readyz")[0] == 200, timeout, "the gateway", proc,
+                 self.workdir / f"{name}.log")
+        return proc
+
+    def baseline(self, run_dir: Path, port: int, timeout: float = 180) -> subprocess.Popen:
+        proc = self.spawn("baseline", [sys.executable, "-m", "ctrserve.loadtests.eager_baseline", "--run",
+                                       str(run_dir), "--port", str(port)])
+        wait_for(lambda: http_get(f"http://127.0.0.1:{port}/healthz")[0] == 200, timeout, "the eager baseline",
+                 proc, self.workdir / "baseline.log")
+        return proc
+
+
+def _raise_interrupt(signum: int, frame: Any) -> None:
+    raise KeyboardInterrupt(f"signal {signum}")
+
+
+def wait_for(check: Callable[[], bool], timeout: float, what: str, proc: subprocess.Popen | None = None,
+             log: Path | None = None) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc is not None and proc.poll() is not None:
+            tail = log.read_text(errors="replace")[-3000:] if log and log.exists() else ""
+            raise RuntimeError(f"{what} exited with code {proc.returncode} while starting; log tail:\n{tail}")
+        with contextlib.suppress(OSError, ValueError):  # refused, reset, timed out: not up yet
+            if check():
+                return
+        time.sleep(0.2)
+    raise RuntimeError(f"{what} not ready within {timeout:.0f} s")
+
+
+# -- Locust ----------------------------------------------------------------------------------
+@dataclass
+class LocustRun:
+    returncode: int
+    wall_s: float
+    #: CPU seconds of the Locust process / wall seconds (1.0 = one core busy)
+    cpu_cores: float
+    #: the whole machine's CPU utilisation during the run (0..1 of all cores)
+    machine_util: float
+    #: CPU cores used by other watched processes (e.g. the gateway), by name
+    others_cores: dict[str, float]
+    csv_prefix: Path
+    samples: Path
+    log: Path
+
+
+def _cpu_seconds(procs: list[Any]) -> float:
+    total = 0.0
+    for p in procs:
+        with contextlib.suppress(Exception):  # psutil.NoSuchProcess etc.
+            t = p.cpu_times()
+            total += t.user + t.system
+            for c in p.children(recursive=True):
+                with contextlib.suppress(Exception):
+                    ct = c.cpu_times()
+                    total += ct.user + ct.system
+    return total
+
+
+def run_locust(stack: Stack, host: str, users: int, duration_s: float, name: str, pool: Path,
+               candidates: str, mode: str = "gateway", target_rps: float = 0.0, spawn_rate: float | None = None,
+               zipf: float = 1.1, seed: int = 0, watch: dict[str, subprocess.Popen] | None = None) -> LocustRun:
+    """Run Locust headless for ``duration_s`` and wait for it (bounded: duration + 60 s)."""
+    import psutil
+
+    out = stack.workdir / name
+    out.mkdir(parents=True, exist_ok=True)
+    prefix, samples, log = out / "locust", out / "samples.npz", out / "locust.log"
+    samples.unlink(missing_ok=True)
+    cmd = [sys.executable, "-m", "locust", "-f", str(LOCUSTFILE), "--headless", "-u", str(users), "-r",
+           str(spawn_rate or users), "-t", f"{max(1, round(duration_s))}s", "--host", host, "--csv", str(prefix),
+           "--csv-full-history", "--only-summary", "--loglevel", "WARNING", "--stop-timeout", "10",
+           "--pool", str(pool), "--candidates", candidates, "--mode", mode, "--target-rps", str(target_rps),
+           "--zipf", str(zipf), "--traffic-seed", str(seed), "--samples-out", str(samples)]
+    watched = {k: psutil.Process(p.pid) for k, p in (watch or {}).items() if p.poll() is None}
+    before = {k: _cpu_seconds([p]) for k, p in watched.items()}
+    psutil.cpu_percent(None)
+    t0 = time.monotonic()
+    proc = stack.spawn(f"locust-{name}", cmd, log=log)
+    me = psutil.Process(proc.pid)
+    cpu = 0.0
+    try:
+        while proc.poll() is None:
+            cpu = max(cpu, _cpu_seconds([me]))  # last reading before exit
+            if time.monotonic() - t0 > duration_s + 60:
+                raise RuntimeError(f"locust ({name}) did not stop within {duration_s + 60:.0f} s")
+            time.sleep(0.2)
+    finally:
+        stack.stop(proc)
+    wall = time.monotonic() - t0
+    util = psutil.cpu_percent(None) / 100
+    others = {k: (_cpu_seconds([p]) - before[k]) / wall for k, p in watched.items()}
+    if not samples.exists():
+        tail = log.read_text(errors="replace")[-3000:] if log.exists() else ""
+        raise RuntimeError(f"locust ({name}) wrote no samples (exit code {proc.returncode}); log tail:\n{tail}")
+    return LocustRun(proc.returncode or 0, wall, cpu / wall, util, others, prefix, samples, log)
+
+
+@contextlib.contextmanager
+def py_spy(pid: int, out: Path, duration_s: float, rate: int = 100) -> Iterator[Path | None]:
+    """Sample ``pid`` (and its subprocesses) with py-spy into collapsed stacks, if py-spy is installed."""
+    binary = shutil.which("py-spy") or str(Path(sys.executable).parent / "py-spy")
+    if not Path(binary).exists():
+        yield None
+        return
+    proc = subprocess.Popen([binary, "record", "--pid", str(pid), "--subprocesses", "--nonblocking", "--rate",
+                             str(rate), "--format", "raw", "--duration", str(max(1, round(duration_s))), "--output",
+                             str(out)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, preexec_fn=_child_setup)
+    try:
+        yield out
+    finally:
+        try:
+            proc.wait(duration_s + 30)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(5)

@@ -1,0 +1,167 @@
+"""Summary math of the load tests: percentiles, rates, saturation, Prometheus histogram deltas.
+
+Pure functions over numpy arrays and text, unit-tested in tests/loadtests/test_stats.py.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+
+@dataclass(frozen=True)
+class Summary:
+    """One load run. Latencies in ms over every request (failed ones included: a fast error is
+    not a good answer, but it still took that long); rates over the measured window."""
+
+    requests: int
+    errors: int
+    error_rate: float
+    p50_ms: float
+    p95_ms: float
+    p99_ms: float
+    max_ms: float
+    mean_ms: float
+    rps: float
+    candidates_per_s: float
+    mean_candidates: float
+    duration_s: float
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def percentiles(ms: np.ndarray, qs: Sequence[float] = (50, 95, 99)) -> list[float]:
+    """Linear-interpolated percentiles (numpy's default); NaN for no samples."""
+    a = np.asarray(ms, dtype=np.float64)
+    if a.size == 0:
+        return [math.nan] * len(qs)
+    return [float(x) for x in np.percentile(a, qs)]
+
+
+def summarize(t: np.ndarray, ms: np.ndarray, candidates: np.ndarray, ok: np.ndarray,
+              skip_s: float = 0.0) -> Summary:
+    """Summarise per-request samples (``t`` = completion wall time in s). The first ``skip_s``
+    seconds (ramp-up) are dropped; the rate window runs from the first kept completion to the
+    last one."""
+    t = np.asarray(t, dtype=np.float64)
+    if t.size == 0:
+        raise ValueError("no requests were made: nothing to summarise")
+    keep = t >= t.min() + skip_s
+    t, ms = t[keep], np.asarray(ms, dtype=np.float64)[keep]
+    cands, ok = np.asarray(candidates)[keep], np.asarray(ok, dtype=bool)[keep]
+    n = int(t.size)
+    if n == 0:
+        raise ValueError(f"no requests after skipping the first {skip_s:g} s")
+    # n completions span n-1 inter-arrival gaps; with one sample the rate is undefined
+    duration = float(t.max() - t.min())
+    rate_n = n - 1
+    rps = rate_n / duration if duration > 0 else math.nan
+    p50, p95, p99 = percentiles(ms)
+    errors = int((~ok).sum())
+    return Summary(requests=n, errors=errors, error_rate=errors / n, p50_ms=p50, p95_ms=p95, p99_ms=p99,
+                   max_ms=float(ms.max()), mean_ms=float(ms.mean()), rps=rps,
+                   candidates_per_s=rps * float(cands[ok].sum()) / n,  # answered candidates only
+                   mean_candidates=float(cands.mean()), duration_s=duration)
+
+
+def load_samples(path: Path) -> dict[str, np.ndarray]:
+    """The locustfile's ``--samples-out`` file."""
+    with np.load(path) as z:
+        return {k: z[k] for k in z.files}
+
+
+def saturation(steps: Sequence[tuple[int, float]], tolerance: float = 0.05) -> tuple[int, bool]:
+    """Index of the saturation step in ``steps`` = [(users, requests/s), ...] (ascending users):
+    the step with the highest rate, and whether saturation was seen, i.e. a later step failed to
+    raise the rate by more than ``tolerance`` (relative). Unsaturated: the last step is the best so
+    far and the caller should step further."""
+    if not steps:
+        raise ValueError("no steps")
+    best = 0
+    for i in range(1, len(steps)):
+        if steps[i][1] > steps[best][1] * (1 + tolerance):
+            best = i
+    peak = max(range(len(steps)), key=lambda i: steps[i][1])
+    return peak, best < len(steps) - 1
+
+
+# -- Prometheus ------------------------------------------------------------------------------
+Sample = dict[tuple[str, tuple[tuple[str, str], ...]], float]
+
+
+def parse_prometheus(text: str) -> Sample:
+    """Prometheus text format -> {(sample name, sorted labels): value}."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    out: Sample = {}
+    for fam in text_string_to_metric_families(text):
+        for s in fam.samples:
+            out[(s.name, tuple(sorted(s.labels.items())))] = float(s.value)
+    return out
+
+
+@dataclass(frozen=True)
+class HistogramDelta:
+    count: float
+    total: float
+    #: cumulative counts by upper bound (``inf`` last)
+    buckets: list[tuple[float, float]]
+
+    @property
+    def mean(self) -> float:
+        return self.total / self.count if self.count else math.nan
+
+    def quantile(self, q: float) -> float:
+        """Prometheus' ``histogram_quantile``: linear within the bucket holding rank q * count."""
+        if not self.count or not self.buckets:
+            return math.nan
+        rank = q * self.count
+        lower, below = 0.0, 0.0
+        for upper, cum in self.buckets:
+            if cum >= rank:
+                if math.isinf(upper):
+                    return lower  # beyond the last finite bound: its lower edge, as Prometheus does
+                inside = cum - below
+                return lower + (upper - lower) * ((rank - below) / inside if inside else 0.0)
+            lower, below = upper, cum
+        return lower
+
+
+def histogram_delta(before: Sample, after: Sample, name: str, **labels: str) -> HistogramDelta:
+    """``after - before`` of histogram ``name`` summed over the series matching ``labels``."""
+
+    def match(lbl: tuple[tuple[str, str], ...]) -> bool:
+        d = dict(lbl)
+        return all(d.get(k) == v for k, v in labels.items())
+
+    def total(suffix: str) -> float:
+        key = name + suffix
+        return sum(v - before.get((n, lbl), 0.0) for (n, lbl), v in after.items() if n == key and match(lbl))
+
+    buckets: dict[float, float] = {}
+    for (n, lbl), v in after.items():
+        if n == name + "_bucket" and match(lbl):
+            le = float(dict(lbl)["le"])  # series of the same bound (other labels) are summed
+            buckets[le] = buckets.get(le, 0.0) + v - before.get((n, lbl), 0.0)
+    return HistogramDelta(total("_count"), total("_sum"), sorted(buckets.items()))
+
+
+def stage_breakdown(before: Sample, after: Sample, route: str = "/v1/score") -> dict[str, dict[str, float]]:
+    """Per-stage mean and p50 (ms) of the gateway's ``ctrserve_stage_seconds`` over a window, and
+    the whole request inside the app (``ctrserve_request_seconds``, status 200)."""
+    from_stages = {}
+    for stage in ("route", "feature_fetch", "assembly", "inference"):
+        h = histogram_delta(before, after, "ctrserve_stage_seconds", stage=stage)
+        if h.count:
+            from_stages[stage] = {"mean_ms": h.mean * 1e3, "p50_ms": h.quantile(0.5) * 1e3, "count": h.count}
+    req = histogram_delta(before, after, "ctrserve_request_seconds", route=route, status="200")
+    if req.count:
+        from_stages["request_in_app"] = {"mean_ms": req.mean * 1e3, "p50_ms": req.quantile(0.5) * 1e3,
+                                         "count": req.count}
+    return from_stages

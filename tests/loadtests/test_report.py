@@ -1,0 +1,51 @@
+"""Rendering docs/benchmarks.md from docs/benchmarks.json, and reading py-spy stacks."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from ctrserve.loadtests import profiles, report
+
+pytestmark = pytest.mark.quick
+
+
+def test_sections_merge_and_render_without_clobbering(tmp_path) -> None:
+    js, md = tmp_path / "b.json", tmp_path / "b.md"
+    machine = {"cores": 2, "load_avg_1m": 7.0}
+    report.record_section("store", "Store", "ctrserve bench store", {"store_fetch_p50_ms": (0.3, "fetch p50")},
+                          machine=machine, path=js)
+    report.write_markdown("store", json_path=js, md_path=md)
+    md.write_text(md.read_text() + "\nHand-written text.\n")
+    figures = {"e2e_p50_ms": (21.5, "e2e p50"), "soak_errors": (0, "errors"), "old_key": (1, "gone next time")}
+    report.record_section("serving", "Serving", "ctrserve bench all", figures, ["a note"], machine, path=js)
+    report.write_markdown("serving", json_path=js, md_path=md)
+    del figures["old_key"]
+    figures["e2e_p50_ms"] = (20.0, "e2e p50")
+    report.record_section("serving", "Serving", "ctrserve bench all", figures, ["a note"], machine, path=js)
+    report.write_markdown("serving", json_path=js, md_path=md)
+
+    data = json.loads(js.read_text())
+    assert data["store_fetch_p50_ms"] == 0.3 and data["e2e_p50_ms"] == 20.0 and data["soak_errors"] == 0
+    assert "old_key" not in data
+    text = md.read_text()
+    assert text.count("<!-- bench:serving -->") == 1 and text.count("<!-- bench:store -->") == 1
+    assert "Hand-written text." in text
+    assert "| `e2e_p50_ms` | 20 | e2e p50 |" in text and "| `soak_errors` | 0 | errors |" in text
+    assert "load_avg_1m 7.0" in text and "- a note" in text
+
+
+def test_collapsed_stacks() -> None:
+    text = ("proc;main (a.py:1);Gateway.score (service/gateway.py:9);online_read (fs.py:3) 30\n"
+            "proc;Thread.run (t.py:1);Session.run (onnxruntime/capi/x.py:4) 60\n"
+            "proc;main (a.py:1);OrjsonResponse.render (service/api.py:40) 10\n"
+            "garbage line\n")
+    stacks = profiles.read_collapsed_text(text)
+    assert sum(n for _, n in stacks) == 100
+    shares = profiles.inclusive_shares(stacks, profiles.GATEWAY_MARKERS)
+    assert shares["ONNX Runtime run (inference thread)"] == pytest.approx(0.6)
+    assert shares["feature fetch (Redis client + decode)"] == pytest.approx(0.3)
+    assert shares["Gateway.score (routing, fetch, assembly, awaiting inference)"] == pytest.approx(0.3)
+    assert shares["response JSON"] == pytest.approx(0.1)
+    assert profiles.top_self(stacks, 1) == [("Session.run (onnxruntime/capi/x.py:4)", pytest.approx(0.6))]

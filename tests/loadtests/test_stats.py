@@ -1,0 +1,97 @@
+"""Summary math: percentiles, rates, saturation, Prometheus histogram deltas."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+from prometheus_client import CollectorRegistry, Histogram, generate_latest
+
+from ctrserve.loadtests.stats import (
+    HistogramDelta,
+    histogram_delta,
+    parse_prometheus,
+    percentiles,
+    saturation,
+    stage_breakdown,
+    summarize,
+)
+
+pytestmark = pytest.mark.quick
+
+
+def test_summarize_known_numbers() -> None:
+    t = np.arange(11, dtype=float)  # 11 completions over 10 s
+    ms = np.arange(1, 12, dtype=float)  # 1..11 ms
+    cands = np.full(11, 100)
+    ok = np.ones(11, bool)
+    ok[3] = False
+    s = summarize(t, ms, cands, ok)
+    assert s.requests == 11 and s.errors == 1 and s.error_rate == pytest.approx(1 / 11)
+    assert s.p50_ms == 6.0 and s.max_ms == 11.0 and s.mean_ms == 6.0
+    assert s.p99_ms == pytest.approx(10.9)
+    assert s.rps == pytest.approx(1.0)
+    assert s.candidates_per_s == pytest.approx(1.0 * 1000 / 11)  # only answered candidates count
+    assert s.duration_s == 10.0
+
+
+def test_summarize_skips_ramp_up_and_rejects_empty() -> None:
+    t = np.array([0.0, 0.5, 2.0, 3.0, 4.0])
+    ms = np.array([100.0, 100.0, 1.0, 2.0, 3.0])
+    s = summarize(t, ms, np.ones(5), np.ones(5, bool), skip_s=1.0)
+    assert s.requests == 3 and s.max_ms == 3.0 and s.rps == pytest.approx(1.0)
+    with pytest.raises(ValueError, match="no requests"):
+        summarize(np.array([]), np.array([]), np.array([]), np.array([], bool))
+
+
+def test_percentiles_of_nothing_are_nan() -> None:
+    assert all(math.isnan(x) for x in percentiles(np.array([])))
+
+
+@pytest.mark.parametrize(("steps", "peak", "seen"), [
+    ([(1, 10.0), (2, 19.0), (4, 30.0), (8, 30.5)], 3, True),   # 30 -> 30.5: < 5 % more, saturated at 8
+    ([(1, 10.0), (2, 19.0), (4, 30.0), (8, 28.0)], 2, True),   # falls: peak at 4
+    ([(1, 10.0), (2, 19.0), (4, 30.0)], 2, False),              # still growing
+    ([(1, 10.0)], 0, False),
+])
+def test_saturation(steps: list, peak: int, seen: bool) -> None:
+    assert saturation(steps) == (peak, seen)
+
+
+def test_histogram_quantile_interpolates_like_prometheus() -> None:
+    h = HistogramDelta(count=10, total=0.0, buckets=[(1.0, 2.0), (2.0, 6.0), (4.0, 10.0), (math.inf, 10.0)])
+    assert h.quantile(0.5) == pytest.approx(1.75)  # rank 5 in (1, 2]: 2 below, 4 inside -> 1 + 3/4
+    assert h.quantile(0.1) == pytest.approx(0.5)
+    assert h.quantile(1.0) == pytest.approx(4.0)
+    assert math.isnan(HistogramDelta(0, 0.0, []).quantile(0.5))
+
+
+def _metrics(observations: dict[str, list[float]], request: list[float]) -> str:
+    reg = CollectorRegistry()
+    stage = Histogram("ctrserve_stage_seconds", "", ["stage", "arm"], buckets=(0.001, 0.01, 0.1), registry=reg)
+    req = Histogram("ctrserve_request_seconds", "", ["route", "arm", "status"], buckets=(0.001, 0.01, 0.1),
+                    registry=reg)
+    for name, xs in observations.items():
+        for arm in ("a", "b"):
+            for x in xs:
+                stage.labels(name, arm).observe(x)
+    for x in request:
+        req.labels("/v1/score", "a", "200").observe(x)
+    req.labels("/v1/score", "a", "503").observe(5.0)  # an error: not part of the breakdown
+    return generate_latest(reg).decode()
+
+
+def test_stage_breakdown_takes_the_window_delta() -> None:
+    before = parse_prometheus(_metrics({"inference": [0.05]}, [0.06]))
+    after = parse_prometheus(_metrics({"inference": [0.05, 0.002, 0.004], "feature_fetch": [0.0005]},
+                                      [0.06, 0.003, 0.005]))
+    st = stage_breakdown(before, after)
+    assert st["inference"]["count"] == 4  # 2 new observations x 2 arms
+    assert st["inference"]["mean_ms"] == pytest.approx(3.0)
+    assert 1.0 < st["inference"]["p50_ms"] <= 10.0
+    assert st["feature_fetch"]["mean_ms"] == pytest.approx(0.5)
+    assert st["request_in_app"]["count"] == 2 and st["request_in_app"]["mean_ms"] == pytest.approx(4.0)
+    assert "assembly" not in st
+    h = histogram_delta(before, after, "ctrserve_stage_seconds", stage="inference", arm="a")
+    assert h.count == 2 and h.buckets[-1] == (math.inf, 2.0)
