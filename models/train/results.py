@@ -89,8 +89,12 @@ def render_markdown(rows: list[dict[str, Any]]) -> str:
             )
         lines += ["", "Commands:", ""]
         for key in keys:
+            by_command: dict[str, list[dict[str, Any]]] = defaultdict(list)
             for r in sorted(groups[key], key=lambda r: r["seed"]):
-                lines.append(f"- `{r['command']}` → AUC {r['auc']:.4f}")
+                by_command[r["command"]].append(r)
+            for command, rs in by_command.items():
+                seeds = ", ".join(f"seed {r['seed']}: {r['auc']:.4f}" for r in rs)
+                lines.append(f"- `{command}` → test AUC {seeds}")
         lines.append("")
     return "\n".join(lines)
 

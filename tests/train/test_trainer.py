@@ -41,7 +41,7 @@ def test_trainer_learns_the_synthetic_signal(tiny_prepared, tmp_path) -> None:
 
 def test_config_merge_order_and_errors() -> None:
     cfg = resolve_config("dcnv2", "frappe", overrides=parse_set(["train.lr=0.01", "model.cross_layers=2"]))
-    assert cfg.params["embedding_dim"] == 10  # frappe block over Base
+    assert cfg.params["embedding_dim"] == 16 and cfg.params["dropout"] == 0.2  # frappe block over Base
     assert cfg.params["cross_layers"] == 2 and cfg.train.lr == 0.01
     assert cfg.train.embedding_reg == 0.05
     with pytest.raises(ValueError, match="key=value"):
