@@ -27,7 +27,7 @@ def entropy_bits(ids: np.ndarray) -> float:
         return 0.0
     _, counts = np.unique(ids, return_counts=True)
     p = counts / counts.sum()
-    return float(-(p * np.log2(p)).sum())
+    return max(0.0, float(-(p * np.log2(p)).sum()))  # no -0.0 for a single value
 
 
 def density_from(n_present: int, entropy: float) -> float:
