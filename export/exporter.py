@@ -33,6 +33,7 @@ from .manifest import (
     Format,
     Manifest,
     MaskInfo,
+    ParityResult,
     StoreInfo,
     TensorSpec,
     list_versions,
@@ -46,7 +47,16 @@ from .parity import (
     onnx_runner,
     torchscript_runner,
 )
-from .serving_module import OUTPUT_NAME, ServingModule, as_tensors, build_serving_module, example_request, input_shape
+from .serving_module import (
+    OUTPUT_NAME,
+    USER_SIDES,
+    ServingModule,
+    UserSide,
+    as_tensors,
+    build_serving_module,
+    example_request,
+    input_shape,
+)
 from .triton_repo import MODEL_PY, RepoOptions, write_config, write_model_py
 
 #: upper bound of the dynamic candidate axis declared to torch.export
@@ -88,9 +98,10 @@ def _onnx_opset(path: Path) -> int | None:
     return next((int(o.version) for o in model.opset_import if o.domain in ("", "ai.onnx")), None)
 
 
-def export_onnx(wrapper: ServingModule, fmap: FeatureMap, path: Path, opset: int | None = None) -> ExporterInfo:
+def export_onnx(wrapper: ServingModule, fmap: FeatureMap, path: Path, opset: int | None = None,
+                allow_legacy: bool = True) -> ExporterInfo:
     """torch.export-based ONNX export with a dynamic candidate axis; the legacy exporter only as
-    a recorded fallback when torch.export cannot capture the model."""
+    a recorded fallback when torch.export cannot capture the model (and ``allow_legacy``)."""
     example = as_tensors(wrapper, example_request(fmap, candidates=4))
     cands = torch.export.Dim("candidates", min=1, max=MAX_CANDIDATES)
     dynamic_shapes = tuple(None if n in wrapper.user_inputs else {0: cands} for n in wrapper.input_names)
@@ -104,7 +115,9 @@ def export_onnx(wrapper: ServingModule, fmap: FeatureMap, path: Path, opset: int
             return ExporterInfo(tool="torch.onnx.dynamo", torch_version=torch.__version__, opset=_onnx_opset(path),
                                 optimization=ONNX_OPTIMIZATION)
         except Exception as exc:  # recorded in the manifest, never silent
-            reason = f"{type(exc).__name__}: {str(exc).strip().splitlines()[0] if str(exc).strip() else ''}"[:500]
+            if not allow_legacy:
+                raise
+            reason = _one_line(exc)
         path.unlink(missing_ok=True)
         torch.onnx.export(
             wrapper, example, str(path), dynamo=False, input_names=wrapper.input_names, output_names=[OUTPUT_NAME],
@@ -126,6 +139,57 @@ def export_torchscript(wrapper: ServingModule, fmap: FeatureMap, path: Path) -> 
         torch.jit.save(frozen, str(path))
     return ExporterInfo(tool="torch.jit.trace", torch_version=torch.__version__,
                         optimization="torch.jit.freeze (parameters folded into constants)")
+
+
+def _one_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return f"{type(exc).__name__}: {text.splitlines()[0] if text else ''}"[:500]
+
+
+def _build_and_check(
+    model: torch.nn.Module, fmap: FeatureMap, fmt: Format, file: Path, opset: int | None,
+    rows: dict[str, np.ndarray], splits: list[str], tolerance: float,
+) -> tuple[UserSide, str, ExporterInfo, ParityResult]:
+    """Export the shared user-side form if the model supports it, else the expanded form.
+
+    Support is decided by doing it: the shared form is exported and put through the full parity
+    gate (the reference is the model on fully expanded rows, so a model that silently mishandles
+    batch-1 user inputs fails there). Any failure of the shared form is recorded as the reason
+    and the expanded form (today's graph) is exported instead; its gate failure is final."""
+    reason = ""
+    for user_side in USER_SIDES:
+        wrapper = build_serving_module(model, fmap, user_side).eval()
+        try:
+            if user_side == "shared":
+                # cheap eager probe first: a model that cannot broadcast usually fails right here
+                with torch.no_grad():
+                    probe = wrapper(*as_tensors(wrapper, example_request(fmap, candidates=3)))
+                if tuple(probe.shape) != (3,):
+                    raise ValueError(f"output shape {tuple(probe.shape)} for 3 candidates, expected (3,)")
+            if fmt == "onnx":
+                # no legacy fallback for the shared form: the expanded form is the safer fallback
+                exporter = export_onnx(wrapper, fmap, file, opset, allow_legacy=user_side == "expanded")
+                runner, runtime = onnx_runner(file), _ort_version()
+            else:
+                exporter = export_torchscript(wrapper, fmap, file)
+                runner, runtime = torchscript_runner(file, wrapper.input_names), \
+                    f"torchscript (torch {torch.__version__})"
+        except Exception as exc:
+            if user_side == "expanded":
+                raise
+            reason = f"shared user-side form failed to run or export: {_one_line(exc)}"
+            file.unlink(missing_ok=True)
+            continue
+        parity = check_parity(model, fmap, runner, runtime, rows, splits, tolerance)
+        if parity.passed:
+            return user_side, reason, exporter, parity
+        if user_side == "expanded":
+            raise ParityError(parity)
+        failed = [f"{c.name} ({c.max_abs_diff:.3g}{', ' + c.note if c.note else ''})" for c in parity.checks
+                  if not c.passed]
+        reason = f"shared user-side form failed the parity gate: {'; '.join(failed)}"[:500]
+        file.unlink(missing_ok=True)
+    raise AssertionError("unreachable: the expanded form either returns or raises")
 
 
 def manifest_inputs(wrapper: ServingModule, fmap: FeatureMap) -> list[TensorSpec]:
@@ -214,15 +278,8 @@ def export_run(
     stage = Path(tempfile.mkdtemp(prefix=f".staging-{version}-", dir=model_dir))
     try:
         file = stage / MODEL_FILES[fmt]
-        if fmt == "onnx":
-            exporter = export_onnx(wrapper, fmap, file, opset)
-            runner, runtime = onnx_runner(file), _ort_version()
-        else:
-            exporter = export_torchscript(wrapper, fmap, file)
-            runner, runtime = torchscript_runner(file, wrapper.input_names), f"torchscript (torch {torch.__version__})"
-        parity = check_parity(model, fmap, runner, runtime, rows, splits, tolerance)
-        if not parity.passed:
-            raise ParityError(parity)
+        user_side, user_side_reason, exporter, parity = _build_and_check(model, fmap, fmt, file, opset, rows,
+                                                                         splits, tolerance)
 
         vocab = run_dir / "vocab.json"
         if vocab.exists():
@@ -235,6 +292,7 @@ def export_run(
                           or None),
             store=store_info(prepared),
             parity=parity, exporter=exporter, exported_at=datetime.now(UTC),
+            user_side=user_side, user_side_reason=user_side_reason,
         )
         manifest.save(stage / MANIFEST_FILE)
         write_model_py(stage / MODEL_PY)

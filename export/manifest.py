@@ -144,6 +144,13 @@ class Manifest(BaseModel):
     parity: ParityResult
     exporter: ExporterInfo
     exported_at: datetime
+    #: how the graph uses the batch-1 user inputs (the wire contract is the same either way):
+    #: ``shared``, the model embeds and pools them once per request and broadcasts the result;
+    #: ``expanded``, they are expanded to the candidate batch first (user-side work per
+    #: candidate). Manifests written before this field existed were all ``expanded``.
+    user_side: Literal["shared", "expanded"] = "expanded"
+    #: why ``expanded`` shipped (the shared form failed to export or failed parity); empty if shared
+    user_side_reason: str = ""
 
     @property
     def user_inputs(self) -> list[TensorSpec]:

@@ -2,9 +2,16 @@
 
 A trained model takes a flat batch ``{input: [B, ...]}``. Online, the user-side tensors (the
 profile and every behaviour-sequence field) are the same for all B candidates of a request, so
-they cross the wire once with batch 1 and are broadcast (``expand``, no copy) to B inside the
-graph; the candidate-side tensors (item and context features) carry the dynamic batch axis B.
-The wrapper returns click probabilities ``[B]`` (sigmoid of the model's logits).
+they cross the wire once with batch 1; the candidate-side tensors (item and context features)
+carry the dynamic batch axis B. The wrapper returns click probabilities ``[B]`` (sigmoid of the
+model's logits). Two forms of the same contract (``user_side``):
+
+* ``shared``: the user tensors go into the model with batch 1; models built from the shared
+  layers (``FieldTokens``, ``SequencePooling``, ...) embed and pool the history once per request
+  and broadcast the resulting tokens to B. Not every model can (the exporter tries it, and the
+  parity gate decides).
+* ``expanded``: the user tensors are ``expand``ed to B first (a view), so the model sees a
+  training-shaped batch and does the user-side work B times. Works for every model.
 
 Positional order of the inputs is ``user_inputs + candidate_inputs`` (see ``split_inputs``); the
 generated ``forward`` names its arguments after the feature-map inputs, so ONNX input names and
@@ -15,7 +22,7 @@ from __future__ import annotations
 
 import keyword
 from collections.abc import Callable
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import torch
@@ -24,6 +31,8 @@ from torch import Tensor, nn
 from ctrserve.models.data.feature_map import FeatureMap
 
 OUTPUT_NAME = "prob"
+UserSide = Literal["shared", "expanded"]
+USER_SIDES: tuple[UserSide, ...] = ("shared", "expanded")
 
 
 def split_inputs(fmap: FeatureMap) -> tuple[list[str], list[str]]:
@@ -68,9 +77,12 @@ def _named_forward(names: list[str]) -> Callable[..., Tensor]:
 class ServingModule(nn.Module):
     """Wraps an eval-mode model: ``(user tensors [1, ...], candidate tensors [B, ...]) -> probs [B]``."""
 
-    def __init__(self, model: nn.Module, fmap: FeatureMap):
+    def __init__(self, model: nn.Module, fmap: FeatureMap, user_side: UserSide = "expanded"):
         super().__init__()
+        if user_side not in USER_SIDES:
+            raise ValueError(f"user_side must be one of {USER_SIDES}, got {user_side!r}")
         self.model = model.eval()
+        self.user_side = user_side
         self.user_inputs, self.candidate_inputs = split_inputs(fmap)
         self.input_names = self.user_inputs + self.candidate_inputs
         self.num_user = len(self.user_inputs)
@@ -80,19 +92,23 @@ class ServingModule(nn.Module):
         b = cand[0].shape[0]
         batch: dict[str, Tensor] = {}
         for name, t in zip(self.user_inputs, tensors[: self.num_user], strict=True):
-            # [1, ...] -> [B, ...] as a view: the history is sent once per request
-            batch[name] = t.expand(b, *t.shape[1:])
+            # shared: batch 1 into the model (user-side work once per request); expanded:
+            # [1, ...] -> [B, ...] as a view, the model does the user-side work per candidate
+            batch[name] = t if self.user_side == "shared" else t.expand(b, *t.shape[1:])
         for name, t in zip(self.candidate_inputs, cand, strict=True):
             batch[name] = t
         return torch.sigmoid(self.model(batch))
 
 
-def build_serving_module(model: nn.Module, fmap: FeatureMap) -> ServingModule:
-    """A ``ServingModule`` subclass whose ``forward`` takes the inputs by their feature names."""
+def build_serving_module(model: nn.Module, fmap: FeatureMap, user_side: UserSide = "expanded") -> ServingModule:
+    """A ``ServingModule`` subclass whose ``forward`` takes the inputs by their feature names.
+
+    ``user_side="expanded"`` (default) works for every model; ``"shared"`` only for models that
+    broadcast batch-1 user inputs (use the exported manifest's ``user_side``)."""
     user, cand = split_inputs(fmap)
     _check_names(user + cand)
     cls = type(f"Serving_{type(model).__name__}", (ServingModule,), {"forward": _named_forward(user + cand)})
-    return cls(model, fmap)
+    return cls(model, fmap, user_side)
 
 
 def example_request(fmap: FeatureMap, candidates: int = 4, seed: int = 0) -> dict[str, np.ndarray]:

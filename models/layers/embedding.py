@@ -12,7 +12,10 @@ Batch = dict[str, Tensor]
 
 
 class FeatureEmbedding(nn.Module):
-    """``batch -> {input name: [B, d] | [B, L, d]}`` for every input in the feature map."""
+    """``batch -> {input name: [B, d] | [B, L, d]}`` for every input in the feature map.
+
+    Every lookup keeps its own input's batch, so user-side inputs sent once per request (batch
+    1) are embedded once, not once per candidate; callers broadcast to the candidate batch."""
 
     def __init__(self, feature_map: FeatureMap, dim: int, init_std: float = 1e-4):
         super().__init__()

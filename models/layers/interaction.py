@@ -11,7 +11,11 @@ from .tokens import FieldTokens
 
 
 class LinearLogit(nn.Module):
-    """First-order term: one weight per id (1-dim embedding, sequences mean-pooled) + bias."""
+    """First-order term: one weight per id (1-dim embedding, sequences mean-pooled) + bias.
+
+    User-side inputs may have batch 1 and candidate-side ones batch B: ``FieldTokens`` looks the
+    weights up at each input's own batch and broadcasts them, so the sum is ``[B]`` and, with
+    equal batches, bitwise what it was."""
 
     def __init__(self, feature_map: FeatureMap):
         super().__init__()

@@ -33,6 +33,14 @@ class SequencePooling(nn.Module):
 
     ``target``: scaled dot-product attention whose query is the candidate's embeddings of the
     shared features (concatenated over fields) and whose keys are the events' embeddings.
+
+    Batch broadcasting (serving): the sequence may have batch 1 (one user's history shared by
+    the request) while the target features have batch B (the candidates). Then the keys are
+    embedded once and the attention is two GEMMs, ``[B, D] x [D, L]`` for the scores and
+    ``[B, L] x [L, d]`` per field for the pooled vectors, instead of B copies of the history;
+    mean/sum pooling returns ``[1, d]`` (the caller broadcasts). With equal batches of more than
+    one row (training) the computation is exactly the one it always was; a batch of one row takes
+    the GEMM form (same maths, sums in another order: differences ~1e-7).
     """
 
     def __init__(self, seq: SequenceInfo, dim: int, mode: Pooling = "mean"):
@@ -47,8 +55,18 @@ class SequencePooling(nn.Module):
     def forward(self, emb: dict[str, Tensor], item_ids: Tensor) -> dict[str, Tensor]:
         mask = padding_mask(item_ids)
         if self.mode == "target":
-            keys = torch.cat([emb[f] for f in self.fields], dim=-1)  # [B, L, F*d]
+            keys = torch.cat([emb[f] for f in self.fields], dim=-1)  # [B, L, F*d] or [1, L, F*d]
             query = self.query(torch.cat([emb[t] for t in self.targets], dim=-1))  # [B, F*d]
+            if keys.shape[0] == 1 and query.dim() == 2:
+                # one shared history: static at export (user inputs have batch 1), so no branch
+                # survives in the graph; equal maths, one GEMM instead of B x L dot products
+                scores = (query @ keys[0].transpose(0, 1)) * self.scale  # [B, L]
+                # padded events get -1e9: exactly zero weight after the softmax's max-shift, so
+                # masked_softmax's re-masking and re-normalisation (two more [B, L] passes) are
+                # not needed; an empty history pools to zeros through the [1, 1] factor instead
+                weights = torch.softmax(scores.masked_fill(~mask, -1e9), dim=-1)  # mask [1, L]
+                has_events = mask.any(dim=-1, keepdim=True).to(weights.dtype)
+                return {f: (weights @ emb[f][0]) * has_events for f in self.fields}
             scores = torch.einsum("bld,bd->bl", keys, query) * self.scale
             weights = masked_softmax(scores, mask).unsqueeze(-1)
         else:

@@ -11,7 +11,10 @@ from .sequence import Pooling, SequencePooling
 
 
 class FieldTokens(nn.Module):
-    """``batch -> [B, F, d]``, one token per feature-map input in ``order`` (default: spec order)."""
+    """``batch -> [B, F, d]``, one token per feature-map input in ``order`` (default: spec order).
+
+    Inputs may mix batch 1 (the user side of a serving request) and batch B (candidates): each
+    input is embedded and pooled at its own batch, the tokens are broadcast to B when stacked."""
 
     def __init__(
         self,
@@ -33,4 +36,6 @@ class FieldTokens(nn.Module):
         emb = self.embedding(batch)
         for name, pool in self.pools.items():
             emb.update(pool(emb, batch[self.seq_items[name]]))
-        return torch.stack([emb[n] for n in self.order], dim=1)
+        # user-side tokens may have batch 1 and candidate-side ones batch B (serving): broadcast
+        # to the common batch (views, no copy; a no-op when every batch is B, as in training)
+        return torch.stack(torch.broadcast_tensors(*(emb[n] for n in self.order)), dim=1)

@@ -15,6 +15,8 @@ from ctrserve.export.parity import ParityError
 from ctrserve.models.registry import list_models
 
 pytestmark = pytest.mark.slow  # each ONNX export runs torch.export: seconds, not milliseconds
+#: models that embed and pool batch-1 user inputs once per request (tests/models/test_broadcast.py)
+SHARED_USER_SIDE = {"lr", "fm", "dnn", "wide_deep", "deepfm", "dcnv2", "autoint", "mgdin"}
 
 
 @pytest.mark.parametrize("fmt", ["onnx", "torchscript"])
@@ -31,6 +33,11 @@ def test_model_exports_and_passes_parity(model_name: str, fmt: str, run_factory,
     assert checks["held_out_rows"].rows >= 1000
     assert checks["batch_of_1"].rows == 1 and checks["empty_sequence"].rows > 0
     assert m.parity.splits[0] == "test"
+    # models built from the broadcast-aware shared layers must ship the shared user-side form;
+    # any other model may fall back to the expanded form, with the reason recorded
+    if model_name in SHARED_USER_SIDE:
+        assert m.user_side == "shared", m.user_side_reason
+    assert (m.user_side == "shared") == (m.user_side_reason == "")
     # the manifest on disk is what the gateway reads
     again = Manifest.load(result.version_dir)
     assert again == m
