@@ -53,3 +53,7 @@ bench_app.command("load")(load_cmd)
 from .bench_all import all_cmd  # noqa: E402
 
 bench_app.command("all")(all_cmd)
+
+from .bench_gateway_overhead import gateway_cmd  # noqa: E402
+
+bench_app.command("gateway")(gateway_cmd)

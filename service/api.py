@@ -98,14 +98,17 @@ _ERRORS = {code: {"model": ErrorResponse, "description": desc} for code, desc in
 
 
 # -- dependencies ----------------------------------------------------------------------------
-def gateway(request: Request) -> Gateway:
+# ``async def``, not ``def``: FastAPI runs a plain-``def`` dependency in its thread pool, i.e. two
+# thread hand-offs per scoring request for a few attribute reads (cheap on an idle machine,
+# ``ctrserve bench gateway --sections deps``; each hand-off waits for a core on a busy one)
+async def gateway(request: Request) -> Gateway:
     gw = getattr(request.app.state, "gateway", None)
     if gw is None:
         raise GatewayError(503, "not_ready", "the gateway is starting")
     return gw
 
 
-def require_api_key(request: Request, gw: Gateway = Depends(gateway)) -> None:
+async def require_api_key(request: Request, gw: Gateway = Depends(gateway)) -> None:
     key = gw.settings.api.key
     if key is None:
         return
@@ -114,7 +117,7 @@ def require_api_key(request: Request, gw: Gateway = Depends(gateway)) -> None:
         raise GatewayError(401, "unauthorized", "missing or wrong X-API-Key header")
 
 
-def require_admin(request: Request, gw: Gateway = Depends(gateway)) -> None:
+async def require_admin(request: Request, gw: Gateway = Depends(gateway)) -> None:
     token = gw.settings.api.admin_token
     if token is None:
         raise GatewayError(403, "admin_disabled", "admin endpoints are disabled: set CTRSERVE_API_ADMIN_TOKEN")
@@ -155,6 +158,8 @@ async def score(body: ScoreRequest, request: Request, gw: Gateway = Depends(gate
             arm=request.headers.get(rs.arm_header) or None, route_label=label)
     finally:
         request.state.arm = label[0] if label else "none"
+        if label:  # the middleware names them in the response headers, errors included
+            request.state.model_version = label[1]
     out: dict[str, Any] = {"request_id": request_id_var.get(), "model": result.model, "version": result.version,
                            "arm": result.arm, "scores": result.scores}
     if result.flags:
@@ -337,7 +342,11 @@ class GatewayMiddleware:
                 status["code"] = message["status"]
                 status["started"] = True
                 rid_now = state.get("request_id", rid)
-                message["headers"] = [*message.get("headers", []), (b"x-request-id", rid_now.encode("latin-1"))]
+                extra = [(b"x-request-id", rid_now.encode("latin-1"))]
+                if "model_version" in state:  # known once /v1/score routed the request (errors after it too)
+                    extra += [(b"x-ctrserve-arm", state["arm"].encode("latin-1")),
+                              (b"x-ctrserve-model-version", state["model_version"].encode("latin-1"))]
+                message["headers"] = [*message.get("headers", []), *extra]
             await send(message)
 
         try:

@@ -18,7 +18,7 @@ from contextlib import asynccontextmanager
 from fastapi import FastAPI
 
 from . import api
-from .features import FeatureStores, StoreFactory, redis_factory
+from .features import FeatureStores, StoreFactory, gateway_store_config, redis_factory
 from .gateway import Gateway
 from .registry import ModelRegistry
 from .settings import GatewaySettings
@@ -42,9 +42,7 @@ def create_app(settings: GatewaySettings | None = None, store_factory: StoreFact
             triton = TritonClient(settings.backend.triton_url)
         factory = store_factory
         if factory is None:
-            from ctrserve.feature_store.config import RedisStoreConfig
-
-            factory = redis_factory(RedisStoreConfig())
+            factory = redis_factory(gateway_store_config(settings.store.timeout_ms))
         stores = FeatureStores(factory, settings.store.namespace)
         gw = Gateway(settings, ModelRegistry(settings.backend, kind, triton), stores)
         app.state.gateway = gw
@@ -93,17 +91,39 @@ async def wait_ready(app: FastAPI, timeout: float = 60.0) -> None:
     raise TimeoutError(f"gateway not ready after {timeout:g} s: {gw.startup_error if gw else 'not started'}")
 
 
-def run(settings: GatewaySettings | None = None, store_factory: StoreFactory | None = None) -> None:
-    """Serve until SIGINT/SIGTERM (in-flight requests drain first)."""
+def create_app_from_env() -> FastAPI:
+    """The app of one worker process (uvicorn factory mode): settings from the environment, which
+    ``ctrserve serve`` fills from its options before starting the workers."""
+    from .logs import configure_logging
+
+    settings = GatewaySettings.from_env()
+    configure_logging(settings.server.log_level, settings.server.log_json)
+    return create_app(settings)
+
+
+#: the factory worker processes import (uvicorn needs an import string to start several)
+WORKER_FACTORY = "ctrserve.service.app:create_app_from_env"
+
+
+def uvicorn_options(settings: GatewaySettings) -> dict[str, object]:
+    return {"host": settings.server.host, "port": settings.server.port, "loop": "uvloop", "http": "httptools",
+            "log_config": None, "access_log": False, "lifespan": "on",
+            "timeout_graceful_shutdown": int(max(1, settings.server.graceful_shutdown_s))}
+
+
+def run(settings: GatewaySettings | None = None, store_factory: StoreFactory | None = None, workers: int = 1) -> None:
+    """Serve until SIGINT/SIGTERM (in-flight requests drain first). ``workers > 1``: uvicorn's
+    process manager starts that many processes on one socket, each building its own app from the
+    environment (its own ONNX Runtime sessions, Redis pool, item cache and metrics); ``settings``
+    and ``store_factory`` then only serve the parent's checks — the environment must hold them."""
     import uvicorn
 
     from .logs import configure_logging
 
     settings = settings or GatewaySettings.from_env()
     configure_logging(settings.server.log_level, settings.server.log_json)
-    config = uvicorn.Config(
-        create_app(settings, store_factory), host=settings.server.host, port=settings.server.port, loop="uvloop",
-        http="httptools", log_config=None, access_log=False, lifespan="on",
-        timeout_graceful_shutdown=int(max(1, settings.server.graceful_shutdown_s)),
-    )
+    if workers > 1:
+        uvicorn.run(WORKER_FACTORY, factory=True, workers=workers, **uvicorn_options(settings))  # type: ignore[arg-type]
+        return
+    config = uvicorn.Config(create_app(settings, store_factory), **uvicorn_options(settings))  # type: ignore[arg-type]
     uvicorn.Server(config).run()

@@ -4,6 +4,7 @@ Every option also has an environment variable (docs/gateway.md); options win."""
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Annotated
 
@@ -26,35 +27,28 @@ def serve_cmd(
         help="feature-store namespace (default: the one each model's export manifest records) "
              "[CTRSERVE_STORE_NAMESPACE]")] = None,
     log_text: Annotated[bool, typer.Option("--log-text", help="plain-text logs instead of JSON")] = False,
+    workers: Annotated[int, typer.Option(
+        min=1, help="worker processes on one port (uvicorn's process manager); each loads its own model "
+                    "sessions, Redis pool and item cache, and /metrics shows the worker that answers")] = 1,
 ) -> None:
     """Start the scoring gateway (FastAPI on uvicorn with uvloop/httptools)."""
     from pydantic import ValidationError
 
-    from ctrserve.feature_store.config import RedisStoreConfig
-
     from .app import run
-    from .features import redis_factory
-    from .settings import (
-        ApiSettings,
-        BackendSettings,
-        GatewaySettings,
-        RoutingSettings,
-        ServerSettings,
-        StoreSettings,
-    )
+    from .features import gateway_store_config, redis_factory
+    from .settings import GatewaySettings
 
-    def pick(**kw: object) -> dict:
-        return {k: v for k, v in kw.items() if v is not None}
-
+    # options become the environment: they win over it, and worker processes inherit them
+    options = {"CTRSERVE_SERVER_HOST": host, "CTRSERVE_SERVER_PORT": port,
+               "CTRSERVE_BACKEND_MODEL_REPOSITORY": model_repository, "CTRSERVE_ROUTING_CONFIG": routing,
+               "CTRSERVE_ROUTING_WATCH": None if watch is None else str(watch).lower(),
+               "CTRSERVE_BACKEND_TRITON_URL": triton_url, "CTRSERVE_REDIS_URL": redis_url,
+               "CTRSERVE_STORE_FAILURE": store_failure, "CTRSERVE_STORE_NAMESPACE": namespace,
+               "CTRSERVE_SERVER_LOG_JSON": "false" if log_text else None}
+    os.environ.update({k: str(v) for k, v in options.items() if v is not None})
     try:
-        settings = GatewaySettings.from_env(
-            server=ServerSettings(**pick(host=host, port=port, log_json=False if log_text else None)),
-            api=ApiSettings(),
-            store=StoreSettings(**pick(failure=store_failure, namespace=namespace)),
-            routing=RoutingSettings(**pick(config=routing, watch=watch)),
-            backend=BackendSettings(**pick(model_repository=model_repository, triton_url=triton_url)),
-        )
-        store = RedisStoreConfig(**pick(url=redis_url))
+        settings = GatewaySettings.from_env()
+        store = gateway_store_config(settings.store.timeout_ms)
     except ValidationError as exc:
         problems = "; ".join(f"{'.'.join(str(p) for p in e['loc'])}: {e['msg']}" for e in exc.errors())
         typer.echo(f"error: invalid settings: {problems}", err=True)
@@ -62,4 +56,4 @@ def serve_cmd(
     if settings.routing.config is not None and not Path(settings.routing.config).exists():
         typer.echo(f"error: routing config {settings.routing.config} does not exist", err=True)
         raise typer.Exit(2)
-    run(settings, redis_factory(store))
+    run(settings, redis_factory(store), workers=workers)

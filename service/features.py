@@ -18,6 +18,18 @@ from ctrserve.feature_store.schema import StoreSchema
 StoreFactory = Callable[[StoreSchema, str, str | None], OnlineStore]
 
 
+def gateway_store_config(store_timeout_ms: float, **overrides: object) -> RedisStoreConfig:
+    """The Redis settings the gateway reads with (``CTRSERVE_REDIS_*``, then ``overrides``).
+    Unless ``CTRSERVE_REDIS_TIMEOUT_MS`` is set, the Redis call gets the gateway's whole store
+    budget (``CTRSERVE_STORE_TIMEOUT_MS``): the feature store's own 50 ms default fired under load
+    while the event loop was busy with other requests, failing reads the gateway would have waited
+    for. The store budget (below the request deadline, checked at start) still bounds every read."""
+    config = RedisStoreConfig(**overrides)
+    if "timeout_ms" not in config.model_fields_set:
+        config = config.model_copy(update={"timeout_ms": store_timeout_ms})
+    return config
+
+
 def redis_factory(config: RedisStoreConfig) -> StoreFactory:
     def make(schema: StoreSchema, namespace: str, vocab_sha256: str | None = None) -> OnlineStore:
         from ctrserve.feature_store.redis_store import RedisOnlineStore

@@ -177,8 +177,8 @@ class Gateway:
         arm: str | None = None,
         route_label: list[str] | None = None,
     ) -> ScoreResult:
-        """Score candidates in order. ``route_label`` receives the arm name as soon as it is known
-        (so a failed request is still counted under its arm)."""
+        """Score candidates in order. ``route_label`` receives the arm name and ``model:version`` as
+        soon as they are known (so a failed request is still counted and labelled under its arm)."""
         api = self.settings.api
         t_start = time.perf_counter()
         deadline = t_start + api.deadline_ms / 1000
@@ -190,7 +190,7 @@ class Gateway:
         except NotFound as exc:
             raise GatewayError(404, "not_found", str(exc)) from None
         if route_label is not None:
-            route_label.append(route.arm)
+            route_label += [route.arm, f"{route.model}:{route.version}"]
         loaded = table.models[(route.model, route.version)]
         assembler = loaded.assembler
         m = self.metrics

@@ -6,7 +6,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -51,7 +50,6 @@ class ModelRegistry:
         self.settings = settings
         self.kind = kind
         self.repo = Path(settings.model_repository)
-        self.pool = ThreadPoolExecutor(settings.pool_threads, thread_name_prefix="ort")
         self.triton = triton_client
         self._models: dict[Key, LoadedModel] = {}
         self._loading: dict[Key, asyncio.Task] = {}
@@ -75,7 +73,7 @@ class ModelRegistry:
                                  "runs ONNX only (serve TorchScript through Triton)")
         s = self.settings
         return OnnxRuntimeBackend(manifest.name, manifest.version, version_dir / manifest.file, manifest.output.name,
-                                  self.pool, s.ort_intra_op_threads, s.ort_inter_op_threads)
+                                  s.pool_threads, s.ort_intra_op_threads, s.ort_inter_op_threads, s.ort_spinning)
 
     async def _load(self, key: Key) -> LoadedModel:
         name, version = key
@@ -140,4 +138,3 @@ class ModelRegistry:
         for m in list(self._models.values()):
             await m.backend.close()
         self._models.clear()
-        self.pool.shutdown(wait=False, cancel_futures=True)

@@ -104,7 +104,11 @@ class BackendSettings(BaseSettings):
     ort_intra_op_threads: int = Field(1, ge=0, description="ONNX Runtime threads inside one operator (0: ORT "
                                                            "default).")
     ort_inter_op_threads: int = Field(1, ge=0, description="ONNX Runtime threads across operators (0: default).")
-    pool_threads: int = Field(2, ge=1, description="Worker threads running embedded inference off the event loop.")
+    ort_spinning: bool = Field(False, description="Let ONNX Runtime's intra-op threads spin while waiting for "
+                                                  "work (only with intra-op threads > 1; burns CPU other work "
+                                                  "needs on a shared machine).")
+    pool_threads: int = Field(1, ge=1, description="Threads running one model version's embedded inference off the "
+                                                   "event loop (each version has its own).")
     warmup_candidates: int = Field(16, ge=1, description="Candidates in the warm-up request run at model load.")
     load_timeout_s: float = Field(60.0, gt=0, description="Budget to load and warm one model (and wait for Triton).")
 

@@ -1,5 +1,8 @@
-"""Embedded ONNX Runtime: one ``InferenceSession`` per model version, run in a shared thread
-pool so a slow call never blocks the event loop (ORT releases the GIL while it computes)."""
+"""Embedded ONNX Runtime: one ``InferenceSession`` per model version, run off the event loop on
+that version's own executor (ORT releases the GIL while it computes), so a slow call never blocks
+the event loop and loading a new version never queues behind, or delays, another one's requests.
+One executor thread per version by default: a second thread sharing the session measured fewer
+requests/s on 2 cores (loadtests/bench_gateway_overhead.py)."""
 
 from __future__ import annotations
 
@@ -15,14 +18,16 @@ from . import Backend, BackendError, BackendTimeout, BackendUnavailable, check_s
 class OnnxRuntimeBackend(Backend):
     kind = "onnxruntime"
 
-    def __init__(self, model: str, version: int, path: Path, output: str, pool: ThreadPoolExecutor,
-                 intra_op_threads: int = 1, inter_op_threads: int = 1):
+    def __init__(self, model: str, version: int, path: Path, output: str, threads: int = 1,
+                 intra_op_threads: int = 1, inter_op_threads: int = 1, spinning: bool = False):
         super().__init__(model, version)
         self.path = Path(path)
         self.output = output
-        self.pool = pool
+        # dropped with the backend: idle executor threads exit once the executor is garbage collected
+        self.pool = ThreadPoolExecutor(threads, thread_name_prefix=f"ort-{model}-v{version}")
         self.intra_op_threads = intra_op_threads
         self.inter_op_threads = inter_op_threads
+        self.spinning = spinning
         self._session = None
 
     def _load(self):
@@ -34,6 +39,9 @@ class OnnxRuntimeBackend(Backend):
         opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
         opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         opts.log_severity_level = 3
+        if not self.spinning:  # measured: intra-op 2 with spinning ran 2-2.5x slower on a busy 2-core machine
+            opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
+            opts.add_session_config_entry("session.inter_op.allow_spinning", "0")
         return ort.InferenceSession(str(self.path), sess_options=opts, providers=["CPUExecutionProvider"])
 
     async def start(self) -> None:
@@ -57,9 +65,10 @@ class OnnxRuntimeBackend(Backend):
             raise BackendUnavailable(f"{self.model} v{self.version} is not loaded")
         b = _candidates(inputs)
         loop = asyncio.get_running_loop()
-        fut = loop.run_in_executor(self.pool, self._run, inputs)
         try:
-            out = await asyncio.wait_for(fut, timeout)
+            # asyncio.timeout, not wait_for: on Python 3.11 wait_for wraps the call in one more Task
+            async with asyncio.timeout(timeout):
+                out = await loop.run_in_executor(self.pool, self._run, inputs)
         except TimeoutError:
             # the worker thread finishes the call in the background; the request is answered now
             raise BackendTimeout(f"{self.model} v{self.version}: inference exceeded {timeout * 1000:.0f} ms") from None
@@ -72,6 +81,7 @@ class OnnxRuntimeBackend(Backend):
 
     async def close(self) -> None:
         self._session = None
+        self.pool.shutdown(wait=False, cancel_futures=True)
 
 
 def _candidates(inputs: dict[str, np.ndarray]) -> int:

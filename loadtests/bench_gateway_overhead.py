@@ -1,0 +1,479 @@
+"""Where the gateway's time goes on top of raw ONNX Runtime, measured on one noisy machine
+(``ctrserve bench gateway``; prints figures, ``--json`` writes them; records nothing in docs/).
+
+One process run, MGDIN, the benchmark's fixed 100-candidate request, a private redis-server:
+
+1. ``parse``: the request body of 100 candidates through FastAPI's way (stdlib ``json`` + pydantic
+   on the dict), orjson + ``model_validate``, and ``model_validate_json``.
+2. ``middleware``: the per-request metric updates and one JSON access-log line.
+3. ``deps``: a FastAPI route with two ``def`` dependencies (run in FastAPI's thread pool) vs two
+   ``async def`` ones.
+4. ``hop``: ``await``-ing ONNX Runtime through an executor vs calling it directly — one shared
+   session with 1 or 2 threads, one session per thread, intra-op 2 with spinning off / on —
+   sequential p50 (interleaved rounds) and candidates/s with 4 concurrent callers.
+5. ``asgi``: the whole app called in-process (no HTTP), interleaved with raw ORT, with the stage
+   means from its metrics, and raw ORT run right after each request (the caches a request leaves).
+6. ``e2e``: gateway subprocesses (``ctrserve serve``), one per configuration, each measured with
+   sequential requests interleaved with raw ORT runs on the same inputs: the ratio e2e p50 / ORT p50
+   (target <= 1.25) holds on a busy machine because both see the same noise.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import http.client
+import json
+import logging
+import sys
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import typer
+
+from .stats import percentiles
+
+#: gateway configurations measured end to end: name -> environment overrides
+E2E_VARIANTS: dict[str, dict[str, str]] = {
+    "pool 2, access log": {"CTRSERVE_BACKEND_POOL_THREADS": "2", "CTRSERVE_SERVER_ACCESS_LOG": "true"},
+    "pool 1, access log": {"CTRSERVE_BACKEND_POOL_THREADS": "1", "CTRSERVE_SERVER_ACCESS_LOG": "true"},
+    "pool 1, no access log": {"CTRSERVE_BACKEND_POOL_THREADS": "1", "CTRSERVE_SERVER_ACCESS_LOG": "false"},
+    "defaults": {},
+    "intra-op 2, spinning off": {"CTRSERVE_BACKEND_ORT_INTRA_OP_THREADS": "2",
+                                 "CTRSERVE_BACKEND_ORT_SPINNING": "false"},
+}
+
+
+def _p50(xs: list[float]) -> float:
+    return percentiles(np.asarray(xs), (50,))[0]
+
+
+def _session(path: Path, intra: int = 1, spin: bool = True) -> Any:
+    import onnxruntime as ort
+
+    opts = ort.SessionOptions()  # as the gateway's backend
+    opts.intra_op_num_threads = intra
+    opts.inter_op_num_threads = 1
+    opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    opts.log_severity_level = 3
+    if not spin:
+        opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    return ort.InferenceSession(str(path), sess_options=opts, providers=["CPUExecutionProvider"])
+
+
+# -- 1. parsing ------------------------------------------------------------------------------
+def bench_parse(body: bytes, reps: int) -> dict[str, float]:
+    """p50 µs per body for each way of turning the bytes into a validated ScoreRequest."""
+    import orjson
+
+    from ctrserve.service.api import ScoreRequest
+
+    ways = {
+        "fastapi: json.loads + validate_python": lambda: ScoreRequest.model_validate(json.loads(body),
+                                                                                     from_attributes=True),
+        "orjson.loads + model_validate": lambda: ScoreRequest.model_validate(orjson.loads(body)),
+        "model_validate_json": lambda: ScoreRequest.model_validate_json(body),
+    }
+    times: dict[str, list[float]] = {k: [] for k in ways}
+    for _ in range(reps):
+        for name, fn in ways.items():  # interleaved
+            t0 = time.perf_counter()
+            fn()
+            times[name].append((time.perf_counter() - t0) * 1e6)
+    return {k: round(_p50(v), 1) for k, v in times.items()}
+
+
+# -- 2. middleware ---------------------------------------------------------------------------
+def bench_middleware(reps: int) -> dict[str, float]:
+    """p50 µs of the metric updates one scoring request makes, and of one JSON access-log line."""
+    from ctrserve.service.logs import JsonFormatter
+    from ctrserve.service.metrics import STAGES, Metrics
+
+    m = Metrics()
+    handler = logging.StreamHandler(open("/dev/null", "w"))  # noqa: SIM115 - lives as long as the run
+    handler.setFormatter(JsonFormatter())
+    lg = logging.getLogger("bench.access")
+    lg.handlers[:] = [handler]
+    lg.propagate = False
+    lg.setLevel(logging.INFO)
+    met, logt = [], []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        m.candidates.observe(100)
+        for s in STAGES:
+            m.stage.labels(s, "default").observe(0.001)
+        m.store_lookups.labels("user", "hit").inc()
+        m.store_lookups.labels("item", "hit").inc(100)
+        m.item_cache.labels("hit").inc(100)
+        m.requests.labels("/v1/score", "default", "200").inc()
+        m.latency.labels("/v1/score", "default", "200").observe(0.01)
+        t1 = time.perf_counter()
+        lg.info("request", extra={"method": "POST", "path": "/v1/score", "status": 200, "ms": 12.3, "arm": "default"})
+        t2 = time.perf_counter()
+        met.append((t1 - t0) * 1e6)
+        logt.append((t2 - t1) * 1e6)
+    return {"metrics (all updates of one request)": round(_p50(met), 1), "access log line": round(_p50(logt), 1)}
+
+
+# -- 2b. FastAPI dependencies: plain def (run in a thread pool) vs async def --------------------
+async def _deps(reps: int) -> dict[str, float]:
+    """p50 µs of one in-process request to a FastAPI route with two trivial dependencies, as
+    ``def`` (FastAPI hands each to its thread pool) and as ``async def`` (run on the loop)."""
+    from fastapi import Depends, FastAPI, Request
+
+    def sync_dep(request: Request) -> int:
+        return 1
+
+    def sync_dep2(request: Request, x: int = Depends(sync_dep)) -> None:
+        return None
+
+    async def async_dep(request: Request) -> int:
+        return 1
+
+    async def async_dep2(request: Request, x: int = Depends(async_dep)) -> None:
+        return None
+
+    app = FastAPI()
+
+    @app.post("/sync", dependencies=[Depends(sync_dep2)])
+    async def with_sync(x: int = Depends(sync_dep)) -> dict:
+        return {}
+
+    @app.post("/async", dependencies=[Depends(async_dep2)])
+    async def with_async(x: int = Depends(async_dep)) -> dict:
+        return {}
+
+    async def call(path: str) -> None:
+        async def receive() -> dict:
+            return {"type": "http.request", "body": b"", "more_body": False}
+
+        async def send(message: dict) -> None:
+            return None
+
+        await app({"type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": "POST",
+                   "scheme": "http", "path": path, "raw_path": path.encode(), "query_string": b"", "root_path": "",
+                   "headers": [], "client": ("127.0.0.1", 1), "server": ("127.0.0.1", 80)}, receive, send)
+
+    times: dict[str, list[float]] = {"def dependencies (thread pool)": [], "async def dependencies": []}
+    for _ in range(reps):
+        for name, path in (("def dependencies (thread pool)", "/sync"), ("async def dependencies", "/async")):
+            t0 = time.perf_counter()
+            await call(path)
+            times[name].append((time.perf_counter() - t0) * 1e6)
+    return {k: round(_p50(v), 1) for k, v in times.items()}
+
+
+# -- 3. the thread-pool hop ------------------------------------------------------------------
+class _Runner:
+    """One way to run inference from the event loop."""
+
+    def __init__(self, name: str, path: Path, pool_threads: int | None, per_thread: bool = False, intra: int = 1,
+                 spin: bool = True):
+        self.name = name
+        self.pool = ThreadPoolExecutor(pool_threads, thread_name_prefix="bench") if pool_threads else None
+        self.path, self.intra, self.spin = path, intra, spin
+        self.per_thread = per_thread
+        self.shared = None if per_thread else _session(path, intra, spin)
+        self.local = threading.local()
+
+    def _sess(self) -> Any:
+        if not self.per_thread:
+            return self.shared
+        s = getattr(self.local, "sess", None)
+        if s is None:
+            s = self.local.sess = _session(self.path, self.intra, self.spin)
+        return s
+
+    def _run(self, feed: dict[str, np.ndarray]) -> Any:
+        return self._sess().run(None, feed)[0]
+
+    async def __call__(self, feed: dict[str, np.ndarray]) -> Any:
+        if self.pool is None:
+            return self._run(feed)
+        return await asyncio.get_running_loop().run_in_executor(self.pool, self._run, feed)
+
+    def close(self) -> None:
+        if self.pool is not None:
+            self.pool.shutdown()
+
+
+def hop_runners(path: Path) -> list[_Runner]:
+    return [
+        _Runner("direct on the loop (reference)", path, None),
+        _Runner("shared session, pool 2 (old default)", path, 2),
+        _Runner("shared session, pool 1 (dedicated executor)", path, 1),
+        _Runner("session per thread, pool 2", path, 2, per_thread=True),
+        _Runner("intra-op 2 spinning off, pool 1", path, 1, intra=2, spin=False),
+        _Runner("intra-op 2 spinning on, pool 1", path, 1, intra=2, spin=True),
+    ]
+
+
+async def _hop(runners: list[_Runner], feed: dict[str, np.ndarray], rounds: int, per_round: int,
+               concurrency: int, seconds: float, b: int) -> dict[str, dict[str, float]]:
+    for r in runners:  # warm every thread's session
+        await asyncio.gather(*(r(feed) for _ in range(4)))
+    seq: dict[str, list[float]] = {r.name: [] for r in runners}
+    for _ in range(rounds):
+        for r in runners:
+            for _ in range(per_round):
+                t0 = time.perf_counter()
+                await r(feed)
+                seq[r.name].append((time.perf_counter() - t0) * 1e3)
+    out: dict[str, dict[str, float]] = {}
+    ref = _p50(seq[runners[0].name])
+    for r in runners:
+        stop = time.monotonic() + seconds
+        done = 0
+
+        async def worker(r: _Runner = r, stop: float = stop) -> None:
+            nonlocal done
+            while time.monotonic() < stop:
+                await r(feed)
+                done += 1
+
+        t0 = time.monotonic()
+        await asyncio.gather(*(worker() for _ in range(concurrency)))
+        wall = time.monotonic() - t0
+        p50 = _p50(seq[r.name])
+        out[r.name] = {"p50_ms": round(p50, 3), "over_direct": round(p50 / ref, 3),
+                       "candidates_per_s": round(done * b / wall, 0)}
+    return out
+
+
+# -- 3b. the app in-process (no HTTP server, no client) ---------------------------------------
+async def _asgi(repo: Path, redis_url: str, body: bytes, sess: Any, feed: dict[str, np.ndarray], rounds: int,
+                per_round: int) -> dict[str, float]:
+    """The whole app called as an ASGI callable (middleware, routing, parsing, store, assembly,
+    inference hop, response) interleaved with raw ORT: the gateway's own cost without HTTP."""
+    from ctrserve.service.app import create_app, wait_ready
+    from ctrserve.service.features import gateway_store_config, redis_factory
+    from ctrserve.service.settings import BackendSettings, GatewaySettings, ServerSettings
+
+    settings = GatewaySettings.from_env(server=ServerSettings(access_log=False),
+                                        backend=BackendSettings(model_repository=repo))
+    app = create_app(settings, redis_factory(gateway_store_config(100.0, url=redis_url)))
+    scope = {"type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": "POST", "scheme": "http",
+             "path": "/v1/score", "raw_path": b"/v1/score", "query_string": b"", "root_path": "",
+             "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())],
+             "client": ("127.0.0.1", 1), "server": ("127.0.0.1", 80)}
+
+    async def call() -> int:
+        sent = [False]
+        status = [0]
+
+        async def receive() -> dict:
+            if sent[0]:
+                await asyncio.sleep(3600)
+            sent[0] = True
+            return {"type": "http.request", "body": body, "more_body": False}
+
+        async def send(message: dict) -> None:
+            if message["type"] == "http.response.start":
+                status[0] = message["status"]
+
+        await app({**scope, "app": app}, receive, send)
+        return status[0]
+
+    from prometheus_client import generate_latest
+
+    from .stats import parse_prometheus, stage_breakdown
+
+    def snap() -> Any:
+        return parse_prometheus(generate_latest(app.state.gateway.metrics.registry).decode())
+
+    a, o = [], []
+    async with app.router.lifespan_context(app):
+        await wait_ready(app, 120)
+        for _ in range(10):
+            if await call() != 200:
+                raise RuntimeError("in-process app did not answer 200")
+        # time the ORT call inside the gateway's executor thread: inference stage minus this = the hop
+        runs: list[float] = []
+        for loaded in app.state.gateway.registry.loaded.values():
+            inner = loaded.backend._run
+
+            def timed(inputs: dict[str, np.ndarray], inner: Any = inner) -> Any:
+                t0 = time.perf_counter()
+                try:
+                    return inner(inputs)
+                finally:
+                    runs.append((time.perf_counter() - t0) * 1e3)
+
+            loaded.backend._run = timed
+        before = snap()
+        alt: list[float] = []  # raw ORT right after each request: the caches a request leaves behind
+        for _ in range(rounds):
+            for _ in range(per_round):
+                t0 = time.perf_counter()
+                await call()
+                a.append((time.perf_counter() - t0) * 1e3)
+            for _ in range(per_round):
+                t0 = time.perf_counter()
+                sess.run(None, feed)
+                o.append((time.perf_counter() - t0) * 1e3)
+        stages = stage_breakdown(before, snap())
+        in_thread = float(np.mean(runs[-len(a):]))
+        for _ in range(rounds * per_round // 2):
+            await call()
+            t0 = time.perf_counter()
+            sess.run(None, feed)
+            alt.append((time.perf_counter() - t0) * 1e3)
+    pa, po = _p50(a), _p50(o)
+    return {"app_p50_ms": round(pa, 3), "ort_p50_ms": round(po, 3), "app_over_ort_p50": round(pa / po, 3),
+            "app_minus_ort_ms": round(pa - po, 3), "app_mean_ms": round(float(np.mean(a)), 3),
+            "ort_mean_ms": round(float(np.mean(o)), 3), "ort_after_each_request_mean_ms": round(float(np.mean(alt)), 3),
+            "ort_run_in_gateway_thread_mean_ms": round(in_thread, 3),
+            **{f"{k}_mean_ms": round(v["mean_ms"], 3) for k, v in stages.items()}}
+
+
+# -- 4. end to end -----------------------------------------------------------------------------
+def _post(conn: http.client.HTTPConnection, body: bytes) -> tuple[int, bytes]:
+    conn.request("POST", "/v1/score", body, {"Content-Type": "application/json"})
+    r = conn.getresponse()
+    return r.status, r.read()
+
+
+def e2e(port: int, body: bytes, sess: Any, feed: dict[str, np.ndarray], rounds: int, per_round: int
+        ) -> dict[str, float]:
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
+    for _ in range(10):
+        status, content = _post(conn, body)
+        if status != 200:
+            raise RuntimeError(f"gateway answered {status}: {content[:300]!r}")
+        sess.run(None, feed)
+    from .bench_all import _metrics
+    from .stats import stage_breakdown
+
+    before = _metrics(port)
+    e, o = [], []
+    for _ in range(rounds):
+        for _ in range(per_round):
+            t0 = time.perf_counter()
+            status, _ = _post(conn, body)
+            e.append((time.perf_counter() - t0) * 1e3)
+            if status != 200:
+                raise RuntimeError(f"gateway answered {status}")
+        for _ in range(per_round):
+            t0 = time.perf_counter()
+            sess.run(None, feed)
+            o.append((time.perf_counter() - t0) * 1e3)
+    conn.close()
+    stages = stage_breakdown(before, _metrics(port))
+    pe, po = _p50(e), _p50(o)
+    return {"e2e_p50_ms": round(pe, 3), "ort_p50_ms": round(po, 3), "e2e_over_ort_p50": round(pe / po, 3),
+            "e2e_minus_ort_ms": round(pe - po, 3), "e2e_mean_ms": round(float(np.mean(e)), 3),
+            "ort_mean_ms": round(float(np.mean(o)), 3),
+            **{f"{k}_mean_ms": round(v["mean_ms"], 3) for k, v in stages.items()}}
+
+
+def e2e_throughput(port: int, body: bytes, clients: int, seconds: float, b: int) -> dict[str, float]:
+    """Candidates/s with ``clients`` keep-alive connections posting back to back (client threads)."""
+    stop = time.monotonic() + seconds
+    done = [0] * clients
+    errors = [0] * clients
+
+    def work(k: int) -> None:
+        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
+        while time.monotonic() < stop:
+            status, _ = _post(conn, body)
+            done[k] += status == 200
+            errors[k] += status != 200
+        conn.close()
+
+    t0 = time.monotonic()
+    threads = [threading.Thread(target=work, args=(k,)) for k in range(clients)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    wall = time.monotonic() - t0
+    return {f"candidates_per_s_{clients}_clients": round(sum(done) * b / wall, 0), "errors": sum(errors)}
+
+
+def run(sections: set[str], rounds: int, per_round: int, variants: list[str] | None = None,
+        log: Any = print) -> dict[str, Any]:
+    from ctrserve.export.manifest import Manifest
+
+    from .bench_all import _assemble
+    from .run_load import bench_dir, build_pool, ensure_export, ensure_run, prepared_of
+    from .stack import Stack, free_port, http_get, wait_for
+    from .traffic import Bodies
+
+    out: dict[str, Any] = {}
+    run_dir = ensure_run("mgdin")
+    repo = bench_dir() / "model_repository"
+    version_dir = ensure_export(run_dir, repo, "mgdin")
+    model_file = version_dir / "model.onnx"
+    work = bench_dir() / "gateway_overhead"
+    with Stack(work) as stack:
+        redis_url = stack.redis()
+        pool = build_pool(run_dir, version_dir, redis_url, 50)
+        bodies = Bodies(pool, 100, "gateway")
+        body = bodies.get(0, 100)
+        items = [pool.items[i] for i in bodies.order(0)]
+        comp = asyncio.run(_assemble(version_dir, redis_url, prepared_of(run_dir).name, pool.users[0], items,
+                                     pool.contexts[0], [100], 5))
+        feed = comp["inputs"][100]
+        assert Manifest.load(version_dir).name == "mgdin"
+        if "parse" in sections:
+            out["parse_us_p50"] = bench_parse(body, rounds * per_round)
+            log(f"parse (µs p50, body of 100 candidates, {len(body)} bytes):", out["parse_us_p50"])
+        if "middleware" in sections:
+            out["middleware_us_p50"] = bench_middleware(rounds * per_round)
+            log("middleware (µs p50):", out["middleware_us_p50"])
+        if "deps" in sections:
+            out["fastapi_deps_us_p50"] = asyncio.run(_deps(rounds * per_round))
+            log("FastAPI route with 2 dependencies (µs p50):", out["fastapi_deps_us_p50"])
+        if "hop" in sections:
+            runners = hop_runners(model_file)
+            out["hop"] = asyncio.run(_hop(runners, feed, rounds, per_round, 4, 3.0, 100))
+            for r in runners:
+                r.close()
+            for k, v in out["hop"].items():
+                log(f"hop  {k:48s} {v}")
+        if "asgi" in sections:
+            out["asgi"] = asyncio.run(_asgi(repo, redis_url, body, _session(model_file), feed, rounds, per_round))
+            log("asgi (app in-process):", out["asgi"])
+        if "e2e" in sections:
+            sess = _session(model_file)
+            out["e2e"] = {}
+            for name in variants or list(E2E_VARIANTS):
+                port = free_port()
+                env = {"CTRSERVE_BACKEND_MODEL_REPOSITORY": str(repo), "CTRSERVE_REDIS_URL": redis_url,
+                       "CTRSERVE_SERVER_PORT": str(port), "CTRSERVE_SERVER_LOG_LEVEL": "info",
+                       **E2E_VARIANTS[name]}
+                proc = stack.spawn("gateway", [sys.executable, "-m", "ctrserve", "serve"], env=env,
+                                   log=work / "gateway.log")
+                wait_for(lambda port=port: http_get(f"http://127.0.0.1:{port}/readyz")[0] == 200, 180,
+                         "the gateway", proc, work / "gateway.log")
+                out["e2e"][name] = {**e2e(port, body, sess, feed, rounds, per_round),
+                                    **e2e_throughput(port, body, 4, 5.0, 100)}
+                log(f"e2e  {name:30s} {out['e2e'][name]}")
+                stack.stop(proc)
+    return out
+
+
+def gateway_cmd(
+    sections: str = typer.Option("parse,middleware,deps,hop,asgi,e2e", help="comma-separated: parse, middleware, "
+                                 "deps, hop, asgi, e2e"),
+    rounds: int = typer.Option(5, min=1, help="interleaved measuring rounds"),
+    per_round: int = typer.Option(40, min=1, help="requests (and raw ORT runs) per round"),
+    variant: list[str] = typer.Option(None, help=f"e2e gateway configurations (default: all of {list(E2E_VARIANTS)})"),
+    json_out: Path = typer.Option(None, "--json", help="also write the figures to this file"),
+) -> None:
+    """What the gateway adds on top of raw ONNX Runtime (MGDIN, 100 candidates), part by part."""
+    chosen = set(sections.split(","))
+    bad = chosen - {"parse", "middleware", "deps", "hop", "asgi", "e2e"} or set(variant or []) - set(E2E_VARIANTS)
+    if bad:
+        raise typer.BadParameter(f"unknown section or variant: {sorted(bad)}")
+    out = run(chosen, rounds, per_round, variant or None)
+    if json_out:
+        json_out.write_text(json.dumps(out, indent=1))
+
+
+if __name__ == "__main__":
+    typer.run(gateway_cmd)
