@@ -25,7 +25,7 @@ class RedisStoreConfig(BaseSettings):
     tls_cert_reqs: Literal["required", "optional", "none"] = "required"
 
     #: budget of one online call (a request's read, an append), end to end
-    timeout_ms: float = Field(50.0, gt=0)
+    timeout_ms: float = Field(100.0, gt=0)
     connect_timeout_ms: float = Field(200.0, gt=0)
     #: budget of one bulk-load pipeline (thousands of keys)
     bulk_timeout_ms: float = Field(30_000.0, gt=0)

@@ -221,7 +221,7 @@ def _p50(xs: list[float]) -> float:
 
 
 def run_all(plan: Plan, run_dir: Path | None = None, model: str = "mgdin", candidates: str = "fixed:100",
-            workers: int = 1, pool_threads: int = 2, pool_users: int = 1000, profile: bool = True,
+            workers: int = 1, pool_threads: int = 1, pool_users: int = 1000, profile: bool = True,
             with_triton: bool = True, log: Any = print) -> dict[str, Any]:
     import onnxruntime
     import torch
@@ -513,7 +513,7 @@ def all_cmd(
     model: Annotated[str, typer.Option(help="model (the targets are stated for mgdin)")] = "mgdin",
     candidates: Annotated[str, typer.Option(help="candidates per request in the Locust runs")] = "fixed:100",
     workers: Annotated[int, typer.Option(help="gateway worker processes")] = 1,
-    pool_threads: Annotated[int, typer.Option(help="inference threads per gateway worker")] = 2,
+    pool_threads: Annotated[int, typer.Option(help="inference threads per gateway worker")] = 1,
     profile: Annotated[bool, typer.Option(help="py-spy the gateway at saturation")] = True,
     triton: Annotated[bool, typer.Option(help="run the runtime comparison (bench models, incl. Triton)")] = True,
 ) -> None:

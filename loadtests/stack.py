@@ -113,11 +113,10 @@ class Stack:
         wait_for(ping, 15, "redis-server", proc, self.workdir / "redis.log")
         return f"redis://127.0.0.1:{port}/0"
 
-    def gateway(self, repo: Path, redis_url: str, port: int, workers: int = 1, pool_threads: int = 2,
+    def gateway(self, repo: Path, redis_url: str, port: int, workers: int = 1, pool_threads: int = 1,
                 intra_op_threads: int = 1, routing: Path | None = None, triton_url: str | None = None,
                 access_log: bool = False, timeout: float = 180, name: str = "gateway") -> subprocess.Popen:
-        """The scoring gateway. One worker: ``ctrserve serve`` (the production entry point); more:
-        uvicorn's process manager on the app factory (``ctrserve serve`` has no workers option)."""
+        """The scoring gateway through its production entry point, ``ctrserve serve --workers N``."""
         env = {"CTRSERVE_BACKEND_MODEL_REPOSITORY": str(repo), "CTRSERVE_REDIS_URL": redis_url,
                "CTRSERVE_SERVER_PORT": str(port), "CTRSERVE_SERVER_HOST": "127.0.0.1",
                "CTRSERVE_SERVER_ACCESS_LOG": str(access_log).lower(), "CTRSERVE_SERVER_LOG_LEVEL": "warning",
@@ -128,12 +127,7 @@ class Stack:
             env["CTRSERVE_ROUTING_CONFIG"] = str(routing)
         if triton_url:
             env["CTRSERVE_BACKEND_TRITON_URL"] = triton_url
-        if workers <= 1:
-            cmd = [sys.executable, "-m", "ctrserve", "serve"]
-        else:
-            cmd = [sys.executable, "-m", "uvicorn", "ctrserve.service.app:create_app", "--factory", "--host",
-                   "127.0.0.1", "--port", str(port), "--workers", str(workers), "--loop", "uvloop", "--http",
-                   "httptools", "--no-access-log", "--log-level", "warning"]
+        cmd = [sys.executable, "-m", "ctrserve", "serve", "--workers", str(max(1, workers))]
         clean = {k: v for k, v in os.environ.items() if not k.startswith("CTRSERVE_ROUTING_")}
         proc = self.spawn(name, cmd, env={**clean, **env})
         url = f"http://127.0.0.1:{port}"
