@@ -1,0 +1,144 @@
+"""CDNet (Xu et al.): Core-Behaviours and Distributional-Compensation Dual-View Interaction Network.
+
+Per behaviour sequence: relevance of each event to the candidate (its shared-feature embeddings),
+the k most relevant events as tokens (straight-through top-k, eqs. 2-3) and one interest-
+distribution token (eq. 4); these with one token per contextual (non-sequence) feature go through
+H post-LN transformer layers (eqs. 5-6) and an MLP head on the flattened output.
+
+Ablations (paper Table 2): ``core=False`` (CDNet-RCore), ``gid=False`` (CDNet-RGid);
+``k >= max_len`` keeps every event: the full-sequence (OneTrans-style) reference.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor, nn
+
+from ..data.feature_map import FeatureMap
+from ..layers.core_behaviour import CoreBehaviourSelector, InterestDistribution, relevance
+from ..layers.embedding import Batch, FeatureEmbedding
+from ..layers.mlp import MLP
+from ..layers.sequence import padding_mask
+from ..registry import register
+
+
+class TransformerLayer(nn.Module):
+    """Eqs. 5-6: X̂ = LN(MHA(X) + X); X' = LN(PFFN(X̂) + X̂), padded keys masked.
+
+    Written out (not ``nn.TransformerEncoderLayer``) so that eval mode takes no fused fast path and
+    the masked softmax uses a finite fill: it traces and exports to ONNX unchanged.
+    """
+
+    def __init__(self, dim: int, heads: int, ffn_dim: int, dropout: float):
+        super().__init__()
+        if dim % heads:
+            raise ValueError(f"d_model={dim} is not divisible by heads={heads}")
+        self.heads, self.head_dim = heads, dim // heads
+        self.qkv = nn.Linear(dim, 3 * dim)
+        self.out = nn.Linear(dim, dim)
+        self.ffn = nn.Sequential(nn.Linear(dim, ffn_dim), nn.ReLU(), nn.Linear(ffn_dim, dim))
+        self.norm1, self.norm2 = nn.LayerNorm(dim), nn.LayerNorm(dim)
+        self.dropout = nn.Dropout(dropout)
+        self.scale = 1.0 / math.sqrt(self.head_dim)
+
+    def forward(self, x: Tensor, key_valid: Tensor) -> Tensor:
+        t, d = x.shape[1], x.shape[2]
+        q, k, v = self.qkv(x).view(-1, t, 3, self.heads, self.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
+        scores = torch.matmul(q, k.transpose(-1, -2)) * self.scale  # [B, h, T, T]
+        scores = scores.masked_fill(~key_valid[:, None, None, :], -1e9)
+        att = torch.matmul(torch.softmax(scores, dim=-1), v).transpose(1, 2).reshape(-1, t, d)
+        x = self.norm1(x + self.dropout(self.out(att)))
+        return self.norm2(x + self.dropout(self.ffn(x)))
+
+
+class SequenceViews(nn.Module):
+    """One behaviour sequence -> (tokens [B, k(+1), d_model], valid [B, k(+1)])."""
+
+    def __init__(self, fields: list[str], targets: list[str], max_len: int, emb_dim: int, d_model: int,
+                 k: int, bins: int, core: bool, gid: bool):
+        super().__init__()
+        self.fields, self.targets = fields, targets
+        width = emb_dim * len(fields)
+        self.core = CoreBehaviourSelector(k, max_len) if core else None
+        self.core_proj = nn.Linear(width, d_model) if core else None
+        self.gid = InterestDistribution(bins, max_len, d_model) if gid else None
+        self.num_tokens = (self.core.k if self.core is not None else 0) + (1 if gid else 0)
+
+    def forward(self, emb: dict[str, Tensor], item_ids: Tensor) -> tuple[Tensor, Tensor]:
+        mask = padding_mask(item_ids)
+        seq = torch.cat([emb[f] for f in self.fields], dim=-1)  # S: [B, L, F_s * d]
+        cand = torch.cat([emb[t] for t in self.targets], dim=-1)  # f_i: [B, F_s * d]
+        a = relevance(cand, seq, mask)
+        tokens, valid = [], []
+        if self.core is not None and self.core_proj is not None:
+            core, core_valid = self.core(seq, a, mask)
+            tokens.append(self.core_proj(core))
+            valid.append(core_valid)
+        if self.gid is not None:
+            gid, _ = self.gid(a, mask)
+            tokens.append(gid.unsqueeze(1))
+            valid.append(torch.ones_like(a[:, :1], dtype=torch.bool))  # a has the candidate batch
+        return torch.cat(tokens, dim=1), torch.cat(valid, dim=1)
+
+
+@register("cdnet")
+class CDNet(nn.Module):
+    def __init__(
+        self,
+        feature_map: FeatureMap,
+        embedding_dim: int = 16,
+        d_model: int | None = None,
+        k: int = 16,
+        bins: int = 5,
+        core: bool = True,
+        gid: bool = True,
+        num_layers: int = 2,
+        heads: int = 2,
+        ffn_dim: int | None = None,
+        dropout: float = 0.0,
+        hidden: list[int] = (256, 128),
+        batch_norm: bool = False,
+    ):
+        super().__init__()
+        if not feature_map.sequences:
+            raise ValueError(f"cdnet needs a behaviour sequence; dataset {feature_map.dataset!r} has none")
+        if not (core or gid):
+            raise ValueError("cdnet needs at least one sequence view: core and gid cannot both be false")
+        d_model = d_model or embedding_dim
+        self.embedding = FeatureEmbedding(feature_map, embedding_dim)
+        self.views = nn.ModuleList([
+            SequenceViews(list(s.fields), list(s.targets), s.max_len, embedding_dim, d_model, k, bins, core, gid)
+            for s in feature_map.sequences
+        ])
+        self.seq_items = [s.fields[0] for s in feature_map.sequences]
+        self.context = [f.name for f in feature_map.features if f.kind != "sequence"]
+        self.ctx_proj = nn.Linear(embedding_dim, d_model) if d_model != embedding_dim else nn.Identity()
+        n_tokens = sum(v.num_tokens for v in self.views) + len(self.context)
+        # learned per-slot embedding: attention is permutation-invariant, and a core slot, the
+        # distribution token and each contextual feature play different roles
+        self.slot = nn.Parameter(torch.zeros(n_tokens, d_model))
+        self.layers = nn.ModuleList([
+            TransformerLayer(d_model, heads, ffn_dim or 4 * d_model, dropout) for _ in range(num_layers)
+        ])
+        self.head = MLP(n_tokens * d_model, list(hidden), 1, dropout, batch_norm)
+        self.num_tokens = n_tokens
+
+    def forward(self, batch: Batch) -> Tensor:
+        emb = self.embedding(batch)
+        tokens, valid = [], []
+        for view, item in zip(self.views, self.seq_items, strict=True):
+            t, v = view(emb, batch[item])
+            tokens.append(t)
+            valid.append(v)
+        ctx = self.ctx_proj(torch.stack([emb[n] for n in self.context], dim=1))
+        tokens.append(ctx)
+        valid.append(torch.ones_like(ctx[:, :, 0], dtype=torch.bool))
+        x = torch.cat(tokens, dim=1) + self.slot
+        key_valid = torch.cat(valid, dim=1)
+        for layer in self.layers:
+            x = layer(x, key_valid)
+        # zero the padded core slots so a short history's empty slots carry nothing to the head
+        x = x * key_valid.unsqueeze(-1).to(x.dtype)
+        return self.head(x.flatten(1)).squeeze(-1)

@@ -1,0 +1,196 @@
+"""CDNet (models/zoo/cdnet.py, models/layers/core_behaviour.py): straight-through top-k (forward uses
+exactly k behaviours, backward reaches the others), the interest histogram, padding, short and empty
+histories, ablations, and trace / ONNX export with a dynamic batch axis."""
+
+from __future__ import annotations
+
+import warnings
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from torch import Tensor, nn
+
+from ctrserve.models.layers.core_behaviour import CoreBehaviourSelector, InterestDistribution, relevance
+from ctrserve.models.registry import build_model
+
+pytestmark = pytest.mark.quick
+
+SMALL = {"embedding_dim": 8, "k": 4, "bins": 5, "num_layers": 1, "heads": 2, "hidden": [16]}
+
+
+class Positional(nn.Module):
+    """``model(batch dict)`` as ``forward(*tensors)`` in a fixed name order (what exporters take)."""
+
+    def __init__(self, model: nn.Module, names: list[str]):
+        super().__init__()
+        self.model, self.names = model, names
+
+    def forward(self, *inputs: Tensor) -> Tensor:
+        return self.model(dict(zip(self.names, inputs, strict=True)))
+
+
+def check_trace(model: nn.Module, batch: dict[str, Tensor]) -> None:
+    model.eval()
+    with torch.no_grad():
+        traced = torch.jit.trace(model, example_kwarg_inputs={"batch": batch}, strict=False)
+        small = {k: v[:5] for k, v in batch.items()}  # a batch size other than the traced one
+        torch.testing.assert_close(traced(small), model(small), rtol=1e-5, atol=1e-6)
+
+
+def check_onnx(model: nn.Module, batch: dict[str, Tensor], path: Path) -> None:
+    """Dynamo export with a dynamic batch axis; ONNX Runtime matches eager within 1e-4 at another batch size."""
+    import onnxruntime as ort
+
+    model.eval()
+    names = list(batch)
+    wrapper = Positional(model, names)
+    example = tuple(batch[n][:8] for n in names)
+    dim = torch.export.Dim("batch", min=1, max=4096)
+    with warnings.catch_warnings(), torch.no_grad():
+        warnings.simplefilter("ignore")
+        program = torch.onnx.export(wrapper, example, dynamo=True, input_names=names, output_names=["logit"],
+                                    dynamic_shapes=(tuple({0: dim} for _ in names),), verbose=False)
+        program.save(str(path))
+        expected = model({n: batch[n][:13] for n in names}).numpy()
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    feed = {n: batch[n][:13].numpy() for n in names}
+    (got,) = session.run(None, feed)
+    np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-4)
+
+
+def _build(fmap, **over) -> nn.Module:
+    torch.manual_seed(0)
+    return build_model("cdnet", fmap, {**SMALL, **over})
+
+
+def _toy(seed: int = 0, length: int = 10, valid: int = 7, dim: int = 6):
+    g = torch.Generator().manual_seed(seed)
+    seq = torch.randn(2, length, dim, generator=g, requires_grad=True)
+    cand = torch.randn(2, dim, generator=g)
+    mask = torch.zeros(2, length, dtype=torch.bool)
+    mask[0, :valid] = True
+    mask[1, :length] = True
+    return seq, cand, mask
+
+
+def test_relevance_in_unit_interval_and_zero_on_padding() -> None:
+    seq, cand, mask = _toy()
+    a = relevance(cand, seq, mask)
+    cos = torch.nn.functional.cosine_similarity(cand.unsqueeze(1), seq, dim=-1)
+    torch.testing.assert_close(a[mask], ((cos + 1) / 2)[mask])
+    assert (a[~mask] == 0).all() and a.min() >= 0 and a.max() <= 1
+
+
+def test_forward_uses_exactly_the_top_k_behaviours() -> None:
+    seq, cand, mask = _toy()
+    a = relevance(cand, seq, mask)
+    core, valid = CoreBehaviourSelector(k=3, max_len=10)(seq, a, mask)
+    assert core.shape == (2, 3, 6) and valid.all()
+    for b in range(2):
+        ranked = torch.where(mask[b], a[b], torch.tensor(-1.0))
+        top = torch.argsort(ranked, descending=True)[:3]
+        torch.testing.assert_close(core[b], seq[b, top])  # exact rows, value unscaled by A
+
+
+def test_backward_reaches_non_selected_behaviours_but_not_padding() -> None:
+    seq, cand, mask = _toy()
+    a = relevance(cand, seq, mask)
+    selector = CoreBehaviourSelector(k=3, max_len=10)
+    core, _ = selector(seq, a, mask)
+    (core * torch.randn_like(core)).sum().backward()
+    grad = seq.grad.norm(dim=-1)  # [B, L]
+    ranked = torch.where(mask, a, torch.full_like(a, -1.0))
+    selected = torch.zeros_like(mask)
+    selected.scatter_(1, torch.topk(ranked, 3).indices, True)
+    non_selected = mask & ~selected
+    assert non_selected.sum() >= 10
+    assert (grad[non_selected] > 0).all(), "every non-selected real behaviour must get gradient"
+    assert (grad[~mask] == 0).all(), "padding must get no gradient"
+
+
+def test_fewer_events_than_k_fills_invalid_zero_slots() -> None:
+    seq, cand, mask = _toy(valid=2)
+    a = relevance(cand, seq, mask)
+    core, valid = CoreBehaviourSelector(k=4, max_len=10)(seq, a, mask)
+    assert valid[0].tolist() == [True, True, False, False] and valid[1].all()
+    assert (core[0, 2:] == 0).all()
+    assert CoreBehaviourSelector(k=50, max_len=10).k == 10  # clamped at construction
+
+
+def test_histogram_counts_match_hand_count_and_ignore_padding() -> None:
+    # bins for n=5: [0, .2], (.2, .4], (.4, .6], (.6, .8], (.8, 1]
+    a = torch.tensor([[0.0, 0.2, 0.21, 0.5, 0.61, 0.8, 1.0, 0.9, 0.3, 0.7]])
+    mask = torch.tensor([[True] * 8 + [False] * 2])  # 0.3 and 0.7 are padding
+    gid = InterestDistribution(bins=5, max_len=10, dim=4)
+    counts = gid.counts(a, mask)
+    assert counts.tolist() == [[2.0, 1.0, 1.0, 2.0, 2.0]]
+    token, p = gid(a, mask)
+    assert token.shape == (1, 4) and p.tolist() == counts.tolist()
+    empty, p0 = gid(a, torch.zeros_like(mask))
+    assert p0.sum() == 0 and torch.isfinite(empty).all()
+
+
+def test_forward_backward_every_parameter(tiny_fmap, tiny_batch) -> None:
+    batch, labels = tiny_batch
+    model = _build(tiny_fmap)
+    logits = model(batch)
+    assert logits.shape == labels.shape and torch.isfinite(logits).all()
+    torch.nn.functional.binary_cross_entropy_with_logits(logits, labels).backward()
+    assert not [n for n, p in model.named_parameters() if p.grad is None]
+
+
+def test_short_and_empty_histories_give_finite_output(tiny_fmap, tiny_batch) -> None:
+    batch, _ = tiny_batch
+    seq = tiny_fmap.sequences[0]
+    longest = int((batch[seq.fields[0]] != 0).sum(dim=1).argmax())
+    short = {k: v[[longest] * 3].clone() for k, v in batch.items()}
+    for f in seq.fields:
+        short[f][0] = 0  # empty
+        short[f][1, 1:] = 0  # one event
+    assert (short[seq.fields[0]][2] != 0).sum() > 1
+    model = _build(tiny_fmap, k=16).eval()
+    with torch.no_grad():
+        out = model(short)
+    assert torch.isfinite(out).all()
+
+
+@pytest.mark.parametrize(("flag", "marker"), [("core", ".core_proj."), ("gid", ".gid.")])
+def test_ablations_remove_their_view(flag: str, marker: str, tiny_fmap, tiny_batch) -> None:
+    batch, _ = tiny_batch
+    full, ablated = _build(tiny_fmap), _build(tiny_fmap, **{flag: False})
+    full_names = {n for n, _ in full.named_parameters()}
+    removed = {n for n in full_names if marker in n}
+    assert removed
+    abl_names = {n for n, _ in ablated.named_parameters()}
+    assert abl_names == full_names - removed
+    assert ablated.num_tokens == full.num_tokens - (SMALL["k"] if flag == "core" else 1)
+    with torch.no_grad():
+        assert not torch.allclose(full.eval()(batch), ablated.eval()(batch))
+
+
+def test_full_sequence_reference_keeps_every_event(tiny_fmap) -> None:
+    max_len = tiny_fmap.sequences[0].max_len
+    model = _build(tiny_fmap, k=10_000)
+    assert model.views[0].core.k == max_len
+    assert model.num_tokens == max_len + 1 + sum(f.kind != "sequence" for f in tiny_fmap.features)
+
+
+def test_clear_errors(tiny_fmap) -> None:
+    flat = tiny_fmap.model_copy(update={
+        "features": [f for f in tiny_fmap.features if f.kind != "sequence"], "sequences": []})
+    with pytest.raises(ValueError, match="cdnet needs a behaviour sequence"):
+        build_model("cdnet", flat, SMALL)
+    with pytest.raises(ValueError, match="core and gid cannot both be false"):
+        _build(tiny_fmap, core=False, gid=False)
+    with pytest.raises(ValueError, match="not divisible"):
+        _build(tiny_fmap, heads=3)
+
+
+def test_traces_and_matches_eager(tiny_fmap, tiny_batch) -> None:
+    check_trace(_build(tiny_fmap), tiny_batch[0])
+
+
+def test_onnx_export_dynamic_batch_matches_eager(tiny_fmap, tiny_batch, tmp_path: Path) -> None:
+    check_onnx(_build(tiny_fmap), tiny_batch[0], tmp_path / "cdnet.onnx")
