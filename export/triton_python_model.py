@@ -13,10 +13,19 @@ parameter ``ORT_INTRA_OP_THREADS``.
 from __future__ import annotations
 
 import json
+import os
+import sys
 from pathlib import Path
 
-import numpy as np
-import triton_python_backend_utils as pb_utils
+# The stub embeds the system libpython; seen here, its interpreter did not apply PYTHONPATH to
+# sys.path (the variable was in os.environ, the directories were not on sys.path), so numpy was
+# not found. `ctrserve triton` exports PYTHONPATH=<project site-packages>: apply it explicitly.
+for _path in reversed(os.environ.get("PYTHONPATH", "").split(os.pathsep)):
+    if _path and _path not in sys.path:
+        sys.path.insert(0, _path)
+
+import numpy as np  # noqa: E402
+import triton_python_backend_utils as pb_utils  # noqa: E402
 
 
 class TritonPythonModel:
