@@ -36,9 +36,12 @@ class DeferredBranch(nn.Module):
     def __init__(self, num_tokens: int, embedding_dim: int, granularity: int, model_dim: int,
                  ratios: Sequence[float], heads: int, ffn_dim: int | None, attention: Attention,
                  a0_mode: A0Mode, deferred: bool, dropout: float, ste_temperature: float,
-                 input_norm: bool = False):
+                 input_norm: bool = False, ste_detach_input: bool = True):
         super().__init__()
         self.granularity = granularity
+        # ste: the surrogate gradient trains Q0/K0 only; letting it reach X0 (embeddings and group
+        # projections) diverged on Frappe (docs/models/mgdin.md, r03)
+        self.ste_detach_input = ste_detach_input
         self.group = GroupProjection(num_tokens, embedding_dim, granularity, model_dim)
         # optional LN on X0: L2-regularised embeddings are tiny, which leaves A0 near zero
         self.input_norm = nn.LayerNorm(model_dim) if input_norm else nn.Identity()
@@ -55,7 +58,7 @@ class DeferredBranch(nn.Module):
     def a0(self, x0: Tensor, first_scores: Tensor) -> Tensor:
         """A0 ``[B, m, m]`` from the first-layer representations (eq. 3)."""
         if self.a0_score is not None:
-            return self.a0_score(x0)
+            return self.a0_score(x0.detach() if self.ste_detach_input else x0)
         return first_scores.mean(dim=1)  # layer 1's own scores; heads averaged
 
     def dynamic_masks(self, x0: Tensor, first_scores: Tensor) -> Tensor:
@@ -104,6 +107,8 @@ class MGDIN(nn.Module):
         ffn_dropout: float = 0.0,
         ste_temperature: float = 1.0,
         input_norm: bool = False,
+        ste_detach_input: bool = True,
+        head_embeddings: bool = False,
         seq_pooling: str = "target",
     ):
         super().__init__()
@@ -127,10 +132,13 @@ class MGDIN(nn.Module):
         n = self.tokens.num_fields
         self.branches = nn.ModuleList(
             DeferredBranch(n, embedding_dim, g, model_dim, ratios, heads, ffn_dim, attention, a0_mode,
-                           deferred, ffn_dropout, ste_temperature, input_norm)
+                           deferred, ffn_dropout, ste_temperature, input_norm, ste_detach_input)
             for g in windows
         )
         width = sum(model_dim * (b.groups if pooling == "flatten" else 1) for b in self.branches)
+        # deviation (off by default): the MLP also sees the raw feature tokens, as DCN/AutoInt+ heads do
+        self.head_embeddings = head_embeddings
+        width += n * embedding_dim if head_embeddings else 0
         self.mlp = MLP(width, list(hidden), 1, dropout, batch_norm)
         # static masks are usable only once calibrated; the flag travels with the state dict
         self.register_buffer("masks_calibrated", torch.zeros((), dtype=torch.bool))
@@ -146,6 +154,8 @@ class MGDIN(nn.Module):
         for branch in self.branches:
             x = branch(tokens, self.mask_mode)
             pooled.append(x.mean(dim=1) if self.pooling == "mean" else x.flatten(1))
+        if self.head_embeddings:
+            pooled.append(tokens.flatten(1))
         return self.mlp(torch.cat(pooled, dim=-1)).squeeze(-1)
 
     # -- calibration (offline, not part of the exported graph) ------------------------------

@@ -239,6 +239,7 @@ def test_features_are_ordered_densest_first(tiny_fmap) -> None:
     {"a0_mode": "ste", "attention": "softmax"},
     {"a0_mode": "ste", "attention": "raw"},
     {"heads": 2, "pooling": "flatten", "input_norm": True},
+    {"windows": (1, 2), "head_embeddings": True},
 ])
 def test_every_parameter_gets_a_gradient(tiny_fmap, tiny_batch, params) -> None:
     batch, labels = tiny_batch
@@ -248,6 +249,20 @@ def test_every_parameter_gets_a_gradient(tiny_fmap, tiny_batch, params) -> None:
     assert not dead, f"parameters without gradient: {dead}"
     if params.get("a0_mode") == "ste":
         assert any(".a0_score." in n for n, _ in model.named_parameters())
+
+
+@pytest.mark.quick
+@pytest.mark.parametrize("detach", [True, False])
+def test_ste_surrogate_reaches_x0_only_when_asked(tiny_fmap, tiny_batch, detach: bool) -> None:
+    batch, _ = tiny_batch
+    model = make(tiny_fmap, a0_mode="ste", ste_detach_input=detach)
+    branch = model.branches[0]
+    x0 = branch.x0(model.tokens(batch)).detach().requires_grad_(True)
+    a0 = branch.a0(x0, branch.layers[0].scores(x0))
+    a0.pow(2).sum().backward()
+    assert branch.a0_score.q.weight.grad.abs().sum() > 0  # Q0/K0 always learn from A0
+    reached = x0.grad is not None and bool(x0.grad.abs().sum() > 0)
+    assert reached is not detach
 
 
 # -- static vs dynamic ----------------------------------------------------------------------------
