@@ -132,7 +132,8 @@ class CDNet(nn.Module):
             t, v = view(emb, batch[item])
             tokens.append(t)
             valid.append(v)
-        ctx = self.ctx_proj(torch.stack([emb[n] for n in self.context], dim=1))
+        # user-side context arrives with batch 1 in serving graphs: broadcast to the candidates
+        ctx = self.ctx_proj(torch.stack(torch.broadcast_tensors(*[emb[n] for n in self.context]), dim=1))
         tokens.append(ctx)
         valid.append(torch.ones_like(ctx[:, :, 0], dtype=torch.bool))
         x = torch.cat(tokens, dim=1) + self.slot

@@ -16,7 +16,7 @@ from ctrserve.models.registry import list_models
 
 pytestmark = pytest.mark.slow  # each ONNX export runs torch.export: seconds, not milliseconds
 #: models that embed and pool batch-1 user inputs once per request (tests/models/test_broadcast.py)
-SHARED_USER_SIDE = {"lr", "fm", "dnn", "wide_deep", "deepfm", "dcnv2", "autoint", "mgdin"}
+SHARED_USER_SIDE = {"lr", "fm", "dnn", "wide_deep", "deepfm", "dcnv2", "autoint", "mgdin", "cdnet"}
 
 
 @pytest.mark.parametrize("fmt", ["onnx", "torchscript"])

@@ -30,6 +30,7 @@ CASES: dict[str, tuple[str, dict]] = {
     "mgdin": ("mgdin", MGDIN),
     "mgdin_mean_pool": ("mgdin", {**MGDIN, "seq_pooling": "mean"}),
     "mgdin_ste_flatten": ("mgdin", {**MGDIN, "a0_mode": "ste", "pooling": "flatten"}),
+    "cdnet": ("cdnet", {"embedding_dim": 8, "k": 4, "bins": 5, "num_layers": 1, "heads": 2, "hidden": [16]}),
 }
 ATOL = 1e-6  # GEMM vs per-row dot products: same sums in another order
 
