@@ -35,6 +35,22 @@ def get_loader(name: str) -> Loader:
     return LOADERS[name]
 
 
+def read_split_files(
+    root: Path, files: dict[str, str], read: Callable[[Path, int], dict[str, np.ndarray]], what: str, max_rows: int = 0
+) -> RawSplits:
+    """One file per split read by ``read(path, max_rows)``; a missing file or a parse error names the file."""
+    out: RawSplits = {}
+    for split, name in files.items():
+        f = Path(root) / name
+        if not f.exists():
+            raise FileNotFoundError(f"{what} not found: {f} (set CTRSERVE_DATA_DIR)")
+        try:
+            out[split] = read(f, int(max_rows))
+        except ValueError as exc:
+            raise ValueError(f"{f}: {exc}") from None
+    return out
+
+
 def load_raw(loader: str, data_dir: Path, spec: Any, **source: Any) -> RawSplits:
     return get_loader(loader)(data_dir=data_dir, spec=spec, **source)
 

@@ -12,7 +12,7 @@ from typing import Any
 
 import numpy as np
 
-from . import RawSplits, register_loader
+from . import RawSplits, read_split_files, register_loader
 
 COLUMNS = ["id", "click", "hour", "C1", "banner_pos", "site_id", "site_domain", "site_category", "app_id",
            "app_domain", "app_category", "device_id", "device_ip", "device_model", "device_type",
@@ -47,14 +47,4 @@ def read_csv(path: Path, max_rows: int = 0) -> dict[str, np.ndarray]:
 
 @register_loader("avazu_csv")
 def load(data_dir: Path, spec: Any, path: str = "avazu_sample", max_rows: int = 0, **_: Any) -> RawSplits:
-    root = Path(data_dir) / path
-    out: RawSplits = {}
-    for split, name in FILES.items():
-        f = root / name
-        if not f.exists():
-            raise FileNotFoundError(f"Avazu sample not found: {f} (set CTRSERVE_DATA_DIR)")
-        try:
-            out[split] = read_csv(f, int(max_rows))
-        except ValueError as exc:
-            raise ValueError(f"{f}: {exc}") from None
-    return out
+    return read_split_files(Path(data_dir) / path, FILES, read_csv, "Avazu sample", max_rows)

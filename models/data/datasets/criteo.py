@@ -13,7 +13,7 @@ from typing import Any
 
 import numpy as np
 
-from . import RawSplits, register_loader
+from . import RawSplits, read_split_files, register_loader
 
 DENSE = [f"I{i}" for i in range(1, 14)]
 SPARSE = [f"C{i}" for i in range(1, 27)]
@@ -43,14 +43,4 @@ def read_tsv(path: Path, max_rows: int = 0) -> dict[str, np.ndarray]:
 
 @register_loader("criteo_tsv")
 def load(data_dir: Path, spec: Any, path: str = "criteo_sample", max_rows: int = 0, **_: Any) -> RawSplits:
-    root = Path(data_dir) / path
-    out: RawSplits = {}
-    for split, name in FILES.items():
-        f = root / name
-        if not f.exists():
-            raise FileNotFoundError(f"Criteo sample not found: {f} (set CTRSERVE_DATA_DIR)")
-        try:
-            out[split] = read_tsv(f, int(max_rows))
-        except ValueError as exc:
-            raise ValueError(f"{f}: {exc}") from None
-    return out
+    return read_split_files(Path(data_dir) / path, FILES, read_tsv, "Criteo sample", max_rows)
