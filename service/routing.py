@@ -25,6 +25,8 @@ from typing import Any
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from ctrserve.validation import describe
+
 BUCKETS = 10_000
 _NAME = r"^[A-Za-z0-9][A-Za-z0-9_.\-]{0,127}$"
 
@@ -106,10 +108,7 @@ def parse_config(raw: Any, source: str = "<routing>") -> RoutingConfig:
     try:
         return RoutingConfig.model_validate(raw)
     except ValidationError as exc:
-        problems = "; ".join(
-            (".".join(str(p) for p in e["loc"]) + ": " if e["loc"] else "") + e["msg"]
-            for e in exc.errors(include_url=False))
-        raise RoutingError(f"{source}: invalid routing config: {problems}") from None
+        raise RoutingError(f"{source}: invalid routing config: {describe(exc)}") from None
 
 
 def parse_yaml(text: str | bytes, source: str = "<routing>") -> RoutingConfig:

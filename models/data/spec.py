@@ -19,6 +19,8 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from ctrserve.validation import describe
+
 Side = Literal["user", "item", "context"]
 
 
@@ -126,7 +128,4 @@ def parse_spec(raw: Any, source: str = "<spec>") -> DatasetSpec:
     try:
         return DatasetSpec.model_validate(raw)
     except ValidationError as exc:
-        problems = "; ".join(
-            f"{'.'.join(str(p) for p in e['loc'])}: {e['msg']}" for e in exc.errors(include_url=False)
-        )
-        raise SpecError(f"{source}: invalid dataset spec: {problems}") from None
+        raise SpecError(f"{source}: invalid dataset spec: {describe(exc)}") from None
