@@ -27,6 +27,8 @@ from typing import Annotated
 import typer
 from rich.console import Console
 
+from ctrserve.net import free_port as _free_port
+
 console = Console()
 
 DEMO_DATA = {"n_rows": 60000, "n_users": 5000, "n_items": 2000, "n_cates": 30, "max_len": 50}
@@ -75,12 +77,6 @@ def step_export(run_dir: Path, repo: Path, name: str) -> Path:
     console.print(f"[bold]export[/] ONNX -> {result.version_dir} in {time.perf_counter() - t0:.1f} s "
                   f"(parity {'passed' if p.passed else 'FAILED'}, max |onnx - torch| {p.max_abs_diff:.1e})")
     return repo
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _wait(check, timeout: float, what: str, proc: subprocess.Popen | None = None, log: Path | None = None) -> None:

@@ -20,7 +20,6 @@ import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import sysconfig
@@ -30,6 +29,8 @@ import urllib.error
 import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
+
+from ctrserve.net import free_port
 
 from .triton_repo import CONFIG_FILE, read_config
 
@@ -68,12 +69,6 @@ def check_numpy() -> None:
     if int(numpy.__version__.split(".")[0]) >= 2:
         raise TritonError(f"numpy {numpy.__version__} is installed: the Python-backend stub is built against numpy "
                           "1.x and returns empty outputs with numpy 2; install numpy<2")
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _die_with_parent() -> None:

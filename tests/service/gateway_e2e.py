@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -15,6 +14,8 @@ from pathlib import Path
 
 import httpx
 import numpy as np
+
+from ctrserve.net import free_port
 
 ROUTING_E2E = """
 experiments:
@@ -51,12 +52,6 @@ def train_and_export(prepared: Path, work: Path) -> Exported:
         export_run(run, "onnx", repo, name="ctr", version=version, options=RepoOptions(version_policy="all"))
         runs[version] = run
     return Exported(repo, prepared, runs)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 class GatewayProcess:
