@@ -57,3 +57,7 @@ bench_app.command("all")(all_cmd)
 from .bench_gateway_overhead import gateway_cmd  # noqa: E402
 
 bench_app.command("gateway")(gateway_cmd)
+
+from .bench_graph import graph_cmd  # noqa: E402
+
+bench_app.command("graph")(graph_cmd)

@@ -38,7 +38,10 @@ def bench_dir() -> Path:
 
 # -- model -----------------------------------------------------------------------------------
 def ensure_run(model: str = "mgdin", retrain: bool = False, seed: int = 2026) -> Path:
-    """The newest finished benchmark run of ``model`` on the benchmark data, trained if absent."""
+    """The newest finished benchmark run of ``model`` on the benchmark data, trained if absent.
+
+    A model with calibrated masks (MGDIN) is benchmarked as it ships: the static-mask run that
+    ``ctrserve calibrate`` writes beside the trained one (no A0, no top-k in the graph)."""
     from ctrserve.models.cli import ensure_prepared
     from ctrserve.models.train.config import resolve_config
     from ctrserve.models.train.trainer import train
@@ -46,14 +49,30 @@ def ensure_run(model: str = "mgdin", retrain: bool = False, seed: int = 2026) ->
 
     prepared = ensure_prepared("synthetic", BENCH_DATA)
     runs_dir = settings().runs_dir
-    if not retrain:
-        for run in sorted((runs_dir / "synthetic" / model).glob("bench-s*"), reverse=True):
-            marker = run / "prepared_dir.txt"
-            if ((run / "model.pt").exists() and (run / "metrics.json").exists() and marker.exists()
-                    and Path(marker.read_text().strip()).resolve() == prepared.resolve()):
-                return run
-    cfg = resolve_config(model, "synthetic", overrides=BENCH_TRAIN, seed=seed, variant="bench")
-    return train(cfg, prepared, runs_dir, command="ctrserve bench", progress=False).run_dir
+    run = None if retrain else _newest_bench_run(runs_dir / "synthetic" / model, prepared)
+    if run is None:
+        cfg = resolve_config(model, "synthetic", overrides=BENCH_TRAIN, seed=seed, variant="bench")
+        run = train(cfg, prepared, runs_dir, command="ctrserve bench", progress=False).run_dir
+    return _static_masks_of(run) if model == "mgdin" else run
+
+
+def _newest_bench_run(model_dir: Path, prepared: Path) -> Path | None:
+    for run in sorted(model_dir.glob("bench-s*"), reverse=True):
+        marker = run / "prepared_dir.txt"
+        if ((run / "model.pt").exists() and (run / "metrics.json").exists() and marker.exists()
+                and Path(marker.read_text().strip()).resolve() == prepared.resolve()):
+            return run
+    return None
+
+
+def _static_masks_of(run: Path) -> Path:
+    """The static-mask run calibrated from ``run`` (made once, then reused)."""
+    from ctrserve.models.calibrate import calibrate_run
+
+    for cal in sorted(run.parent.glob("static_masks-s*/calibration.json"), reverse=True):
+        if Path(json.loads(cal.read_text())["source_run"]).resolve() == run.resolve():
+            return cal.parent
+    return calibrate_run(run, command="ctrserve bench (ensure_run)")[0]
 
 
 def ensure_export(run_dir: Path, repo: Path, name: str, version: int = 1) -> Path:
@@ -63,10 +82,20 @@ def ensure_export(run_dir: Path, repo: Path, name: str, version: int = 1) -> Pat
 
     version_dir = repo / name / str(version)
     if ((version_dir / "manifest.json").exists() and (version_dir / "model.onnx").exists()
-            and Path(Manifest.load(version_dir).run_dir).resolve() == Path(run_dir).resolve()):
+            and Path(Manifest.load(version_dir).run_dir).resolve() == Path(run_dir).resolve()
+            and not _sources_newer_than(version_dir / "model.onnx")):
         return version_dir
     export_run(run_dir, "onnx", repo, name=name, version=version, force=True)
     return version_dir
+
+
+def _sources_newer_than(path: Path) -> bool:
+    """True when model or exporter code changed after ``path`` was written: the same run would
+    export to another graph, and a cached one would measure the old code."""
+    from ctrserve.paths import REPO_ROOT
+
+    written = path.stat().st_mtime
+    return any(p.stat().st_mtime > written for d in ("models", "export") for p in (REPO_ROOT / d).rglob("*.py"))
 
 
 def prepared_of(run_dir: Path) -> Path:

@@ -52,26 +52,38 @@ def hierarchical_masks(a0: Tensor, ks: Sequence[int], straight_through: bool = F
     flat = a0.flatten(-2)
     values, order = flat.detach().topk(pairs, dim=-1)  # descending
     positions = torch.arange(pairs, device=a0.device).expand_as(order)
-    rank = torch.zeros_like(order).scatter(-1, order, positions)  # rank[i] = place of entry i in the sort
-    masks = torch.stack([rank < k for k in ks], dim=-2).to(a0.dtype)  # [..., L, m*m]
-    if straight_through:
-        soft = []
-        for k in ks:
-            if 0 < k < pairs:
-                threshold = (values[..., k - 1 : k] + values[..., k : k + 1]) / 2
-                soft.append(torch.sigmoid((flat - threshold) / temperature))
-            else:  # all open or all closed: the mask does not depend on A0
-                soft.append(torch.zeros_like(flat))
-        surrogate = torch.stack(soft, dim=-2)
-        masks = masks + (surrogate - surrogate.detach())  # exactly +0.0 in the forward pass
+    # rank[i] = place of entry i in the sort; order is a permutation, so the scatter overwrites every
+    # entry of its base (order itself: no zeros tensor to build in the exported graph)
+    rank = order.scatter(-1, order, positions)
+    # the layers' masks concatenated flat and reshaped once (no Unsqueeze per layer in the graph)
+    flat_masks = torch.cat([rank < k for k in ks], dim=-1).to(a0.dtype)  # [..., L*m*m]
+    if not straight_through:
+        return flat_masks.unflatten(-1, (len(ks), m, m))
+    soft = []
+    for k in ks:
+        if 0 < k < pairs:
+            threshold = (values[..., k - 1 : k] + values[..., k : k + 1]) / 2
+            soft.append(torch.sigmoid((flat - threshold) / temperature))
+        else:  # all open or all closed: the mask does not depend on A0
+            soft.append(torch.zeros_like(flat))
+    surrogate = torch.stack(soft, dim=-2)
+    masks = flat_masks.unflatten(-1, (len(ks), pairs)) + (surrogate - surrogate.detach())  # exactly +0.0 forward
     return masks.unflatten(-1, (m, m))
 
 
 def masked_attention_weights(scores: Tensor, mask: Tensor) -> Tensor:
     """Softmax over kept entries only (masked entries at −∞), written multiplicatively,
     ``exp(s - max) · M / Σ exp(s - max) · M``, so that a straight-through mask still passes a
-    gradient. Rows with nothing kept give zeros."""
+    gradient. Rows with nothing kept give zeros.
+
+    A mask without gradient (layer-1 A0, static masks, inference) takes the same function in
+    three ops: ``softmax(where(M, s, -1e9)) · M``. Masked entries get exactly zero weight from the
+    max-shift (kept scores are far above -1e9) and an all-masked row's uniform weights are zeroed by
+    ``· M``. The multiplicative chain below is eight more elementwise nodes per layer in the exported
+    graph."""
     keep = mask > 0
+    if not mask.requires_grad:
+        return torch.softmax(torch.where(keep, scores, _NEG), dim=-1) * mask
     row_max = scores.detach().masked_fill(~keep, _NEG).amax(dim=-1, keepdim=True)
     # masked entries may exceed the kept maximum: clamp so exp never overflows (they are x0 anyway)
     e = torch.exp((scores - row_max).clamp(max=0.0)) * mask
@@ -89,7 +101,14 @@ class PerTokenFFN(nn.Module):
         self.drop = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
 
     def forward(self, x: Tensor) -> Tensor:
-        return self.down(self.drop(self.act(self.up(x))))
+        if self.training and isinstance(self.drop, nn.Dropout):
+            # dropout draws its mask in [B, m, hidden] order: keep that order, so a seed gives the masks it gave
+            return self.down(self.drop(self.act(self.up(x))))
+        # the same map with the hidden activations token-major ([m, B, hidden]): both products are
+        # batched matmuls over the m positions with one transpose in (which ONNX Runtime folds into
+        # the matmul) and one out, instead of one pair per TokenwiseLinear
+        h = self.act(x.transpose(0, 1) @ self.up.weight + self.up.bias.unsqueeze(1))
+        return (h @ self.down.weight).transpose(0, 1) + self.down.bias
 
 
 class DeferredLayer(nn.Module):
@@ -122,18 +141,39 @@ class DeferredLayer(nn.Module):
 
     def scores(self, x: Tensor) -> Tensor:
         """Scaled attention scores ``[B, H, m, m]`` of this layer's own Q/K on ``x``."""
+        if self.heads == 1:
+            return self._single_head_scores(x).unsqueeze(1)
         return self._heads(self.q(x)) @ self._heads(self.k(x)).transpose(-1, -2) * self.scale
 
-    def forward(self, x: Tensor, mask: Tensor | None = None, scores: Tensor | None = None) -> Tensor:
-        s = self.scores(x) if scores is None else scores
+    def _single_head_scores(self, x: Tensor) -> Tensor:
+        # one head: no split into heads, whose reshapes and transposes are graph nodes too
+        return self.q(x) @ self.k(x).transpose(-1, -2) * self.scale  # [B, m, m]
+
+    def _attend(self, x: Tensor, mask: Tensor | None, scores: Tensor | None) -> Tensor:
+        """Attention output ``Z`` ``[B, m, d]`` (before the residual)."""
+        if self.heads == 1:
+            # [B, m, m]; the mask ([B, m, m] or [m, m]) broadcasts as it is
+            s = self._single_head_scores(x) if scores is None else scores.squeeze(1)
+        else:
+            s = self.scores(x) if scores is None else scores
+            mask = None if mask is None else mask.unsqueeze(-3)  # the same indicator for every head
         if mask is None:
             w = torch.softmax(s, dim=-1) if self.attention == "softmax" else s
         else:
-            mask = mask.unsqueeze(-3)  # the same indicator for every head
             w = masked_attention_weights(s, mask) if self.attention == "softmax" else s * mask
-        z = (w @ self._heads(self.v(x))).transpose(1, 2).reshape(-1, self.tokens, self.dim)
-        z_hat = self.norm1(z + x)
-        return self.norm2(self.ffn(z_hat) + z_hat)
+        if self.heads == 1:
+            return w @ self.v(x)
+        return (w @ self._heads(self.v(x))).transpose(1, 2).reshape(-1, self.tokens, self.dim)
+
+    def forward(self, x: Tensor, mask: Tensor | None = None, scores: Tensor | None = None) -> Tensor:
+        z = self._attend(x, mask, scores)
+        m, d = self.tokens, self.dim
+        # LN(Z + X) and LN(PFFN(Ẑ) + Ẑ) with each norm taken on [B·m, d] rows: ONNX Runtime fuses
+        # a 3-D Add directly followed by a LayerNorm into SkipLayerNormalization, whose CPU kernel
+        # measured ~5x slower than Add + LayerNormalization at d = 32 (loadtests/bench_graph.py);
+        # the reshape between them prevents that. Same values: the norm is per row either way.
+        z_hat = self.norm1((z + x).reshape(-1, d)).reshape(-1, m, d)
+        return self.norm2((self.ffn(z_hat) + z_hat).reshape(-1, d)).reshape(-1, m, d)
 
 
 class A0Score(nn.Module):

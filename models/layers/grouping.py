@@ -34,7 +34,10 @@ class TokenwiseLinear(nn.Module):
         nn.init.uniform_(self.weight, -bound, bound)
 
     def forward(self, x: Tensor) -> Tensor:
-        return torch.einsum("bmi,mio->bmo", x, self.weight) + self.bias
+        # a batched matmul over the positions rather than einsum: ONNX Runtime's Einsum kernel
+        # measured slower than MatMul at these shapes (ORT folds the transpose in; see
+        # loadtests/bench_graph.py); the bias is added batch-major, one contiguous [m, out] block per row
+        return (x.transpose(0, 1) @ self.weight).transpose(0, 1) + self.bias
 
 
 def group_tokens(x: Tensor, granularity: int, num_tokens: int | None = None) -> Tensor:

@@ -60,13 +60,19 @@ class SequencePooling(nn.Module):
             if keys.shape[0] == 1 and query.dim() == 2:
                 # one shared history: static at export (user inputs have batch 1), so no branch
                 # survives in the graph; equal maths, one GEMM instead of B x L dot products
-                scores = (query @ keys[0].transpose(0, 1)) * self.scale  # [B, L]
-                # padded events get -1e9: exactly zero weight after the softmax's max-shift, so
+                # padded events get -1e9 added: exactly zero weight after the softmax's max-shift, so
                 # masked_softmax's re-masking and re-normalisation (two more [B, L] passes) are
-                # not needed; an empty history pools to zeros through the [1, 1] factor instead
-                weights = torch.softmax(scores.masked_fill(~mask, -1e9), dim=-1)  # mask [1, L]
-                has_events = mask.any(dim=-1, keepdim=True).to(weights.dtype)
-                return {f: (weights @ emb[f][0]) * has_events for f in self.fields}
+                # not needed; an empty history pools to zeros through the [1, 1] factor instead.
+                # The -1e9 is a [1, L] bias of one GEMM (scale, product and bias: ONNX Gemm) rather
+                # than a [B, L] masked_fill pass.
+                bias = torch.where(mask, 0.0, -1e9).to(keys.dtype)  # [1, L]
+                scores = torch.addmm(bias, query, keys[0].transpose(0, 1), alpha=self.scale)  # [B, L]
+                weights = torch.softmax(scores, dim=-1)
+                has_events = mask.to(weights.dtype).amax(dim=-1, keepdim=True)  # [1, 1]: 1 or 0
+                # the fields' pooled vectors in one product with the concatenated keys, then split
+                pooled = (weights @ keys[0]) * has_events  # [B, F*d]
+                return dict(zip(self.fields, pooled.split([emb[f].shape[-1] for f in self.fields], dim=-1),
+                                strict=True))
             scores = torch.einsum("bld,bd->bl", keys, query) * self.scale
             weights = masked_softmax(scores, mask).unsqueeze(-1)
         else:

@@ -37,5 +37,8 @@ class FieldTokens(nn.Module):
         for name, pool in self.pools.items():
             emb.update(pool(emb, batch[self.seq_items[name]]))
         # user-side tokens may have batch 1 and candidate-side ones batch B (serving): broadcast
-        # to the common batch (views, no copy; a no-op when every batch is B, as in training)
-        return torch.stack(torch.broadcast_tensors(*(emb[n] for n in self.order)), dim=1)
+        # to the common batch (views, no copy; a no-op when every batch is B, as in training).
+        # cat + reshape is stack(dim=1) for [B, d] tokens, without one Unsqueeze per token in the
+        # exported graph
+        tokens = torch.cat(torch.broadcast_tensors(*(emb[n] for n in self.order)), dim=-1)
+        return tokens.reshape(tokens.shape[0], self.num_fields, self.dim)

@@ -59,7 +59,8 @@ class DeferredBranch(nn.Module):
         """A0 ``[B, m, m]`` from the first-layer representations (eq. 3)."""
         if self.a0_score is not None:
             return self.a0_score(x0.detach() if self.ste_detach_input else x0)
-        return first_scores.mean(dim=1)  # layer 1's own scores; heads averaged
+        # layer 1's own scores, heads averaged (one head: a squeeze, not a ReduceMean in the graph)
+        return first_scores.squeeze(1) if first_scores.shape[1] == 1 else first_scores.mean(dim=1)
 
     def dynamic_masks(self, x0: Tensor, first_scores: Tensor) -> Tensor:
         return hierarchical_masks(self.a0(x0, first_scores), self.ks,
@@ -78,8 +79,9 @@ class DeferredBranch(nn.Module):
             masks = self.static_masks  # [L, m, m], broadcast over the batch
         else:
             masks = self.dynamic_masks(x, first_scores)  # [B, L, m, m]
-        for i, layer in enumerate(self.layers):
-            x = layer(x, None if masks is None else masks[..., i, :, :], first_scores if i == 0 else None)
+        per_layer = [None] * len(self.layers) if masks is None else masks.unbind(-3)  # one Split, no Squeeze per layer
+        for i, (layer, mask) in enumerate(zip(self.layers, per_layer, strict=True)):
+            x = layer(x, mask, first_scores if i == 0 else None)
         return x
 
 

@@ -1,0 +1,180 @@
+"""``ctrserve bench graph``: how well the benchmark model's ONNX graph uses one core, in isolation.
+
+``bench all`` reports ``ort_gflops_over_peak`` once, between many other figures. This command
+answers only that question and is cheap enough to run after every graph change:
+
+* the benchmark run (``ensure_run``: MGDIN, synthetic data, L = 600) exported with the current
+  code to a scratch repository (parity-gated as always), unless ``--onnx`` names a file;
+* op counts of the exported graph and of ONNX Runtime's optimised graph (what actually runs);
+* FLOPs of one 100-candidate request (``flops.count_flops``), the fp32 matmul peak
+  (``flops.sgemm_peak``) and ORT's p50 — the same ratio ``bench all`` reports;
+* ``--compare FILE`` (repeatable): other ONNX files of the same model (e.g. an older export), timed
+  interleaved with the current one, round by round, so a busy machine hits every variant alike;
+* ORT's per-operator profile of the first graph (``flops.ort_profile_events``).
+
+Sessions are set up as the gateway's backend (``bench_all._ort_session``: 1 intra-op thread,
+sequential, full graph optimisation). Nothing is recorded in docs/: the figures of record come
+from ``bench all``.
+"""
+
+from __future__ import annotations
+
+import tempfile
+import time
+from collections import Counter
+from pathlib import Path
+from typing import Annotated, Any
+
+import numpy as np
+import typer
+
+
+def graph_ops(path: Path) -> Counter[str]:
+    """Op types of the ONNX file's main graph, with counts."""
+    import onnx
+
+    return Counter(n.op_type for n in onnx.load(str(path), load_external_data=False).graph.node)
+
+
+def optimized_ops(path: Path) -> Counter[str]:
+    """Op types of ONNX Runtime's optimised graph (full optimisation, CPU), i.e. the kernels that run."""
+    import onnxruntime as ort
+
+    with tempfile.TemporaryDirectory() as tmp:
+        opts = ort.SessionOptions()
+        opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        opts.intra_op_num_threads = 1
+        opts.log_severity_level = 3
+        opts.optimized_model_filepath = str(Path(tmp) / "optimized.onnx")
+        ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+        return graph_ops(Path(opts.optimized_model_filepath))
+
+
+def interleaved_latency(paths: dict[str, Path], feed: dict[str, np.ndarray], rounds: int,
+                        per_round: int) -> dict[str, dict[str, Any]]:
+    """Per-call latency (ms) of each graph on ``feed``: ``rounds`` rounds, every variant ``per_round``
+    calls per round, variants alternating (order reversed every other round). Also checks that all
+    variants give the same scores (they must be the same model)."""
+    from .bench_all import _ort_session
+
+    sessions = {k: _ort_session(p) for k, p in paths.items()}
+    ref = None
+    for label, sess in sessions.items():
+        names = [i.name for i in sess.get_inputs()]
+        for _ in range(20):  # warm-up
+            out = sess.run(None, {n: feed[n] for n in names})[0]
+        if ref is None:
+            ref = out
+        elif out.shape != ref.shape or float(np.max(np.abs(out - ref))) > 1e-4:
+            raise RuntimeError(f"{label} gives other scores than {next(iter(paths))}: not the same model")
+    samples: dict[str, list[float]] = {k: [] for k in sessions}
+    round_p50: dict[str, list[float]] = {k: [] for k in sessions}
+    order = list(sessions)
+    for r in range(rounds):
+        for label in order if r % 2 == 0 else order[::-1]:
+            sess = sessions[label]
+            f = {i.name: feed[i.name] for i in sess.get_inputs()}
+            ts = []
+            for _ in range(per_round):
+                t0 = time.perf_counter()
+                sess.run(None, f)
+                ts.append((time.perf_counter() - t0) * 1e3)
+            samples[label] += ts
+            round_p50[label].append(float(np.median(ts)))
+    return {k: {"p50_ms": float(np.median(v)), "round_p50_ms": round_p50[k], "n": len(v)}
+            for k, v in samples.items()}
+
+
+def run(onnx_file: Path | None = None, compare: list[Path] | None = None, candidates: int = 100,
+        rounds: int = 6, per_round: int = 200, profile_runs: int = 50, run_dir: Path | None = None,
+        log: Any = print) -> dict[str, Any]:
+    import torch
+
+    from ctrserve.export.exporter import export_run
+    from ctrserve.export.manifest import Manifest
+
+    from . import flops
+    from .bench_models import build_requests
+    from .run_load import bench_dir, ensure_run, prepared_of
+
+    torch.set_num_threads(1)
+    run_dir = Path(run_dir) if run_dir else ensure_run("mgdin")
+    if onnx_file is None:
+        log(f"[bench graph] exporting {run_dir.name} with the current code (parity-gated)")
+        repo = bench_dir() / "graph_repository"
+        res = export_run(run_dir, "onnx", repo, name="mgdin", version=1, force=True)
+        onnx_file, manifest = res.version_dir / res.manifest.file, res.manifest
+    else:
+        onnx_file = Path(onnx_file)
+        manifest = Manifest.load(onnx_file.parent)
+    feed = build_requests(manifest, prepared_of(run_dir), [candidates])[candidates]
+    paths = {"current": onnx_file, **{f"compare:{p}": Path(p) for p in compare or []}}
+    missing = [str(p) for p in paths.values() if not p.exists()]
+    if missing:
+        raise FileNotFoundError(f"no such ONNX file(s): {missing}")
+
+    log("[bench graph] op counts, FLOPs")
+    graphs = {}
+    for label, path in paths.items():
+        ops, opt = graph_ops(path), optimized_ops(path)
+        count = flops.count_flops(path, feed)
+        graphs[label] = {"file": str(path), "nodes": sum(ops.values()), "ops": dict(ops.most_common()),
+                         "ort_nodes": sum(opt.values()), "ort_ops": dict(opt.most_common()),
+                         "flops": count.total, "flops_by_op": count.by_op, "flop_nodes": count.nodes,
+                         "skipped": count.skipped}
+    log("[bench graph] fp32 matmul peak (1 thread)")
+    peak = flops.sgemm_peak(threads=1)
+    log(f"[bench graph] ORT latency at B={candidates}: {rounds} interleaved rounds x {per_round} calls")
+    lat = interleaved_latency(paths, feed, rounds, per_round)
+    for label, g in graphs.items():
+        g.update(lat[label])
+        g["gflops"] = g["flops"] / (g["p50_ms"] / 1e3) / 1e9
+        g["gflops_over_peak"] = g["gflops"] / peak["peak_gflops"]
+    log(f"[bench graph] ORT profile of {onnx_file} ({profile_runs} runs)")
+    events = flops.ort_profile_events(onnx_file, feed, runs=profile_runs)
+    profile = flops.aggregate_profile(events, profile_runs)
+    return {"run_dir": str(run_dir), "candidates": candidates, "peak_gflops": peak["peak_gflops"], "peak": peak,
+            "graphs": graphs, "profile": profile}
+
+
+def graph_cmd(
+    onnx: Annotated[Path | None, typer.Option(help="ONNX file to measure (its directory must hold the manifest; "
+                                              "default: export the benchmark run with the current code)")] = None,
+    compare: Annotated[list[Path] | None, typer.Option(help="other ONNX file(s) of the same model, timed "
+                                                       "interleaved with the first (repeat)")] = None,
+    candidates: Annotated[int, typer.Option(help="candidates per request")] = 100,
+    rounds: Annotated[int, typer.Option(help="interleaved rounds")] = 6,
+    per_round: Annotated[int, typer.Option(help="calls per graph per round")] = 200,
+    profile_runs: Annotated[int, typer.Option(help="runs under ORT's profiler")] = 50,
+    run_dir: Annotated[Path | None, typer.Option("--run", help="run directory (default: the benchmark run)")] = None,
+) -> None:
+    """Op counts, FLOPs, ORT p50 and GFLOP/s over the fp32 matmul peak of the benchmark model's graph."""
+    from rich.console import Console
+    from rich.table import Table
+
+    console = Console()
+    if candidates < 1 or rounds < 1 or per_round < 1 or profile_runs < 1:
+        console.print("[red]error:[/] --candidates, --rounds, --per-round and --profile-runs must be >= 1")
+        raise typer.Exit(2)
+    try:
+        out = run(onnx, compare, candidates, rounds, per_round, profile_runs, run_dir, log=console.print)
+    except (RuntimeError, ValueError, FileNotFoundError) as exc:
+        console.print(f"[red]error:[/] {exc}")
+        raise typer.Exit(1) from None
+    table = Table(title=f"B={out['candidates']}, 1 ORT thread; fp32 matmul peak {out['peak_gflops']:.1f} GFLOP/s")
+    for col in ("graph", "nodes", "ORT nodes", "MFLOP", "p50 ms", "round p50s", "GFLOP/s", "/ peak"):
+        table.add_column(col)
+    for label, g in out["graphs"].items():
+        table.add_row(label, str(g["nodes"]), str(g["ort_nodes"]), f"{g['flops'] / 1e6:.1f}", f"{g['p50_ms']:.3f}",
+                      " ".join(f"{x:.2f}" for x in g["round_p50_ms"]), f"{g['gflops']:.1f}",
+                      f"{g['gflops_over_peak']:.3f}")
+    console.print(table)
+    for label, g in out["graphs"].items():
+        console.print(f"{label}: graph ops {g['ops']}")
+        console.print(f"{label}: ORT ops {g['ort_ops']}")
+    prof = Table(title="ORT per-op kernel time of the first graph (profiler on)")
+    for col in ("op", "ms / run", "share"):
+        prof.add_column(col)
+    for op, ms, share in out["profile"]:
+        prof.add_row(op, f"{ms:.4f}", f"{share:.1%}")
+    console.print(prof)
