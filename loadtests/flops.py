@@ -221,6 +221,26 @@ def sgemm_peak(threads: int = 1, sizes: tuple[int, ...] = (256, 512, 1024), reps
     return out
 
 
+def efficiency(sess: Any, feed: dict[str, np.ndarray], flop_count: int, rounds: int = 5, reps: int = 100,
+               threads: int = 1) -> dict[str, Any]:
+    """The model's GFLOP/s over the fp32 matmul peak, both timed the same way and interleaved:
+    each round measures the peak (``sgemm_peak``) and then ``reps`` runs of ``sess`` on ``feed``.
+    The peak is the best round's (a peak); the model's time is the median of all its runs."""
+    times: list[float] = []
+    peaks: list[float] = []
+    sess.run(None, feed)
+    for _ in range(rounds):
+        peaks.append(sgemm_peak(threads=threads)["peak_gflops"])
+        for _ in range(reps):
+            t0 = time.perf_counter()
+            sess.run(None, feed)
+            times.append(time.perf_counter() - t0)
+    p50 = float(np.median(times))
+    gflops = flop_count / p50 / 1e9
+    return {"model_p50_ms": p50 * 1e3, "gflops": gflops, "peak_gflops": max(peaks), "round_peaks": peaks,
+            "ratio": gflops / max(peaks), "rounds": rounds, "reps": reps}
+
+
 # -- where ONNX Runtime spends its time ------------------------------------------------------
 def ort_profile_events(model_path: Path, inputs: dict[str, np.ndarray], runs: int = 20,
                        threads: int = 1) -> list[dict[str, Any]]:

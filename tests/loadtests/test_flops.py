@@ -86,3 +86,17 @@ def test_profile_aggregation_and_shape_share() -> None:
     ms, share = flops.shape_share(events, 2, (100, 600))
     assert ms == pytest.approx(0.45) and share == pytest.approx(0.9)
     assert flops.shape_share(events, 2, (100, 100)) == (0.0, 0.0)  # needs 100 twice
+
+
+def test_efficiency_times_the_model_like_the_peak(monkeypatch) -> None:
+    """The ratio is the model's GFLOP/s (FLOPs / median run time) over the best round's peak."""
+    import onnxruntime as ort
+
+    peaks = iter([50.0, 80.0, 60.0])
+    monkeypatch.setattr(flops, "sgemm_peak", lambda threads=1: {"peak_gflops": next(peaks)})
+    sess = ort.InferenceSession(flops._matmul_model(64), providers=["CPUExecutionProvider"])
+    feed = {"a": np.ones((64, 64), np.float32), "b": np.ones((64, 64), np.float32)}
+    out = flops.efficiency(sess, feed, 2 * 64**3, rounds=3, reps=5)
+    assert out["peak_gflops"] == 80.0 and out["round_peaks"] == [50.0, 80.0, 60.0]
+    assert out["gflops"] == pytest.approx(2 * 64**3 / (out["model_p50_ms"] / 1e3) / 1e9)
+    assert out["ratio"] == pytest.approx(out["gflops"] / 80.0)
