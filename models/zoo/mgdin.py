@@ -27,6 +27,7 @@ from ..layers.tokens import FieldTokens
 from ..registry import register
 
 A0Mode = Literal["layer1", "ste"]
+InputNorm = bool | Literal["layer", "batch"]
 MaskMode = Literal["dynamic", "static"]
 
 
@@ -36,16 +37,19 @@ class DeferredBranch(nn.Module):
     def __init__(self, num_tokens: int, embedding_dim: int, granularity: int, model_dim: int,
                  ratios: Sequence[float], heads: int, ffn_dim: int | None, attention: Attention,
                  a0_mode: A0Mode, deferred: bool, dropout: float, ste_temperature: float,
-                 input_norm: bool = False, ste_detach_input: bool = True):
+                 input_norm: InputNorm = False, ste_detach_input: bool = True):
         super().__init__()
         self.granularity = granularity
         # ste: the surrogate gradient trains Q0/K0 only; letting it reach X0 (embeddings and group
         # projections) diverged on Frappe (docs/models/mgdin.md, r03)
         self.ste_detach_input = ste_detach_input
         self.group = GroupProjection(num_tokens, embedding_dim, granularity, model_dim)
-        # optional LN on X0: L2-regularised embeddings are tiny, which leaves A0 near zero
-        self.input_norm = nn.LayerNorm(model_dim) if input_norm else nn.Identity()
         m = self.groups = self.group.groups
+        # optional norm on X0 (a deviation, docs/models/mgdin.md): L2-regularised embeddings are tiny
+        # (row norms ~0.02), so X0 = W·x + b is mostly its bias. "layer" (or true): LayerNorm per token;
+        # "batch": BatchNorm per (group, channel), which removes the bias and rescales the signal to
+        # unit variance as the baselines' BatchNorm after their first layer does
+        self.input_norm = _input_norm(input_norm, m, model_dim)
         self.deferred, self.a0_mode, self.ste_temperature = deferred, a0_mode, ste_temperature
         self.ks = deferred_k(m, ratios) if deferred else [m * m] * len(ratios)
         self.layers = nn.ModuleList(
@@ -108,7 +112,7 @@ class MGDIN(nn.Module):
         batch_norm: bool = True,
         ffn_dropout: float = 0.0,
         ste_temperature: float = 1.0,
-        input_norm: bool = False,
+        input_norm: InputNorm = False,
         ste_detach_input: bool = True,
         head_embeddings: bool = False,
         seq_pooling: str = "target",
@@ -195,6 +199,27 @@ class MGDIN(nn.Module):
             branch.static_masks.copy_(mask.to(branch.static_masks.dtype))
         self.masks_calibrated.fill_(True)
         self._static_ready = True
+
+
+class _TokenBatchNorm(nn.Module):
+    """BatchNorm over ``[B, m, d]`` with one channel per (token, feature): an affine constant at eval."""
+
+    def __init__(self, tokens: int, dim: int):
+        super().__init__()
+        self.norm = nn.BatchNorm1d(tokens * dim)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.norm(x.flatten(1)).view_as(x)
+
+
+def _input_norm(kind: InputNorm, tokens: int, dim: int) -> nn.Module:
+    if kind is False or kind is None:
+        return nn.Identity()
+    if kind is True or kind == "layer":
+        return nn.LayerNorm(dim)
+    if kind == "batch":
+        return _TokenBatchNorm(tokens, dim)
+    raise ValueError(f"input_norm must be false, true/'layer' or 'batch', got {kind!r}")
 
 
 def _sync_calibrated(module: nn.Module, incompatible_keys: object) -> None:

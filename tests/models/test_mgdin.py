@@ -240,6 +240,7 @@ def test_features_are_ordered_densest_first(tiny_fmap) -> None:
     {"a0_mode": "ste", "attention": "raw"},
     {"heads": 2, "pooling": "flatten", "input_norm": True},
     {"windows": (1, 2), "head_embeddings": True},
+    {"input_norm": "batch"},
 ])
 def test_every_parameter_gets_a_gradient(tiny_fmap, tiny_batch, params) -> None:
     batch, labels = tiny_batch
@@ -249,6 +250,30 @@ def test_every_parameter_gets_a_gradient(tiny_fmap, tiny_batch, params) -> None:
     assert not dead, f"parameters without gradient: {dead}"
     if params.get("a0_mode") == "ste":
         assert any(".a0_score." in n for n, _ in model.named_parameters())
+
+
+@pytest.mark.quick
+def test_batch_input_norm_standardises_x0_per_group_channel(tiny_fmap, tiny_batch) -> None:
+    """input_norm="batch": in training each (group, channel) of X0 has batch mean 0 and variance 1,
+    whatever the (tiny) embedding scale and the projection bias; at eval it is a fixed affine map."""
+    batch, _ = tiny_batch
+    model = make(tiny_fmap, input_norm="batch", windows=(2,))
+    with torch.no_grad():
+        for table in model.tokens.embedding.tables.values():
+            table.weight.normal_(0.0, 0.1)  # signal variance well above BatchNorm's eps (1e-5)
+        model.branches[0].group.proj.bias.add_(5.0)  # a bias that dominates X0
+    model.train()
+    x0 = model.branches[0].x0(model.tokens(batch))
+    assert x0.mean(0).abs().max() < 1e-3
+    var = x0.var(0, unbiased=False)
+    varying = var > 1e-3  # constant channels (a group of zero padding) stay at 0
+    assert varying.float().mean() > 0.5
+    assert var[varying].median() > 0.97 and var[varying].max() < 1.0 + 1e-4  # eps keeps it just below 1
+    model.eval()
+    a, b = model(batch), model(batch)
+    assert torch.equal(a, b)
+    with pytest.raises(ValueError, match="input_norm"):
+        make(tiny_fmap, input_norm="group")
 
 
 @pytest.mark.quick
