@@ -12,7 +12,9 @@ One process run, MGDIN, the benchmark's fixed 100-candidate request, a private r
    session with 1 or 2 threads, one session per thread, intra-op 2 with spinning off / on —
    sequential p50 (interleaved rounds) and candidates/s with 4 concurrent callers.
 5. ``asgi``: the whole app called in-process (no HTTP), interleaved with raw ORT, with the stage
-   means from its metrics, and raw ORT run right after each request (the caches a request leaves).
+   means from its metrics, and raw ORT run right after each request (the caches a request leaves);
+   the event loop's CPU per request with the scoring fast path (the default) and through the
+   FastAPI route it bypasses, interleaved. The stage means cover both.
 6. ``e2e``: gateway subprocesses (``ctrserve serve``), one per configuration, each measured with
    sequential requests interleaved with raw ORT runs on the same inputs: the ratio e2e p50 / ORT p50
    (target <= 1.25) holds on a busy machine because both see the same noise.
@@ -172,9 +174,13 @@ class _Runner:
     """One way to run inference from the event loop."""
 
     def __init__(self, name: str, path: Path, pool_threads: int | None, per_thread: bool = False, intra: int = 1,
-                 spin: bool = True):
+                 spin: bool = True, workers: bool = False):
+        from ctrserve.service.backends.onnxruntime import Workers
+
         self.name = name
         self.pool = ThreadPoolExecutor(pool_threads, thread_name_prefix="bench") if pool_threads else None
+        # the gateway's own hand-off (queue + call_soon_threadsafe) instead of the executor
+        self.workers = Workers(self, pool_threads or 1, "bench-workers") if workers else None
         self.path, self.intra, self.spin = path, intra, spin
         self.per_thread = per_thread
         self.shared = None if per_thread else _session(path, intra, spin)
@@ -192,6 +198,8 @@ class _Runner:
         return self._sess().run(None, feed)[0]
 
     async def __call__(self, feed: dict[str, np.ndarray]) -> Any:
+        if self.workers is not None:
+            return await self.workers.submit(self._run, feed)
         if self.pool is None:
             return self._run(feed)
         return await asyncio.get_running_loop().run_in_executor(self.pool, self._run, feed)
@@ -199,13 +207,16 @@ class _Runner:
     def close(self) -> None:
         if self.pool is not None:
             self.pool.shutdown()
+        if self.workers is not None:
+            self.workers.close()
 
 
 def hop_runners(path: Path) -> list[_Runner]:
     return [
         _Runner("direct on the loop (reference)", path, None),
         _Runner("shared session, pool 2 (old default)", path, 2),
-        _Runner("shared session, pool 1 (dedicated executor)", path, 1),
+        _Runner("shared session, executor of 1 thread (before)", path, 1),
+        _Runner("shared session, 1 worker thread (gateway)", path, 1, workers=True),
         _Runner("session per thread, pool 2", path, 2, per_thread=True),
         _Runner("intra-op 2 spinning off, pool 1", path, 1, intra=2, spin=False),
         _Runner("intra-op 2 spinning on, pool 1", path, 1, intra=2, spin=True),
@@ -217,12 +228,15 @@ async def _hop(runners: list[_Runner], feed: dict[str, np.ndarray], rounds: int,
     for r in runners:  # warm every thread's session
         await asyncio.gather(*(r(feed) for _ in range(4)))
     seq: dict[str, list[float]] = {r.name: [] for r in runners}
+    loop_cpu = {r.name: 0.0 for r in runners}  # the event loop thread's CPU (all of ORT when run directly)
     for _ in range(rounds):
         for r in runners:
+            c0 = time.thread_time()
             for _ in range(per_round):
                 t0 = time.perf_counter()
                 await r(feed)
                 seq[r.name].append((time.perf_counter() - t0) * 1e3)
+            loop_cpu[r.name] += time.thread_time() - c0
     out: dict[str, dict[str, float]] = {}
     ref = _p50(seq[runners[0].name])
     for r in runners:
@@ -240,6 +254,7 @@ async def _hop(runners: list[_Runner], feed: dict[str, np.ndarray], rounds: int,
         wall = time.monotonic() - t0
         p50 = _p50(seq[r.name])
         out[r.name] = {"p50_ms": round(p50, 3), "over_direct": round(p50 / ref, 3),
+                       "loop_cpu_us_per_call": round(loop_cpu[r.name] * 1e6 / len(seq[r.name]), 1),
                        "candidates_per_s": round(done * b / wall, 0)}
     return out
 
@@ -304,19 +319,34 @@ async def _asgi(repo: Path, redis_url: str, body: bytes, sess: Any, feed: dict[s
                     runs.append((time.perf_counter() - t0) * 1e3)
 
             loaded.backend._run = timed
+        from ctrserve.service.api import GatewayMiddleware
+
+        mw: Any = app.middleware_stack
+        while not isinstance(mw, GatewayMiddleware):
+            mw = mw.app
         before = snap()
+        first_run = len(runs)
         alt: list[float] = []  # raw ORT right after each request: the caches a request leaves behind
+        # CPU of this (the event loop's) thread per request: robust to a busy machine. The scoring
+        # fast path (the default) and the FastAPI route it bypasses, interleaved
+        loop_cpu = {True: 0.0, False: 0.0}
+        via_fastapi: list[float] = []
         for _ in range(rounds):
-            for _ in range(per_round):
-                t0 = time.perf_counter()
-                await call()
-                a.append((time.perf_counter() - t0) * 1e3)
+            for fast, times in ((True, a), (False, via_fastapi)):
+                mw.fast_score = fast
+                c0 = time.thread_time()
+                for _ in range(per_round):
+                    t0 = time.perf_counter()
+                    await call()
+                    times.append((time.perf_counter() - t0) * 1e3)
+                loop_cpu[fast] += time.thread_time() - c0
+            mw.fast_score = True
             for _ in range(per_round):
                 t0 = time.perf_counter()
                 sess.run(None, feed)
                 o.append((time.perf_counter() - t0) * 1e3)
         stages = stage_breakdown(before, snap())
-        in_thread = float(np.mean(runs[-len(a):]))
+        in_thread = float(np.mean(runs[first_run:]))
         for _ in range(rounds * per_round // 2):
             await call()
             t0 = time.perf_counter()
@@ -327,18 +357,64 @@ async def _asgi(repo: Path, redis_url: str, body: bytes, sess: Any, feed: dict[s
             "app_minus_ort_ms": round(pa - po, 3), "app_mean_ms": round(float(np.mean(a)), 3),
             "ort_mean_ms": round(float(np.mean(o)), 3), "ort_after_each_request_mean_ms": round(float(np.mean(alt)), 3),
             "ort_run_in_gateway_thread_mean_ms": round(in_thread, 3),
+            "event_loop_cpu_ms_per_req": round(loop_cpu[True] * 1e3 / len(a), 3),
+            "fastapi_route_p50_ms": round(_p50(via_fastapi), 3),
+            "fastapi_route_event_loop_cpu_ms_per_req": round(loop_cpu[False] * 1e3 / len(via_fastapi), 3),
             **{f"{k}_mean_ms": round(v["mean_ms"], 3) for k, v in stages.items()}}
 
 
 # -- 4. end to end -----------------------------------------------------------------------------
+def _sched(pid: int) -> dict[str, tuple[int, int]]:
+    """CPU ns and run-queue wait ns of each thread of ``pid`` (``/proc/<pid>/task/*/schedstat``),
+    keyed ``name/tid``. On a machine busy with other jobs the wall-clock ratio mixes the gateway's
+    own work with waiting for a core; these two separate them."""
+    out: dict[str, tuple[int, int]] = {}
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        try:
+            name = (task / "comm").read_text().strip()
+            run_ns, wait_ns, _ = (task / "schedstat").read_text().split()
+        except (OSError, ValueError):  # the thread exited meanwhile, or no schedstat in this kernel
+            continue
+        out[f"{name}/{task.name}"] = (int(run_ns), int(wait_ns))
+    return out
+
+
+def _sched_delta(before: dict[str, tuple[int, int]], after: dict[str, tuple[int, int]], n: int, prefix: str
+                 ) -> dict[str, float]:
+    """Per request (``n``): CPU ms and run-queue wait ms of the whole process and of its busiest
+    threads (the event loop, the inference executor)."""
+    out: dict[str, float] = {}
+    tot_run = tot_wait = 0.0
+    per: list[tuple[float, float, str]] = []
+    for k, (run_ns, wait_ns) in after.items():
+        r0, w0 = before.get(k, (0, 0))
+        dr, dw = (run_ns - r0) / 1e6 / n, (wait_ns - w0) / 1e6 / n
+        tot_run += dr
+        tot_wait += dw
+        per.append((dr, dw, k))
+    out[f"{prefix}_cpu_ms_per_req"] = round(tot_run, 3)
+    out[f"{prefix}_runqueue_wait_ms_per_req"] = round(tot_wait, 3)
+    for dr, dw, name in sorted(per, reverse=True)[:3]:
+        out[f"{prefix}_thread[{name}]_cpu_ms_per_req"] = round(dr, 3)
+        out[f"{prefix}_thread[{name}]_wait_ms_per_req"] = round(dw, 3)
+    return out
+
+
+def _thread_sched() -> tuple[int, int]:
+    run_ns, wait_ns, _ = Path("/proc/thread-self/schedstat").read_text().split()
+    return int(run_ns), int(wait_ns)
+
+
 def _post(conn: http.client.HTTPConnection, body: bytes) -> tuple[int, bytes]:
     conn.request("POST", "/v1/score", body, {"Content-Type": "application/json"})
     r = conn.getresponse()
     return r.status, r.read()
 
 
-def e2e(port: int, body: bytes, sess: Any, feed: dict[str, np.ndarray], rounds: int, per_round: int
-        ) -> dict[str, float]:
+def e2e(port: int, body: bytes, sess: Any, feed: dict[str, np.ndarray], rounds: int, per_round: int,
+        pids: dict[str, int] | None = None) -> dict[str, float]:
+    """Sequential requests interleaved with raw ORT runs. ``pids`` (name -> pid: the gateway,
+    redis-server) adds their CPU and run-queue wait per request, and the same for raw ORT."""
     conn = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
     for _ in range(10):
         status, content = _post(conn, body)
@@ -349,25 +425,44 @@ def e2e(port: int, body: bytes, sess: Any, feed: dict[str, np.ndarray], rounds: 
     from .stats import stage_breakdown
 
     before = _metrics(port)
+    pids = pids or {}
+    sched0 = {k: _sched(p) for k, p in pids.items()}
+    client = [0, 0]
+    ort = [0, 0]
     e, o = [], []
     for _ in range(rounds):
+        c0 = _thread_sched()
         for _ in range(per_round):
             t0 = time.perf_counter()
             status, _ = _post(conn, body)
             e.append((time.perf_counter() - t0) * 1e3)
             if status != 200:
                 raise RuntimeError(f"gateway answered {status}")
+        c1 = _thread_sched()
         for _ in range(per_round):
             t0 = time.perf_counter()
             sess.run(None, feed)
             o.append((time.perf_counter() - t0) * 1e3)
+        c2 = _thread_sched()
+        client = [client[0] + c1[0] - c0[0], client[1] + c1[1] - c0[1]]
+        ort = [ort[0] + c2[0] - c1[0], ort[1] + c2[1] - c1[1]]
+    sched1 = {k: _sched(p) for k, p in pids.items()}
     conn.close()
     stages = stage_breakdown(before, _metrics(port))
     pe, po = _p50(e), _p50(o)
+    n = rounds * per_round
+    cpu: dict[str, float] = {}
+    if pids:
+        cpu = {"ort_cpu_ms_per_run": round(ort[0] / 1e6 / n, 3),
+               "ort_runqueue_wait_ms_per_run": round(ort[1] / 1e6 / n, 3),
+               "client_cpu_ms_per_req": round(client[0] / 1e6 / n, 3),
+               "client_runqueue_wait_ms_per_req": round(client[1] / 1e6 / n, 3)}
+        for k in pids:
+            cpu.update(_sched_delta(sched0[k], sched1[k], n, k))
     return {"e2e_p50_ms": round(pe, 3), "ort_p50_ms": round(po, 3), "e2e_over_ort_p50": round(pe / po, 3),
             "e2e_minus_ort_ms": round(pe - po, 3), "e2e_mean_ms": round(float(np.mean(e)), 3),
             "ort_mean_ms": round(float(np.mean(o)), 3),
-            **{f"{k}_mean_ms": round(v["mean_ms"], 3) for k, v in stages.items()}}
+            **{f"{k}_mean_ms": round(v["mean_ms"], 3) for k, v in stages.items()}, **cpu}
 
 
 def e2e_throughput(port: int, body: bytes, clients: int, seconds: float, b: int) -> dict[str, float]:
@@ -450,7 +545,8 @@ def run(sections: set[str], rounds: int, per_round: int, variants: list[str] | N
                                    log=work / "gateway.log")
                 wait_for(lambda port=port: http_get(f"http://127.0.0.1:{port}/readyz")[0] == 200, 180,
                          "the gateway", proc, work / "gateway.log")
-                out["e2e"][name] = {**e2e(port, body, sess, feed, rounds, per_round),
+                pids = {"gateway": proc.pid, **{n: p.pid for n, p in stack.procs if n == "redis"}}
+                out["e2e"][name] = {**e2e(port, body, sess, feed, rounds, per_round, pids),
                                     **e2e_throughput(port, body, 4, 5.0, 100)}
                 log(f"e2e  {name:30s} {out['e2e'][name]}")
                 stack.stop(proc)

@@ -7,15 +7,30 @@ model/version/arm 404 — and never a stack trace.
 
 from __future__ import annotations
 
+import email.message
+import functools
 import hmac
+import json
 import logging
+import time
 import uuid
+from collections.abc import Callable
 from typing import Annotated, Any
 
 import orjson
 from fastapi import APIRouter, Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictFloat, StrictInt, StrictStr, StringConstraints
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    StrictBool,
+    StrictFloat,
+    StrictInt,
+    StrictStr,
+    StringConstraints,
+    ValidationError,
+)
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.responses import JSONResponse, Response
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
@@ -102,17 +117,24 @@ _ERRORS = {code: {"model": ErrorResponse, "description": desc} for code, desc in
 # thread hand-offs per scoring request for a few attribute reads (cheap on an idle machine,
 # ``ctrserve bench gateway --sections deps``; each hand-off waits for a core on a busy one)
 async def gateway(request: Request) -> Gateway:
-    gw = getattr(request.app.state, "gateway", None)
+    return _started(request.app)
+
+
+def _started(app: Any) -> Gateway:
+    gw = getattr(app.state, "gateway", None)
     if gw is None:
         raise GatewayError(503, "not_ready", "the gateway is starting")
     return gw
 
 
 async def require_api_key(request: Request, gw: Gateway = Depends(gateway)) -> None:
+    _check_api_key(gw, request.headers.get("x-api-key", ""))
+
+
+def _check_api_key(gw: Gateway, given: str) -> None:
     key = gw.settings.api.key
     if key is None:
         return
-    given = request.headers.get("x-api-key", "")
     if not hmac.compare_digest(given.encode(), key.get_secret_value().encode()):
         raise GatewayError(401, "unauthorized", "missing or wrong X-API-Key header")
 
@@ -134,9 +156,18 @@ router = APIRouter()
              dependencies=[Depends(require_api_key)])
 async def score(body: ScoreRequest, request: Request, gw: Gateway = Depends(gateway)) -> Response:
     """Score one user's candidates with the model of the user's A/B arm (or the requested model)."""
+    # declared for the OpenAPI schema; requests take ``score_asgi`` (the same answers, checked by
+    # tests/service/test_score_fast_path.py) unless the middleware's fast path is off
+    return await _score(body, gw, request.headers.get, request.scope.setdefault("state", {}))
+
+
+async def _score(body: ScoreRequest, gw: Gateway, header: Callable[[str], str | None], state: dict[str, Any]
+                 ) -> Response:
+    """The scoring endpoint's work once the body is validated; ``header(name)`` reads a request
+    header, ``state`` is the request's scope state (request id, arm and model for the middleware)."""
     if body.request_id:
         request_id_var.set(body.request_id)
-        request.state.request_id = body.request_id
+        state["request_id"] = body.request_id
     api = gw.settings.api
     n = len(body.candidates)
     if n > api.max_candidates:
@@ -154,12 +185,12 @@ async def score(body: ScoreRequest, request: Request, gw: Gateway = Depends(gate
     try:
         result = await gw.score(
             body.user_id, [c.item_id for c in body.candidates], body.context, [c.features for c in body.candidates],
-            model=body.model, experiment=request.headers.get(rs.experiment_header) or None,
-            arm=request.headers.get(rs.arm_header) or None, route_label=label)
+            model=body.model, experiment=header(rs.experiment_header) or None,
+            arm=header(rs.arm_header) or None, route_label=label)
     finally:
-        request.state.arm = label[0] if label else "none"
+        state["arm"] = label[0] if label else "none"
         if label:  # the middleware names them in the response headers, errors included
-            request.state.model_version = label[1]
+            state["model_version"] = label[1]
     out: dict[str, Any] = {"request_id": request_id_var.get(), "model": result.model, "version": result.version,
                            "arm": result.arm, "scores": result.scores}
     if result.flags:
@@ -275,11 +306,15 @@ async def _on_gateway_error(request: Request, exc: Exception) -> Response:
 
 async def _on_validation_error(request: Request, exc: Exception) -> Response:
     assert isinstance(exc, RequestValidationError)
-    errors = exc.errors()
+    return _validation_response(exc.errors(), request.headers.get("content-type"))
+
+
+def _validation_response(errors: Any, content_type: str | None) -> Response:
+    """The 400/422 answer to FastAPI-style validation errors (``loc`` starting with ``"body"``)."""
     if any(e.get("type") == "json_invalid" for e in errors):
         return error_response(400, "invalid_json", "request body is not valid JSON")
     if len(errors) == 1 and tuple(errors[0].get("loc", ())) == ("body",):
-        ctype = request.headers.get("content-type") or "none"
+        ctype = content_type or "none"
         return error_response(422, "invalid_request", f"the body must be a JSON object (Content-Type: "
                                                       f"application/json; got {ctype})")
     # the messages name the field and the rule, never echo the (possibly huge) input
@@ -290,6 +325,10 @@ async def _on_validation_error(request: Request, exc: Exception) -> Response:
 
 async def _on_http_error(request: Request, exc: Exception) -> Response:
     assert isinstance(exc, StarletteHTTPException)
+    return _http_error_response(exc)
+
+
+def _http_error_response(exc: StarletteHTTPException) -> Response:
     codes = {404: "not_found", 405: "method_not_allowed", 413: "body_too_large", 400: "bad_request"}
     return error_response(exc.status_code, codes.get(exc.status_code, "http_error"), str(exc.detail),
                           headers=getattr(exc, "headers", None))
@@ -300,6 +339,95 @@ def install(app: FastAPI) -> None:
     app.add_exception_handler(GatewayError, _on_gateway_error)
     app.add_exception_handler(RequestValidationError, _on_validation_error)
     app.add_exception_handler(StarletteHTTPException, _on_http_error)
+
+
+# -- POST /v1/score without FastAPI's generic request handling -------------------------------
+# FastAPI's per-request machinery (its middleware layers, exit stacks, dependency solving, the
+# Request object, telemetry hooks) was a large share of the event loop's CPU per scoring request
+# (``ctrserve bench gateway --sections asgi`` measures the fast path on and off). The middleware
+# hands POST /v1/score to ``score_asgi``, which answers exactly as FastAPI does for the route
+# above, in its order: read the body (400 when it is not JSON, checked before anything else),
+# the gateway's readiness (503), the API key (401), then validation (422, pydantic's messages).
+# FastAPI decodes JSON only under an application/json (or +json) content type, otherwise the raw
+# bytes fail validation; decoding is the stdlib ``json`` as in FastAPI, because orjson reads
+# integers beyond 64 bits as floats, which would change numeric ids coerced to strings.
+
+class _Missing:
+    """No body at all (FastAPI: a required body field is missing)."""
+
+
+_MISSING = _Missing()
+
+
+@functools.lru_cache(maxsize=64)
+def _is_json_content_type(value: str) -> bool:
+    """FastAPI's test, with its parser: ``application/json`` or ``application/*+json``."""
+    message = email.message.Message()
+    message["content-type"] = value
+    if message.get_content_maintype() != "application":
+        return False
+    subtype = message.get_content_subtype()
+    return subtype == "json" or subtype.endswith("+json")
+
+
+def _header(headers: list[tuple[bytes, bytes]], name: bytes) -> str | None:
+    """The first value of a header (as Starlette's ``request.headers.get``); ``name`` lower case."""
+    for k, v in headers:
+        if k == name:
+            return v.decode("latin-1")
+    return None
+
+
+async def _read_body(receive: Receive) -> bytes:
+    chunks = []
+    while True:
+        message = await receive()
+        if message["type"] == "http.request":
+            chunks.append(message.get("body", b""))
+            if not message.get("more_body", False):
+                return b"".join(chunks)
+        elif message["type"] == "http.disconnect":  # FastAPI: any error reading the body is a 400
+            raise StarletteHTTPException(400, "There was an error parsing the body")
+
+
+def _decode(raw: bytes) -> Any:
+    try:
+        return json.loads(raw)
+    except json.JSONDecodeError:
+        raise GatewayError(400, "invalid_json", "request body is not valid JSON") from None
+    except Exception:  # e.g. not UTF-8/16/32: FastAPI answers this 400 without the JSON code
+        raise StarletteHTTPException(400, "There was an error parsing the body") from None
+
+
+def _validate(value: Any) -> tuple[ScoreRequest | None, list[dict[str, Any]]]:
+    """The body validated as FastAPI validates a single body model (``loc`` prefixed ``body``)."""
+    if value is _MISSING:
+        return None, [{"type": "missing", "loc": ("body",), "msg": "Field required", "input": None}]
+    try:
+        return ScoreRequest.model_validate(value, from_attributes=True), []
+    except ValidationError as exc:
+        return None, [{**e, "loc": ("body", *e["loc"])} for e in exc.errors(include_url=False)]
+
+
+async def score_asgi(scope: Scope, receive: Receive) -> Response:
+    """POST /v1/score as an ASGI call; returns the response (the caller sends it)."""
+    headers: list[tuple[bytes, bytes]] = scope["headers"]
+    try:
+        raw = await _read_body(receive)
+        content_type = _header(headers, b"content-type")
+        value: Any = _MISSING
+        if raw:
+            value = _decode(raw) if content_type and _is_json_content_type(content_type) else raw
+        gw = _started(scope["app"])
+        _check_api_key(gw, _header(headers, b"x-api-key") or "")
+        body, errors = _validate(value)
+        if body is None:
+            return _validation_response(errors, content_type)
+        return await _score(body, gw, lambda name: _header(headers, name.lower().encode("latin-1")), scope["state"])
+    except GatewayError as exc:
+        return error_response(exc.status, exc.code, exc.message)
+    except StarletteHTTPException as exc:  # the body cap, a client gone while sending the body
+        return _http_error_response(exc)
 
 
 # -- ASGI middleware: request id, body cap, metrics, access log ------------------------------
@@ -313,20 +441,21 @@ class BodyTooLarge(StarletteHTTPException):
 
 
 class GatewayMiddleware:
-    """Pure ASGI (no per-request task like BaseHTTPMiddleware): cheap enough for every request."""
+    """Pure ASGI (no per-request task like BaseHTTPMiddleware): cheap enough for every request.
+    ``fast_score``: POST /v1/score goes to ``score_asgi`` instead of through FastAPI (off: the
+    FastAPI route answers; tests and ``ctrserve bench gateway`` compare the two)."""
 
-    def __init__(self, app: ASGIApp, max_body_bytes: int, access_log: bool = True):
+    def __init__(self, app: ASGIApp, max_body_bytes: int, access_log: bool = True, fast_score: bool = True):
         self.app = app
         self.max_body = max_body_bytes
         self.access_log = access_log
+        self.fast_score = fast_score
         self.log = logging.getLogger("ctrserve.access")
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        import time
-
         t0 = time.perf_counter()
         headers = dict(scope.get("headers") or [])
         rid = headers.get(b"x-request-id", b"").decode("latin-1")[:128] or uuid.uuid4().hex
@@ -367,7 +496,11 @@ class GatewayMiddleware:
                 return message
 
             try:
-                await self.app(scope, receive_capped, send_wrapped)
+                if self.fast_score and path == "/v1/score" and scope.get("method") == "POST":
+                    resp = await score_asgi(scope, receive_capped)
+                    await resp(scope, receive_capped, send_wrapped)
+                else:
+                    await self.app(scope, receive_capped, send_wrapped)
             except Exception:
                 # a bug: the trace goes to the log, never to the client (answered here rather than
                 # by Starlette's ServerErrorMiddleware, which would re-raise it into the server)
@@ -382,8 +515,9 @@ class GatewayMiddleware:
             arm = state.get("arm", "none")
             code = str(status["code"])
             if gw is not None and route != "/metrics":
-                gw.metrics.requests.labels(route, arm, code).inc()
-                gw.metrics.latency.labels(route, arm, code).observe(elapsed)
+                m = gw.metrics
+                m.child(m.requests, route, arm, code).inc()
+                m.child(m.latency, route, arm, code).observe(elapsed)
             if self.access_log and route not in ("/metrics", "/healthz", "/readyz"):
                 self.log.info("request", extra={"method": scope.get("method"), "path": path, "status": status["code"],
                                                 "ms": round(elapsed * 1000, 2), "arm": arm})

@@ -195,7 +195,7 @@ class Gateway:
         assembler = loaded.assembler
         m = self.metrics
         t = time.perf_counter()
-        m.stage.labels("route", route.arm).observe(t - t_start)
+        m.child(m.stage, "route", route.arm).observe(t - t_start)
         try:
             assembler.check_keys(context, candidate_features)
         except AssemblyError as exc:
@@ -205,7 +205,9 @@ class Gateway:
         store = self.stores.for_model(loaded.manifest)
         budget = min(self.settings.store.timeout_ms / 1000, deadline - time.perf_counter())
         try:
-            stored = await asyncio.wait_for(store.online_read(user_id, item_ids), max(budget, 0.0))
+            # asyncio.timeout, not wait_for: on Python 3.11 wait_for runs the read in one more Task
+            async with asyncio.timeout(max(budget, 0.0)):
+                stored = await store.online_read(user_id, item_ids)
         except (FeatureStoreError, TimeoutError) as exc:
             reason = str(exc) or f"no answer within {budget * 1000:.0f} ms"
             m.store_errors.labels(type(exc).__name__).inc()
@@ -224,14 +226,14 @@ class Gateway:
             if len(stored.missing_items):
                 flags["missing_items"] = [item_ids[i] for i in np.asarray(stored.missing_items).tolist()]
         t2 = time.perf_counter()
-        m.stage.labels("feature_fetch", route.arm).observe(t2 - t)
+        m.child(m.stage, "feature_fetch", route.arm).observe(t2 - t)
 
         try:
             inputs = assembler.assemble(user_id, item_ids, stored, context, candidate_features)
         except AssemblyError as exc:
             raise GatewayError(422, "invalid_features", str(exc)) from None
         t3 = time.perf_counter()
-        m.stage.labels("assembly", route.arm).observe(t3 - t2)
+        m.child(m.stage, "assembly", route.arm).observe(t3 - t2)
 
         remaining = deadline - t3
         if remaining <= 0:
@@ -247,22 +249,22 @@ class Gateway:
             if isinstance(exc, BackendUnavailable):
                 raise GatewayError(503, "backend_unavailable", str(exc)) from None
             raise GatewayError(502, "backend_error", str(exc)) from None
-        m.stage.labels("inference", route.arm).observe(time.perf_counter() - t3)
+        m.child(m.stage, "inference", route.arm).observe(time.perf_counter() - t3)
         return ScoreResult(route.model, route.version, route.arm, route.experiment, scores, flags)
 
     def _count_lookups(self, stored: Any, b: int) -> None:
         m = self.metrics
-        m.store_lookups.labels("user", "miss" if stored.user_missing else "hit").inc()
+        m.child(m.store_lookups, "user", "miss" if stored.user_missing else "hit").inc()
         missing = len(stored.missing_items)
         if b - missing:
-            m.store_lookups.labels("item", "hit").inc(b - missing)
+            m.child(m.store_lookups, "item", "hit").inc(b - missing)
         if missing:
-            m.store_lookups.labels("item", "miss").inc(missing)
+            m.child(m.store_lookups, "item", "miss").inc(missing)
         hits = int(getattr(stored, "item_cache_hits", 0) or 0)
         if hits:
-            m.item_cache.labels("hit").inc(hits)
+            m.child(m.item_cache, "hit").inc(hits)
         if b - hits:
-            m.item_cache.labels("miss").inc(b - hits)
+            m.child(m.item_cache, "miss").inc(b - hits)
 
     async def close(self) -> None:
         await self.registry.close()

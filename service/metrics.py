@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 from ctrserve.feature_store.cache import register_metrics
@@ -43,3 +45,14 @@ class Metrics:
         self.in_flight = Gauge("ctrserve_requests_in_flight", "Scoring requests being processed", registry=r)
         # the feature store's process-wide item-cache metrics, so that /metrics shows them too
         register_metrics(r)
+        self._children: dict[tuple[int, tuple[str, ...]], Any] = {}
+
+    def child(self, metric: Counter | Histogram, *labels: str) -> Any:
+        """``metric.labels(*labels)``, remembered: ``labels()`` checks and locks on every call, a
+        dozen times per scoring request. Only for metrics that are never ``clear()``-ed (not
+        ``routing_info``), whose label values come from small sets (routes, arms, codes, stages)."""
+        key = (id(metric), labels)
+        c = self._children.get(key)
+        if c is None:
+            c = self._children[key] = metric.labels(*labels)
+        return c

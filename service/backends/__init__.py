@@ -1,6 +1,6 @@
 """Model backends behind one async method: ``infer(inputs, timeout) -> scores [B]``.
 
-- ``onnxruntime``: embedded ONNX Runtime, inference in a thread pool off the event loop (default).
+- ``onnxruntime``: embedded ONNX Runtime, inference on its own thread(s) off the event loop (default).
 - ``triton``: a Triton server through tritonclient's gRPC asyncio client (model name + version).
 
 Both read the export manifest (input names, dtypes, output name); neither knows a model.

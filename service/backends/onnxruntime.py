@@ -1,18 +1,83 @@
 """Embedded ONNX Runtime: one ``InferenceSession`` per model version, run off the event loop on
-that version's own executor (ORT releases the GIL while it computes), so a slow call never blocks
+that version's own thread(s) (ORT releases the GIL while it computes), so a slow call never blocks
 the event loop and loading a new version never queues behind, or delays, another one's requests.
-One executor thread per version by default: a second thread sharing the session measured fewer
+One thread per version by default: a second thread sharing the session measured fewer
 requests/s on 2 cores (loadtests/bench_gateway_overhead.py)."""
 
 from __future__ import annotations
 
 import asyncio
-from concurrent.futures import ThreadPoolExecutor
+import contextlib
+import queue
+import threading
+import weakref
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
 from . import Backend, BackendError, BackendTimeout, BackendUnavailable, check_scores
+
+
+class Workers:
+    """Threads that run calls handed over from the event loop: what ``loop.run_in_executor`` with
+    a ThreadPoolExecutor does, with less work on both sides of the hand-off (no concurrent Future
+    with its lock and condition, no future chaining, no idle-thread bookkeeping): a queue put, a
+    queue get, one ``call_soon_threadsafe`` with the result (``ctrserve bench gateway --sections
+    hop``). The threads hold no reference to their owner; they exit on ``close()`` or when the
+    owner is garbage collected, like a ThreadPoolExecutor's."""
+
+    def __init__(self, owner: object, threads: int, name: str):
+        self.threads = threads
+        self._queue: queue.SimpleQueue[Any] = queue.SimpleQueue()
+        for i in range(threads):
+            threading.Thread(target=_work, args=(self._queue,), name=f"{name}_{i}", daemon=True).start()
+        self._stop = weakref.finalize(owner, _stop, self._queue, threads)
+
+    def submit(self, fn: Callable[..., Any], *args: Any) -> asyncio.Future[Any]:
+        """``fn(*args)`` on a worker thread; the future resolves on the calling event loop. A
+        cancelled future (a timeout) drops the result; the call itself runs to its end."""
+        if not self._stop.alive:
+            raise RuntimeError("the workers are closed")
+        loop = asyncio.get_running_loop()
+        fut = loop.create_future()
+        self._queue.put((fn, args, loop, fut))
+        return fut
+
+    def close(self) -> None:
+        """Let the threads finish the calls queued so far, then exit (does not wait for them)."""
+        self._stop()
+
+
+def _work(q: queue.SimpleQueue[Any]) -> None:
+    while True:
+        item = q.get()
+        if item is None:
+            return
+        fn, args, loop, fut = item
+        del item
+        try:
+            result, error = fn(*args), None
+        except BaseException as exc:  # handed to the awaiting request, as an executor does
+            result, error = None, exc
+        with contextlib.suppress(RuntimeError):  # the event loop is closed: nobody waits for the answer
+            loop.call_soon_threadsafe(_resolve, fut, result, error)
+        del fn, args, loop, fut, result, error  # the inputs and session are not kept while idle
+
+
+def _resolve(fut: asyncio.Future[Any], result: Any, error: BaseException | None) -> None:
+    if fut.cancelled():
+        return
+    if error is not None:
+        fut.set_exception(error)
+    else:
+        fut.set_result(result)
+
+
+def _stop(q: queue.SimpleQueue[Any], threads: int) -> None:
+    for _ in range(threads):
+        q.put(None)
 
 
 class OnnxRuntimeBackend(Backend):
@@ -23,8 +88,8 @@ class OnnxRuntimeBackend(Backend):
         super().__init__(model, version)
         self.path = Path(path)
         self.output = output
-        # dropped with the backend: idle executor threads exit once the executor is garbage collected
-        self.pool = ThreadPoolExecutor(threads, thread_name_prefix=f"ort-{model}-v{version}")
+        # dropped with the backend: its idle threads exit once the backend is garbage collected
+        self.pool = Workers(self, threads, f"ort-{model}-v{version}")
         self.intra_op_threads = intra_op_threads
         self.inter_op_threads = inter_op_threads
         self.spinning = spinning
@@ -47,9 +112,8 @@ class OnnxRuntimeBackend(Backend):
     async def start(self) -> None:
         if not self.path.exists():
             raise BackendUnavailable(f"{self.model} v{self.version}: no model file {self.path}")
-        loop = asyncio.get_running_loop()
         try:
-            self._session = await loop.run_in_executor(self.pool, self._load)
+            self._session = await self.pool.submit(self._load)
         except Exception as exc:  # ORT raises its own exception types for bad files
             raise BackendUnavailable(f"{self.model} v{self.version}: ONNX Runtime cannot load {self.path}: "
                                      f"{exc}") from None
@@ -64,11 +128,10 @@ class OnnxRuntimeBackend(Backend):
         if self._session is None:
             raise BackendUnavailable(f"{self.model} v{self.version} is not loaded")
         b = _candidates(inputs)
-        loop = asyncio.get_running_loop()
         try:
             # asyncio.timeout, not wait_for: on Python 3.11 wait_for wraps the call in one more Task
             async with asyncio.timeout(timeout):
-                out = await loop.run_in_executor(self.pool, self._run, inputs)
+                out = await self.pool.submit(self._run, inputs)
         except TimeoutError:
             # the worker thread finishes the call in the background; the request is answered now
             raise BackendTimeout(f"{self.model} v{self.version}: inference exceeded {timeout * 1000:.0f} ms") from None
@@ -81,7 +144,7 @@ class OnnxRuntimeBackend(Backend):
 
     async def close(self) -> None:
         self._session = None
-        self.pool.shutdown(wait=False, cancel_futures=True)
+        self.pool.close()
 
 
 def _candidates(inputs: dict[str, np.ndarray]) -> int:

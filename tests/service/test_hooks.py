@@ -100,7 +100,7 @@ async def test_each_model_version_has_its_own_inference_thread(make_settings) ->
         backends = [m.backend for m in app.state.gateway.registry.loaded.values()]
         assert len(backends) == 2
         pools = {id(b.pool) for b in backends}
-        assert len(pools) == 2 and all(b.pool._max_workers == 1 for b in backends)
+        assert len(pools) == 2 and all(b.pool.threads == 1 for b in backends)
 
 
 @pytest.mark.parametrize("spinning", [False, True])
@@ -116,4 +116,4 @@ def test_ort_spinning_setting_reaches_the_session(toy_repo: Path, spinning: bool
             opts.get_session_config_entry("session.intra_op.allow_spinning")
     else:
         assert opts.get_session_config_entry("session.intra_op.allow_spinning") == "0"
-    backend.pool.shutdown()
+    backend.pool.close()
