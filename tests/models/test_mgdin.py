@@ -390,6 +390,10 @@ def test_calibrate_round_trip_through_load_run(tiny_prepared, tmp_path) -> None:
         assert w["mask_density"] == [k / (m * m) for k in w["k"]]
         assert all(0.0 <= o <= 1.0 for o in w["overlap_with_dynamic"])
     assert metrics["variant"] == "static_masks" and metrics["seed"] == 7
+    # the serving choice follows the valid split's AUC cost of static masks against the budget
+    delta = cal["static_valid"]["auc"] - cal["dynamic_valid"]["auc"]
+    assert cal["valid_auc_delta_static_minus_dynamic"] == pytest.approx(delta)
+    assert cal["serving_mode"] == ("static" if -delta <= 0.002 else "dynamic")
 
     cfg2, fmap, model = load_run(new_dir)
     assert cfg2.variant == "static_masks" and cfg2.seed == 7 and cfg2.params["mask_mode"] == "static"
