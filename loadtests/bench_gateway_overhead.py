@@ -479,13 +479,9 @@ def e2e_throughput(port: int, body: bytes, clients: int, seconds: float, b: int)
             errors[k] += status != 200
         conn.close()
 
-    t0 = time.monotonic()
-    threads = [threading.Thread(target=work, args=(k,)) for k in range(clients)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    wall = time.monotonic() - t0
+    from .bench_all import run_threads
+
+    wall = run_threads(work, clients)
     return {f"candidates_per_s_{clients}_clients": round(sum(done) * b / wall, 0), "errors": sum(errors)}
 
 
