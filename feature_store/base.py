@@ -108,6 +108,12 @@ class OnlineStore(ABC):
     async def online_read(self, user_id: str, item_ids: Sequence[str]) -> RequestFeatures:
         """The user's profile and sequences and every candidate item's features."""
 
+    def online_read_blocking(self, user_id: str, item_ids: Sequence[str], timeout_s: float | None = None
+                             ) -> RequestFeatures | None:
+        """``online_read`` without an event loop, bounded by ``timeout_s``, for callers that must not
+        await; None means "use ``online_read``" (always, unless a backend implements it)."""
+        return None
+
     @abstractmethod
     async def close(self) -> None: ...
 

@@ -23,7 +23,6 @@ run; machine facts incl. the load average at start go into every section):
 from __future__ import annotations
 
 import asyncio
-import http.client
 import math
 import threading
 import time
@@ -146,12 +145,6 @@ def ort_throughput(sess: Any, full: dict[str, np.ndarray], user_names: set[str],
     return {"rps": sum(c[0] for c in counts) / wall, "candidates_per_s": sum(c[1] for c in counts) / wall}
 
 
-def _post(conn: http.client.HTTPConnection, path: str, body: bytes) -> tuple[int, bytes]:
-    conn.request("POST", path, body, {"Content-Type": "application/json"})
-    r = conn.getresponse()
-    return r.status, r.read()
-
-
 def _metrics(port: int) -> dict:
     from .stack import http_get
 
@@ -167,12 +160,14 @@ def e2e_interleaved(port: int, body: bytes, sess: Any, inputs: dict[str, np.ndar
     same inputs, interleaved in rounds so machine noise hits both alike."""
     import orjson
 
-    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
+    from .stack import KeepAliveClient
+
+    conn = KeepAliveClient(port)
     for _ in range(5):  # warm: connection, item cache, ORT allocations at this B
-        _post(conn, "/v1/score", body)
+        conn.post("/v1/score", body)
         sess.run(None, inputs)
     ref = sess.run(None, inputs)[0]
-    status, content = _post(conn, "/v1/score", body)
+    status, content = conn.post("/v1/score", body)
     if status != 200:
         raise RuntimeError(f"gateway answered {status}: {content[:300]!r}")
     diff = float(np.max(np.abs(np.asarray(orjson.loads(content)["scores"]) - ref)))
@@ -181,7 +176,7 @@ def e2e_interleaved(port: int, body: bytes, sess: Any, inputs: dict[str, np.ndar
     for _ in range(rounds):
         for _ in range(per_round):
             t0 = time.perf_counter()
-            status, _ = _post(conn, "/v1/score", body)
+            status, _ = conn.post("/v1/score", body)
             e2e.append((time.perf_counter() - t0) * 1e3)
             if status != 200:
                 raise RuntimeError(f"gateway answered {status} during the e2e measurement")
@@ -227,6 +222,7 @@ def _p50(xs: list[float]) -> float:
 
 def run_all(plan: Plan, run_dir: Path | None = None, model: str = "mgdin", candidates: str = "fixed:100",
             workers: int = 1, pool_threads: int = 1, pool_users: int = 1000, profile: bool = True,
+            execution: str = "inline",
             with_triton: bool = True, log: Any = print) -> dict[str, Any]:
     import onnxruntime
     import torch
@@ -241,10 +237,11 @@ def run_all(plan: Plan, run_dir: Path | None = None, model: str = "mgdin", candi
     t_start = time.time()
     from importlib.metadata import version  # never import locust here: it monkey-patches threads (gevent)
 
+    pool = "" if execution == "inline" else f", {pool_threads} inference threads"
     facts = machine_facts(torch=torch.__version__, onnxruntime=onnxruntime.__version__, locust=version("locust"),
                           fastapi=version("fastapi"), uvicorn=version("uvicorn"),
-                          threads=f"gateway: {workers} worker(s), ORT intra-op 1 / inter-op 1, {pool_threads} "
-                                  f"inference threads; raw ORT: intra-op 1; torch: {torch.get_num_threads()} "
+                          threads=f"gateway: {workers} worker(s), {execution} execution, ORT intra-op 1 / inter-op 1"
+                                  f"{pool}; raw ORT: intra-op 1; torch: {torch.get_num_threads()} "
                                   "(eager baseline: torch default)")
     log(f"[bench all] start, load average {facts.get('load_avg_1m')}")
     img_dir = REPO_ROOT / "docs" / "img"
@@ -301,16 +298,18 @@ def run_all(plan: Plan, run_dir: Path | None = None, model: str = "mgdin", candi
         seq_ms, seq_share = flops.shape_share(events, 20, (100, seq_len)) if seq_len else (0.0, 0.0)
         sess = _ort_session(model_file)
         full = inputs[max_b]
-        # the best of 1 thread and the gateway's thread count: on a busy 2-core machine a second thread
-        # on one session measured slower than one (trial runs), and the target wants the best raw rate
+        # the best of 1 thread and the gateway's inference threads (inline: one per worker; thread: the
+        # pools of all workers): on a busy 2-core machine a second thread on one session measured slower
+        # than one (trial runs), and the target wants the best raw rate on the cores the gateway uses
+        infer_threads = workers * (1 if execution == "inline" else pool_threads)
         thr_by = {k: ort_throughput(sess, full, user_names, dist, k, plan.throughput_s)
-                  for k in sorted({1, pool_threads})}
+                  for k in sorted({1, infer_threads})}
         thr = max(thr_by.values(), key=lambda x: x["candidates_per_s"])
 
         # 5. gateway end to end, interleaved with raw ORT
         log("[bench all] 5/7 gateway end to end vs raw ORT (B = 100)")
         port = free_port()
-        gw = stack.gateway(repo, redis_url, port, workers, pool_threads)
+        gw = stack.gateway(repo, redis_url, port, workers, pool_threads, execution)
         host = f"http://127.0.0.1:{port}"
         e2e = e2e_interleaved(port, body100, sess, inputs[100], plan.e2e_rounds, plan.e2e_per_round)
 
@@ -374,7 +373,7 @@ def run_all(plan: Plan, run_dir: Path | None = None, model: str = "mgdin", candi
     seq_bytes = sum(inputs[100][n].nbytes for n in seq_names)
     backend_bytes = sum(a.nbytes for a in inputs[100].values())
     fig["e2e_p50_ms"] = (round(e2e_p50, 3), "gateway end to end, one client, sequential, 100 candidates, p50 (HTTP "
-                         "request to parsed answer)")
+                         "request to the answer's last byte; keep-alive raw-socket client, loadtests/stack.py)")
     fig["e2e_p99_ms"] = (round(percentiles(np.asarray(e2e["e2e_ms"]), (99,))[0], 3), "same, p99")
     fig["ort_p50_ms"] = (round(ort_p50, 3), "raw ONNX Runtime in-process on the same assembled inputs, 1 intra-op "
                          "thread, interleaved with the e2e requests, p50")
@@ -382,7 +381,7 @@ def run_all(plan: Plan, run_dir: Path | None = None, model: str = "mgdin", candi
     fig["e2e_minus_ort_p50_ms"] = (round(e2e_p50 - ort_p50, 3), "what the service adds on top of the model, p50")
     for key, label in (("feature_fetch", "feature fetch (one Redis round trip + decode)"),
                        ("assembly", "assembly (feature map -> tensors)"),
-                       ("inference", "inference (ORT via the thread pool)"), ("route", "A/B routing")):
+                       ("inference", f"inference (ORT, {execution} execution)"), ("route", "A/B routing")):
         if key in mean:
             fig[f"layer_{key}_mean_ms"] = (round(mean[key], 3), f"gateway stage mean over the e2e requests: {label}")
     fig["layer_http_json_in_app_mean_ms"] = (round(in_app - stage_sum, 3), "in the app but outside the stages: "
@@ -390,7 +389,8 @@ def run_all(plan: Plan, run_dir: Path | None = None, model: str = "mgdin", candi
     fig["layer_network_server_client_mean_ms"] = (round(e2e_mean - in_app, 3), "client-measured mean - in-app mean: "
                                                   "loopback TCP, uvicorn/httptools, the client")
     fig["layer_thread_hop_mean_ms"] = (round(mean.get("inference", math.nan) - ort_mean, 3),
-                                       "inference stage mean - raw ORT mean: thread-pool hop and wait")
+                                       "inference stage mean - raw ORT mean: thread hand-off and wait (thread "
+                                       "execution), cache effects of the request's other work (both)")
     fig["component_store_fetch_p50_ms"] = (round(_p50(comp["fetch_ms"]), 3), "in-process `online_read` of the same "
                                            "request (gateway store settings, item cache warm), p50")
     fig["component_assembly_p50_ms"] = (round(_p50(comp["assembly_ms"]), 3), "in-process assembly of the same "
@@ -525,7 +525,9 @@ def all_cmd(
     model: Annotated[str, typer.Option(help="model (the targets are stated for mgdin)")] = "mgdin",
     candidates: Annotated[str, typer.Option(help="candidates per request in the Locust runs")] = "fixed:100",
     workers: Annotated[int, typer.Option(help="gateway worker processes")] = 1,
-    pool_threads: Annotated[int, typer.Option(help="inference threads per gateway worker")] = 1,
+    pool_threads: Annotated[int, typer.Option(help="inference threads per gateway worker (thread execution)")] = 1,
+    execution: Annotated[str, typer.Option(help="gateway execution: inline or thread (CTRSERVE_BACKEND_EXECUTION)")
+                         ] = "inline",
     profile: Annotated[bool, typer.Option(help="py-spy the gateway at saturation")] = True,
     triton: Annotated[bool, typer.Option(help="run the runtime comparison (bench models, incl. Triton)")] = True,
 ) -> None:
@@ -535,8 +537,8 @@ def all_cmd(
     console = Console()
     plan = Plan.quick(soak) if quick else Plan(soak_s=soak if soak is not None else 300)
     try:
-        out = run_all(plan, run_dir, model, candidates, workers, pool_threads, profile=profile, with_triton=triton,
-                      log=console.print)
+        out = run_all(plan, run_dir, model, candidates, workers, pool_threads, profile=profile, execution=execution,
+                      with_triton=triton, log=console.print)
     except (RuntimeError, ValueError, FileNotFoundError) as exc:
         console.print(f"[red]error:[/] {exc}")
         raise typer.Exit(1) from None

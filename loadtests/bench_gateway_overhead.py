@@ -23,7 +23,6 @@ One process run, MGDIN, the benchmark's fixed 100-candidate request, a private r
 from __future__ import annotations
 
 import asyncio
-import http.client
 import json
 import logging
 import sys
@@ -44,6 +43,10 @@ E2E_VARIANTS: dict[str, dict[str, str]] = {
     "pool 1, access log": {"CTRSERVE_BACKEND_POOL_THREADS": "1", "CTRSERVE_SERVER_ACCESS_LOG": "true"},
     "pool 1, no access log": {"CTRSERVE_BACKEND_POOL_THREADS": "1", "CTRSERVE_SERVER_ACCESS_LOG": "false"},
     "defaults": {},
+    "inline": {"CTRSERVE_BACKEND_EXECUTION": "inline"},
+    "inline, no access log": {"CTRSERVE_BACKEND_EXECUTION": "inline", "CTRSERVE_SERVER_ACCESS_LOG": "false"},
+    "inline, 2 workers": {"CTRSERVE_BACKEND_EXECUTION": "inline", "CTRSERVE_SERVER_WORKERS": "2"},
+    "thread, 2 workers": {"CTRSERVE_BACKEND_EXECUTION": "thread", "CTRSERVE_SERVER_WORKERS": "2"},
     "intra-op 2, spinning off": {"CTRSERVE_BACKEND_ORT_INTRA_OP_THREADS": "2",
                                  "CTRSERVE_BACKEND_ORT_SPINNING": "false"},
 }
@@ -405,19 +408,15 @@ def _thread_sched() -> tuple[int, int]:
     return int(run_ns), int(wait_ns)
 
 
-def _post(conn: http.client.HTTPConnection, body: bytes) -> tuple[int, bytes]:
-    conn.request("POST", "/v1/score", body, {"Content-Type": "application/json"})
-    r = conn.getresponse()
-    return r.status, r.read()
-
-
 def e2e(port: int, body: bytes, sess: Any, feed: dict[str, np.ndarray], rounds: int, per_round: int,
         pids: dict[str, int] | None = None) -> dict[str, float]:
     """Sequential requests interleaved with raw ORT runs. ``pids`` (name -> pid: the gateway,
     redis-server) adds their CPU and run-queue wait per request, and the same for raw ORT."""
-    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
+    from .stack import KeepAliveClient
+
+    conn = KeepAliveClient(port)
     for _ in range(10):
-        status, content = _post(conn, body)
+        status, content = conn.post("/v1/score", body)
         if status != 200:
             raise RuntimeError(f"gateway answered {status}: {content[:300]!r}")
         sess.run(None, feed)
@@ -434,7 +433,7 @@ def e2e(port: int, body: bytes, sess: Any, feed: dict[str, np.ndarray], rounds: 
         c0 = _thread_sched()
         for _ in range(per_round):
             t0 = time.perf_counter()
-            status, _ = _post(conn, body)
+            status, _ = conn.post("/v1/score", body)
             e.append((time.perf_counter() - t0) * 1e3)
             if status != 200:
                 raise RuntimeError(f"gateway answered {status}")
@@ -471,10 +470,12 @@ def e2e_throughput(port: int, body: bytes, clients: int, seconds: float, b: int)
     done = [0] * clients
     errors = [0] * clients
 
+    from .stack import KeepAliveClient
+
     def work(k: int) -> None:
-        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
+        conn = KeepAliveClient(port)
         while time.monotonic() < stop:
-            status, _ = _post(conn, body)
+            status, _ = conn.post("/v1/score", body)
             done[k] += status == 200
             errors[k] += status != 200
         conn.close()

@@ -45,6 +45,47 @@ def http_get(url: str, timeout: float = 2.0) -> tuple[int, bytes]:
         return exc.code, exc.read()
 
 
+class KeepAliveClient:
+    """A minimal HTTP/1.1 keep-alive client over one loopback socket, for the sequential latency
+    measurements: the request bytes are built once per body and the answer is read by its
+    Content-Length, so the client's own CPU stays small next to what it measures (an empty uvicorn
+    endpoint: p50 0.07 ms per round trip against 0.18 ms through ``http.client``)."""
+
+    def __init__(self, port: int, timeout: float = 30.0):
+        self.sock = socket.create_connection(("127.0.0.1", port), timeout=timeout)
+        self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        self._requests: dict[tuple[str, bytes], bytes] = {}
+
+    def post(self, path: str, body: bytes) -> tuple[int, bytes]:
+        request = self._requests.get((path, body))
+        if request is None:
+            head = (f"POST {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+                    f"Content-Length: {len(body)}\r\n\r\n")
+            request = self._requests[(path, body)] = head.encode("latin-1") + body
+        self.sock.sendall(request)
+        buf = b""
+        while (end := buf.find(b"\r\n\r\n")) < 0:
+            buf += self._recv()
+        head_lines = buf[:end].split(b"\r\n")
+        status = int(head_lines[0].split(b" ", 2)[1])
+        lengths = [line.split(b":", 1)[1] for line in head_lines[1:] if line.lower().startswith(b"content-length:")]
+        if not lengths:
+            raise RuntimeError(f"answer without Content-Length: {buf[:200]!r}")
+        total = end + 4 + int(lengths[0])
+        while len(buf) < total:
+            buf += self._recv()
+        return status, buf[end + 4:total]
+
+    def _recv(self) -> bytes:
+        chunk = self.sock.recv(262144)
+        if not chunk:
+            raise RuntimeError("the server closed the connection")
+        return chunk
+
+    def close(self) -> None:
+        self.sock.close()
+
+
 @dataclass
 class Stack:
     """Owns the child processes of one run; a context manager that always cleans up."""
@@ -110,13 +151,14 @@ class Stack:
         return f"redis://127.0.0.1:{port}/0"
 
     def gateway(self, repo: Path, redis_url: str, port: int, workers: int = 1, pool_threads: int = 1,
+                execution: str = "inline",
                 intra_op_threads: int = 1, routing: Path | None = None, triton_url: str | None = None,
                 access_log: bool = False, timeout: float = 180, name: str = "gateway") -> subprocess.Popen:
         """The scoring gateway through its production entry point, ``ctrserve serve --workers N``."""
         env = {"CTRSERVE_BACKEND_MODEL_REPOSITORY": str(repo), "CTRSERVE_REDIS_URL": redis_url,
                "CTRSERVE_SERVER_PORT": str(port), "CTRSERVE_SERVER_HOST": "127.0.0.1",
                "CTRSERVE_SERVER_ACCESS_LOG": str(access_log).lower(), "CTRSERVE_SERVER_LOG_LEVEL": "warning",
-               "CTRSERVE_BACKEND_POOL_THREADS": str(pool_threads),
+               "CTRSERVE_BACKEND_POOL_THREADS": str(pool_threads), "CTRSERVE_BACKEND_EXECUTION": execution,
                "CTRSERVE_BACKEND_ORT_INTRA_OP_THREADS": str(intra_op_threads),
                "CTRSERVE_BACKEND_ORT_INTER_OP_THREADS": "1"}
         if routing is not None:

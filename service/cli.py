@@ -27,9 +27,10 @@ def serve_cmd(
         help="feature-store namespace (default: the one each model's export manifest records) "
              "[CTRSERVE_STORE_NAMESPACE]")] = None,
     log_text: Annotated[bool, typer.Option("--log-text", help="plain-text logs instead of JSON")] = False,
-    workers: Annotated[int, typer.Option(
+    workers: Annotated[int | None, typer.Option(
         min=1, help="worker processes on one port (uvicorn's process manager); each loads its own model "
-                    "sessions, Redis pool and item cache, and /metrics shows the worker that answers")] = 1,
+                    "sessions, Redis pool and item cache, and /metrics shows the worker that answers "
+                    "[CTRSERVE_SERVER_WORKERS]")] = None,
 ) -> None:
     """Start the scoring gateway (FastAPI on uvicorn with uvloop/httptools)."""
     from pydantic import ValidationError
@@ -44,7 +45,7 @@ def serve_cmd(
                "CTRSERVE_ROUTING_WATCH": None if watch is None else str(watch).lower(),
                "CTRSERVE_BACKEND_TRITON_URL": triton_url, "CTRSERVE_REDIS_URL": redis_url,
                "CTRSERVE_STORE_FAILURE": store_failure, "CTRSERVE_STORE_NAMESPACE": namespace,
-               "CTRSERVE_SERVER_LOG_JSON": "false" if log_text else None}
+               "CTRSERVE_SERVER_LOG_JSON": "false" if log_text else None, "CTRSERVE_SERVER_WORKERS": workers}
     os.environ.update({k: str(v) for k, v in options.items() if v is not None})
     try:
         settings = GatewaySettings.from_env()
@@ -56,4 +57,4 @@ def serve_cmd(
     if settings.routing.config is not None and not Path(settings.routing.config).exists():
         typer.echo(f"error: routing config {settings.routing.config} does not exist", err=True)
         raise typer.Exit(2)
-    run(settings, redis_factory(store), workers=workers)
+    run(settings, redis_factory(store), workers=settings.server.workers)

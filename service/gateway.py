@@ -203,11 +203,16 @@ class Gateway:
 
         flags: dict[str, Any] = {}
         store = self.stores.for_model(loaded.manifest)
+        # inline: the store read, assembly and inference run here without awaiting (no thread
+        # hand-offs); the first read and a read across a version flip still go through the async path
+        inline = self.settings.backend.execution == "inline" and loaded.backend.inline
         budget = min(self.settings.store.timeout_ms / 1000, deadline - time.perf_counter())
         try:
-            # asyncio.timeout, not wait_for: on Python 3.11 wait_for runs the read in one more Task
-            async with asyncio.timeout(max(budget, 0.0)):
-                stored = await store.online_read(user_id, item_ids)
+            stored = store.online_read_blocking(user_id, item_ids, budget) if inline and budget > 0 else None
+            if stored is None:
+                # asyncio.timeout, not wait_for: on Python 3.11 wait_for runs the read in one more Task
+                async with asyncio.timeout(max(budget, 0.0)):
+                    stored = await store.online_read(user_id, item_ids)
         except (FeatureStoreError, TimeoutError) as exc:
             reason = str(exc) or f"no answer within {budget * 1000:.0f} ms"
             m.store_errors.labels(type(exc).__name__).inc()
@@ -241,7 +246,7 @@ class Gateway:
                                "before inference")
         budget = min(self.settings.backend.timeout_ms / 1000, remaining)
         try:
-            scores = await loaded.backend.infer(inputs, budget)
+            scores = loaded.backend.infer_inline(inputs) if inline else await loaded.backend.infer(inputs, budget)
         except BackendError as exc:
             m.backend_errors.labels(route.model, str(route.version), exc.kind).inc()
             if isinstance(exc, BackendTimeout):

@@ -25,6 +25,9 @@ class ServerSettings(BaseSettings):
 
     host: str = Field("127.0.0.1", description="Interface to bind; 0.0.0.0 inside a container.")
     port: int = Field(8000, ge=0, le=65535, description="TCP port to listen on (0 picks a free port).")
+    workers: int = Field(
+        1, ge=1, description="Worker processes on one port (uvicorn's process manager); each loads its own model "
+                             "sessions, Redis pool and item cache, and /metrics shows the worker that answers.")
     log_level: Literal["debug", "info", "warning", "error"] = Field("info", description="Log level.")
     log_json: bool = Field(True, description="One JSON object per log line (false: plain text for a terminal).")
     access_log: bool = Field(True, description="Log one line per request (method, path, status, ms, arm, id).")
@@ -107,6 +110,15 @@ class BackendSettings(BaseSettings):
     ort_spinning: bool = Field(False, description="Let ONNX Runtime's intra-op threads spin while waiting for "
                                                   "work (only with intra-op threads > 1; burns CPU other work "
                                                   "needs on a shared machine).")
+    execution: Literal["thread", "inline"] = Field(
+        "inline", description="Embedded ONNX Runtime only. `thread`: the store read is awaited and inference runs on "
+                              "the version's own thread(s) while the event loop serves other requests. `inline`: "
+                              "store read (blocking Redis client), assembly and inference run on the event loop, "
+                              "one request at a time per worker process — no thread hand-offs, the lowest latency; "
+                              "run one server worker per core (`CTRSERVE_SERVER_WORKERS`). Inline, the store read "
+                              "blocks (at most the Redis socket timeout, `CTRSERVE_REDIS_TIMEOUT_MS`, by default the "
+                              "store budget; a longer socket timeout sends reads through the awaited path) and the "
+                              "inference budget is not enforced during the call.")
     pool_threads: int = Field(1, ge=1, description="Threads running one model version's embedded inference off the "
                                                    "event loop (each version has its own).")
     warmup_candidates: int = Field(16, ge=1, description="Candidates in the warm-up request run at model load.")

@@ -49,6 +49,13 @@ class Backend(ABC):
     async def infer(self, inputs: dict[str, np.ndarray], timeout: float) -> np.ndarray:
         """Scores ``[B]`` (float32 probabilities) for named inputs; ``timeout`` in seconds."""
 
+    #: ``infer_inline`` is implemented: the call can run on the caller's thread (embedded runtimes)
+    inline: bool = False
+
+    def infer_inline(self, inputs: dict[str, np.ndarray]) -> np.ndarray:
+        """``infer`` run on the calling thread, blocking it (``CTRSERVE_BACKEND_EXECUTION=inline``)."""
+        raise NotImplementedError(f"the {self.kind} backend cannot run inline")
+
     @abstractmethod
     async def ready(self) -> bool:
         """True when the model can serve now (cheap; used by ``/readyz``)."""

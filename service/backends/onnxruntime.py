@@ -82,6 +82,7 @@ def _stop(q: queue.SimpleQueue[Any], threads: int) -> None:
 
 class OnnxRuntimeBackend(Backend):
     kind = "onnxruntime"
+    inline = True
 
     def __init__(self, model: str, version: int, path: Path, output: str, threads: int = 1,
                  intra_op_threads: int = 1, inter_op_threads: int = 1, spinning: bool = False):
@@ -138,6 +139,15 @@ class OnnxRuntimeBackend(Backend):
         except Exception as exc:
             raise BackendError(f"{self.model} v{self.version}: ONNX Runtime failed: {exc}") from None
         return check_scores(out, b, f"{self.model} v{self.version}")
+
+    def infer_inline(self, inputs: dict[str, np.ndarray]) -> np.ndarray:
+        if self._session is None:
+            raise BackendUnavailable(f"{self.model} v{self.version} is not loaded")
+        try:
+            out = self._run(inputs)
+        except Exception as exc:
+            raise BackendError(f"{self.model} v{self.version}: ONNX Runtime failed: {exc}") from None
+        return check_scores(out, _candidates(inputs), f"{self.model} v{self.version}")
 
     async def ready(self) -> bool:
         return self._session is not None

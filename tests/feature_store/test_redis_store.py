@@ -296,6 +296,49 @@ async def test_connection_refused_and_timeout(redis_url: str) -> None:
         assert_user(await store.online_read("u1", ["i1"]), users, 1)
 
 
+async def test_blocking_read_matches_async_read_and_defers_version_changes(redis_url: str) -> None:
+    """The gateway's inline path: the same features as ``online_read``; None (use the async read,
+    which adopts and checks the version) before the first read and after a flip; typed errors."""
+    users, items = make_records(0)
+    new_users, new_items = make_records(2)
+    async with make_store(redis_url) as store, make_store(redis_url) as reader:
+        await store.bulk_load(users, items)
+        assert reader.online_read_blocking("u1", ["i1"]) is None  # no version adopted yet
+        ref = await reader.online_read("u1", ["i3", "no-such-item", "i0"])
+        got = reader.online_read_blocking("u1", ["i3", "no-such-item", "i0"])
+        assert got is not None and got.version == ref.version
+        assert_user(got, users, 1)
+        np.testing.assert_array_equal(got.missing_items, [1])
+        for f in ref.items:
+            np.testing.assert_array_equal(got.items[f], ref.items[f])
+        assert got.item_cache_hits == 2  # the async read cached i3 and i0 for the blocking one
+        cold = reader.online_read_blocking("nobody", [])
+        assert cold is not None and cold.user_missing and cold.sequence_length["hist"] == 0
+        # a budget below the socket timeout (2 s here) cannot bound a blocking read: use the async one
+        assert reader.online_read_blocking("u1", ["i1"], timeout_s=0.5) is None
+        assert reader.online_read_blocking("u1", ["i1"], timeout_s=2.0) is not None
+
+        await store.bulk_load(new_users, new_items)  # a flip: the blocking read hands back to the async one
+        assert reader.online_read_blocking("u2", ["i0"]) is None
+        assert_user(await reader.online_read("u2", ["i0"]), new_users, 2)
+        got = reader.online_read_blocking("u2", ["i0", "i5"])
+        assert got is not None
+        assert_user(got, new_users, 2)
+        assert_items(got, new_items, [0, 5])
+    async with make_store("redis://127.0.0.1:1/0") as dead:
+        dead._version, dead._version_bytes = 1, b"1"  # as if a version had been adopted before Redis went away
+        with pytest.raises(StoreUnavailable, match="cannot reach"):
+            dead.online_read_blocking("u1", ["i1"])
+    async with make_store(redis_url, timeout_ms=100) as store:
+        await store.online_read("u1", ["i1"])
+        with redis.Redis.from_url(redis_url) as client:
+            client.execute_command("CLIENT", "PAUSE", "600", "ALL")
+        with pytest.raises(StoreTimeout, match="100 ms"):
+            store.online_read_blocking("u1", ["i1"])
+        await asyncio.sleep(0.7)
+        assert_user(store.online_read_blocking("u1", ["i1"]), new_users, 1)
+
+
 async def test_bulk_load_from_prepared_dataset(redis_url: str, tiny_prepared: Path) -> None:
     from ctrserve.feature_store.loader import load_prepared
     from ctrserve.models.data.prepare import load_split

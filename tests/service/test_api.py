@@ -131,19 +131,28 @@ async def test_store_down_fails_or_degrades(make_settings) -> None:
         assert "ctrserve_degraded_total 1.0" in (await client.get("/metrics")).text
 
 
-async def test_backend_timeout_is_504(toy_repo, routing_file, monkeypatch) -> None:
+@pytest.mark.parametrize("execution", ["thread", "inline"])
+async def test_backend_timeout(toy_repo, routing_file, monkeypatch, execution: str) -> None:
+    """Thread mode answers 504 when inference overruns its budget; inline mode cannot interrupt the
+    call it is running and answers when it ends (the documented cost of inline execution)."""
     import time
 
     from ctrserve.service.backends.onnxruntime import OnnxRuntimeBackend
 
     settings = toy_settings(toy_repo, routing_file)
     settings.backend.timeout_ms = 50
+    settings.backend.execution = execution
     async with running(settings) as (client, _, _):
         run = OnnxRuntimeBackend._run
         monkeypatch.setattr(OnnxRuntimeBackend, "_run", lambda self, x: (time.sleep(0.3), run(self, x))[1])
         r = await client.post("/v1/score", json=BODY)
-        assert r.status_code == 504 and r.json()["error"]["code"] == "backend_timeout"
-        assert 'ctrserve_backend_errors_total{kind="timeout"' in (await client.get("/metrics")).text
+        metrics = (await client.get("/metrics")).text
+        if execution == "thread":
+            assert r.status_code == 504 and r.json()["error"]["code"] == "backend_timeout"
+            assert 'ctrserve_backend_errors_total{kind="timeout"' in metrics
+        else:
+            assert r.status_code == 200 and len(r.json()["scores"]) == len(BODY["candidates"])
+            assert 'ctrserve_backend_errors_total{kind="timeout"' not in metrics
 
 
 async def test_api_key(make_settings) -> None:

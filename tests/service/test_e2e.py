@@ -316,6 +316,45 @@ def degraded_app(exported, store_url, routing_path):
     return create_app(settings, redis_factory(RedisStoreConfig(url=store_url, timeout_ms=1000)))
 
 
+def test_thread_and_inline_execution_give_the_same_answers(gateway, exported, store_url, routing_path) -> None:
+    """The subprocess gateway runs the default inline execution (blocking Redis read, inference on
+    the event loop); an in-process gateway in thread mode (awaited read, inference on its worker
+    thread) on the same Redis, models and routing answers every probe identically."""
+    from ctrserve.feature_store.config import RedisStoreConfig
+    from ctrserve.service.app import create_app, wait_ready
+    from ctrserve.service.features import redis_factory
+    from ctrserve.service.settings import (
+        ApiSettings,
+        BackendSettings,
+        GatewaySettings,
+        RoutingSettings,
+        ServerSettings,
+        StoreSettings,
+    )
+
+    settings = GatewaySettings(server=ServerSettings(access_log=False), api=ApiSettings(), store=StoreSettings(),
+                               routing=RoutingSettings(config=routing_path),
+                               backend=BackendSettings(model_repository=exported.repo, execution="thread"))
+    app = create_app(settings, redis_factory(RedisStoreConfig(url=store_url, timeout_ms=100)))
+    assert httpx.get(gateway.url + "/readyz", timeout=10).status_code == 200
+
+    async def run() -> None:
+        async with app.router.lifespan_context(app):
+            await wait_ready(app)
+            transport = httpx.ASGITransport(app=app)
+            async with httpx.AsyncClient(transport=transport, base_url="http://in-process") as local, \
+                    httpx.AsyncClient(base_url=gateway.url, timeout=10) as remote:
+                for probe in probes(exported.prepared):
+                    a = await remote.post("/v1/score", json=probe.body)
+                    b = await local.post("/v1/score", json=probe.body)
+                    assert a.status_code == b.status_code == 200, (a.text, b.text)
+                    ja, jb = a.json(), b.json()
+                    assert ja.pop("request_id") != jb.pop("request_id")
+                    assert ja == jb
+
+    asyncio.run(run())
+
+
 def test_redis_slow_or_down_gives_503_or_degraded(gateway, degraded_app, redis_server) -> None:
     from ctrserve.service.app import wait_ready
 
