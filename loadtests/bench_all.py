@@ -309,7 +309,7 @@ def run_all(plan: Plan, run_dir: Path | None = None, model: str = "mgdin", candi
         # 5. gateway end to end, interleaved with raw ORT
         log("[bench all] 5/7 gateway end to end vs raw ORT (B = 100)")
         port = free_port()
-        gw = stack.gateway(repo, redis_url, port, workers, pool_threads, execution)
+        gw = stack.gateway(repo, redis_url, port, workers, pool_threads, execution=execution)
         host = f"http://127.0.0.1:{port}"
         e2e = e2e_interleaved(port, body100, sess, inputs[100], plan.e2e_rounds, plan.e2e_per_round)
 

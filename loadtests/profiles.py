@@ -7,14 +7,15 @@ from pathlib import Path
 
 #: gateway stages recognised in stack frames: label -> substrings any of which marks the frame
 GATEWAY_MARKERS: dict[str, tuple[str, ...]] = {
-    "ONNX Runtime run (inference thread)": ("Session.run (onnxruntime/",),
+    "ONNX Runtime run (Session.run, inline or on the inference thread)": ("Session.run (onnxruntime/",),
     "event loop thread (uvloop, all request handling)": ("Runner.run (asyncio/runners.py",),
     "request handling in Python (GatewayMiddleware and below)": ("GatewayMiddleware.__call__",),
     "Gateway.score (routing, fetch, assembly, awaiting inference)": ("Gateway.score (",),
-    "feature fetch (Redis client + decode)": ("online_read (", "redis/asyncio/"),
+    "feature fetch (Redis client + decode)": ("online_read (", "online_read_blocking (", "redis/asyncio/"),
     "assembly": ("Assembler.",),
     "body parsing + validation (FastAPI, pydantic)": ("solve_dependencies", "request_body_to_args", "Request.json",
-                                                      "Request.body"),
+                                                      "Request.body", "_decode (service/api.py",
+                                                      "_validate (service/api.py"),
     "response JSON": ("OrjsonResponse.render", "serialize_response"),
     "HTTP protocol (uvicorn, httptools)": ("uvicorn/protocols",),
     "Prometheus metrics": ("prometheus_client",),

@@ -151,9 +151,9 @@ class Stack:
         return f"redis://127.0.0.1:{port}/0"
 
     def gateway(self, repo: Path, redis_url: str, port: int, workers: int = 1, pool_threads: int = 1,
-                execution: str = "inline",
                 intra_op_threads: int = 1, routing: Path | None = None, triton_url: str | None = None,
-                access_log: bool = False, timeout: float = 180, name: str = "gateway") -> subprocess.Popen:
+                access_log: bool = False, timeout: float = 180, name: str = "gateway",
+                execution: str = "inline") -> subprocess.Popen:
         """The scoring gateway through its production entry point, ``ctrserve serve --workers N``."""
         env = {"CTRSERVE_BACKEND_MODEL_REPOSITORY": str(repo), "CTRSERVE_REDIS_URL": redis_url,
                "CTRSERVE_SERVER_PORT": str(port), "CTRSERVE_SERVER_HOST": "127.0.0.1",

@@ -44,7 +44,7 @@ def test_collapsed_stacks() -> None:
     stacks = profiles.read_collapsed_text(text)
     assert sum(n for _, n in stacks) == 100
     shares = profiles.inclusive_shares(stacks, profiles.GATEWAY_MARKERS)
-    assert shares["ONNX Runtime run (inference thread)"] == pytest.approx(0.6)
+    assert shares["ONNX Runtime run (Session.run, inline or on the inference thread)"] == pytest.approx(0.6)
     assert shares["feature fetch (Redis client + decode)"] == pytest.approx(0.3)
     assert shares["Gateway.score (routing, fetch, assembly, awaiting inference)"] == pytest.approx(0.3)
     assert shares["response JSON"] == pytest.approx(0.1)
