@@ -65,6 +65,28 @@ def data_prepare(
     _print_density(out)
 
 
+@data_app.command("rules")
+def data_rules(
+    dataset: Annotated[str, typer.Option(help="dataset name (models/data/specs) or spec path")],
+    set_: SetOpt = None,
+) -> None:
+    """No-model history rules (matches between the history and the candidate): the AUC to beat."""
+    from .data.rules import history_rules
+    from .data.spec import SpecError
+
+    try:
+        rows = history_rules(ensure_prepared(dataset, _parse_data_overrides(set_)))
+    except (SpecError, FileNotFoundError, ValueError) as exc:
+        console.print(f"[red]error:[/] {exc}")
+        raise typer.Exit(2) from None
+    table = Table(title=f"{dataset}: no-model history rules")
+    for col in ("split", "rule", "AUC", "GAUC"):
+        table.add_column(col)
+    for r in rows:
+        table.add_row(str(r["split"]), str(r["rule"]), f"{r['auc']:.4f}", f"{r['gauc']:.4f}")
+    console.print(table)
+
+
 def _print_density(prepared: Path) -> None:
     from .data.feature_map import FeatureMap
 

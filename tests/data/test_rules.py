@@ -1,0 +1,48 @@
+"""``ctrserve data rules``: no-model history rules on a prepared sequence dataset."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from ctrserve.models.data.feature_map import FeatureMap
+from ctrserve.models.data.prepare import load_split
+from ctrserve.models.data.rules import history_rules
+
+pytestmark = pytest.mark.quick
+
+
+def test_rules_score_history_matches(tiny_prepared: Path, tmp_path: Path) -> None:
+    fmap = FeatureMap.load(tiny_prepared / "feature_map.json")
+    seq = fmap.sequences[0]
+    rows = history_rules(tiny_prepared)
+    assert {r["split"] for r in rows} == {"valid", "test"}
+    assert len(rows) == 2 * 2 * len(seq.fields)  # splits x (count, share) x field pairs
+    assert all(0.0 <= r["auc"] <= 1.0 for r in rows)
+
+    # a copy whose candidate ids are planted into the history of positives only: count separates perfectly
+    copy = tmp_path / "planted"
+    shutil.copytree(tiny_prepared, copy)
+    for split in ("valid", "test"):
+        data = load_split(copy, split)
+        field, target = seq.fields[0], seq.targets[0]
+        hist = data[field].copy()
+        hist[data[target][:, None] == hist] = 0  # no accidental matches ...
+        pos = data[fmap.label] == 1
+        hist[pos, 0] = data[target][pos]  # ... except one for every positive
+        data[field] = hist
+        np.savez(copy / f"{split}.npz", **data)
+    planted = {r["rule"]: r["auc"] for r in history_rules(copy, ("test",))}
+    assert planted[f"count({seq.fields[0]} == {seq.targets[0]})"] == pytest.approx(1.0)
+
+
+def test_rules_need_a_sequence(tiny_prepared: Path, tmp_path: Path) -> None:
+    copy = tmp_path / "flat"
+    shutil.copytree(tiny_prepared, copy)
+    fmap = FeatureMap.load(copy / "feature_map.json")
+    (copy / "feature_map.json").write_text(fmap.model_copy(update={"sequences": []}).model_dump_json())
+    with pytest.raises(ValueError, match="no behaviour sequence"):
+        history_rules(copy)
