@@ -45,6 +45,8 @@ E2E_VARIANTS: dict[str, dict[str, str]] = {
     "defaults": {},
     "inline": {"CTRSERVE_BACKEND_EXECUTION": "inline"},
     "inline, no access log": {"CTRSERVE_BACKEND_EXECUTION": "inline", "CTRSERVE_SERVER_ACCESS_LOG": "false"},
+    "auto": {"CTRSERVE_BACKEND_EXECUTION": "auto"},
+    "thread": {"CTRSERVE_BACKEND_EXECUTION": "thread"},
     "inline, 2 workers": {"CTRSERVE_BACKEND_EXECUTION": "inline", "CTRSERVE_SERVER_WORKERS": "2"},
     "thread, 2 workers": {"CTRSERVE_BACKEND_EXECUTION": "thread", "CTRSERVE_SERVER_WORKERS": "2"},
     "intra-op 2, spinning off": {"CTRSERVE_BACKEND_ORT_INTRA_OP_THREADS": "2",

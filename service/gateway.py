@@ -73,6 +73,7 @@ class Gateway:
         self.startup_error: str | None = "starting"
         self._reload_lock = asyncio.Lock()
         self._file_mtime: float | None = None
+        self._scoring = 0  # requests inside score(): the `auto` execution's load signal
 
     # -- routing config ------------------------------------------------------------------
     def initial_config(self) -> RoutingConfig:
@@ -179,6 +180,28 @@ class Gateway:
     ) -> ScoreResult:
         """Score candidates in order. ``route_label`` receives the arm name and ``model:version`` as
         soon as they are known (so a failed request is still counted and labelled under its arm)."""
+        self._scoring += 1
+        try:
+            if self.settings.backend.execution == "auto":
+                # one loop turn: requests the server has already read get to register before this one
+                # decides (a request running inline would otherwise finish before they start)
+                await asyncio.sleep(0)
+            return await self._score(user_id, item_ids, context, candidate_features, model, experiment, arm,
+                                     route_label)
+        finally:
+            self._scoring -= 1
+
+    async def _score(
+        self,
+        user_id: str,
+        item_ids: Sequence[str],
+        context: Mapping[str, Any] | None,
+        candidate_features: Sequence[Mapping[str, Any] | None],
+        model: str | None,
+        experiment: str | None,
+        arm: str | None,
+        route_label: list[str] | None,
+    ) -> ScoreResult:
         api = self.settings.api
         t_start = time.perf_counter()
         deadline = t_start + api.deadline_ms / 1000
@@ -204,8 +227,11 @@ class Gateway:
         flags: dict[str, Any] = {}
         store = self.stores.for_model(loaded.manifest)
         # inline: the store read, assembly and inference run here without awaiting (no thread
-        # hand-offs); the first read and a read across a version flip still go through the async path
-        inline = self.settings.backend.execution == "inline" and loaded.backend.inline
+        # hand-offs); the first read and a read across a version flip still go through the async path.
+        # auto: inline when this is the only request being scored, else the thread path, so that
+        # under load the event loop keeps reading requests while the inference thread computes
+        execution = self.settings.backend.execution
+        inline = loaded.backend.inline and (execution == "inline" or (execution == "auto" and self._scoring == 1))
         budget = min(self.settings.store.timeout_ms / 1000, deadline - time.perf_counter())
         try:
             stored = store.online_read_blocking(user_id, item_ids, budget) if inline and budget > 0 else None

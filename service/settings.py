@@ -110,7 +110,7 @@ class BackendSettings(BaseSettings):
     ort_spinning: bool = Field(False, description="Let ONNX Runtime's intra-op threads spin while waiting for "
                                                   "work (only with intra-op threads > 1; burns CPU other work "
                                                   "needs on a shared machine).")
-    execution: Literal["thread", "inline"] = Field(
+    execution: Literal["thread", "inline", "auto"] = Field(
         "inline", description="Embedded ONNX Runtime only. `thread`: the store read is awaited and inference runs on "
                               "the version's own thread(s) while the event loop serves other requests. `inline`: "
                               "store read (blocking Redis client), assembly and inference run on the event loop, "
@@ -118,7 +118,8 @@ class BackendSettings(BaseSettings):
                               "run one server worker per core (`CTRSERVE_SERVER_WORKERS`). Inline, the store read "
                               "blocks (at most the Redis socket timeout, `CTRSERVE_REDIS_TIMEOUT_MS`, by default the "
                               "store budget; a longer socket timeout sends reads through the awaited path) and the "
-                              "inference budget is not enforced during the call.")
+                              "inference budget is not enforced during the call. `auto`: inline while a request is "
+                              "the only one being scored, `thread` when others are waiting.")
     pool_threads: int = Field(1, ge=1, description="Threads running one model version's embedded inference off the "
                                                    "event loop (each version has its own).")
     warmup_candidates: int = Field(16, ge=1, description="Candidates in the warm-up request run at model load.")

@@ -155,6 +155,39 @@ async def test_backend_timeout(toy_repo, routing_file, monkeypatch, execution: s
             assert 'ctrserve_backend_errors_total{kind="timeout"' not in metrics
 
 
+async def test_auto_execution_runs_inline_alone_and_on_the_thread_under_load(toy_repo, routing_file,
+                                                                             monkeypatch) -> None:
+    """`auto`: a lone request runs inline; concurrent ones go to the inference thread (so the event
+    loop keeps reading requests); every answer is the same as inline's."""
+    import asyncio
+
+    from ctrserve.service.backends.onnxruntime import OnnxRuntimeBackend
+
+    calls = {"inline": 0, "thread": 0}
+    inline, infer = OnnxRuntimeBackend.infer_inline, OnnxRuntimeBackend.infer
+
+    def counted_inline(self, inputs):
+        calls["inline"] += 1
+        return inline(self, inputs)
+
+    async def counted_infer(self, inputs, timeout):
+        calls["thread"] += 1
+        return await infer(self, inputs, timeout)
+
+    monkeypatch.setattr(OnnxRuntimeBackend, "infer_inline", counted_inline)
+    monkeypatch.setattr(OnnxRuntimeBackend, "infer", counted_infer)
+    settings = toy_settings(toy_repo, routing_file)
+    settings.backend.execution = "auto"
+    async with running(settings) as (client, _, _):
+        calls.update(inline=0, thread=0)  # warm-up calls at load do not count
+        alone = await client.post("/v1/score", json=BODY)
+        assert alone.status_code == 200 and calls == {"inline": 1, "thread": 0}
+        together = await asyncio.gather(*(client.post("/v1/score", json=BODY) for _ in range(6)))
+        assert calls["thread"] >= 5 and calls["inline"] + calls["thread"] == 7
+        for r in together:
+            assert r.status_code == 200 and r.json()["scores"] == alone.json()["scores"]
+
+
 async def test_api_key(make_settings) -> None:
     async with running(make_settings(key="s3cret")) as (client, _, _):
         assert (await client.post("/v1/score", json=BODY)).status_code == 401
