@@ -3,7 +3,8 @@
 For every behaviour-sequence field and the candidate feature it shares an embedding with (e.g.
 ``hist_cate_id`` / ``cate_id``), two scores per row: how many history events match the
 candidate (``count``) and which share of the history they are (``share``). A model that uses the
-history should beat these; one that does not is mistuned (``ctrserve data rules``).
+history should beat these; one that does not is mistuned (``ctrserve data rules``). Candidates
+with an out-of-vocabulary id never match (two unknown ids are not the same item).
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ from pathlib import Path
 import numpy as np
 
 from ..train.metrics import auc, gauc
-from .feature_map import PAD_ID, FeatureMap
+from .feature_map import OOV_ID, PAD_ID, FeatureMap
 from .prepare import USER_KEY, load_split
 
 
@@ -29,7 +30,9 @@ def history_rules(prepared: Path, splits: tuple[str, ...] = ("valid", "test")) -
         for seq in fmap.sequences:
             length = (data[seq.fields[0]] != PAD_ID).sum(axis=1)
             for field, target in zip(seq.fields, seq.targets, strict=True):
-                count = (data[field] == data[target][:, None]).sum(axis=1)
+                # OOV never matches: two unknown ids are not the same item
+                known = data[target] > OOV_ID
+                count = ((data[field] == data[target][:, None]).sum(axis=1)) * known
                 for name, score in (("count", count), ("share", count / np.maximum(length, 1))):
                     rows.append({"split": split, "rule": f"{name}({field} == {target})",
                                  "auc": auc(y, score), "gauc": gauc(y, score, users)})
