@@ -85,7 +85,7 @@ def calibrate_run(run_dir: Path, rows: int = 10_000, seed: int | None = None,
 
     Returns ``(new run dir, test metrics record, calibration info)``."""
     from .data.prepare import load_split
-    from .train.trainer import count_params, evaluate, load_run, make_run_dir, write_run
+    from .train.trainer import count_params, evaluate, load_run, make_run_dir, predict, write_run
 
     run_dir = Path(run_dir)
     if not (run_dir / "model.pt").exists() or not (run_dir / "config.yaml").exists():
@@ -107,6 +107,11 @@ def calibrate_run(run_dir: Path, rows: int = 10_000, seed: int | None = None,
     model.mask_mode = "static"
     static_test = evaluate(model, test, fmap, cfg.train.eval_batch_size)
     static_valid = evaluate(model, valid, fmap, cfg.train.eval_batch_size)
+    # how far single predictions move with the masks (docs/models/mgdin.md: why one run loses AUC)
+    shift = np.abs(predict(model, test, fmap, cfg.train.eval_batch_size)
+                   - predict(dynamic, test, fmap, cfg.train.eval_batch_size))
+    shift_q = {"mean": float(shift.mean()), "p50": float(np.quantile(shift, 0.5)),
+               "p99": float(np.quantile(shift, 0.99)), "max": float(shift.max())}
     # the serving choice is made on valid (test only reports): static unless it costs > the budget
     valid_delta = static_valid["auc"] - dynamic_valid["auc"]
     serving_mode = "static" if -valid_delta <= AUC_BUDGET else "dynamic"
@@ -129,7 +134,8 @@ def calibrate_run(run_dir: Path, rows: int = 10_000, seed: int | None = None,
     info.update({"seed": seed, "source_run": str(run_dir.resolve()), "dynamic_test": dynamic_test,
                  "static_test": static_test, "auc_delta_static_minus_dynamic": delta,
                  "dynamic_valid": dynamic_valid, "static_valid": static_valid,
-                 "valid_auc_delta_static_minus_dynamic": valid_delta, "serving_mode": serving_mode})
+                 "valid_auc_delta_static_minus_dynamic": valid_delta, "serving_mode": serving_mode,
+                 "test_prediction_shift": shift_q})
     (new_dir / "calibration.json").write_text(json.dumps(info, indent=2))
     return new_dir, metrics, info
 
@@ -158,6 +164,9 @@ def calibrate_cmd(
     d, s = info["dynamic_test"], info["static_test"]
     console.print(f"test dynamic: AUC {d['auc']:.4f} GAUC {d['gauc']:.4f} LogLoss {d['logloss']:.4f}")
     console.print(f"test static:  AUC {s['auc']:.4f} GAUC {s['gauc']:.4f} LogLoss {s['logloss']:.4f} -> {new_dir}")
+    q = info["test_prediction_shift"]
+    console.print(f"test |p_static - p_dynamic|: mean {q['mean']:.4f}, p50 {q['p50']:.4f}, p99 {q['p99']:.4f}, "
+                  f"max {q['max']:.4f}")
     dv, sv = info["dynamic_valid"], info["static_valid"]
     console.print(f"valid dynamic AUC {dv['auc']:.4f}, static {sv['auc']:.4f} -> serve {info['serving_mode']} masks")
     if info["serving_mode"] == "dynamic":

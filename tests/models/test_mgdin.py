@@ -394,6 +394,8 @@ def test_calibrate_round_trip_through_load_run(tiny_prepared, tmp_path) -> None:
     delta = cal["static_valid"]["auc"] - cal["dynamic_valid"]["auc"]
     assert cal["valid_auc_delta_static_minus_dynamic"] == pytest.approx(delta)
     assert cal["serving_mode"] == ("static" if -delta <= 0.002 else "dynamic")
+    q = cal["test_prediction_shift"]
+    assert 0.0 <= q["p50"] <= q["p99"] <= q["max"] <= 1.0 and q["mean"] <= q["max"]
 
     cfg2, fmap, model = load_run(new_dir)
     assert cfg2.variant == "static_masks" and cfg2.seed == 7 and cfg2.params["mask_mode"] == "static"
