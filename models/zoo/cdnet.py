@@ -100,6 +100,7 @@ class CDNet(nn.Module):
         dropout: float = 0.0,
         hidden: list[int] = (256, 128),
         batch_norm: bool = False,
+        embedding_init_std: float = 1e-4,
     ):
         super().__init__()
         if not feature_map.sequences:
@@ -107,7 +108,9 @@ class CDNet(nn.Module):
         if not (core or gid):
             raise ValueError("cdnet needs at least one sequence view: core and gid cannot both be false")
         d_model = d_model or embedding_dim
-        self.embedding = FeatureEmbedding(feature_map, embedding_dim)
+        # FuxiCTR's 1e-4 init by default; the first post-LN layer normalises such tiny tokens, and
+        # on Amazon Sports one seed in two never left the constant-output plateau (docs/models/cdnet.md)
+        self.embedding = FeatureEmbedding(feature_map, embedding_dim, init_std=embedding_init_std)
         self.views = nn.ModuleList([
             SequenceViews(list(s.fields), list(s.targets), s.max_len, embedding_dim, d_model, k, bins, core, gid)
             for s in feature_map.sequences
