@@ -62,7 +62,10 @@ class KeepAliveClient:
             head = (f"POST {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
                     f"Content-Length: {len(body)}\r\n\r\n")
             request = self._requests[(path, body)] = head.encode("latin-1") + body
-        self.sock.sendall(request)
+        try:
+            self.sock.sendall(request)
+        except OSError as exc:  # reset or broken pipe: the server went away
+            raise RuntimeError(f"the server closed the connection ({exc})") from None
         buf = b""
         while (end := buf.find(b"\r\n\r\n")) < 0:
             buf += self._recv()
@@ -77,7 +80,10 @@ class KeepAliveClient:
         return status, buf[end + 4:total]
 
     def _recv(self) -> bytes:
-        chunk = self.sock.recv(262144)
+        try:
+            chunk = self.sock.recv(262144)
+        except ConnectionError as exc:
+            raise RuntimeError(f"the server closed the connection ({exc})") from None
         if not chunk:
             raise RuntimeError("the server closed the connection")
         return chunk
