@@ -85,7 +85,7 @@ def calibrate_run(run_dir: Path, rows: int = 10_000, seed: int | None = None,
 
     Returns ``(new run dir, test metrics record, calibration info)``."""
     from .data.prepare import load_split
-    from .train.trainer import count_params, evaluate, load_run, make_run_dir, predict, write_run
+    from .train.trainer import count_params, evaluate, load_run, make_run_dir, predict, score_predictions, write_run
 
     run_dir = Path(run_dir)
     if not (run_dir / "model.pt").exists() or not (run_dir / "config.yaml").exists():
@@ -100,16 +100,17 @@ def calibrate_run(run_dir: Path, rows: int = 10_000, seed: int | None = None,
 
     dynamic = copy.deepcopy(model)
     dynamic.mask_mode = "dynamic"
-    dynamic_test = evaluate(dynamic, test, fmap, cfg.train.eval_batch_size)
+    dynamic_probs = predict(dynamic, test, fmap, cfg.train.eval_batch_size)
+    dynamic_test = score_predictions(dynamic_probs, test, fmap)
     dynamic_valid = evaluate(dynamic, valid, fmap, cfg.train.eval_batch_size)
 
     info = calibrate_model(model, sample, fmap, cfg.train.eval_batch_size)
     model.mask_mode = "static"
-    static_test = evaluate(model, test, fmap, cfg.train.eval_batch_size)
+    static_probs = predict(model, test, fmap, cfg.train.eval_batch_size)
+    static_test = score_predictions(static_probs, test, fmap)
     static_valid = evaluate(model, valid, fmap, cfg.train.eval_batch_size)
     # how far single predictions move with the masks (docs/models/mgdin.md: why one run loses AUC)
-    shift = np.abs(predict(model, test, fmap, cfg.train.eval_batch_size)
-                   - predict(dynamic, test, fmap, cfg.train.eval_batch_size))
+    shift = np.abs(static_probs - dynamic_probs)
     shift_q = {"mean": float(shift.mean()), "p50": float(np.quantile(shift, 0.5)),
                "p99": float(np.quantile(shift, 0.99)), "max": float(shift.max())}
     # the serving choice is made on valid (test only reports): static unless it costs > the budget

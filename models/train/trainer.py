@@ -56,7 +56,11 @@ def predict(model: nn.Module, arrays: dict[str, np.ndarray], fmap: FeatureMap, b
 def evaluate(
     model: nn.Module, arrays: dict[str, np.ndarray], fmap: FeatureMap, batch_size: int = 16384
 ) -> dict[str, float]:
-    probs = predict(model, arrays, fmap, batch_size)
+    return score_predictions(predict(model, arrays, fmap, batch_size), arrays, fmap)
+
+
+def score_predictions(probs: np.ndarray, arrays: dict[str, np.ndarray], fmap: FeatureMap) -> dict[str, float]:
+    """AUC, GAUC and LogLoss of ``probs`` against the split's labels."""
     labels = arrays[fmap.label]
     return {
         "auc": auc(labels, probs),
