@@ -294,9 +294,10 @@ def test_graceful_shutdown_drains_in_flight_requests(triton_gateway, triton) -> 
 
 
 # -- Redis slow / down (last: they stop the shared redis-server) ----------------------------------
-@pytest.fixture()
-def degraded_app(exported, store_url, routing_path):
-    """An in-process gateway in degrade mode on the same Redis, model and routing."""
+def _in_process_app(exported, store_url: str, routing_path: Path, redis_timeout_ms: float,
+                    store: dict | None = None, backend: dict | None = None):
+    """An in-process gateway on the session's Redis, models and routing (``store`` / ``backend``:
+    keyword arguments of StoreSettings / BackendSettings)."""
     from ctrserve.feature_store.config import RedisStoreConfig
     from ctrserve.service.app import create_app
     from ctrserve.service.features import redis_factory
@@ -310,32 +311,25 @@ def degraded_app(exported, store_url, routing_path):
     )
 
     settings = GatewaySettings(server=ServerSettings(access_log=False), api=ApiSettings(),
-                               store=StoreSettings(failure="degrade", timeout_ms=300),
+                               store=StoreSettings(**(store or {})),
                                routing=RoutingSettings(config=routing_path),
-                               backend=BackendSettings(model_repository=exported.repo))
-    return create_app(settings, redis_factory(RedisStoreConfig(url=store_url, timeout_ms=1000)))
+                               backend=BackendSettings(model_repository=exported.repo, **(backend or {})))
+    return create_app(settings, redis_factory(RedisStoreConfig(url=store_url, timeout_ms=redis_timeout_ms)))
+
+
+@pytest.fixture()
+def degraded_app(exported, store_url, routing_path):
+    """An in-process gateway in degrade mode on the same Redis, model and routing."""
+    return _in_process_app(exported, store_url, routing_path, 1000, store={"failure": "degrade", "timeout_ms": 300})
 
 
 def test_thread_and_inline_execution_give_the_same_answers(gateway, exported, store_url, routing_path) -> None:
     """The subprocess gateway runs the default inline execution (blocking Redis read, inference on
     the event loop); an in-process gateway in thread mode (awaited read, inference on its worker
     thread) on the same Redis, models and routing answers every probe identically."""
-    from ctrserve.feature_store.config import RedisStoreConfig
-    from ctrserve.service.app import create_app, wait_ready
-    from ctrserve.service.features import redis_factory
-    from ctrserve.service.settings import (
-        ApiSettings,
-        BackendSettings,
-        GatewaySettings,
-        RoutingSettings,
-        ServerSettings,
-        StoreSettings,
-    )
+    from ctrserve.service.app import wait_ready
 
-    settings = GatewaySettings(server=ServerSettings(access_log=False), api=ApiSettings(), store=StoreSettings(),
-                               routing=RoutingSettings(config=routing_path),
-                               backend=BackendSettings(model_repository=exported.repo, execution="thread"))
-    app = create_app(settings, redis_factory(RedisStoreConfig(url=store_url, timeout_ms=100)))
+    app = _in_process_app(exported, store_url, routing_path, 100, backend={"execution": "thread"})
     assert httpx.get(gateway.url + "/readyz", timeout=10).status_code == 200
 
     async def run() -> None:
