@@ -526,8 +526,8 @@ def all_cmd(
     candidates: Annotated[str, typer.Option(help="candidates per request in the Locust runs")] = "fixed:100",
     workers: Annotated[int, typer.Option(help="gateway worker processes")] = 1,
     pool_threads: Annotated[int, typer.Option(help="inference threads per gateway worker (thread execution)")] = 1,
-    execution: Annotated[str, typer.Option(help="gateway execution: inline or thread (CTRSERVE_BACKEND_EXECUTION)")
-                         ] = "inline",
+    execution: Annotated[str, typer.Option(
+        help="gateway execution: inline, thread or auto (CTRSERVE_BACKEND_EXECUTION)")] = "inline",
     profile: Annotated[bool, typer.Option(help="py-spy the gateway at saturation")] = True,
     triton: Annotated[bool, typer.Option(help="run the runtime comparison (bench models, incl. Triton)")] = True,
 ) -> None:
