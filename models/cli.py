@@ -70,12 +70,14 @@ def data_rules(
     dataset: Annotated[str, typer.Option(help="dataset name (models/data/specs) or spec path")],
     set_: SetOpt = None,
 ) -> None:
-    """No-model history rules (matches between the history and the candidate): the AUC to beat."""
-    from .data.rules import history_rules
+    """No-model history rules (matches between the history and the candidate): the AUC to beat;
+    and the share of out-of-vocabulary candidates by label and split."""
+    from .data.rules import candidate_oov, history_rules
     from .data.spec import SpecError
 
     try:
-        rows = history_rules(ensure_prepared(dataset, _parse_data_overrides(set_)))
+        prepared = ensure_prepared(dataset, _parse_data_overrides(set_))
+        rows, oov = history_rules(prepared), candidate_oov(prepared)
     except (SpecError, FileNotFoundError, ValueError) as exc:
         console.print(f"[red]error:[/] {exc}")
         raise typer.Exit(2) from None
@@ -84,6 +86,12 @@ def data_rules(
         table.add_column(col)
     for r in rows:
         table.add_row(str(r["split"]), str(r["rule"]), f"{r['auc']:.4f}", f"{r['gauc']:.4f}")
+    console.print(table)
+    table = Table(title=f"{dataset}: out-of-vocabulary candidates")
+    for col in ("split", "feature", "positives", "negatives"):
+        table.add_column(col)
+    for r in oov:
+        table.add_row(str(r["split"]), str(r["feature"]), f"{r['positives']:.3f}", f"{r['negatives']:.3f}")
     console.print(table)
 
 

@@ -37,3 +37,21 @@ def history_rules(prepared: Path, splits: tuple[str, ...] = ("valid", "test")) -
                     rows.append({"split": split, "rule": f"{name}({field} == {target})",
                                  "auc": auc(y, score), "gauc": gauc(y, score, users)})
     return rows
+
+
+def candidate_oov(prepared: Path, splits: tuple[str, ...] = ("train", "valid", "test")) -> list[dict[str, object]]:
+    """``[{split, feature, positives, negatives}]``: the share of rows whose candidate id (each
+    candidate feature a sequence field shares) is out of vocabulary, by label. A gap between the
+    labels that train does not have is a shift no model can learn (docs/datasets.md, Taobao)."""
+    fmap = FeatureMap.load(Path(prepared) / "feature_map.json")
+    targets = list(dict.fromkeys(t for seq in fmap.sequences for t in seq.targets))
+    rows: list[dict[str, object]] = []
+    for split in splits:
+        data = load_split(prepared, split)
+        pos = data[fmap.label] == 1
+        for t in targets:
+            oov = data[t] == OOV_ID
+            rows.append({"split": split, "feature": t, "positives": float(oov[pos].mean()) if pos.any() else 0.0,
+                         "negatives": float(oov[~pos].mean()) if (~pos).any() else 0.0})
+    return rows
+

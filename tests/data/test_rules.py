@@ -8,9 +8,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from ctrserve.models.data.feature_map import FeatureMap
+from ctrserve.models.data.feature_map import OOV_ID, FeatureMap
 from ctrserve.models.data.prepare import load_split
-from ctrserve.models.data.rules import history_rules
+from ctrserve.models.data.rules import candidate_oov, history_rules
 
 pytestmark = pytest.mark.quick
 
@@ -37,6 +37,22 @@ def test_rules_score_history_matches(tiny_prepared: Path, tmp_path: Path) -> Non
         np.savez(copy / f"{split}.npz", **data)
     planted = {r["rule"]: r["auc"] for r in history_rules(copy, ("test",))}
     assert planted[f"count({seq.fields[0]} == {seq.targets[0]})"] == pytest.approx(1.0)
+
+
+def test_candidate_oov_shares_by_label(tiny_prepared: Path, tmp_path: Path) -> None:
+    fmap = FeatureMap.load(tiny_prepared / "feature_map.json")
+    target = fmap.sequences[0].targets[0]
+    copy = tmp_path / "oov"
+    shutil.copytree(tiny_prepared, copy)
+    data = load_split(copy, "test")
+    y = data[fmap.label]
+    ids = data[target].copy()
+    ids[y == 1] = OOV_ID  # every positive unknown, no negative
+    ids[(y == 0) & (ids == OOV_ID)] = OOV_ID + 1
+    data[target] = ids
+    np.savez(copy / "test.npz", **data)
+    row = next(r for r in candidate_oov(copy, ("test",)) if r["feature"] == target)
+    assert row["positives"] == 1.0 and row["negatives"] == 0.0
 
 
 def test_rules_need_a_sequence(tiny_prepared: Path, tmp_path: Path) -> None:
