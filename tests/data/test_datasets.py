@@ -255,9 +255,27 @@ def test_taobao_slice(shared_data: Path) -> None:
         assert all(e.max(initial=0) < test_len.min() for e in earlier)
         if u in hist_len["valid"] and u in hist_len["train"]:
             assert hist_len["train"][u].max() < hist_len["valid"][u].min()
+    # the catalogue is what train rows show: every valid/test candidate (positive or negative) is in it
+    train = raw["train"]
+    catalogue = set(train["item_id"].tolist()) | set(train["hist_item_id"][train["hist_item_id"] != -1].tolist())
+    for split in ("valid", "test"):
+        assert set(raw[split]["item_id"].tolist()) <= catalogue
     # at most max_targets positives per user
     pos_per_user = pd.Series(np.concatenate([raw[s]["user_id"][raw[s]["label"] == 1] for s in SPLITS]))
     assert pos_per_user.value_counts().max() <= 40
+
+
+@pytest.mark.data
+def test_taobao_catalogue_all_keeps_cold_targets(shared_data: Path) -> None:
+    cold, warm = taobao_raw(shared_data, catalogue="all"), taobao_raw(shared_data)
+    assert rows(cold["train"]) == rows(warm["train"])
+    for split in ("valid", "test"):
+        assert rows(cold[split]) > rows(warm[split])
+        known = set(cold["train"]["item_id"].tolist()) | set(cold["train"]["hist_item_id"].ravel().tolist())
+        pos = cold[split]["item_id"][cold[split]["label"] == 1]
+        assert not set(pos.tolist()) <= known, "with catalogue=all some positives are cold"
+    with pytest.raises(ValueError, match="catalogue"):
+        taobao_raw(shared_data, catalogue="later")
 
 
 @pytest.mark.data
