@@ -94,6 +94,19 @@ class RequestFeatures:
     item_cache_hits: int = 0
 
 
+class PendingRead(ABC):
+    """A blocking read that has been sent and not yet collected (``begin_read_blocking``).
+    Exactly one of ``result()`` or ``cancel()`` finishes it; ``cancel()`` after ``result()`` is a no-op."""
+
+    @abstractmethod
+    def result(self) -> RequestFeatures | None:
+        """The features (as ``online_read_blocking``); None: read again with ``online_read``."""
+
+    @abstractmethod
+    def cancel(self) -> None:
+        """Drop the answer and give the connection back."""
+
+
 class OnlineStore(ABC):
     """A feature store for online serving. Implementations are async; unknown ids are never errors."""
 
@@ -112,6 +125,14 @@ class OnlineStore(ABC):
                              ) -> RequestFeatures | None:
         """``online_read`` without an event loop, bounded by ``timeout_s``, for callers that must not
         await; None means "use ``online_read``" (always, unless a backend implements it)."""
+        pending = self.begin_read_blocking(user_id, item_ids, timeout_s)
+        return None if pending is None else pending.result()
+
+    def begin_read_blocking(self, user_id: str, item_ids: Sequence[str], timeout_s: float | None = None
+                            ) -> PendingRead | None:
+        """The first half of ``online_read_blocking``: the request is sent, the caller does other
+        work while the store answers, then calls ``result()`` (or ``cancel()``). None: use
+        ``online_read`` (always, unless a backend implements it)."""
         return None
 
     @abstractmethod

@@ -38,7 +38,7 @@ from redis.retry import Retry as BlockingRetry
 
 from ctrserve.models.data.feature_map import OOV_ID, PAD_ID
 
-from .base import ItemRecords, OnlineStore, Progress, RequestFeatures, UserRecords
+from .base import ItemRecords, OnlineStore, PendingRead, Progress, RequestFeatures, UserRecords
 from .cache import ItemCache
 from .codec import CODEC_VERSION, KIND_ITEM, KIND_USER, RowCodec, SequenceCodec
 from .config import RedisStoreConfig
@@ -317,28 +317,26 @@ class RedisOnlineStore(OnlineStore):
             return self._decode(user_id, item_ids, reply, values, miss, base, now)
         raise StoreUnavailable(f"the active version of {self.keys.ns} changed three times during one read")
 
-    def online_read_blocking(self, user_id: str, item_ids: Sequence[str], timeout_s: float | None = None
-                             ) -> RequestFeatures | None:
+    def begin_read_blocking(self, user_id: str, item_ids: Sequence[str], timeout_s: float | None = None
+                            ) -> PendingRead | None:
         """``online_read`` on a blocking connection (redis-py with hiredis, the socket timeout of
         ``timeout_ms``), for a caller that runs a whole request on one thread without awaiting
         (the gateway's inline execution): no event-loop round trips, about half the client CPU of
-        ``redis.asyncio`` (``ctrserve bench store``). Returns None when the active version must
-        first be adopted — before the first read and after a flip — because adopting it checks
-        the schema through the async client: the caller then reads with ``online_read`` — and
-        when ``timeout_s`` is shorter than the socket timeout (``timeout_ms``), which bounds a
-        blocking read: the caller's ``asyncio.timeout`` then bounds the async read instead."""
+        ``redis.asyncio`` (``ctrserve bench store``). This sends the MGET and returns; the caller
+        may work while Redis answers, then collects it with ``result()`` (the gateway sends it
+        before validating the request body). Returns None when the active version must first be
+        adopted — before the first read and after a flip — because adopting it checks the schema
+        through the async client: the caller then reads with ``online_read`` — and when
+        ``timeout_s`` is shorter than the socket timeout (``timeout_ms``), which bounds a blocking
+        read: the caller's ``asyncio.timeout`` then bounds the async read instead."""
         if self._version is None or (timeout_s is not None and timeout_s < self._timeout_s - 1e-6):
             return None
         user_id, items = str(user_id), [str(i) for i in item_ids]
         base, now = self.keys.base(self._version), time.monotonic()
         values, miss, keys = self._request_keys(user_id, items, base, now)
-        try:
-            reply = self._blocking_client().execute_command("MGET", *keys)
-        except (RedisError, OSError) as exc:
-            raise self._map_error(exc, f"read user {user_id!r} + {len(items)} items", self._timeout_s) from exc
-        if reply[0] != self._version_bytes:
-            return None
-        return self._decode(user_id, items, reply, values, miss, base, now)
+        pending = _PendingMget(self, user_id, items, values, miss, base, now, keys)
+        pending.send()
+        return pending
 
     def _blocking_client(self) -> redis.Redis:
         if self._blocking is None:
@@ -592,3 +590,72 @@ class RedisOnlineStore(OnlineStore):
         lengths = await self._guarded(asyncio.gather(*(self._client.strlen(k) for k in keys)), self._timeout_s,
                                       "measure values")
         return dict(zip(["profile"] + [s.name for s in self.schema.sequences], lengths, strict=True))
+
+
+class _PendingMget(PendingRead):
+    """One MGET sent on a connection of the store's blocking pool, the reply not yet read. The
+    connection stays checked out until ``result()`` or ``cancel()``: its next bytes are this reply."""
+
+    def __init__(self, store: RedisOnlineStore, user_id: str, items: list[str], values: list[bytes | None],
+                 miss: list[int], base: str, now: float, keys: list[str]):
+        self._store, self._user_id, self._items = store, user_id, items
+        self._values, self._miss, self._base, self._now, self._keys = values, miss, base, now, keys
+        self._conn: Any = None
+
+    def _what(self) -> str:
+        return f"read user {self._user_id!r} + {len(self._items)} items"
+
+    def send(self) -> None:
+        pool = self._store._blocking_client().connection_pool
+        try:
+            self._conn = pool.get_connection()
+        except (RedisError, OSError) as exc:
+            raise self._store._map_error(exc, self._what(), self._store._timeout_s) from exc
+        try:
+            self._send()
+        except (RedisError, OSError) as exc:
+            self._release()
+            raise self._store._map_error(exc, self._what(), self._store._timeout_s) from exc
+
+    def _send(self) -> None:
+        try:
+            self._conn.send_command("MGET", *self._keys)
+        except RedisConnectionError:  # one immediate retry heals a connection broken by a server restart
+            self._conn.disconnect()
+            self._conn.send_command("MGET", *self._keys)
+
+    def _release(self, broken: bool = False) -> None:
+        conn, self._conn = self._conn, None
+        if conn is not None:
+            if broken:
+                conn.disconnect()
+            self._store._blocking_client().connection_pool.release(conn)
+
+    def result(self) -> RequestFeatures | None:
+        if self._conn is None:
+            raise RuntimeError("this read was already collected or cancelled")
+        store = self._store
+        try:
+            try:
+                reply = self._conn.read_response()
+            except RedisConnectionError:  # the server restarted since the send: send once more
+                self._conn.disconnect()
+                self._conn.send_command("MGET", *self._keys)
+                reply = self._conn.read_response()
+        except (RedisError, OSError) as exc:
+            self._release(broken=True)
+            raise store._map_error(exc, self._what(), store._timeout_s) from exc
+        self._release()
+        if reply[0] != store._version_bytes:
+            return None
+        return store._decode(self._user_id, self._items, reply, self._values, self._miss, self._base, self._now)
+
+    def cancel(self) -> None:
+        if self._conn is None:
+            return
+        try:
+            self._conn.read_response()  # the reply must leave the socket before the connection is reused
+        except (RedisError, OSError):
+            self._release(broken=True)
+        else:
+            self._release()

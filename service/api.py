@@ -35,7 +35,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.responses import JSONResponse, Response
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from .gateway import Gateway, GatewayError
+from .gateway import EarlyRead, Gateway, GatewayError
 from .logs import request_id_var
 from .routing import RoutingError, parse_config, parse_yaml
 
@@ -161,10 +161,11 @@ async def score(body: ScoreRequest, request: Request, gw: Gateway = Depends(gate
     return await _score(body, gw, request.headers.get, request.scope.setdefault("state", {}))
 
 
-async def _score(body: ScoreRequest, gw: Gateway, header: Callable[[str], str | None], state: dict[str, Any]
-                 ) -> Response:
+async def _score(body: ScoreRequest, gw: Gateway, header: Callable[[str], str | None], state: dict[str, Any],
+                 early: EarlyRead | None = None) -> Response:
     """The scoring endpoint's work once the body is validated; ``header(name)`` reads a request
-    header, ``state`` is the request's scope state (request id, arm and model for the middleware)."""
+    header, ``state`` is the request's scope state (request id, arm and model for the middleware),
+    ``early`` the feature-store read sent before validation (``score_asgi``)."""
     if body.request_id:
         request_id_var.set(body.request_id)
         state["request_id"] = body.request_id
@@ -186,7 +187,7 @@ async def _score(body: ScoreRequest, gw: Gateway, header: Callable[[str], str | 
         result = await gw.score(
             body.user_id, [c.item_id for c in body.candidates], body.context, [c.features for c in body.candidates],
             model=body.model, experiment=header(rs.experiment_header) or None,
-            arm=header(rs.arm_header) or None, route_label=label)
+            arm=header(rs.arm_header) or None, route_label=label, early=early)
     finally:
         state["arm"] = label[0] if label else "none"
         if label:  # the middleware names them in the response headers, errors included
@@ -409,6 +410,30 @@ def _validate(value: Any) -> tuple[ScoreRequest | None, list[dict[str, Any]]]:
         return None, [{**e, "loc": ("body", *e["loc"])} for e in exc.errors(include_url=False)]
 
 
+def _begin_read(gw: Gateway, value: Any, header: Callable[[str], str | None]) -> EarlyRead | None:
+    """Send the feature-store read of a well-formed decoded body before validating it (inline
+    execution; ``Gateway.begin_read``). Only plain shapes qualify — a string user id, candidates
+    as objects whose ``item_id`` is a string or an integer (pydantic turns it into the same
+    string), within the candidate limit; anything else is left to validation and the usual read."""
+    if type(value) is not dict:
+        return None
+    user, candidates, model = value.get("user_id"), value.get("candidates"), value.get("model")
+    if type(user) is not str or type(candidates) is not list or (model is not None and type(model) is not str) \
+            or not 0 < len(candidates) <= gw.settings.api.max_candidates:
+        return None
+    ids = []
+    for c in candidates:
+        item = c.get("item_id") if type(c) is dict else None
+        if type(item) is str:
+            ids.append(item)
+        elif type(item) is int:
+            ids.append(str(item))
+        else:
+            return None
+    rs = gw.settings.routing
+    return gw.begin_read(user, ids, model, header(rs.experiment_header) or None, header(rs.arm_header) or None)
+
+
 async def score_asgi(scope: Scope, receive: Receive) -> Response:
     """POST /v1/score as an ASGI call; returns the response (the caller sends it)."""
     headers: list[tuple[bytes, bytes]] = scope["headers"]
@@ -420,10 +445,19 @@ async def score_asgi(scope: Scope, receive: Receive) -> Response:
             value = _decode(raw) if content_type and _is_json_content_type(content_type) else raw
         gw = _started(scope["app"])
         _check_api_key(gw, _header(headers, b"x-api-key") or "")
-        body, errors = _validate(value)
-        if body is None:
-            return _validation_response(errors, content_type)
-        return await _score(body, gw, lambda name: _header(headers, name.lower().encode("latin-1")), scope["state"])
+
+        def header(name: str) -> str | None:
+            return _header(headers, name.lower().encode("latin-1"))
+
+        early = _begin_read(gw, value, header)
+        try:
+            body, errors = _validate(value)
+            if body is None:
+                return _validation_response(errors, content_type)
+            return await _score(body, gw, header, scope["state"], early)
+        finally:
+            if early is not None:
+                early.pending.cancel()  # a no-op when scoring collected it
     except GatewayError as exc:
         return error_response(exc.status, exc.code, exc.message)
     except StarletteHTTPException as exc:  # the body cap, a client gone while sending the body

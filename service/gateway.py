@@ -18,6 +18,7 @@ from typing import Any
 
 import numpy as np
 
+from ctrserve.feature_store.base import PendingRead
 from ctrserve.feature_store.errors import FeatureStoreError, StoreNotLoaded
 
 from .assemble import AssemblyError
@@ -25,7 +26,7 @@ from .backends import BackendError, BackendTimeout, BackendUnavailable
 from .features import FeatureStores
 from .metrics import Metrics
 from .registry import LoadedModel, ModelLoadError, ModelRegistry, newest_model
-from .routing import NotFound, Router, RoutingConfig, RoutingError, load_config, single_arm_config
+from .routing import NotFound, Route, Router, RoutingConfig, RoutingError, load_config, single_arm_config
 from .settings import GatewaySettings
 
 log = logging.getLogger("ctrserve.service")
@@ -56,6 +57,17 @@ class ScoreResult:
     experiment: str
     scores: np.ndarray
     flags: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class EarlyRead:
+    """A feature-store read sent before the request body was validated (``Gateway.begin_read``),
+    with what it was sent for; ``score`` collects it when the validated request is the same."""
+
+    table: Table
+    route: Route
+    args: tuple[str, list[str], str | None, str | None, str | None]  # user, items, model, experiment, arm
+    pending: PendingRead
 
 
 def config_digest(config: RoutingConfig) -> str:
@@ -167,6 +179,29 @@ class Gateway:
         return ok, checks
 
     # -- scoring -------------------------------------------------------------------------
+    def begin_read(self, user_id: str, item_ids: list[str], model: str | None = None,
+                   experiment: str | None = None, arm: str | None = None) -> EarlyRead | None:
+        """Inline execution: route the request and send its feature-store read now, so that Redis
+        answers while the caller validates the body (the wait for Redis, most of it the wake-up of
+        an idle server, overlaps that work). Best effort, never raises: None when the execution is
+        not inline, the request does not route, or the store cannot take a blocking read; the
+        caller hands the result to ``score`` and cancels it if ``score`` is not reached."""
+        table = self.table
+        if table is None or self.settings.backend.execution != "inline":
+            return None
+        try:
+            route = table.router.direct(model) if model else table.router.assign(user_id, experiment, arm)
+            loaded = table.models[(route.model, route.version)]
+            if not loaded.backend.inline:
+                return None
+            budget = min(self.settings.store.timeout_ms, self.settings.api.deadline_ms) / 1000
+            pending = self.stores.for_model(loaded.manifest).begin_read_blocking(user_id, item_ids, budget)
+        except (NotFound, FeatureStoreError, KeyError, ValueError):
+            return None  # score() meets the same condition and answers it
+        if pending is None:
+            return None
+        return EarlyRead(table, route, (user_id, item_ids, model, experiment, arm), pending)
+
     async def score(
         self,
         user_id: str,
@@ -177,9 +212,13 @@ class Gateway:
         experiment: str | None = None,
         arm: str | None = None,
         route_label: list[str] | None = None,
+        early: EarlyRead | None = None,
     ) -> ScoreResult:
         """Score candidates in order. ``route_label`` receives the arm name and ``model:version`` as
-        soon as they are known (so a failed request is still counted and labelled under its arm)."""
+        soon as they are known (so a failed request is still counted and labelled under its arm).
+        ``early``: the read ``begin_read`` sent for this request, used when it was sent for the
+        same arguments and routing table (the caller cancels it in any case; a collected read
+        ignores that)."""
         self._scoring += 1
         try:
             if self.settings.backend.execution == "auto":
@@ -187,7 +226,7 @@ class Gateway:
                 # decides (a request running inline would otherwise finish before they start)
                 await asyncio.sleep(0)
             return await self._score(user_id, item_ids, context, candidate_features, model, experiment, arm,
-                                     route_label)
+                                     route_label, early)
         finally:
             self._scoring -= 1
 
@@ -201,6 +240,7 @@ class Gateway:
         experiment: str | None,
         arm: str | None,
         route_label: list[str] | None,
+        early: EarlyRead | None = None,
     ) -> ScoreResult:
         api = self.settings.api
         t_start = time.perf_counter()
@@ -208,8 +248,14 @@ class Gateway:
         table = self.table
         if table is None:
             raise GatewayError(503, "not_ready", f"the gateway is not ready: {self.startup_error}")
+        if early is not None and (early.table is not table or early.args != (user_id, item_ids, model, experiment,
+                                                                                 arm)):
+            early = None  # sent for something else (a reload in between, ids the validation coerced)
         try:
-            route = table.router.direct(model) if model else table.router.assign(user_id, experiment, arm)
+            if early is not None:
+                route = early.route
+            else:
+                route = table.router.direct(model) if model else table.router.assign(user_id, experiment, arm)
         except NotFound as exc:
             raise GatewayError(404, "not_found", str(exc)) from None
         if route_label is not None:
@@ -234,7 +280,10 @@ class Gateway:
         inline = loaded.backend.inline and (execution == "inline" or (execution == "auto" and self._scoring == 1))
         budget = min(self.settings.store.timeout_ms / 1000, deadline - time.perf_counter())
         try:
-            stored = store.online_read_blocking(user_id, item_ids, budget) if inline and budget > 0 else None
+            stored = None
+            if inline and budget > 0:
+                stored = early.pending.result() if early is not None else \
+                    store.online_read_blocking(user_id, item_ids, budget)
             if stored is None:
                 # asyncio.timeout, not wait_for: on Python 3.11 wait_for runs the read in one more Task
                 async with asyncio.timeout(max(budget, 0.0)):

@@ -339,6 +339,39 @@ async def test_blocking_read_matches_async_read_and_defers_version_changes(redis
         assert_user(store.online_read_blocking("u1", ["i1"]), new_users, 1)
 
 
+async def test_begun_read_is_collected_or_cancelled_and_frees_its_connection(redis_server, redis_url: str) -> None:
+    """``begin_read_blocking`` sends the MGET; ``result()`` gives what ``online_read_blocking``
+    gives; ``cancel()`` drains the reply, so a pool of one connection keeps answering correctly;
+    a connection broken by a server restart is healed once."""
+    users, items = make_records(0)
+    async with make_store(redis_url, pool_size=1) as store:
+        await store.bulk_load(users, items)
+        await store.online_read("u1", ["i1"])  # adopts the version
+        pending = store.begin_read_blocking("u1", ["i2", "i4"])
+        assert pending is not None
+        got = pending.result()
+        assert got is not None
+        assert_user(got, users, 1)
+        assert_items(got, items, [2, 4])
+        pending.cancel()  # no-op once collected
+        with pytest.raises(RuntimeError, match="already collected"):
+            pending.result()
+        for _ in range(3):  # each cancelled reply leaves the socket: the next read gets its own
+            store.begin_read_blocking("u2", ["i0"]).cancel()
+        got = store.begin_read_blocking("u3", ["i5"]).result()
+        assert_user(got, users, 3)
+        assert_items(got, items, [5])
+        with redis.Redis.from_url(redis_url) as client:
+            client.save()
+        redis_server.stop()
+        try:
+            with pytest.raises(StoreUnavailable, match="cannot reach"):
+                store.online_read_blocking("u1", ["i1"])
+        finally:
+            redis_server.start()
+        assert_user(store.online_read_blocking("u1", ["i1"]), users, 1)  # the same pool reconnects
+
+
 async def test_bulk_load_from_prepared_dataset(redis_url: str, tiny_prepared: Path) -> None:
     from ctrserve.feature_store.loader import load_prepared
     from ctrserve.models.data.prepare import load_split

@@ -295,9 +295,9 @@ def test_graceful_shutdown_drains_in_flight_requests(triton_gateway, triton) -> 
 
 # -- Redis slow / down (last: they stop the shared redis-server) ----------------------------------
 def _in_process_app(exported, store_url: str, routing_path: Path, redis_timeout_ms: float,
-                    store: dict | None = None, backend: dict | None = None):
+                    store: dict | None = None, backend: dict | None = None, **redis: object):
     """An in-process gateway on the session's Redis, models and routing (``store`` / ``backend``:
-    keyword arguments of StoreSettings / BackendSettings)."""
+    keyword arguments of StoreSettings / BackendSettings; ``redis``: of RedisStoreConfig)."""
     from ctrserve.feature_store.config import RedisStoreConfig
     from ctrserve.service.app import create_app
     from ctrserve.service.features import redis_factory
@@ -314,7 +314,7 @@ def _in_process_app(exported, store_url: str, routing_path: Path, redis_timeout_
                                store=StoreSettings(**(store or {})),
                                routing=RoutingSettings(config=routing_path),
                                backend=BackendSettings(model_repository=exported.repo, **(backend or {})))
-    return create_app(settings, redis_factory(RedisStoreConfig(url=store_url, timeout_ms=redis_timeout_ms)))
+    return create_app(settings, redis_factory(RedisStoreConfig(url=store_url, timeout_ms=redis_timeout_ms, **redis)))
 
 
 @pytest.fixture()
@@ -345,6 +345,76 @@ def test_thread_and_inline_execution_give_the_same_answers(gateway, exported, st
                     ja, jb = a.json(), b.json()
                     assert ja.pop("request_id") != jb.pop("request_id")
                     assert ja == jb
+
+    asyncio.run(run())
+
+
+def test_inline_sends_the_store_read_before_validation_and_never_leaks_it(exported, store_url, routing_path,
+                                                                          monkeypatch) -> None:
+    """Inline execution sends the feature-store read as soon as the body is decoded (``begin_read``)
+    and scoring collects it: the answers equal those of the usual read (thread execution, checked
+    above), numeric item ids qualify, and a read sent for a body that then fails validation or
+    routing is drained — on a pool of ONE Redis connection, where a leaked one would stall every
+    later request."""
+    from ctrserve.feature_store.redis_store import RedisOnlineStore
+    from ctrserve.service.app import wait_ready
+
+    calls = {"begin": 0, "collected": 0, "plain": 0}
+    begin, plain = RedisOnlineStore.begin_read_blocking, RedisOnlineStore.online_read_blocking
+
+    def counting_begin(self, *a, **kw):
+        calls["begin"] += 1
+        pending = begin(self, *a, **kw)
+        if pending is not None:
+            result = pending.result
+
+            def counted():
+                calls["collected"] += 1
+                return result()
+
+            pending.result = counted
+        return pending
+
+    def counting_plain(self, *a, **kw):
+        calls["plain"] += 1
+        return plain(self, *a, **kw)
+
+    monkeypatch.setattr(RedisOnlineStore, "begin_read_blocking", counting_begin)
+    monkeypatch.setattr(RedisOnlineStore, "online_read_blocking", counting_plain)
+    # the Redis socket timeout equal to the store budget: the blocking read is used (a longer one
+    # sends reads through the awaited path)
+    app = _in_process_app(exported, store_url, routing_path, 400, store={"timeout_ms": 400}, pool_size=1)
+    probe = probes(exported.prepared)[0]
+
+    async def run() -> None:
+        async with app.router.lifespan_context(app):
+            await wait_ready(app)
+            transport = httpx.ASGITransport(app=app)
+            async with httpx.AsyncClient(transport=transport, base_url="http://in-process", timeout=10) as local:
+                first = await local.post("/v1/score", json=probe.body)  # adopts the store version
+                assert first.status_code == 200, first.text
+                calls.update(begin=0, collected=0, plain=0)
+                again = await local.post("/v1/score", json=probe.body)
+                assert again.status_code == 200 and again.json()["scores"] == first.json()["scores"]
+                assert calls == {"begin": 1, "collected": 1, "plain": 0}, calls
+                # integer item ids (pydantic turns them into the same strings) qualify too
+                as_int = {**probe.body, "candidates": [{"item_id": 10**12 + k} for k in range(3)]}
+                as_str = {**probe.body, "candidates": [{"item_id": str(10**12 + k)} for k in range(3)]}
+                r_int, r_str = await local.post("/v1/score", json=as_int), await local.post("/v1/score", json=as_str)
+                assert r_int.status_code == r_str.status_code == 200, (r_int.text, r_str.text)
+                assert r_int.json()["scores"] == r_str.json()["scores"]
+                assert r_int.json()["flags"] == r_str.json()["flags"]  # unknown items, flagged alike
+                assert calls == {"begin": 3, "collected": 3, "plain": 0}, calls
+                bad = [{**probe.body, "unexpected": 1},  # 422 after the read was sent
+                       {**probe.body, "model": "no-such-model"},  # 404: not routed, nothing sent
+                       {**probe.body, "context": {"no_such_feature": 1}}]  # 422 from the assembler
+                for body in bad:
+                    r = await local.post("/v1/score", json=body)
+                    assert r.status_code in (404, 422), r.text
+                assert calls["begin"] >= 4
+                for _ in range(3):  # the single connection still answers, with the right reply
+                    r = await local.post("/v1/score", json=probe.body)
+                    assert r.status_code == 200 and r.json()["scores"] == first.json()["scores"]
 
     asyncio.run(run())
 
