@@ -45,6 +45,7 @@ E2E_VARIANTS: dict[str, dict[str, str]] = {
     "defaults": {},
     "inline": {"CTRSERVE_BACKEND_EXECUTION": "inline"},
     "inline, no access log": {"CTRSERVE_BACKEND_EXECUTION": "inline", "CTRSERVE_SERVER_ACCESS_LOG": "false"},
+    "inline, no early read": {"CTRSERVE_BACKEND_EXECUTION": "inline", "CTRSERVE_STORE_EARLY_READ": "false"},
     "auto": {"CTRSERVE_BACKEND_EXECUTION": "auto"},
     "thread": {"CTRSERVE_BACKEND_EXECUTION": "thread"},
     "inline, 2 workers": {"CTRSERVE_BACKEND_EXECUTION": "inline", "CTRSERVE_SERVER_WORKERS": "2"},

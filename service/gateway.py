@@ -187,7 +187,7 @@ class Gateway:
         not inline, the request does not route, or the store cannot take a blocking read; the
         caller hands the result to ``score`` and cancels it if ``score`` is not reached."""
         table = self.table
-        if table is None or self.settings.backend.execution != "inline":
+        if table is None or self.settings.backend.execution != "inline" or not self.settings.store.early_read:
             return None
         try:
             route = table.router.direct(model) if model else table.router.assign(user_id, experiment, arm)

@@ -75,6 +75,9 @@ class StoreSettings(BaseSettings):
     failure: Literal["fail", "degrade"] = Field(
         "fail", description="Redis down or slow: `fail` answers 503; `degrade` scores with cold-start features "
                             "and sets `flags.degraded`.")
+    early_read: bool = Field(
+        True, description="Inline execution: send the feature-store read as soon as the body is decoded, so "
+                          "Redis answers while the body is validated and routed (off: read after validation).")
 
 
 class RoutingSettings(BaseSettings):
