@@ -197,6 +197,7 @@ class Assembler:
         if len(cand_feats) != b:
             raise AssemblyError(f"{len(cand_feats)} candidate feature sets for {b} candidates")
         missing_items = np.asarray(stored.missing_items, dtype=np.int64).reshape(-1)
+        overrides = [(i, feats) for i, feats in enumerate(cand_feats) if feats]  # usually none: one pass
         out: dict[str, np.ndarray] = {}
         for inp in self.inputs:
             spec, info, name = inp.spec, inp.info, inp.spec.name
@@ -231,8 +232,8 @@ class Assembler:
             else:  # a user feature the export put on the candidate side: same for every candidate
                 col = np.full(b, inp.encode(context[name]) if name in context
                               else _scalar(stored.user.get(name), inp.default), dtype=inp.dtype)
-            for i, feats in enumerate(cand_feats):
-                if feats and name in feats:
+            for i, feats in overrides:
+                if name in feats:
                     col[i] = inp.encode(feats[name])
             out[name] = col
         return out
