@@ -66,6 +66,8 @@ class DLF(nn.Module):
         layer_norm: bool = True,
         input_norm: bool = False,
         head_hidden: list[int] = (),
+        head_batch_norm: bool = False,
+        head_dropout: float = 0.0,
         seq_pooling: str = "mean",
     ):
         super().__init__()
@@ -84,7 +86,8 @@ class DLF(nn.Module):
             layers.append(layer)
             tokens = layer.out_tokens
         self.layers = nn.ModuleList(layers)
-        self.head = MLP(tokens * embedding_dim, list(head_hidden), 1)  # eq. 16 when head_hidden is empty
+        # eq. 16 when head_hidden is empty; hidden layers (with BatchNorm/dropout) as the baselines' deep part
+        self.head = MLP(tokens * embedding_dim, list(head_hidden), 1, head_dropout, head_batch_norm)
 
     def forward(self, batch: Batch) -> Tensor:
         e1 = self.input_norm(self.tokens(batch))
