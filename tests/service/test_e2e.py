@@ -385,6 +385,7 @@ def test_inline_sends_the_store_read_before_validation_and_never_leaks_it(export
     # sends reads through the awaited path)
     app = _in_process_app(exported, store_url, routing_path, 400, store={"timeout_ms": 400}, pool_size=1)
     probe = probes(exported.prepared)[0]
+    answers: list[httpx.Response] = []
 
     async def run() -> None:
         async with app.router.lifespan_context(app):
@@ -392,6 +393,7 @@ def test_inline_sends_the_store_read_before_validation_and_never_leaks_it(export
             transport = httpx.ASGITransport(app=app)
             async with httpx.AsyncClient(transport=transport, base_url="http://in-process", timeout=10) as local:
                 first = await local.post("/v1/score", json=probe.body)  # adopts the store version
+                answers.append(first)
                 assert first.status_code == 200, first.text
                 calls.update(begin=0, collected=0, plain=0)
                 again = await local.post("/v1/score", json=probe.body)
@@ -415,6 +417,17 @@ def test_inline_sends_the_store_read_before_validation_and_never_leaks_it(export
                 for _ in range(3):  # the single connection still answers, with the right reply
                     r = await local.post("/v1/score", json=probe.body)
                     assert r.status_code == 200 and r.json()["scores"] == first.json()["scores"]
+        # CTRSERVE_STORE_EARLY_READ=false: the read waits for validation (the plain blocking read)
+        late = _in_process_app(exported, store_url, routing_path, 400, store={"timeout_ms": 400, "early_read": False})
+        async with late.router.lifespan_context(late):
+            await wait_ready(late)
+            transport = httpx.ASGITransport(app=late)
+            async with httpx.AsyncClient(transport=transport, base_url="http://in-process", timeout=10) as local:
+                assert (await local.post("/v1/score", json=probe.body)).status_code == 200
+                calls.update(begin=0, collected=0, plain=0)
+                r = await local.post("/v1/score", json=probe.body)
+                assert r.status_code == 200 and r.json()["scores"] == answers[0].json()["scores"]
+                assert calls == {"begin": 1, "collected": 1, "plain": 1}, calls
 
     asyncio.run(run())
 
