@@ -478,7 +478,8 @@ def run_all(plan: Plan, run_dir: Path | None = None, model: str = "mgdin", candi
                  f"B candidates, its inputs assembled by the gateway's own code from the store; gateway with "
                  f"{workers} worker(s); Locust closed-loop users stepped {list(plan.steps)} for {plan.step_s:g} s "
                  f"each (saturation = the step after which requests/s grew < 5 %); the soak runs at half that rate "
-                 f"(paced users) and gives both p99/p50 and soak_errors; the first 2 s of each Locust run are "
+                 f"(paced users: each sends one request at a random moment of every period, traffic.Pacer) "
+                 f"and gives both p99/p50 and soak_errors; the first 2 s of each Locust run are "
                  f"dropped. Plots: `{soak_png.relative_to(REPO_ROOT)}`, `{sat_png.relative_to(REPO_ROOT)}`. Raw "
                  f"files: `{work}`.")
     notes.append(f"store_fetch_p50_ms ({store['figures']['store_fetch_p50_ms']:.3f} ms) and triton_hop_ms_batch1 "

@@ -18,11 +18,12 @@ from __future__ import annotations
 import time
 from typing import Any, ClassVar
 
+import gevent
 import numpy as np
 from locust import FastHttpUser, events, task
 from locust.env import Environment
 
-from ctrserve.loadtests.traffic import Bodies, CandidateDist, Pool, ZipfSampler, check_response
+from ctrserve.loadtests.traffic import Bodies, CandidateDist, Pacer, Pool, ZipfSampler, check_response
 
 HEADERS = {"Content-Type": "application/json"}
 PATHS = {"gateway": "/v1/score", "baseline": "/predict"}
@@ -90,18 +91,17 @@ class ScoreUser(FastHttpUser):
         assert _State.bodies is not None
         self.users = ZipfSampler(len(_State.bodies.pool.users), opts.zipf, self.rng)
         self.path = PATHS[opts.mode]
-        # pacing: each of the N users waits so that N users together send target_rps requests/s
-        self.period = opts.num_users / opts.target_rps if opts.target_rps > 0 else 0.0
-        self.started = time.perf_counter()
+        # pacing (traffic.Pacer): one request per period and user, N users together target_rps requests/s
+        self.pacer: Pacer | None = None
+        if opts.target_rps > 0:
+            self.pacer = Pacer(opts.num_users / opts.target_rps, self.rng, time.perf_counter())
+            gevent.sleep(self.pacer.first_delay())
 
     def wait_time(self) -> float:
-        if not self.period:
-            return 0.0
-        return max(0.0, self.period - (time.perf_counter() - self.started))
+        return 0.0 if self.pacer is None else self.pacer.next_delay(time.perf_counter())
 
     @task
     def score(self) -> None:
-        self.started = time.perf_counter()
         assert _State.bodies is not None and _State.dist is not None
         n = _State.dist.sample(self.rng)
         body = _State.bodies.get(self.users.sample(), n)
