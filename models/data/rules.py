@@ -19,7 +19,8 @@ from .prepare import USER_KEY, load_split
 
 
 def history_rules(prepared: Path, splits: tuple[str, ...] = ("valid", "test")) -> list[dict[str, object]]:
-    """``[{split, rule, auc, gauc}]`` for each (sequence field, candidate feature) pair."""
+    """``[{split, rule, auc, gauc, pos_matched, neg_matched}]`` for each (sequence field, candidate
+    feature) pair; ``*_matched``: the share of positive / negative rows with at least one match."""
     fmap = FeatureMap.load(Path(prepared) / "feature_map.json")
     if not fmap.sequences:
         raise ValueError(f"{fmap.dataset} has no behaviour sequence: no history rules to score")
@@ -33,9 +34,12 @@ def history_rules(prepared: Path, splits: tuple[str, ...] = ("valid", "test")) -
                 # OOV never matches: two unknown ids are not the same item
                 known = data[target] > OOV_ID
                 count = ((data[field] == data[target][:, None]).sum(axis=1)) * known
+                pos = y == 1
+                matched = {"pos_matched": float((count[pos] > 0).mean()) if pos.any() else 0.0,
+                           "neg_matched": float((count[~pos] > 0).mean()) if (~pos).any() else 0.0}
                 for name, score in (("count", count), ("share", count / np.maximum(length, 1))):
                     rows.append({"split": split, "rule": f"{name}({field} == {target})",
-                                 "auc": auc(y, score), "gauc": gauc(y, score, users)})
+                                 "auc": auc(y, score), "gauc": gauc(y, score, users), **matched})
     return rows
 
 

@@ -35,8 +35,10 @@ def test_rules_score_history_matches(tiny_prepared: Path, tmp_path: Path) -> Non
         hist[pos, 0] = data[target][pos]  # ... except one for every positive
         data[field] = hist
         np.savez(copy / f"{split}.npz", **data)
-    planted = {r["rule"]: r["auc"] for r in history_rules(copy, ("test",))}
-    assert planted[f"count({seq.fields[0]} == {seq.targets[0]})"] == pytest.approx(1.0)
+    planted = {r["rule"]: r for r in history_rules(copy, ("test",))}
+    rule = planted[f"count({seq.fields[0]} == {seq.targets[0]})"]
+    assert rule["auc"] == pytest.approx(1.0)
+    assert rule["pos_matched"] == 1.0 and rule["neg_matched"] == 0.0
 
 
 def test_candidate_oov_shares_by_label(tiny_prepared: Path, tmp_path: Path) -> None:
