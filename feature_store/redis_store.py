@@ -600,52 +600,52 @@ class _PendingMget(PendingRead):
                  miss: list[int], base: str, now: float, keys: list[str]):
         self._store, self._user_id, self._items = store, user_id, items
         self._values, self._miss, self._base, self._now, self._keys = values, miss, base, now, keys
+        self._pool = store._blocking_client().connection_pool
         self._conn: Any = None
 
-    def _what(self) -> str:
-        return f"read user {self._user_id!r} + {len(self._items)} items"
+    def _error(self, exc: BaseException) -> FeatureStoreError:
+        return self._store._map_error(exc, f"read user {self._user_id!r} + {len(self._items)} items",
+                                      self._store._timeout_s)
 
     def send(self) -> None:
-        pool = self._store._blocking_client().connection_pool
         try:
-            self._conn = pool.get_connection()
+            self._conn = self._pool.get_connection()
         except (RedisError, OSError) as exc:
-            raise self._store._map_error(exc, self._what(), self._store._timeout_s) from exc
+            raise self._error(exc) from exc
         try:
-            self._send()
+            try:
+                self._conn.send_command("MGET", *self._keys)
+            except RedisConnectionError:  # one immediate retry heals a connection broken by a server restart
+                self._resend()
         except (RedisError, OSError) as exc:
             self._release()
-            raise self._store._map_error(exc, self._what(), self._store._timeout_s) from exc
+            raise self._error(exc) from exc
 
-    def _send(self) -> None:
-        try:
-            self._conn.send_command("MGET", *self._keys)
-        except RedisConnectionError:  # one immediate retry heals a connection broken by a server restart
-            self._conn.disconnect()
-            self._conn.send_command("MGET", *self._keys)
+    def _resend(self) -> None:
+        self._conn.disconnect()
+        self._conn.send_command("MGET", *self._keys)
 
     def _release(self, broken: bool = False) -> None:
         conn, self._conn = self._conn, None
         if conn is not None:
             if broken:
                 conn.disconnect()
-            self._store._blocking_client().connection_pool.release(conn)
+            self._pool.release(conn)
 
     def result(self) -> RequestFeatures | None:
         if self._conn is None:
             raise RuntimeError("this read was already collected or cancelled")
-        store = self._store
         try:
             try:
                 reply = self._conn.read_response()
             except RedisConnectionError:  # the server restarted since the send: send once more
-                self._conn.disconnect()
-                self._conn.send_command("MGET", *self._keys)
+                self._resend()
                 reply = self._conn.read_response()
         except (RedisError, OSError) as exc:
             self._release(broken=True)
-            raise store._map_error(exc, self._what(), store._timeout_s) from exc
+            raise self._error(exc) from exc
         self._release()
+        store = self._store
         if reply[0] != store._version_bytes:
             return None
         return store._decode(self._user_id, self._items, reply, self._values, self._miss, self._base, self._now)

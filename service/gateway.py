@@ -190,11 +190,12 @@ class Gateway:
         if table is None or self.settings.backend.execution != "inline" or not self.settings.store.early_read:
             return None
         try:
-            route = table.router.direct(model) if model else table.router.assign(user_id, experiment, arm)
+            route = _route(table, user_id, model, experiment, arm)
             loaded = table.models[(route.model, route.version)]
             if not loaded.backend.inline:
                 return None
-            budget = min(self.settings.store.timeout_ms, self.settings.api.deadline_ms) / 1000
+            # the whole store budget: settings keep it below the request deadline, which has just begun
+            budget = self.settings.store.timeout_ms / 1000
             pending = self.stores.for_model(loaded.manifest).begin_read_blocking(user_id, item_ids, budget)
         except (NotFound, FeatureStoreError, KeyError, ValueError):
             return None  # score() meets the same condition and answers it
@@ -252,10 +253,7 @@ class Gateway:
                                                                                  arm)):
             early = None  # sent for something else (a reload in between, ids the validation coerced)
         try:
-            if early is not None:
-                route = early.route
-            else:
-                route = table.router.direct(model) if model else table.router.assign(user_id, experiment, arm)
+            route = early.route if early is not None else _route(table, user_id, model, experiment, arm)
         except NotFound as exc:
             raise GatewayError(404, "not_found", str(exc)) from None
         if route_label is not None:
@@ -349,6 +347,11 @@ class Gateway:
     async def close(self) -> None:
         await self.registry.close()
         await self.stores.close()
+
+
+def _route(table: Table, user_id: str, model: str | None, experiment: str | None, arm: str | None) -> Route:
+    """The arm and model version of a request: ``model`` bypasses the split (raises NotFound)."""
+    return table.router.direct(model) if model else table.router.assign(user_id, experiment, arm)
 
 
 def _mtime(path: Path | None) -> float | None:

@@ -28,15 +28,14 @@ def history_rules(prepared: Path, splits: tuple[str, ...] = ("valid", "test")) -
     for split in splits:
         data = load_split(prepared, split)
         y, users = data[fmap.label], data[USER_KEY]
+        pos = y == 1
         for seq in fmap.sequences:
             length = (data[seq.fields[0]] != PAD_ID).sum(axis=1)
             for field, target in zip(seq.fields, seq.targets, strict=True):
                 # OOV never matches: two unknown ids are not the same item
                 known = data[target] > OOV_ID
                 count = ((data[field] == data[target][:, None]).sum(axis=1)) * known
-                pos = y == 1
-                matched = {"pos_matched": float((count[pos] > 0).mean()) if pos.any() else 0.0,
-                           "neg_matched": float((count[~pos] > 0).mean()) if (~pos).any() else 0.0}
+                matched = {"pos_matched": _share(count[pos] > 0), "neg_matched": _share(count[~pos] > 0)}
                 for name, score in (("count", count), ("share", count / np.maximum(length, 1))):
                     rows.append({"split": split, "rule": f"{name}({field} == {target})",
                                  "auc": auc(y, score), "gauc": gauc(y, score, users), **matched})
@@ -55,7 +54,10 @@ def candidate_oov(prepared: Path, splits: tuple[str, ...] = ("train", "valid", "
         pos = data[fmap.label] == 1
         for t in targets:
             oov = data[t] == OOV_ID
-            rows.append({"split": split, "feature": t, "positives": float(oov[pos].mean()) if pos.any() else 0.0,
-                         "negatives": float(oov[~pos].mean()) if (~pos).any() else 0.0})
+            rows.append({"split": split, "feature": t, "positives": _share(oov[pos]), "negatives": _share(oov[~pos])})
     return rows
 
+
+def _share(flags: np.ndarray) -> float:
+    """The share of true entries; 0 for none (a split without positives or negatives)."""
+    return float(flags.mean()) if flags.size else 0.0

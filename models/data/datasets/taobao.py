@@ -101,10 +101,10 @@ def load(
     hist = history_index(targets, start_of[targets], max_len)
     if catalogue == "train":
         # events up to a user's last train target: what train rows show at any history length
-        last_train = np.full(n_users, -1, dtype=np.int64)
-        np.maximum.at(last_train, t_user[split_of == 0], pos_in_user[targets[split_of == 0]])
-        pool = np.unique(item_dense[pos_in_user <= last_train[user_of]])
         train = split_of == 0
+        last_train = np.full(n_users, -1, dtype=np.int64)
+        np.maximum.at(last_train, t_user[train], pos_in_user[targets[train]])
+        pool = np.unique(item_dense[pos_in_user <= last_train[user_of]])
         keep = train | np.isin(item_dense[targets], pool)
         targets, t_user, split_of, hist = targets[keep], t_user[keep], split_of[keep], hist[keep]
     else:
