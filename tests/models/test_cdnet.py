@@ -136,6 +136,32 @@ def test_full_sequence_reference_keeps_every_event(tiny_fmap) -> None:
     assert model.num_tokens == max_len + 1 + sum(f.kind != "sequence" for f in tiny_fmap.features)
 
 
+def test_fused_training_attention_is_the_same_function(tiny_fmap, tiny_batch) -> None:
+    """``fused_attention`` (training only) gives the written-out attention's outputs and gradients,
+    empty and one-event histories included; eval mode keeps the written-out graph."""
+    batch, labels = tiny_batch
+    seq = tiny_fmap.sequences[0]
+    for f in seq.fields:
+        batch[f][0] = 0  # empty history: its core slots are all masked keys
+        batch[f][1, 1:] = 0
+    plain, fused = _build(tiny_fmap, k=10_000, dropout=0.0), _build(tiny_fmap, k=10_000, dropout=0.0,
+                                                                      fused_attention=True)
+    assert all(layer.fused_training for layer in fused.layers)
+    grads = []
+    for model in (plain, fused):
+        logits = model.train()(batch)
+        torch.nn.functional.binary_cross_entropy_with_logits(logits, labels).backward()
+        grads.append((logits.detach(), {n: p.grad for n, p in model.named_parameters()}))
+    torch.testing.assert_close(grads[0][0], grads[1][0], rtol=1e-5, atol=1e-6)
+    for name, g in grads[0][1].items():
+        torch.testing.assert_close(g, grads[1][1][name], rtol=1e-4, atol=1e-7, msg=name)
+    with torch.no_grad():
+        torch.testing.assert_close(plain.eval()(batch), fused.eval()(batch), rtol=0, atol=0)
+    flat_ctx = tiny_fmap.model_copy(update={"features": [f for f in tiny_fmap.features if f.kind == "sequence"]})
+    with pytest.raises(ValueError, match="needs a key every row keeps"):
+        build_model("cdnet", flat_ctx, {**SMALL, "gid": False, "fused_attention": True})
+
+
 def test_clear_errors(tiny_fmap) -> None:
     flat = tiny_fmap.model_copy(update={
         "features": [f for f in tiny_fmap.features if f.kind != "sequence"], "sequences": []})
