@@ -361,6 +361,13 @@ async def test_begun_read_is_collected_or_cancelled_and_frees_its_connection(red
         got = store.begin_read_blocking("u3", ["i5"]).result()
         assert_user(got, users, 3)
         assert_items(got, items, [5])
+        # two reads in flight on one thread: the second takes a connection of its own (the pool's only
+        # one is taken, so it waits its timeout and fails clearly), the first still gets its answer
+        first = store.begin_read_blocking("u1", ["i1"])
+        with pytest.raises(StoreUnavailable):
+            store.begin_read_blocking("u2", ["i2"])
+        assert_user(first.result(), users, 1)
+        assert len(store._idle) == 1  # the connection waits for the next read, not in the pool
         with redis.Redis.from_url(redis_url) as client:
             client.save()
         redis_server.stop()
@@ -370,6 +377,7 @@ async def test_begun_read_is_collected_or_cancelled_and_frees_its_connection(red
         finally:
             redis_server.start()
         assert_user(store.online_read_blocking("u1", ["i1"]), users, 1)  # the same pool reconnects
+    assert store._idle == []  # closed: back to the pool and disconnected
 
 
 async def test_bulk_load_from_prepared_dataset(redis_url: str, tiny_prepared: Path) -> None:
