@@ -11,11 +11,13 @@ One process run, MGDIN, the benchmark's fixed 100-candidate request, a private r
 4. ``hop``: ``await``-ing ONNX Runtime through an executor vs calling it directly — one shared
    session with 1 or 2 threads, one session per thread, intra-op 2 with spinning off / on —
    sequential p50 (interleaved rounds) and candidates/s with 4 concurrent callers.
-5. ``asgi``: the whole app called in-process (no HTTP), interleaved with raw ORT, with the stage
+5. ``cpu``: the gateway's own CPU per request (in-process app, inline execution, the model
+   call answered from memory): the Python on top of inference, robust to a busy machine.
+6. ``asgi``: the whole app called in-process (no HTTP), interleaved with raw ORT, with the stage
    means from its metrics, and raw ORT run right after each request (the caches a request leaves);
    the event loop's CPU per request with the scoring fast path (the default) and through the
    FastAPI route it bypasses, interleaved. The stage means cover both.
-6. ``e2e``: gateway subprocesses (``ctrserve serve``), one per configuration, each measured with
+7. ``e2e``: gateway subprocesses (``ctrserve serve``), one per configuration, each measured with
    sequential requests interleaved with raw ORT runs on the same inputs: the ratio e2e p50 / ORT p50
    (target <= 1.25) holds on a busy machine because both see the same noise.
 """
@@ -36,6 +38,8 @@ import numpy as np
 import typer
 
 from .stats import percentiles
+
+SECTIONS = ("parse", "middleware", "deps", "hop", "cpu", "asgi", "e2e")
 
 #: gateway configurations measured end to end: name -> environment overrides
 E2E_VARIANTS: dict[str, dict[str, str]] = {
@@ -266,21 +270,22 @@ async def _hop(runners: list[_Runner], feed: dict[str, np.ndarray], rounds: int,
 
 
 # -- 3b. the app in-process (no HTTP server, no client) ---------------------------------------
-async def _asgi(repo: Path, redis_url: str, body: bytes, sess: Any, feed: dict[str, np.ndarray], rounds: int,
-                per_round: int) -> dict[str, float]:
-    """The whole app called as an ASGI callable (middleware, routing, parsing, store, assembly,
-    inference hop, response) interleaved with raw ORT: the gateway's own cost without HTTP."""
-    from ctrserve.service.app import create_app, wait_ready
+def _in_process_app(repo: Path, redis_url: str, body: bytes, access_log: bool = False,
+                    execution: str | None = None) -> tuple[Any, Any]:
+    """The gateway app (defaults unless given, private Redis) and ``call()``: one POST /v1/score
+    of ``body`` through the whole ASGI app, no HTTP; returns the status code."""
+    from ctrserve.service.app import create_app
     from ctrserve.service.features import gateway_store_config, redis_factory
     from ctrserve.service.settings import BackendSettings, GatewaySettings, ServerSettings
 
-    settings = GatewaySettings.from_env(server=ServerSettings(access_log=False),
-                                        backend=BackendSettings(model_repository=repo))
+    settings = GatewaySettings.from_env(server=ServerSettings(access_log=access_log),
+                                        backend=BackendSettings(model_repository=repo,
+                                                                **({"execution": execution} if execution else {})))
     app = create_app(settings, redis_factory(gateway_store_config(100.0, url=redis_url)))
     scope = {"type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": "POST", "scheme": "http",
              "path": "/v1/score", "raw_path": b"/v1/score", "query_string": b"", "root_path": "",
              "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())],
-             "client": ("127.0.0.1", 1), "server": ("127.0.0.1", 80)}
+             "client": ("127.0.0.1", 1), "server": ("127.0.0.1", 80), "app": app}
 
     async def call() -> int:
         sent = [False]
@@ -296,8 +301,47 @@ async def _asgi(repo: Path, redis_url: str, body: bytes, sess: Any, feed: dict[s
             if message["type"] == "http.response.start":
                 status[0] = message["status"]
 
-        await app({**scope, "app": app}, receive, send)
+        await app(dict(scope), receive, send)
         return status[0]
+
+    return app, call
+
+
+async def _cpu(repo: Path, redis_url: str, body: bytes, batches: int, per_batch: int) -> dict[str, float]:
+    """The gateway's own CPU per scoring request: the in-process app (inline execution) with the
+    model call answering its first result again, so what is left is the Python around inference —
+    parsing, validation, routing, the Redis client and decoding, assembly, response, metrics — but
+    not the wait for Redis (thread CPU time) nor the access-log line (the ``middleware`` section).
+    The least CPU of ``batches`` batches (a busy machine only adds), and the median."""
+    from ctrserve.service.app import wait_ready
+
+    app, call = _in_process_app(repo, redis_url, body, execution="inline")
+    per_req = []
+    async with app.router.lifespan_context(app):
+        await wait_ready(app, 120)
+        if await call() != 200:
+            raise RuntimeError("in-process app did not answer 200")
+        for loaded in app.state.gateway.registry.loaded.values():
+            first = loaded.backend._run(loaded.assembler.warmup_inputs(100))  # the body has 100 candidates
+            loaded.backend._run = lambda inputs, first=first: first
+        for _ in range(per_batch):
+            await call()
+        for _ in range(batches):
+            c0 = time.thread_time()
+            for _ in range(per_batch):
+                await call()
+            per_req.append((time.thread_time() - c0) / per_batch * 1e6)
+    return {"gateway_cpu_us_per_request_min": round(min(per_req), 1),
+            "gateway_cpu_us_per_request_median": round(float(np.median(per_req)), 1)}
+
+
+async def _asgi(repo: Path, redis_url: str, body: bytes, sess: Any, feed: dict[str, np.ndarray], rounds: int,
+                per_round: int) -> dict[str, float]:
+    """The whole app called as an ASGI callable (middleware, routing, parsing, store, assembly,
+    inference hop, response) interleaved with raw ORT: the gateway's own cost without HTTP."""
+    from ctrserve.service.app import wait_ready
+
+    app, call = _in_process_app(repo, redis_url, body)
 
     from prometheus_client import generate_latest
 
@@ -530,6 +574,9 @@ def run(sections: set[str], rounds: int, per_round: int, variants: list[str] | N
                 r.close()
             for k, v in out["hop"].items():
                 log(f"hop  {k:48s} {v}")
+        if "cpu" in sections:
+            out["cpu"] = asyncio.run(_cpu(repo, redis_url, body, 20, max(50, per_round * 10)))
+            log("cpu (gateway's own CPU per request, model call answered from memory):", out["cpu"])
         if "asgi" in sections:
             out["asgi"] = asyncio.run(_asgi(repo, redis_url, body, _session(model_file), feed, rounds, per_round))
             log("asgi (app in-process):", out["asgi"])
@@ -554,8 +601,7 @@ def run(sections: set[str], rounds: int, per_round: int, variants: list[str] | N
 
 
 def gateway_cmd(
-    sections: str = typer.Option("parse,middleware,deps,hop,asgi,e2e", help="comma-separated: parse, middleware, "
-                                 "deps, hop, asgi, e2e"),
+    sections: str = typer.Option(",".join(SECTIONS), help=f"comma-separated, of: {', '.join(SECTIONS)}"),
     rounds: int = typer.Option(5, min=1, help="interleaved measuring rounds"),
     per_round: int = typer.Option(40, min=1, help="requests (and raw ORT runs) per round"),
     variant: list[str] = typer.Option(None, help=f"e2e gateway configurations (default: all of {list(E2E_VARIANTS)})"),
@@ -563,7 +609,7 @@ def gateway_cmd(
 ) -> None:
     """What the gateway adds on top of raw ONNX Runtime (MGDIN, 100 candidates), part by part."""
     chosen = set(sections.split(","))
-    bad = chosen - {"parse", "middleware", "deps", "hop", "asgi", "e2e"} or set(variant or []) - set(E2E_VARIANTS)
+    bad = chosen - set(SECTIONS) or set(variant or []) - set(E2E_VARIANTS)
     if bad:
         raise typer.BadParameter(f"unknown section or variant: {sorted(bad)}")
     out = run(chosen, rounds, per_round, variant or None)
