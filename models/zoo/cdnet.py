@@ -112,6 +112,7 @@ class CDNet(nn.Module):
         batch_norm: bool = False,
         embedding_init_std: float = 1e-4,
         fused_attention: bool = False,
+        length_chunks: int = 0,
     ):
         super().__init__()
         if not feature_map.sequences:
@@ -142,6 +143,9 @@ class CDNet(nn.Module):
         ])
         self.head = MLP(n_tokens * d_model, list(hidden), 1, dropout, batch_norm)
         self.num_tokens = n_tokens
+        if length_chunks < 0:
+            raise ValueError(f"length_chunks must be >= 0, got {length_chunks}")
+        self.length_chunks = length_chunks
 
     def forward(self, batch: Batch) -> Tensor:
         emb = self.embedding(batch)
@@ -156,8 +160,29 @@ class CDNet(nn.Module):
         valid.append(torch.ones_like(ctx[:, :, 0], dtype=torch.bool))
         x = torch.cat(tokens, dim=1) + self.slot
         key_valid = torch.cat(valid, dim=1)
-        for layer in self.layers:
-            x = layer(x, key_valid)
+        if self.training and self.length_chunks > 1:
+            x = self._layers_by_length(x, key_valid)
+        else:
+            for layer in self.layers:
+                x = layer(x, key_valid)
         # zero the padded core slots so a short history's empty slots carry nothing to the head
         x = x * key_valid.unsqueeze(-1).to(x.dtype)
         return self.head(x.flatten(1)).squeeze(-1)
+
+    def _layers_by_length(self, x: Tensor, key_valid: Tensor) -> Tensor:
+        """The transformer layers on rows grouped by their number of valid tokens, each group
+        dropping the token columns that are padding in all of its rows. Exactly the same outputs
+        as the whole batch at once (such columns are masked keys for every row of the group and
+        their outputs are zeroed before the head; each layer is per-token apart from attention),
+        at a fraction of the cost when histories are much shorter than the sequence length —
+        training only (``length_chunks`` groups): the full-sequence reference on Taobao (k = L = 600,
+        mean history 95) costs ~1/8 of its attention this way (docs/models/cdnet.md)."""
+        out = x.new_zeros(x.shape)
+        for rows in key_valid.sum(dim=1).argsort().chunk(self.length_chunks):
+            valid = key_valid[rows]
+            cols = valid.any(dim=0).nonzero().squeeze(1)
+            xg, vg = x[rows][:, cols], valid[:, cols]
+            for layer in self.layers:
+                xg = layer(xg, vg)
+            out = out.index_put((rows[:, None], cols[None, :]), xg)
+        return out

@@ -162,6 +162,28 @@ def test_fused_training_attention_is_the_same_function(tiny_fmap, tiny_batch) ->
         build_model("cdnet", flat_ctx, {**SMALL, "gid": False, "fused_attention": True})
 
 
+def test_length_chunks_give_the_same_outputs_and_gradients(tiny_fmap, tiny_batch) -> None:
+    """Training on rows grouped by history length, padding columns dropped per group: the same
+    logits and gradients as the whole batch (histories of every length, an empty one included)."""
+    batch, labels = tiny_batch
+    seq = tiny_fmap.sequences[0]
+    lengths = (batch[seq.fields[0]] != 0).sum(dim=1)
+    assert lengths.min() < lengths.max()  # groups differ, so columns really are dropped
+    for f in seq.fields:
+        batch[f][0] = 0
+    runs = []
+    for chunks in (0, 3):
+        model = _build(tiny_fmap, k=10_000, dropout=0.0, length_chunks=chunks).train()
+        logits = model(batch)
+        torch.nn.functional.binary_cross_entropy_with_logits(logits, labels).backward()
+        runs.append((logits.detach(), {n: p.grad for n, p in model.named_parameters()}))
+    torch.testing.assert_close(runs[0][0], runs[1][0], rtol=1e-5, atol=1e-6)
+    for name, g in runs[0][1].items():
+        torch.testing.assert_close(g, runs[1][1][name], rtol=1e-4, atol=1e-7, msg=name)
+    with pytest.raises(ValueError, match="length_chunks"):
+        _build(tiny_fmap, length_chunks=-1)
+
+
 def test_clear_errors(tiny_fmap) -> None:
     flat = tiny_fmap.model_copy(update={
         "features": [f for f in tiny_fmap.features if f.kind != "sequence"], "sequences": []})
