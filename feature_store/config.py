@@ -50,8 +50,11 @@ class RedisStoreConfig(BaseSettings):
         return self.url
 
     def client_kwargs(self) -> dict[str, Any]:
-        """Keyword arguments for ``redis.asyncio`` connection pools (beyond the URL)."""
+        """Keyword arguments for a ``BlockingConnectionPool.from_url`` (``redis`` or ``redis.asyncio``)
+        beyond the URL: pool size and wait, socket timeouts, credentials, TLS."""
         kwargs: dict[str, Any] = {
+            "max_connections": self.pool_size,
+            "timeout": self.timeout_ms / 1000,  # the wait for a free connection
             "socket_timeout": self.timeout_ms / 1000,
             "socket_connect_timeout": self.connect_timeout_ms / 1000,
         }

@@ -154,10 +154,7 @@ class RedisOnlineStore(OnlineStore):
         self.keys = Keys(self.config.key_prefix, self.namespace)
         cfg = self.config
         retry = Retry(NoBackoff(), 1)  # one immediate retry heals a connection broken by a server restart
-        self._pool = aioredis.BlockingConnectionPool.from_url(
-            cfg.effective_url(), max_connections=cfg.pool_size, timeout=cfg.timeout_ms / 1000,
-            retry=retry, **cfg.client_kwargs(),
-        )
+        self._pool = aioredis.BlockingConnectionPool.from_url(cfg.effective_url(), retry=retry, **cfg.client_kwargs())
         self._client = aioredis.Redis(connection_pool=self._pool, retry=retry)
         self._blocking: redis.Redis | None = None  # created by the first online_read_blocking
         # blocking-pool connections between reads, handed out without the pool's per-checkout
@@ -350,10 +347,7 @@ class RedisOnlineStore(OnlineStore):
     def _blocking_client(self) -> redis.Redis:
         if self._blocking is None:
             cfg = self.config
-            pool = redis.BlockingConnectionPool.from_url(
-                cfg.effective_url(), max_connections=cfg.pool_size, timeout=cfg.timeout_ms / 1000,
-                **cfg.client_kwargs(),
-            )
+            pool = redis.BlockingConnectionPool.from_url(cfg.effective_url(), **cfg.client_kwargs())
             self._blocking = redis.Redis(connection_pool=pool, retry=BlockingRetry(NoBackoff(), 1))
         return self._blocking
 

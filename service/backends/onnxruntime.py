@@ -126,9 +126,7 @@ class OnnxRuntimeBackend(Backend):
         return self._session.run([self.output], inputs)[0]
 
     async def infer(self, inputs: dict[str, np.ndarray], timeout: float) -> np.ndarray:
-        if self._session is None:
-            raise BackendUnavailable(f"{self.model} v{self.version} is not loaded")
-        b = _candidates(inputs)
+        self._require_loaded()
         try:
             # asyncio.timeout, not wait_for: on Python 3.11 wait_for wraps the call in one more Task
             async with asyncio.timeout(timeout):
@@ -137,17 +135,23 @@ class OnnxRuntimeBackend(Backend):
             # the worker thread finishes the call in the background; the request is answered now
             raise BackendTimeout(f"{self.model} v{self.version}: inference exceeded {timeout * 1000:.0f} ms") from None
         except Exception as exc:
-            raise BackendError(f"{self.model} v{self.version}: ONNX Runtime failed: {exc}") from None
-        return check_scores(out, b, f"{self.model} v{self.version}")
+            raise self._failed(exc) from None
+        return check_scores(out, _candidates(inputs), f"{self.model} v{self.version}")
 
     def infer_inline(self, inputs: dict[str, np.ndarray]) -> np.ndarray:
-        if self._session is None:
-            raise BackendUnavailable(f"{self.model} v{self.version} is not loaded")
+        self._require_loaded()
         try:
             out = self._run(inputs)
         except Exception as exc:
-            raise BackendError(f"{self.model} v{self.version}: ONNX Runtime failed: {exc}") from None
+            raise self._failed(exc) from None
         return check_scores(out, _candidates(inputs), f"{self.model} v{self.version}")
+
+    def _require_loaded(self) -> None:
+        if self._session is None:
+            raise BackendUnavailable(f"{self.model} v{self.version} is not loaded")
+
+    def _failed(self, exc: Exception) -> BackendError:
+        return BackendError(f"{self.model} v{self.version}: ONNX Runtime failed: {exc}")
 
     async def ready(self) -> bool:
         return self._session is not None
