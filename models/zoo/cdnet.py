@@ -31,8 +31,8 @@ class TransformerLayer(nn.Module):
     Written out (not ``nn.TransformerEncoderLayer``) so that eval mode takes no fused fast path and
     the masked softmax uses a finite fill: it traces and exports to ONNX unchanged.
     ``fused_training``: in training mode the attention is ``F.scaled_dot_product_attention`` (the same
-    function, a fused kernel that never holds the [B, h, T, T] probabilities for backward: ~4x faster
-    and far less memory at T = 600); eval and export keep the written-out graph.
+    function, a fused kernel that never holds the [B, h, T, T] probabilities for backward: far less
+    memory and time at T = 600); eval and export keep the written-out graph.
     """
 
     def __init__(self, dim: int, heads: int, ffn_dim: int, dropout: float, fused_training: bool = False):
@@ -175,8 +175,8 @@ class CDNet(nn.Module):
         as the whole batch at once (such columns are masked keys for every row of the group and
         their outputs are zeroed before the head; each layer is per-token apart from attention),
         at a fraction of the cost when histories are much shorter than the sequence length —
-        training only (``length_chunks`` groups): the full-sequence reference on Taobao (k = L = 600,
-        mean history 95) costs ~1/8 of its attention this way (docs/models/cdnet.md)."""
+        training only (``length_chunks`` groups; the full-sequence reference on Taobao, k = L = 600
+        with most histories far shorter, docs/models/cdnet.md)."""
         out = x.new_zeros(x.shape)
         for rows in key_valid.sum(dim=1).argsort().chunk(self.length_chunks):
             valid = key_valid[rows]
