@@ -158,7 +158,7 @@ class RedisOnlineStore(OnlineStore):
         self._client = aioredis.Redis(connection_pool=self._pool, retry=retry)
         self._blocking: redis.Redis | None = None  # created by the first online_read_blocking
         # blocking-pool connections between reads, handed out without the pool's per-checkout
-        # checks (connect, can_read poll, pid): ~10 us of a read's client CPU. Every reply is read
+        # checks (connect, can_read poll, pid) on every read. Every reply is read
         # before a connection comes back here (result or cancel); a broken one goes to the pool
         self._idle: list[Any] = []
         self._idle_pid = os.getpid()

@@ -59,8 +59,8 @@ class OrjsonResponse(JSONResponse):
 # -- request / response models ---------------------------------------------------------------
 class Candidate(TypedDict):
     """A TypedDict, not a BaseModel: the same validation and schema, but validated candidates stay
-    dicts — building a model object per candidate was half of the body's validation time at 100
-    candidates (``ctrserve bench gateway --sections parse``)."""
+    dicts — no model object built per candidate (part of the drop in the gateway's CPU per request,
+    ``ctrserve bench gateway --sections cpu``, docs/gateway.md session 5)."""
 
     __pydantic_config__ = ConfigDict(extra="forbid", coerce_numbers_to_str=True, allow_inf_nan=False)  # type: ignore[misc]
     item_id: Annotated[Id, Field(description="Raw item id (as in the dataset); numbers are accepted as strings.")]
