@@ -19,6 +19,9 @@ CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
 class TrainSettings(BaseModel):
     model_config = ConfigDict(extra="forbid")
     batch_size: int = Field(4096, ge=1)
+    #: each batch's forward/backward in this many slices, gradients summed before the one optimiser
+    #: step: the same step for less memory (BatchNorm then sees slice statistics)
+    micro_batches: int = Field(1, ge=1)
     eval_batch_size: int = Field(16384, ge=1)
     lr: float = Field(1e-3, gt=0)
     #: FuxiCTR-style L2 on every embedding table: loss += reg/2 * ||W||^2 per step

@@ -45,6 +45,25 @@ def embedding_penalty(model: nn.Module) -> torch.Tensor:
     return total
 
 
+def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, loss_fn: nn.Module, batch: dict[str, torch.Tensor],
+               labels: torch.Tensor, embedding_reg: float = 0.0, micro_batches: int = 1) -> float:
+    """One optimiser step on ``batch``; returns its loss. ``micro_batches > 1``: forward and backward
+    slice by slice, each slice's mean loss weighted by its share of the rows, so the summed gradient is
+    the whole batch's (the embedding penalty once) while only one slice's activations are alive."""
+    optimizer.zero_grad(set_to_none=True)
+    n, total = len(labels), 0.0
+    slices = torch.arange(n).tensor_split(min(micro_batches, n))
+    for i, rows in enumerate(slices):
+        b, y = (batch, labels) if len(slices) == 1 else ({k: v[rows] for k, v in batch.items()}, labels[rows])
+        part = loss_fn(model(b), y) * (len(rows) / n)
+        if embedding_reg and i == len(slices) - 1:  # once, with the last slice: one slice = the plain step
+            part = part + 0.5 * embedding_reg * embedding_penalty(model)
+        part.backward()
+        total += float(part.detach())
+    optimizer.step()
+    return total
+
+
 @torch.no_grad()
 def predict(model: nn.Module, arrays: dict[str, np.ndarray], fmap: FeatureMap, batch_size: int) -> np.ndarray:
     """Click probabilities for every row of a split, in order."""
@@ -121,14 +140,8 @@ def train(
         start, total, n = time.perf_counter(), 0.0, 0
         bar = tqdm(batches, desc=f"{cfg.model} epoch {epoch}", leave=False, disable=None if progress else True)
         for batch, labels in bar:
-            logits = model(batch)
-            loss = loss_fn(logits, labels)
-            if t.embedding_reg:
-                loss = loss + 0.5 * t.embedding_reg * embedding_penalty(model)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            total += float(loss.detach()) * len(labels)
+            total += train_step(model, optimizer, loss_fn, batch, labels, t.embedding_reg, t.micro_batches) \
+                * len(labels)
             n += len(labels)
         epoch_seconds.append(time.perf_counter() - start)
         valid = evaluate(model, valid_arrays, fmap, t.eval_batch_size)

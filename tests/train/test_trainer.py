@@ -9,7 +9,7 @@ import torch
 
 from ctrserve.models.train.config import parse_set, resolve_config
 from ctrserve.models.train.results import load_results, record_result, render_markdown
-from ctrserve.models.train.trainer import evaluate, load_run, train
+from ctrserve.models.train.trainer import evaluate, load_run, train, train_step
 
 pytestmark = pytest.mark.quick
 
@@ -63,3 +63,21 @@ def test_results_upsert_and_markdown(tmp_path) -> None:
     assert "| dnn | default | 2 | 0.8500 ± 0.0707" in md
     with pytest.raises(ValueError, match="lacks"):
         record_result({"model": "x"}, path)
+
+
+def test_micro_batches_give_the_same_step(tiny_fmap, tiny_batch) -> None:
+    """``train.micro_batches``: the batch in slices, one optimiser step — the same loss and the same
+    parameters after the step as the whole batch at once (a model without BatchNorm or dropout)."""
+    from ctrserve.models.registry import build_model
+
+    batch, labels = tiny_batch
+    after = []
+    for micro in (1, 3):
+        torch.manual_seed(0)
+        model = build_model("dnn", tiny_fmap, {"hidden": [16], "dropout": 0.0, "batch_norm": False})
+        opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+        loss = train_step(model, opt, torch.nn.BCEWithLogitsLoss(), batch, labels, 0.05, micro)
+        after.append((loss, [p.detach().clone() for p in model.parameters()]))
+    assert after[0][0] == pytest.approx(after[1][0], rel=1e-5)
+    for a, b in zip(after[0][1], after[1][1], strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
