@@ -21,6 +21,7 @@ import torch
 from torch import Tensor, nn
 
 from .grouping import TokenwiseLinear
+from .softmax import floored_softmax
 
 Attention = Literal["softmax", "raw"]
 _NEG = -1e9  # finite "minus infinity": keeps all-masked rows NaN-free in eager, TorchScript and ONNX
@@ -83,7 +84,7 @@ def masked_attention_weights(scores: Tensor, mask: Tensor) -> Tensor:
     graph."""
     keep = mask > 0
     if not mask.requires_grad:
-        return torch.softmax(torch.where(keep, scores, _NEG), dim=-1) * mask
+        return floored_softmax(torch.where(keep, scores, _NEG)) * mask
     row_max = scores.detach().masked_fill(~keep, _NEG).amax(dim=-1, keepdim=True)
     # masked entries may exceed the kept maximum: clamp so exp never overflows (they are x0 anyway)
     e = torch.exp((scores - row_max).clamp(max=0.0)) * mask

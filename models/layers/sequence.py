@@ -11,6 +11,7 @@ import torch
 from torch import Tensor, nn
 
 from ..data.feature_map import PAD_ID, SequenceInfo
+from .softmax import floored_softmax
 
 Pooling = Literal["mean", "sum", "target"]
 
@@ -67,7 +68,7 @@ class SequencePooling(nn.Module):
                 # than a [B, L] masked_fill pass.
                 bias = torch.where(mask, 0.0, -1e9).to(keys.dtype)  # [1, L]
                 scores = torch.addmm(bias, query, keys[0].transpose(0, 1), alpha=self.scale)  # [B, L]
-                weights = torch.softmax(scores, dim=-1)
+                weights = floored_softmax(scores)
                 has_events = mask.to(weights.dtype).amax(dim=-1, keepdim=True)  # [1, 1]: 1 or 0
                 # the fields' pooled vectors in one product with the concatenated keys, then split
                 pooled = (weights @ keys[0]) * has_events  # [B, F*d]

@@ -182,3 +182,23 @@ def test_field_tokens_stack_mixed_batches(tiny_fmap, tiny_batch) -> None:
     for name, pool in tokens.pools.items():
         emb.update(pool(emb, batch[tokens.seq_items[name]]))
     torch.testing.assert_close(full, torch.stack([emb[n] for n in tokens.order], dim=1), rtol=0, atol=0)
+
+
+@pytest.mark.quick
+def test_floored_softmax_is_the_softmax_to_float32_precision() -> None:
+    """Entries far below the row max (masked at -1e9 or -inf, or just tiny) keep a weight of at
+    most e^-60; all-masked rows stay uniform, as torch.softmax gives them."""
+    from ctrserve.models.layers.softmax import SOFTMAX_FLOOR, floored_softmax
+
+    torch.manual_seed(0)
+    scores = torch.randn(5, 7, 40) * 8
+    scores[..., :10] = -1e9
+    scores[0, 0, 10:20] = float("-inf")
+    scores[1, 2, 10:] = scores[1, 2, 10:] - 300.0  # unmasked but far below the row's max (entry 10 + ...)
+    scores[1, 2, 10] = 50.0
+    scores[2, 3, :] = -1e9  # all masked
+    got, want = floored_softmax(scores), torch.softmax(scores, dim=-1)
+    torch.testing.assert_close(got, want, rtol=0, atol=1e-7)
+    assert torch.isfinite(got).all()
+    assert (got[:2, :, :10] <= math.exp(-SOFTMAX_FLOOR) * 1.0001).all()  # rows with something kept
+    torch.testing.assert_close(got[2, 3], torch.full((40,), 1 / 40))
