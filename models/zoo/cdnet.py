@@ -113,6 +113,7 @@ class CDNet(nn.Module):
         embedding_init_std: float = 1e-4,
         fused_attention: bool = False,
         length_chunks: int = 0,
+        head: str = "flatten",
     ):
         super().__init__()
         if not feature_map.sequences:
@@ -141,7 +142,20 @@ class CDNet(nn.Module):
             TransformerLayer(d_model, heads, ffn_dim or 4 * d_model, dropout, fused_attention)
             for _ in range(num_layers)
         ])
-        self.head = MLP(n_tokens * d_model, list(hidden), 1, dropout, batch_norm)
+        if head not in ("flatten", "non_sequence"):
+            raise ValueError(f"head must be 'flatten' or 'non_sequence', got {head!r}")
+        # flatten: the paper's head over every output token. non_sequence (OneTrans-style, for the
+        # full-sequence reference): only the distribution and contextual tokens' outputs, which have
+        # attended to the behaviours; k = L = 600 flattened slots did not train on Taobao (cdnet.md)
+        keep, pos = [], 0
+        for v in self.views:
+            core_k = v.core.k if v.core is not None else 0
+            keep += list(range(pos + core_k, pos + v.num_tokens))
+            pos += v.num_tokens
+        keep += list(range(pos, n_tokens))
+        self.head_slots: list[int] | None = keep if head == "non_sequence" else None
+        head_in = len(keep) if self.head_slots is not None else n_tokens
+        self.head = MLP(head_in * d_model, list(hidden), 1, dropout, batch_norm)
         self.num_tokens = n_tokens
         if length_chunks < 0:
             raise ValueError(f"length_chunks must be >= 0, got {length_chunks}")
@@ -167,6 +181,8 @@ class CDNet(nn.Module):
                 x = layer(x, key_valid)
         # zero the padded core slots so a short history's empty slots carry nothing to the head
         x = x * key_valid.unsqueeze(-1).to(x.dtype)
+        if self.head_slots is not None:
+            x = x[:, self.head_slots]
         return self.head(x.flatten(1)).squeeze(-1)
 
     def _layers_by_length(self, x: Tensor, key_valid: Tensor) -> Tensor:

@@ -183,8 +183,8 @@ def test_manifest_records_the_store_namespace(run_factory, tiny_prepared: Path, 
 @pytest.mark.parametrize("mask_mode", ["dynamic", "static"])
 def test_mgdin_softmax_inputs_stay_within_the_floor(mask_mode: str, make_run_dir, tiny_params: dict,
                                                     tmp_path: Path) -> None:
-    """ONNX Runtime's CPU Softmax turns ~10x slower per row on entries far below the row's max
-    (their exp is a denormal). The served MGDIN floors its masked scores (models/layers/softmax.py):
+    """ONNX Runtime's CPU Softmax slows down on entries far below the row's max (their exp is a
+    denormal). The served MGDIN floors its masked scores (models/layers/softmax.py):
     every Softmax input of the exported graph lies within SOFTMAX_FLOOR of its row's max, on real
     requests with padded (and empty) histories and masked pairs."""
     import onnx

@@ -136,6 +136,28 @@ def test_full_sequence_reference_keeps_every_event(tiny_fmap) -> None:
     assert model.num_tokens == max_len + 1 + sum(f.kind != "sequence" for f in tiny_fmap.features)
 
 
+def test_non_sequence_head_reads_only_the_distribution_and_context_tokens(tiny_fmap, tiny_batch,
+                                                                         tmp_path: Path) -> None:
+    """``head="non_sequence"``: the head's input is the distribution token and the contextual
+    tokens (which attended to the behaviours), not the k core slots; gradients still reach the
+    behaviour embeddings through attention; it traces and exports like the default head."""
+    batch, labels = tiny_batch
+    n_ctx = sum(f.kind != "sequence" for f in tiny_fmap.features)
+    model = _build(tiny_fmap, head="non_sequence")
+    assert model.head.net[0].in_features == (1 + n_ctx) * SMALL["embedding_dim"]
+    assert model.head_slots == list(range(SMALL["k"], SMALL["k"] + 1 + n_ctx))
+    seen = {}
+    model.head.register_forward_hook(lambda m, i, o: seen.update(x=i[0]))
+    torch.nn.functional.binary_cross_entropy_with_logits(model(batch), labels).backward()
+    assert seen["x"].shape[1] == (1 + n_ctx) * SMALL["embedding_dim"]
+    assert model.views[0].core_proj.weight.grad.abs().sum() > 0
+    assert not _build(tiny_fmap, head="non_sequence", gid=False).head_slots[0] < SMALL["k"]
+    check_trace(model.eval(), batch)
+    check_onnx(model, batch, tmp_path / "cdnet.onnx")
+    with pytest.raises(ValueError, match="head must be"):
+        _build(tiny_fmap, head="pooled")
+
+
 def test_fused_training_attention_is_the_same_function(tiny_fmap, tiny_batch) -> None:
     """``fused_attention`` (training only) gives the written-out attention's outputs and gradients,
     empty and one-event histories included; eval mode keeps the written-out graph."""
