@@ -22,6 +22,7 @@ from ..layers.core_behaviour import CoreBehaviourSelector, InterestDistribution,
 from ..layers.embedding import Batch, FeatureEmbedding
 from ..layers.mlp import MLP
 from ..layers.sequence import padding_mask
+from ..layers.softmax import floored_softmax
 from ..registry import register
 
 
@@ -57,7 +58,7 @@ class TransformerLayer(nn.Module):
         else:
             scores = torch.matmul(q, k.transpose(-1, -2)) * self.scale  # [B, h, T, T]
             scores = scores.masked_fill(~key_valid[:, None, None, :], -1e9)
-            att = torch.matmul(torch.softmax(scores, dim=-1), v)
+            att = torch.matmul(floored_softmax(scores), v)  # off ORT's slow denormal path (layers/softmax.py)
         att = att.transpose(1, 2).reshape(-1, t, d)
         x = self.norm1(x + self.dropout(self.out(att)))
         return self.norm2(x + self.dropout(self.ffn(x)))

@@ -180,13 +180,15 @@ def test_manifest_records_the_store_namespace(run_factory, tiny_prepared: Path, 
     assert Manifest.load(tmp_path / "lr" / "1").store == m.store
 
 
-@pytest.mark.parametrize("mask_mode", ["dynamic", "static"])
-def test_mgdin_softmax_inputs_stay_within_the_floor(mask_mode: str, make_run_dir, tiny_params: dict,
-                                                    tmp_path: Path) -> None:
+@pytest.mark.parametrize(("model_name", "extra"), [("mgdin", {"mask_mode": "dynamic"}),
+                                                   ("mgdin", {"mask_mode": "static"}), ("cdnet", {})])
+def test_softmax_inputs_stay_within_the_floor(model_name: str, extra: dict, make_run_dir, tiny_params: dict,
+                                              tmp_path: Path) -> None:
     """ONNX Runtime's CPU Softmax slows down on entries far below the row's max (their exp is a
-    denormal). The served MGDIN floors its masked scores (models/layers/softmax.py):
-    every Softmax input of the exported graph lies within SOFTMAX_FLOOR of its row's max, on real
-    requests with padded (and empty) histories and masked pairs."""
+    denormal). The served graphs floor their masked scores (models/layers/softmax.py): every
+    Softmax input of the exported MGDIN (masked pairs, the history's target attention) and CDNet
+    (padded core slots) lies within SOFTMAX_FLOOR of its row's max, on real requests with padded
+    (and empty) histories."""
     import onnx
     import onnxruntime as ort
 
@@ -194,13 +196,13 @@ def test_mgdin_softmax_inputs_stay_within_the_floor(mask_mode: str, make_run_dir
     from ctrserve.models.data.feature_map import PAD_ID
     from ctrserve.models.layers.softmax import SOFTMAX_FLOOR
 
-    if "mgdin" not in tiny_params:
-        pytest.skip("no tiny parameters for mgdin")
-    run = make_run_dir(tmp_path / "run", "mgdin", {**tiny_params["mgdin"], "mask_mode": mask_mode})
-    res = export_run(run, "onnx", tmp_path / "repo", name="mgdin")
+    if model_name not in tiny_params:
+        pytest.skip(f"no tiny parameters for {model_name}")
+    run = make_run_dir(tmp_path / "run", model_name, {**tiny_params[model_name], **extra})
+    res = export_run(run, "onnx", tmp_path / "repo", name=model_name)
     model = onnx.load(str(res.version_dir / res.manifest.file))
     softmax_inputs = [n.input[0] for n in model.graph.node if n.op_type == "Softmax"]
-    assert len(softmax_inputs) >= 2  # the history's target attention and the masked deferred layers
+    assert softmax_inputs
     model.graph.output.extend(onnx.ValueInfoProto(name=name) for name in softmax_inputs)
     sess = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
     m = res.manifest
