@@ -77,11 +77,11 @@ def masked_attention_weights(scores: Tensor, mask: Tensor) -> Tensor:
     ``exp(s - max) · M / Σ exp(s - max) · M``, so that a straight-through mask still passes a
     gradient. Rows with nothing kept give zeros.
 
-    A mask without gradient (layer-1 A0, static masks, inference) takes the same function in
-    three ops: ``softmax(where(M, s, -1e9)) · M``. Masked entries get exactly zero weight from the
-    max-shift (kept scores are far above -1e9) and an all-masked row's uniform weights are zeroed by
-    ``· M``. The multiplicative chain below is eight more elementwise nodes per layer in the exported
-    graph."""
+    A mask without gradient (layer-1 A0, static masks, inference) takes the same function in a
+    few ops: ``floored_softmax(where(M, s, -1e9)) · M`` (the floor keeps ONNX Runtime's softmax off
+    denormals, layers/softmax.py). Masked entries get exactly zero weight from ``· M``, as do an
+    all-masked row's uniform weights. The multiplicative chain below is eight more elementwise nodes
+    per layer in the exported graph."""
     keep = mask > 0
     if not mask.requires_grad:
         return floored_softmax(torch.where(keep, scores, _NEG)) * mask

@@ -61,9 +61,10 @@ class SequencePooling(nn.Module):
             if keys.shape[0] == 1 and query.dim() == 2:
                 # one shared history: static at export (user inputs have batch 1), so no branch
                 # survives in the graph; equal maths, one GEMM instead of B x L dot products
-                # padded events get -1e9 added: exactly zero weight after the softmax's max-shift, so
-                # masked_softmax's re-masking and re-normalisation (two more [B, L] passes) are
-                # not needed; an empty history pools to zeros through the [1, 1] factor instead.
+                # padded events get -1e9 added: after the floored softmax (layers/softmax.py) their
+                # weight is at most e^-60 of the largest, nothing in float32, so masked_softmax's
+                # re-masking and re-normalisation (two more [B, L] passes) are not needed; an empty
+                # history pools to zeros through the [1, 1] factor instead.
                 # The -1e9 is a [1, L] bias of one GEMM (scale, product and bias: ONNX Gemm) rather
                 # than a [B, L] masked_fill pass.
                 bias = torch.where(mask, 0.0, -1e9).to(keys.dtype)  # [1, L]

@@ -12,6 +12,7 @@ Ablations (paper Table 2): ``core=False`` (CDNet-RCore), ``gid=False`` (CDNet-RG
 from __future__ import annotations
 
 import math
+from typing import Literal
 
 import torch
 from torch import Tensor, nn
@@ -114,7 +115,7 @@ class CDNet(nn.Module):
         embedding_init_std: float = 1e-4,
         fused_attention: bool = False,
         length_chunks: int = 0,
-        head: str = "flatten",
+        head: Literal["flatten", "non_sequence"] = "flatten",
     ):
         super().__init__()
         if not feature_map.sequences:

@@ -151,7 +151,7 @@ def test_non_sequence_head_reads_only_the_distribution_and_context_tokens(tiny_f
     torch.nn.functional.binary_cross_entropy_with_logits(model(batch), labels).backward()
     assert seen["x"].shape[1] == (1 + n_ctx) * SMALL["embedding_dim"]
     assert model.views[0].core_proj.weight.grad.abs().sum() > 0
-    assert not _build(tiny_fmap, head="non_sequence", gid=False).head_slots[0] < SMALL["k"]
+    assert _build(tiny_fmap, head="non_sequence", gid=False).head_slots == list(range(SMALL["k"], SMALL["k"] + n_ctx))
     check_trace(model.eval(), batch)
     check_onnx(model, batch, tmp_path / "cdnet.onnx")
     with pytest.raises(ValueError, match="head must be"):
