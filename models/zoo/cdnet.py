@@ -149,14 +149,14 @@ class CDNet(nn.Module):
         # flatten: the paper's head over every output token. non_sequence (OneTrans-style, for the
         # full-sequence reference): only the distribution and contextual tokens' outputs, which have
         # attended to the behaviours; k = L = 600 flattened slots did not train on Taobao (cdnet.md)
-        keep, pos = [], 0
-        for v in self.views:
-            core_k = v.core.k if v.core is not None else 0
-            keep += list(range(pos + core_k, pos + v.num_tokens))
-            pos += v.num_tokens
-        keep += list(range(pos, n_tokens))
-        self.head_slots: list[int] | None = keep if head == "non_sequence" else None
-        head_in = len(keep) if self.head_slots is not None else n_tokens
+        self.head_slots: list[int] | None = None
+        if head == "non_sequence":
+            self.head_slots, pos = [], 0
+            for v in self.views:  # each view: its k core slots, then its distribution token (if any)
+                self.head_slots += range(pos + (v.core.k if v.core is not None else 0), pos + v.num_tokens)
+                pos += v.num_tokens
+            self.head_slots += range(pos, n_tokens)  # the contextual tokens
+        head_in = len(self.head_slots) if self.head_slots is not None else n_tokens
         self.head = MLP(head_in * d_model, list(hidden), 1, dropout, batch_norm)
         self.num_tokens = n_tokens
         if length_chunks < 0:

@@ -194,7 +194,7 @@ def test_floored_softmax_is_the_softmax_to_float32_precision() -> None:
     scores = torch.randn(5, 7, 40) * 8
     scores[..., :10] = -1e9
     scores[0, 0, 10:20] = float("-inf")
-    scores[1, 2, 10:] = scores[1, 2, 10:] - 300.0  # unmasked but far below the row's max (entry 10 + ...)
+    scores[1, 2, 11:] = scores[1, 2, 11:] - 300.0  # kept, but far below the row's max (entry 10)
     scores[1, 2, 10] = 50.0
     scores[2, 3, :] = -1e9  # all masked
     got, want = floored_softmax(scores), torch.softmax(scores, dim=-1)
