@@ -1,4 +1,5 @@
-"""Summary math of the load tests: percentiles, rates, saturation, Prometheus histogram deltas.
+"""Summary math of the load tests: percentiles, rates, saturation, the single-server queueing
+bound, Prometheus histogram deltas.
 
 Pure functions over numpy arrays and text, unit-tested in tests/loadtests/test_stats.py.
 """
@@ -68,6 +69,27 @@ def summarize(t: np.ndarray, ms: np.ndarray, candidates: np.ndarray, ok: np.ndar
                    max_ms=float(ms.max()), mean_ms=float(ms.mean()), rps=rps,
                    candidates_per_s=rps * float(cands[ok].sum()) / n,  # answered candidates only
                    mean_candidates=float(cands.mean()), duration_s=duration)
+
+
+def single_server_responses(arrivals_s: np.ndarray, service_ms: np.ndarray, seed: int = 0) -> np.ndarray:
+    """Response times (ms, in arrival order) of an ideal first-come-first-served single server:
+    requests arriving at ``arrivals_s`` (seconds, any order), each served for a time drawn with replacement from
+    ``service_ms``, no overhead of its own (Lindley's recursion, wait = max(0, previous wait +
+    previous service - gap)). Fed with a load run's arrival times and the sequential latencies of
+    the same request, it gives the tail that queueing alone produces at that arrival process: the
+    part of p99/p50 no faster code in a one-at-a-time server can remove."""
+    a = np.sort(np.asarray(arrivals_s, dtype=np.float64)) * 1e3
+    pool = np.asarray(service_ms, dtype=np.float64)
+    if a.size == 0 or pool.size == 0:
+        raise ValueError("need at least one arrival and one service time")
+    service = np.random.default_rng(seed).choice(pool, size=a.size)
+    out = np.empty_like(a)
+    wait = 0.0
+    for i in range(a.size):
+        if i:
+            wait = max(0.0, wait + service[i - 1] - (a[i] - a[i - 1]))
+        out[i] = wait + service[i]
+    return out
 
 
 def load_samples(path: Path) -> dict[str, np.ndarray]:

@@ -1,4 +1,5 @@
-"""Summary math: percentiles, rates, saturation, Prometheus histogram deltas."""
+"""Summary math: percentiles, rates, saturation, the single-server queueing bound, Prometheus
+histogram deltas."""
 
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ from ctrserve.loadtests.stats import (
     parse_prometheus,
     percentiles,
     saturation,
+    single_server_responses,
     stage_breakdown,
     summarize,
 )
@@ -95,3 +97,28 @@ def test_stage_breakdown_takes_the_window_delta() -> None:
     assert "assembly" not in st
     h = histogram_delta(before, after, "ctrserve_stage_seconds", stage="inference", arm="a")
     assert h.count == 2 and h.buckets[-1] == (math.inf, 2.0)
+
+
+def test_single_server_serves_spaced_arrivals_without_waiting() -> None:
+    out = single_server_responses(np.array([0.0, 0.01, 0.02]), np.array([2.0]))
+    assert out.tolist() == [2.0, 2.0, 2.0]
+
+
+def test_single_server_queues_simultaneous_arrivals_in_order() -> None:
+    # answered in arrival order whatever the input order: the second waits 1 ms, the one arriving
+    # at 0.5 ms waits until 2 ms
+    out = single_server_responses(np.array([0.0005, 0.0, 0.0]), np.array([1.0]))
+    assert out.tolist() == [1.0, 2.0, 2.5]
+
+
+def test_single_server_matches_the_pollaczek_khinchine_mean_wait() -> None:
+    # M/D/1 at utilisation 0.5, service 1 ms: mean wait rho * S / (2 (1 - rho)) = 0.5 ms
+    rng = np.random.default_rng(7)
+    arrivals = np.cumsum(rng.exponential(2e-3, size=200_000))
+    out = single_server_responses(arrivals, np.array([1.0]))
+    assert abs((out - 1.0).mean() - 0.5) < 0.02
+
+
+def test_single_server_rejects_empty_inputs() -> None:
+    with pytest.raises(ValueError):
+        single_server_responses(np.array([]), np.array([1.0]))
