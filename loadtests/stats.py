@@ -6,6 +6,7 @@ Pure functions over numpy arrays and text, unit-tested in tests/loadtests/test_s
 
 from __future__ import annotations
 
+import heapq
 import math
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
@@ -71,24 +72,27 @@ def summarize(t: np.ndarray, ms: np.ndarray, candidates: np.ndarray, ok: np.ndar
                    mean_candidates=float(cands.mean()), duration_s=duration)
 
 
-def single_server_responses(arrivals_s: np.ndarray, service_ms: np.ndarray, seed: int = 0) -> np.ndarray:
-    """Response times (ms, in arrival order) of an ideal first-come-first-served single server:
-    requests arriving at ``arrivals_s`` (seconds, any order), each served for a time drawn with replacement from
-    ``service_ms``, no overhead of its own (Lindley's recursion, wait = max(0, previous wait +
-    previous service - gap)). Fed with a load run's arrival times and the sequential latencies of
-    the same request, it gives the tail that queueing alone produces at that arrival process: the
-    part of p99/p50 no faster code in a one-at-a-time server can remove."""
+def fifo_responses(arrivals_s: np.ndarray, service_ms: np.ndarray, servers: int = 1, seed: int = 0) -> np.ndarray:
+    """Response times (ms, in arrival order) of ideal first-come-first-served servers: requests
+    arriving at ``arrivals_s`` (seconds, any order) each go to the server that frees first and are
+    served for a time drawn with replacement from ``service_ms``, with no overhead of the servers'
+    own (one server: Lindley's recursion). Fed with a load run's send times and the sequential
+    latencies of the same request, it gives the tail that queueing alone produces at that arrival
+    process: the part of p99/p50 that faster code in a server doing ``servers`` requests at a time
+    cannot remove."""
     a = np.sort(np.asarray(arrivals_s, dtype=np.float64)) * 1e3
     pool = np.asarray(service_ms, dtype=np.float64)
     if a.size == 0 or pool.size == 0:
         raise ValueError("need at least one arrival and one service time")
+    if servers < 1:
+        raise ValueError(f"servers must be >= 1, got {servers}")
     service = np.random.default_rng(seed).choice(pool, size=a.size)
+    free = [-math.inf] * servers  # a heap of the times each server frees
     out = np.empty_like(a)
-    wait = 0.0
     for i in range(a.size):
-        if i:
-            wait = max(0.0, wait + service[i - 1] - (a[i] - a[i - 1]))
-        out[i] = wait + service[i]
+        start = max(a[i], heapq.heappop(free))
+        heapq.heappush(free, start + service[i])
+        out[i] = start + service[i] - a[i]
     return out
 
 

@@ -11,11 +11,11 @@ from prometheus_client import CollectorRegistry, Histogram, generate_latest
 
 from ctrserve.loadtests.stats import (
     HistogramDelta,
+    fifo_responses,
     histogram_delta,
     parse_prometheus,
     percentiles,
     saturation,
-    single_server_responses,
     stage_breakdown,
     summarize,
 )
@@ -100,14 +100,14 @@ def test_stage_breakdown_takes_the_window_delta() -> None:
 
 
 def test_single_server_serves_spaced_arrivals_without_waiting() -> None:
-    out = single_server_responses(np.array([0.0, 0.01, 0.02]), np.array([2.0]))
+    out = fifo_responses(np.array([0.0, 0.01, 0.02]), np.array([2.0]))
     assert out.tolist() == [2.0, 2.0, 2.0]
 
 
 def test_single_server_queues_simultaneous_arrivals_in_order() -> None:
     # answered in arrival order whatever the input order: the second waits 1 ms, the one arriving
     # at 0.5 ms waits until 2 ms
-    out = single_server_responses(np.array([0.0005, 0.0, 0.0]), np.array([1.0]))
+    out = fifo_responses(np.array([0.0005, 0.0, 0.0]), np.array([1.0]))
     assert out.tolist() == [1.0, 2.0, 2.5]
 
 
@@ -115,10 +115,26 @@ def test_single_server_matches_the_pollaczek_khinchine_mean_wait() -> None:
     # M/D/1 at utilisation 0.5, service 1 ms: mean wait rho * S / (2 (1 - rho)) = 0.5 ms
     rng = np.random.default_rng(7)
     arrivals = np.cumsum(rng.exponential(2e-3, size=200_000))
-    out = single_server_responses(arrivals, np.array([1.0]))
+    out = fifo_responses(arrivals, np.array([1.0]))
     assert abs((out - 1.0).mean() - 0.5) < 0.02
 
 
-def test_single_server_rejects_empty_inputs() -> None:
+def test_fifo_servers_reject_empty_inputs_and_no_servers() -> None:
     with pytest.raises(ValueError):
-        single_server_responses(np.array([]), np.array([1.0]))
+        fifo_responses(np.array([]), np.array([1.0]))
+    with pytest.raises(ValueError):
+        fifo_responses(np.array([0.0]), np.array([1.0]), servers=0)
+
+
+def test_two_servers_take_simultaneous_arrivals_at_once() -> None:
+    out = fifo_responses(np.array([0.0, 0.0, 0.0]), np.array([1.0]), servers=2)
+    assert out.tolist() == [1.0, 1.0, 2.0]
+
+
+def test_two_servers_match_the_erlang_c_mean_wait() -> None:
+    # M/M/2 at utilisation 0.5 per server, mean service 1 ms: P(wait) = 1/3, mean wait = P(wait) * S / (c (1 - rho))
+    # = 1/3 ms
+    rng = np.random.default_rng(11)
+    arrivals = np.cumsum(rng.exponential(1e-3, size=200_000))
+    out = fifo_responses(arrivals, rng.exponential(1.0, size=200_000), servers=2, seed=3)
+    assert abs(out.mean() - 1.0 - 1 / 3) < 0.03
