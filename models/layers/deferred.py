@@ -116,7 +116,8 @@ class DeferredLayer(nn.Module):
     """One interaction layer of one window: ``X_{l-1} [B, m, d] -> X_l [B, m, d]``.
 
     ``mask`` ``[B, m, m]`` or ``[m, m]`` multiplies the attention scores (eq. 4); ``None``
-    means all pairs (standard attention). ``attention="softmax"`` normalises over the kept
+    means all pairs (standard attention). ``scores``: this layer's ``head_scores`` of ``x`` when
+    the caller has them already (layer 1, whose scores also give A0). ``attention="softmax"`` normalises over the kept
     pairs; ``"raw"`` uses the masked scaled scores directly, as eq. 4 is written.
     """
 
@@ -142,21 +143,20 @@ class DeferredLayer(nn.Module):
 
     def scores(self, x: Tensor) -> Tensor:
         """Scaled attention scores ``[B, H, m, m]`` of this layer's own Q/K on ``x``."""
-        if self.heads == 1:
-            return self._single_head_scores(x).unsqueeze(1)
-        return self._heads(self.q(x)) @ self._heads(self.k(x)).transpose(-1, -2) * self.scale
+        s = self.head_scores(x)
+        return s.unsqueeze(1) if self.heads == 1 else s
 
-    def _single_head_scores(self, x: Tensor) -> Tensor:
-        # one head: no split into heads, whose reshapes and transposes are graph nodes too
-        return self.q(x) @ self.k(x).transpose(-1, -2) * self.scale  # [B, m, m]
+    def head_scores(self, x: Tensor) -> Tensor:
+        """The scores as ``forward`` takes them: ``[B, m, m]`` for one head (no split into heads,
+        and no head axis added and squeezed away again: graph nodes too), else ``[B, H, m, m]``."""
+        if self.heads == 1:
+            return self.q(x) @ self.k(x).transpose(-1, -2) * self.scale
+        return self._heads(self.q(x)) @ self._heads(self.k(x)).transpose(-1, -2) * self.scale
 
     def _attend(self, x: Tensor, mask: Tensor | None, scores: Tensor | None) -> Tensor:
         """Attention output ``Z`` ``[B, m, d]`` (before the residual)."""
-        if self.heads == 1:
-            # [B, m, m]; the mask ([B, m, m] or [m, m]) broadcasts as it is
-            s = self._single_head_scores(x) if scores is None else scores.squeeze(1)
-        else:
-            s = self.scores(x) if scores is None else scores
+        s = self.head_scores(x) if scores is None else scores  # one head: [B, m, m], else [B, H, m, m]
+        if self.heads > 1:
             mask = None if mask is None else mask.unsqueeze(-3)  # the same indicator for every head
         if mask is None:
             w = torch.softmax(s, dim=-1) if self.attention == "softmax" else s

@@ -60,10 +60,14 @@ class DeferredBranch(nn.Module):
         self.register_buffer("static_masks", torch.ones(len(ratios), m, m))
 
     def a0(self, x0: Tensor, first_scores: Tensor) -> Tensor:
-        """A0 ``[B, m, m]`` from the first-layer representations (eq. 3)."""
+        """A0 ``[B, m, m]`` from the first-layer representations (eq. 3); ``first_scores``: layer
+        1's ``head_scores`` or ``scores`` of ``x0``."""
         if self.a0_score is not None:
             return self.a0_score(x0.detach() if self.ste_detach_input else x0)
-        # layer 1's own scores, heads averaged (one head: a squeeze, not a ReduceMean in the graph)
+        # layer 1's own scores, heads averaged; one head: [B, m, m] from head_scores as it is (no
+        # ReduceMean in the graph), or [B, 1, m, m] from scores
+        if first_scores.dim() == 3:
+            return first_scores
         return first_scores.squeeze(1) if first_scores.shape[1] == 1 else first_scores.mean(dim=1)
 
     def dynamic_masks(self, x0: Tensor, first_scores: Tensor) -> Tensor:
@@ -76,7 +80,7 @@ class DeferredBranch(nn.Module):
 
     def forward(self, tokens: Tensor, mask_mode: MaskMode) -> Tensor:
         x = self.x0(tokens)
-        first_scores = self.layers[0].scores(x)
+        first_scores = self.layers[0].head_scores(x)
         if not self.deferred:
             masks = None  # w/o DI: every pair at every layer
         elif mask_mode == "static":
@@ -85,7 +89,10 @@ class DeferredBranch(nn.Module):
             masks = self.dynamic_masks(x, first_scores)  # [B, L, m, m]
         per_layer = [None] * len(self.layers) if masks is None else masks.unbind(-3)  # one Split, no Squeeze per layer
         for i, (layer, mask) in enumerate(zip(self.layers, per_layer, strict=True)):
-            x = layer(x, mask, first_scores if i == 0 else None)
+            # a layer that keeps all m² pairs (k_l = m², e.g. r_l = 1) is standard attention: its
+            # all-ones mask changes nothing but costs five graph nodes (where, floor, multiply)
+            keep_all = self.ks[i] >= self.groups * self.groups
+            x = layer(x, None if keep_all else mask, first_scores if i == 0 else None)
         return x
 
 
@@ -172,7 +179,7 @@ class MGDIN(nn.Module):
         out = []
         for branch in self.branches:
             x0 = branch.x0(tokens)
-            out.append(branch.a0(x0, branch.layers[0].scores(x0)))
+            out.append(branch.a0(x0, branch.layers[0].head_scores(x0)))
         return out
 
     @torch.no_grad()
@@ -196,6 +203,11 @@ class MGDIN(nn.Module):
             if tuple(mask.shape) != tuple(branch.static_masks.shape):
                 raise ValueError(f"window g={branch.granularity}: mask shape {tuple(mask.shape)}, "
                                  f"expected {tuple(branch.static_masks.shape)}")
+            for layer, k in enumerate(branch.ks):
+                # such a layer runs as standard attention (DeferredBranch.forward): its mask is all ones
+                if k >= branch.groups ** 2 and not bool((mask[layer] != 0).all()):
+                    raise ValueError(f"window g={branch.granularity}, layer {layer + 1} keeps all "
+                                     f"{branch.groups ** 2} pairs (k = m²), so its mask must be all ones")
             branch.static_masks.copy_(mask.to(branch.static_masks.dtype))
         self.masks_calibrated.fill_(True)
         self._static_ready = True

@@ -409,3 +409,29 @@ def test_calibrate_round_trip_through_load_run(tiny_prepared, tmp_path) -> None:
     # the source run is untouched and still dynamic
     _, _, source = load_run(result.run_dir)
     assert source.mask_mode == "dynamic" and not bool(source.masks_calibrated)
+
+
+@pytest.mark.quick
+def test_layer_keeping_every_pair_runs_unmasked_and_rejects_a_partial_static_mask(tiny_fmap, tiny_batch) -> None:
+    batch, _ = tiny_batch
+    model = make(tiny_fmap, windows=[2], mask_mode="static").eval()
+    branch = model.branches[0]
+    m = branch.groups
+    assert branch.ks[-1] == m * m  # ratio 1.0
+    masks = torch.ones(len(branch.ks), m, m)
+    masks[-1, 0, 1] = 0.0
+    with pytest.raises(ValueError, match="must be all ones"):
+        model.set_static_masks([masks])
+    # only the layers that drop pairs get a mask; the last one runs as standard attention
+    masks[-1] = 1.0
+    masks[0].fill_(0.0)
+    masks[0].fill_diagonal_(1.0)
+    model.set_static_masks([masks])
+    calls = []
+    hooks = [layer.register_forward_pre_hook(lambda mod, args: calls.append(args[1] is None))
+             for layer in branch.layers]
+    with torch.no_grad():
+        model(batch)
+    for h in hooks:
+        h.remove()
+    assert calls == [False, False, True]
