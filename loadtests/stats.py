@@ -1,5 +1,5 @@
-"""Summary math of the load tests: percentiles, rates, saturation, the single-server queueing
-bound, Prometheus histogram deltas.
+"""Summary math of the load tests: percentiles, rates, saturation, the queueing bound of
+ideal servers, Prometheus histogram deltas.
 
 Pure functions over numpy arrays and text, unit-tested in tests/loadtests/test_stats.py.
 """

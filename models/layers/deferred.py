@@ -116,9 +116,10 @@ class DeferredLayer(nn.Module):
     """One interaction layer of one window: ``X_{l-1} [B, m, d] -> X_l [B, m, d]``.
 
     ``mask`` ``[B, m, m]`` or ``[m, m]`` multiplies the attention scores (eq. 4); ``None``
-    means all pairs (standard attention). ``scores``: this layer's ``head_scores`` of ``x`` when
-    the caller has them already (layer 1, whose scores also give A0). ``attention="softmax"`` normalises over the kept
-    pairs; ``"raw"`` uses the masked scaled scores directly, as eq. 4 is written.
+    means all pairs (standard attention). ``attention="softmax"`` normalises over the kept
+    pairs; ``"raw"`` uses the masked scaled scores directly, as eq. 4 is written. ``scores``:
+    this layer's ``head_scores`` of ``x`` when the caller has them already (layer 1, whose scores
+    also give A0).
     """
 
     def __init__(self, tokens: int, dim: int, heads: int = 1, ffn_dim: int | None = None,

@@ -1,5 +1,5 @@
-"""Summary math: percentiles, rates, saturation, the single-server queueing bound, Prometheus
-histogram deltas."""
+"""Summary math: percentiles, rates, saturation, the queueing bound of ideal servers,
+Prometheus histogram deltas."""
 
 from __future__ import annotations
 
