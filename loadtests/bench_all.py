@@ -441,7 +441,7 @@ def run_all(plan: Plan, run_dir: Path | None = None, model: str = "mgdin", candi
     # the same send times served by ideal one-at-a-time servers whose service time is the sequential e2e latency
     soak_samples = load_samples(soak.samples)
     sent = soak_samples["t"] - soak_samples["ms"] / 1e3
-    sent = sent[soak_samples["t"] >= soak_samples["t"].min() + min(2.0, plan.soak_s / 4)]  # as the summary skips
+    sent = sent[soak_samples["t"] >= soak_samples["t"].min() + soak.skip_s]  # the requests the summary kept
     ideal = {c: percentiles(fifo_responses(sent, np.asarray(e2e["e2e_ms"]), servers=c), (50, 99)) for c in (1, 2)}
     for c, name in ((1, "single_server"), (2, "two_server")):
         p50, p99 = ideal[c]

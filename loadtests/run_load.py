@@ -227,6 +227,7 @@ class LoadResult:
     users: int
     candidates: str
     target_rps: float
+    skip_s: float  # the ramp-up the summary dropped (seconds from the first completion)
 
 
 def measure(stack: Any, host: str, name: str, pool_file: Path, users: int, duration_s: float, candidates: str,
@@ -242,7 +243,7 @@ def measure(stack: Any, host: str, name: str, pool_file: Path, users: int, durat
     skip = min(skip_s, duration_s / 4)
     summary = summarize(s["t"], s["ms"], s["candidates"], s["ok"], skip_s=skip)
     return LoadResult(summary, run.cpu_cores, run.others_cores.get("server", float("nan")), run.machine_util,
-                      run.csv_prefix, run.samples, users, candidates, target_rps)
+                      run.csv_prefix, run.samples, users, candidates, target_rps, skip)
 
 
 def run(run_dir: Path | None = None, model: str = "mgdin", users: int = 8, duration_s: float = 30,

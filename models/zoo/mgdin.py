@@ -52,6 +52,9 @@ class DeferredBranch(nn.Module):
         self.input_norm = _input_norm(input_norm, m, model_dim)
         self.deferred, self.a0_mode, self.ste_temperature = deferred, a0_mode, ste_temperature
         self.ks = deferred_k(m, ratios) if deferred else [m * m] * len(ratios)
+        # a layer that keeps all m² pairs (k_l = m², e.g. r_l = 1) is standard attention: its all-ones
+        # mask changes nothing but costs five graph nodes (where, floor, multiply), so it gets none
+        self.keeps_all = [k >= m * m for k in self.ks]
         self.layers = nn.ModuleList(
             DeferredLayer(m, model_dim, heads, ffn_dim, attention, dropout) for _ in ratios
         )
@@ -89,10 +92,7 @@ class DeferredBranch(nn.Module):
             masks = self.dynamic_masks(x, first_scores)  # [B, L, m, m]
         per_layer = [None] * len(self.layers) if masks is None else masks.unbind(-3)  # one Split, no Squeeze per layer
         for i, (layer, mask) in enumerate(zip(self.layers, per_layer, strict=True)):
-            # a layer that keeps all m² pairs (k_l = m², e.g. r_l = 1) is standard attention: its
-            # all-ones mask changes nothing but costs five graph nodes (where, floor, multiply)
-            keep_all = self.ks[i] >= self.groups * self.groups
-            x = layer(x, None if keep_all else mask, first_scores if i == 0 else None)
+            x = layer(x, None if self.keeps_all[i] else mask, first_scores if i == 0 else None)
         return x
 
 
@@ -203,9 +203,9 @@ class MGDIN(nn.Module):
             if tuple(mask.shape) != tuple(branch.static_masks.shape):
                 raise ValueError(f"window g={branch.granularity}: mask shape {tuple(mask.shape)}, "
                                  f"expected {tuple(branch.static_masks.shape)}")
-            for layer, k in enumerate(branch.ks):
+            for layer, keeps_all in enumerate(branch.keeps_all):
                 # such a layer runs as standard attention (DeferredBranch.forward): its mask is all ones
-                if k >= branch.groups ** 2 and not bool((mask[layer] != 0).all()):
+                if keeps_all and not bool((mask[layer] != 0).all()):
                     raise ValueError(f"window g={branch.granularity}, layer {layer + 1} keeps all "
                                      f"{branch.groups ** 2} pairs (k = m²), so its mask must be all ones")
             branch.static_masks.copy_(mask.to(branch.static_masks.dtype))
