@@ -151,7 +151,13 @@ class DeferredLayer(nn.Module):
         """The scores as ``forward`` takes them: ``[B, m, m]`` for one head (no split into heads,
         and no head axis added and squeezed away again: graph nodes too), else ``[B, H, m, m]``."""
         if self.heads == 1:
-            return self.q(x) @ self.k(x).transpose(-1, -2) * self.scale
+            if self.training:
+                return self.q(x) @ self.k(x).transpose(-1, -2) * self.scale
+            # inference: (x Wqᵀ)(x Wkᵀ)ᵀ·s = x (Wqᵀ Wk·s) xᵀ — the weight product is constant (folded into
+            # one initializer at export), so the K projection and the scaling leave the graph (two
+            # nodes per layer; `ctrserve bench graph --compare`, docs/models/mgdin.md). Training keeps
+            # the two projections so that recorded runs reproduce exactly.
+            return x @ (self.q.weight.t() @ self.k.weight * self.scale) @ x.transpose(-1, -2)
         return self._heads(self.q(x)) @ self._heads(self.k(x)).transpose(-1, -2) * self.scale
 
     def _attend(self, x: Tensor, mask: Tensor | None, scores: Tensor | None) -> Tensor:

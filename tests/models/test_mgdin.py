@@ -172,6 +172,21 @@ def test_fully_masked_row_gives_finite_output() -> None:
     assert torch.isfinite(out).all()
 
 
+@pytest.mark.quick
+@pytest.mark.parametrize("heads", [1, 2])
+def test_inference_scores_fold_the_key_projection_into_the_query(heads: int) -> None:
+    """Eval mode computes one head's scores as x (Wqᵀ Wk / √d) xᵀ (one projection fewer in the
+    exported graph); the values are the two-projection scores of training mode."""
+    torch.manual_seed(0)
+    layer = DeferredLayer(5, 8, heads=heads)
+    x = torch.randn(4, 5, 8)
+    trained = layer.train().head_scores(x)
+    served = layer.eval().head_scores(x)
+    assert served.shape == trained.shape
+    torch.testing.assert_close(served, trained, rtol=1e-5, atol=1e-6)
+    assert not torch.equal(served, torch.zeros_like(served))
+
+
 # -- ablations ----------------------------------------------------------------------------------
 @pytest.mark.quick
 def test_wo_mg_keeps_only_the_first_window(tiny_fmap) -> None:
