@@ -3,8 +3,10 @@ columnar splits (``.npz``) and the feature map (``feature_map.json``, ``vocab.js
 
 from __future__ import annotations
 
+import contextlib
 import json
 import shutil
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -183,15 +185,40 @@ def prepare(
         dataset=spec.name, label=spec.label, user_id=spec.user_id, features=infos, sequences=seq_infos,
         num_rows={split: len(out[split][spec.label]) for split in SPLITS},
     )
-    if out_dir.exists():
-        shutil.rmtree(out_dir)
-    out_dir.mkdir(parents=True)
-    for split in tqdm(SPLITS, desc=f"{spec.name}: write", leave=False):
-        np.savez(out_dir / f"{split}.npz", **out[split])
-    fmap.save(out_dir / "feature_map.json")
-    (out_dir / "vocab.json").write_text(json.dumps({k: v.to_json() for k, v in vocabs.items()}))
-    (out_dir / "spec.json").write_text(spec.model_dump_json(indent=2))
+    # written beside the destination and renamed into place: a reader never sees a half-written
+    # copy, and two processes preparing the same dataset at once (two training jobs started
+    # together on a fresh machine) both finish instead of one failing on the other's directory
+    out_dir = Path(out_dir)
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.writing-", dir=out_dir.parent))
+    try:
+        for split in tqdm(SPLITS, desc=f"{spec.name}: write", leave=False):
+            np.savez(tmp / f"{split}.npz", **out[split])
+        fmap.save(tmp / "feature_map.json")
+        (tmp / "vocab.json").write_text(json.dumps({k: v.to_json() for k, v in vocabs.items()}))
+        (tmp / "spec.json").write_text(spec.model_dump_json(indent=2))
+        _publish(tmp, out_dir)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)  # gone already once published
     return Prepared(out_dir=out_dir, feature_map=fmap)
+
+
+def _publish(tmp: Path, out_dir: Path) -> None:
+    """Rename the finished copy ``tmp`` to ``out_dir``, replacing an older copy. Losing a race to
+    another process that published the same preparation in between is fine: its copy stays."""
+    old = None
+    if out_dir.exists():
+        old = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.old-", dir=out_dir.parent))
+        with contextlib.suppress(FileNotFoundError):  # another process moved it aside first
+            out_dir.rename(old / "copy")
+    try:
+        tmp.rename(out_dir)
+    except OSError:
+        if not (out_dir / "feature_map.json").exists():
+            raise
+    finally:
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
 
 
 def load_split(prepared_dir: Path, split: str) -> dict[str, np.ndarray]:

@@ -62,3 +62,21 @@ def test_max_len_override_resizes_sequences(tmp_path) -> None:
     out = prepare("synthetic", tmp_path, tmp_path / "p", {"n_rows": 300, "n_users": 30, "max_len": 9})
     assert out.feature_map.feature("hist_item_id").max_len == 9
     assert load_split(out.out_dir, "train")["hist_item_id"].shape[1] == 9
+
+
+def test_prepare_publishes_whole_copies_and_survives_a_concurrent_prepare(tmp_path) -> None:
+    """Two jobs preparing the same dataset at once both succeed (they used to race on mkdir), a
+    re-prepare replaces the old copy, and no temporary directory is left behind."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    opts = {"n_rows": 300, "n_users": 30, "n_items": 20, "n_cates": 4, "max_len": 5}
+    out = tmp_path / "processed" / "synthetic"
+    with ThreadPoolExecutor(2) as pool:
+        results = list(pool.map(lambda _: prepare("synthetic", tmp_path, out, opts), range(2)))
+    assert results[0].feature_map == results[1].feature_map
+    (out / "stale.txt").write_text("from an older copy")
+    prepare("synthetic", tmp_path, out, opts)
+    assert sorted(p.name for p in out.parent.iterdir()) == ["synthetic"]
+    assert not (out / "stale.txt").exists()
+    assert FeatureMap.load(out / "feature_map.json") == results[0].feature_map
+    assert len(load_split(out, "train")["label"]) == results[0].feature_map.num_rows["train"]
