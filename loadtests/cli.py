@@ -61,3 +61,7 @@ bench_app.command("gateway")(gateway_cmd)
 from .bench_graph import graph_cmd  # noqa: E402
 
 bench_app.command("graph")(graph_cmd)
+
+from .bench_fusions import fusions_cmd  # noqa: E402
+
+bench_app.command("fusions")(fusions_cmd)
