@@ -128,11 +128,12 @@ class OnlineStore(ABC):
         pending = self.begin_read_blocking(user_id, item_ids, timeout_s)
         return None if pending is None else pending.result()
 
-    def begin_read_blocking(self, user_id: str, item_ids: Sequence[str], timeout_s: float | None = None
-                            ) -> PendingRead | None:
+    def begin_read_blocking(self, user_id: str, item_ids: Sequence[str], timeout_s: float | None = None,
+                            wait: bool = True) -> PendingRead | None:
         """The first half of ``online_read_blocking``: the request is sent, the caller does other
         work while the store answers, then calls ``result()`` (or ``cancel()``). None: use
-        ``online_read`` (always, unless a backend implements it)."""
+        ``online_read`` (always, unless a backend implements it). ``wait=False``: None rather
+        than wait for a connection that other uncollected reads hold."""
         return None
 
     @abstractmethod

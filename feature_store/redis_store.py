@@ -22,6 +22,7 @@ import asyncio
 import contextlib
 import json
 import os
+import threading
 import time
 from collections.abc import Sequence
 from datetime import UTC, datetime
@@ -162,6 +163,11 @@ class RedisOnlineStore(OnlineStore):
         # before a connection comes back here (result or cancel); a broken one goes to the pool
         self._idle: list[Any] = []
         self._idle_pid = os.getpid()
+        # blocking connections checked out now (reads sent, replies not collected): at the pool's
+        # size the next checkout would wait for a free one, which ``begin_read_blocking(wait=False)``
+        # declines to do
+        self._busy = 0
+        self._busy_lock = threading.Lock()
         self._timeout_s = cfg.timeout_ms / 1000
         self._user_codec = RowCodec(KIND_USER, len(schema.user_sparse), len(schema.user_dense))
         self._item_codec = RowCodec(KIND_ITEM, len(schema.item_sparse), len(schema.item_dense))
@@ -323,8 +329,8 @@ class RedisOnlineStore(OnlineStore):
             return self._decode(user_id, item_ids, reply, values, miss, base, now)
         raise StoreUnavailable(f"the active version of {self.keys.ns} changed three times during one read")
 
-    def begin_read_blocking(self, user_id: str, item_ids: Sequence[str], timeout_s: float | None = None
-                            ) -> PendingRead | None:
+    def begin_read_blocking(self, user_id: str, item_ids: Sequence[str], timeout_s: float | None = None,
+                            wait: bool = True) -> PendingRead | None:
         """``online_read`` on a blocking connection (redis-py with hiredis, the socket timeout of
         ``timeout_ms``), for a caller that runs a whole request on one thread without awaiting
         (the gateway's inline execution): no event-loop round trips, about half the client CPU of
@@ -334,8 +340,13 @@ class RedisOnlineStore(OnlineStore):
         adopted — before the first read and after a flip — because adopting it checks the schema
         through the async client: the caller then reads with ``online_read`` — and when
         ``timeout_s`` is shorter than the socket timeout (``timeout_ms``), which bounds a blocking
-        read: the caller's ``asyncio.timeout`` then bounds the async read instead."""
+        read: the caller's ``asyncio.timeout`` then bounds the async read instead. ``wait=False``:
+        also None when every connection of the blocking pool holds a read not yet collected (the
+        checkout would wait for one: an event loop sending reads ahead for many requests at once
+        must not block on that)."""
         if self._version is None or (timeout_s is not None and timeout_s < self._timeout_s - 1e-6):
+            return None
+        if not wait and self._busy >= self.config.pool_size:
             return None
         user_id, items = str(user_id), [str(i) for i in item_ids]
         base, now = self.keys.base(self._version), time.monotonic()
@@ -354,13 +365,18 @@ class RedisOnlineStore(OnlineStore):
     def _checkout(self) -> Any:
         """A blocking connection: an idle one, else one from the pool (which connects it)."""
         if self._idle_pid != os.getpid():  # a forked child must not share its parent's sockets
-            self._idle, self._idle_pid = [], os.getpid()
+            self._idle, self._idle_pid, self._busy = [], os.getpid(), 0
         try:
-            return self._idle.pop()  # atomic: threads may share the store
+            conn = self._idle.pop()  # atomic: threads may share the store
         except IndexError:
-            return self._blocking_client().connection_pool.get_connection()
+            conn = self._blocking_client().connection_pool.get_connection()
+        with self._busy_lock:
+            self._busy += 1
+        return conn
 
     def _checkin(self, conn: Any, broken: bool = False) -> None:
+        with self._busy_lock:
+            self._busy -= 1
         if broken or self._blocking is None:  # broken, or the store was closed meanwhile
             conn.disconnect()
             if self._blocking is not None:

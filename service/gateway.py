@@ -181,13 +181,13 @@ class Gateway:
     # -- scoring -------------------------------------------------------------------------
     def begin_read(self, user_id: str, item_ids: list[str], model: str | None = None,
                    experiment: str | None = None, arm: str | None = None) -> EarlyRead | None:
-        """Inline execution: route the request and send its feature-store read now, so that Redis
-        answers while the caller validates the body (the wait for Redis, most of it the wake-up of
-        an idle server, overlaps that work). Best effort, never raises: None when the execution is
-        not inline, the request does not route, or the store cannot take a blocking read; the
-        caller hands the result to ``score`` and cancels it if ``score`` is not reached."""
+        """Inline and auto execution: route the request and send its feature-store read now, so
+        that Redis answers while the caller validates the body (the wait for Redis, most of it the
+        wake-up of an idle server, overlaps that work). Best effort, never raises: None when the
+        execution is ``thread``, the request does not route, or the store cannot take a blocking
+        read; the caller hands the result to ``score`` and cancels it if ``score`` is not reached."""
         table = self.table
-        if table is None or self.settings.backend.execution != "inline" or not self.settings.store.early_read:
+        if table is None or self.settings.backend.execution == "thread" or not self.settings.store.early_read:
             return None
         try:
             route = _route(table, user_id, model, experiment, arm)
@@ -196,7 +196,8 @@ class Gateway:
                 return None
             # the whole store budget: settings keep it below the request deadline, which has just begun
             budget = self.settings.store.timeout_ms / 1000
-            pending = self.stores.for_model(loaded.manifest).begin_read_blocking(user_id, item_ids, budget)
+            pending = self.stores.for_model(loaded.manifest).begin_read_blocking(user_id, item_ids, budget,
+                                                                                 wait=False)
         except (NotFound, FeatureStoreError, KeyError, ValueError):
             return None  # score() meets the same condition and answers it
         if pending is None:
@@ -273,15 +274,19 @@ class Gateway:
         # inline: the store read, assembly and inference run here without awaiting (no thread
         # hand-offs); the first read and a read across a version flip still go through the async path.
         # auto: inline when this is the only request being scored, else the thread path, so that
-        # under load the event loop keeps reading requests while the inference thread computes
+        # under load the event loop keeps reading requests while the inference thread computes. An
+        # early read is collected either way: it was sent a validation ago, so its answer is
+        # usually there (awaiting a second read instead cost auto the early read's gain: 0.27 against
+        # 0.12 ms feature fetch, `ctrserve bench all --execution auto`, docs/gateway.md session 9)
         execution = self.settings.backend.execution
         inline = loaded.backend.inline and (execution == "inline" or (execution == "auto" and self._scoring == 1))
         budget = min(self.settings.store.timeout_ms / 1000, deadline - time.perf_counter())
         try:
             stored = None
-            if inline and budget > 0:
-                stored = early.pending.result() if early is not None else \
-                    store.online_read_blocking(user_id, item_ids, budget)
+            if early is not None and budget > 0:
+                stored = early.pending.result()
+            elif inline and budget > 0:
+                stored = store.online_read_blocking(user_id, item_ids, budget)
             if stored is None:
                 # asyncio.timeout, not wait_for: on Python 3.11 wait_for runs the read in one more Task
                 async with asyncio.timeout(max(budget, 0.0)):

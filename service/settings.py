@@ -76,8 +76,8 @@ class StoreSettings(BaseSettings):
         "fail", description="Redis down or slow: `fail` answers 503; `degrade` scores with cold-start features "
                             "and sets `flags.degraded`.")
     early_read: bool = Field(
-        True, description="Inline execution: send the feature-store read as soon as the body is decoded, so "
-                          "Redis answers while the body is validated and routed (off: read after validation).")
+        True, description="Inline and auto execution: send the feature-store read as soon as the body is decoded, "
+                          "so Redis answers while the body is validated and routed (off: read after validation).")
 
 
 class RoutingSettings(BaseSettings):
@@ -122,7 +122,8 @@ class BackendSettings(BaseSettings):
                               "blocks (at most the Redis socket timeout, `CTRSERVE_REDIS_TIMEOUT_MS`, by default the "
                               "store budget; a longer socket timeout sends reads through the awaited path) and the "
                               "inference budget is not enforced during the call. `auto`: inline while a request is "
-                              "the only one being scored, `thread` when others are waiting.")
+                              "the only one being scored, `thread` when others are waiting; on both paths the "
+                              "store read sent ahead (`CTRSERVE_STORE_EARLY_READ`) is collected as inline does.")
     pool_threads: int = Field(1, ge=1, description="Threads running one model version's embedded inference off the "
                                                    "event loop (each version has its own).")
     warmup_candidates: int = Field(16, ge=1, description="Candidates in the warm-up request run at model load.")

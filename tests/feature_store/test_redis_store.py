@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import time
 from pathlib import Path
 
 import numpy as np
@@ -366,7 +367,14 @@ async def test_begun_read_is_collected_or_cancelled_and_frees_its_connection(red
         first = store.begin_read_blocking("u1", ["i1"])
         with pytest.raises(StoreUnavailable):
             store.begin_read_blocking("u2", ["i2"])
+        # wait=False (the gateway's reads sent ahead): declines at once instead of waiting for the pool
+        t0 = time.perf_counter()
+        assert store.begin_read_blocking("u2", ["i2"], wait=False) is None
+        assert time.perf_counter() - t0 < 0.5  # the pool's wait is 2 s here
         assert_user(first.result(), users, 1)
+        later = store.begin_read_blocking("u2", ["i2"], wait=False)  # the connection is free again
+        assert later is not None
+        assert_user(later.result(), users, 2)
         assert len(store._idle) == 1  # the connection waits for the next read, not in the pool
         with redis.Redis.from_url(redis_url) as client:
             client.save()

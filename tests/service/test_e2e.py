@@ -349,23 +349,21 @@ def test_thread_and_inline_execution_give_the_same_answers(gateway, exported, st
     asyncio.run(run())
 
 
-def test_inline_sends_the_store_read_before_validation_and_never_leaks_it(exported, store_url, routing_path,
-                                                                          monkeypatch) -> None:
-    """Inline execution sends the feature-store read as soon as the body is decoded (``begin_read``)
-    and scoring collects it: the answers equal those of the usual read (thread execution, checked
-    above), numeric item ids qualify, and a read sent for a body that then fails validation or
-    routing is drained — on a pool of ONE Redis connection, where a leaked one would stall every
-    later request."""
+def _count_blocking_reads(monkeypatch) -> dict[str, int]:
+    """Counts of the store's blocking reads: ``begin`` (asked), ``sent`` (a pending read returned),
+    ``collected`` (its ``result()``), ``plain`` (``online_read_blocking``), ``busy_max`` (the most
+    reads in flight at once)."""
     from ctrserve.feature_store.redis_store import RedisOnlineStore
-    from ctrserve.service.app import wait_ready
 
-    calls = {"begin": 0, "collected": 0, "plain": 0}
+    calls = {"begin": 0, "sent": 0, "collected": 0, "plain": 0, "busy_max": 0}
     begin, plain = RedisOnlineStore.begin_read_blocking, RedisOnlineStore.online_read_blocking
 
     def counting_begin(self, *a, **kw):
         calls["begin"] += 1
         pending = begin(self, *a, **kw)
         if pending is not None:
+            calls["sent"] += 1
+            calls["busy_max"] = max(calls["busy_max"], self._busy)
             result = pending.result
 
             def counted():
@@ -381,6 +379,19 @@ def test_inline_sends_the_store_read_before_validation_and_never_leaks_it(export
 
     monkeypatch.setattr(RedisOnlineStore, "begin_read_blocking", counting_begin)
     monkeypatch.setattr(RedisOnlineStore, "online_read_blocking", counting_plain)
+    return calls
+
+
+def test_inline_sends_the_store_read_before_validation_and_never_leaks_it(exported, store_url, routing_path,
+                                                                          monkeypatch) -> None:
+    """Inline execution sends the feature-store read as soon as the body is decoded (``begin_read``)
+    and scoring collects it: the answers equal those of the usual read (thread execution, checked
+    above), numeric item ids qualify, and a read sent for a body that then fails validation or
+    routing is drained — on a pool of ONE Redis connection, where a leaked one would stall every
+    later request."""
+    from ctrserve.service.app import wait_ready
+
+    calls = _count_blocking_reads(monkeypatch)
     # the Redis socket timeout equal to the store budget: the blocking read is used (a longer one
     # sends reads through the awaited path)
     app = _in_process_app(exported, store_url, routing_path, 400, store={"timeout_ms": 400}, pool_size=1)
@@ -395,10 +406,10 @@ def test_inline_sends_the_store_read_before_validation_and_never_leaks_it(export
                 first = await local.post("/v1/score", json=probe.body)  # adopts the store version
                 answers.append(first)
                 assert first.status_code == 200, first.text
-                calls.update(begin=0, collected=0, plain=0)
+                calls.update(begin=0, sent=0, collected=0, plain=0, busy_max=0)
                 again = await local.post("/v1/score", json=probe.body)
                 assert again.status_code == 200 and again.json()["scores"] == first.json()["scores"]
-                assert calls == {"begin": 1, "collected": 1, "plain": 0}, calls
+                assert calls == {"begin": 1, "sent": 1, "collected": 1, "plain": 0, "busy_max": 1}, calls
                 # integer item ids (pydantic turns them into the same strings) qualify too
                 as_int = {**probe.body, "candidates": [{"item_id": 10**12 + k} for k in range(3)]}
                 as_str = {**probe.body, "candidates": [{"item_id": str(10**12 + k)} for k in range(3)]}
@@ -406,7 +417,7 @@ def test_inline_sends_the_store_read_before_validation_and_never_leaks_it(export
                 assert r_int.status_code == r_str.status_code == 200, (r_int.text, r_str.text)
                 assert r_int.json()["scores"] == r_str.json()["scores"]
                 assert r_int.json()["flags"] == r_str.json()["flags"]  # unknown items, flagged alike
-                assert calls == {"begin": 3, "collected": 3, "plain": 0}, calls
+                assert calls == {"begin": 3, "sent": 3, "collected": 3, "plain": 0, "busy_max": 1}, calls
                 bad = [{**probe.body, "unexpected": 1},  # 422 after the read was sent
                        {**probe.body, "model": "no-such-model"},  # 404: not routed, nothing sent
                        {**probe.body, "context": {"no_such_feature": 1}}]  # 422 from the assembler
@@ -424,10 +435,58 @@ def test_inline_sends_the_store_read_before_validation_and_never_leaks_it(export
             transport = httpx.ASGITransport(app=late)
             async with httpx.AsyncClient(transport=transport, base_url="http://in-process", timeout=10) as local:
                 assert (await local.post("/v1/score", json=probe.body)).status_code == 200
-                calls.update(begin=0, collected=0, plain=0)
+                calls.update(begin=0, sent=0, collected=0, plain=0, busy_max=0)
                 r = await local.post("/v1/score", json=probe.body)
                 assert r.status_code == 200 and r.json()["scores"] == answers[0].json()["scores"]
-                assert calls == {"begin": 1, "collected": 1, "plain": 1}, calls
+                assert calls == {"begin": 1, "sent": 1, "collected": 1, "plain": 1, "busy_max": 1}, calls
+
+    asyncio.run(run())
+
+
+def test_auto_collects_reads_sent_ahead_and_never_waits_for_the_pool(exported, store_url, routing_path,
+                                                                     monkeypatch) -> None:
+    """`auto` execution sends each request's read ahead as inline does and collects it on both paths
+    (inline alone, the inference thread under load) instead of reading a second time; requests
+    arriving together never hold more reads than the blocking pool has connections (a read that
+    would wait for one is not sent ahead: that request reads the usual way), and every answer
+    equals the lone request's."""
+    from ctrserve.feature_store.redis_store import RedisOnlineStore
+    from ctrserve.service.app import wait_ready
+
+    calls = _count_blocking_reads(monkeypatch)
+    waits: list[int] = []  # checkouts made while every connection was taken (they wait for one)
+    checkout = RedisOnlineStore._checkout
+
+    def watched_checkout(self):
+        if self._busy >= self.config.pool_size:
+            waits.append(self._busy)
+        return checkout(self)
+
+    monkeypatch.setattr(RedisOnlineStore, "_checkout", watched_checkout)
+    app = _in_process_app(exported, store_url, routing_path, 400, store={"timeout_ms": 400},
+                          backend={"execution": "auto"}, pool_size=2)
+    probe = probes(exported.prepared)[0]
+
+    async def run() -> None:
+        async with app.router.lifespan_context(app):
+            await wait_ready(app)
+            transport = httpx.ASGITransport(app=app)
+            async with httpx.AsyncClient(transport=transport, base_url="http://in-process", timeout=10) as local:
+                first = await local.post("/v1/score", json=probe.body)  # adopts the store version
+                assert first.status_code == 200, first.text
+                calls.update(begin=0, sent=0, collected=0, plain=0, busy_max=0)
+                alone = await local.post("/v1/score", json=probe.body)
+                assert alone.json()["scores"] == first.json()["scores"]
+                assert calls == {"begin": 1, "sent": 1, "collected": 1, "plain": 0, "busy_max": 1}, calls
+                calls.update(begin=0, sent=0, collected=0, plain=0, busy_max=0)
+                together = await asyncio.gather(*(local.post("/v1/score", json=probe.body) for _ in range(8)))
+                for r in together:
+                    assert r.status_code == 200 and r.json()["scores"] == first.json()["scores"], r.text
+                assert calls["begin"] == 8 and 1 <= calls["sent"] == calls["collected"] < 8, calls
+                assert calls["busy_max"] <= 2 and calls["plain"] == 0, calls
+                assert waits == [], "a read sent ahead waited for the pool's connection"
+                store = next(iter(app.state.gateway.stores._stores.values()))
+                assert store._busy == 0  # every connection back
 
     asyncio.run(run())
 
