@@ -222,7 +222,7 @@ def _p50(xs: list[float]) -> float:
 
 def run_all(plan: Plan, run_dir: Path | None = None, model: str = "mgdin", candidates: str = "fixed:100",
             workers: int = 1, pool_threads: int = 1, pool_users: int = 1000, profile: bool = True,
-            execution: str = "inline",
+            execution: str = "auto",
             with_triton: bool = True, log: Any = print) -> dict[str, Any]:
     import onnxruntime
     import torch
@@ -547,7 +547,7 @@ def all_cmd(
     workers: Annotated[int, typer.Option(help="gateway worker processes")] = 1,
     pool_threads: Annotated[int, typer.Option(help="inference threads per gateway worker (thread execution)")] = 1,
     execution: Annotated[str, typer.Option(
-        help="gateway execution: inline, thread or auto (CTRSERVE_BACKEND_EXECUTION)")] = "inline",
+        help="gateway execution: inline, thread or auto (CTRSERVE_BACKEND_EXECUTION)")] = "auto",
     profile: Annotated[bool, typer.Option(help="py-spy the gateway at saturation")] = True,
     triton: Annotated[bool, typer.Option(help="run the runtime comparison (bench models, incl. Triton)")] = True,
 ) -> None:

@@ -249,7 +249,8 @@ def measure(stack: Any, host: str, name: str, pool_file: Path, users: int, durat
 def run(run_dir: Path | None = None, model: str = "mgdin", users: int = 8, duration_s: float = 30,
         candidates: str = "uniform:50:500", workers: int = 1, pool_threads: int = 1, intra_op_threads: int = 1,
         backend: str = "onnxruntime", warmup_s: float = 5, pool_users: int = 1000, target_rps: float = 0.0,
-        out_dir: Path | None = None, record: bool = True, img_dir: Path | None = None) -> dict[str, Any]:
+        out_dir: Path | None = None, record: bool = True, img_dir: Path | None = None,
+        execution: str = "auto") -> dict[str, Any]:
     from ctrserve.paths import REPO_ROOT
 
     from .stack import Stack, free_port
@@ -257,6 +258,8 @@ def run(run_dir: Path | None = None, model: str = "mgdin", users: int = 8, durat
     CandidateDist.parse(candidates)  # fail early on a bad spec
     if backend not in ("onnxruntime", "triton"):
         raise ValueError(f"backend must be onnxruntime or triton, got {backend!r}")
+    if execution not in ("inline", "thread", "auto"):
+        raise ValueError(f"execution must be inline, thread or auto, got {execution!r}")
     started = time.time()
     from .report import machine_facts
 
@@ -279,7 +282,8 @@ def run(run_dir: Path | None = None, model: str = "mgdin", users: int = 8, durat
             extra.callback(server.stop)
             triton_url = server.grpc_url
         port = free_port()
-        gw = stack.gateway(repo, redis_url, port, workers, pool_threads, intra_op_threads, triton_url=triton_url)
+        gw = stack.gateway(repo, redis_url, port, workers, pool_threads, intra_op_threads, triton_url=triton_url,
+                           execution=execution)
         host = f"http://127.0.0.1:{port}"
         if warmup_s > 0:
             measure(stack, host, "warmup", pool_file, users, warmup_s, candidates, skip_s=0)
@@ -291,7 +295,8 @@ def run(run_dir: Path | None = None, model: str = "mgdin", users: int = 8, durat
     out = {"summary": s.as_dict(), "locust_cpu_cores": res.locust_cpu_cores, "gateway_cpu_cores":
            res.gateway_cpu_cores, "machine_util": res.machine_util, "csv": str(res.csv_prefix) + "_stats.csv",
            "samples": str(res.samples), "plot": str(img), "run_dir": str(run_dir), "seconds": time.time() - started,
-           "users": users, "candidates": candidates, "workers": workers, "backend": backend, "machine": facts}
+           "users": users, "candidates": candidates, "workers": workers, "backend": backend,
+           "execution": execution, "machine": facts}
     (out_dir / "summary.json").write_text(json.dumps(out, indent=1, default=str))
     if record:
         from .report import record_section, write_markdown
@@ -337,6 +342,8 @@ def load_cmd(
     warmup: Annotated[float, typer.Option(help="warm-up seconds (discarded)")] = 5,
     target_rps: Annotated[float, typer.Option(help="pace to this total request rate (0: closed loop)")] = 0.0,
     record: Annotated[bool, typer.Option(help="write docs/benchmarks.json and .md")] = True,
+    execution: Annotated[str, typer.Option(help="gateway execution: inline, thread or auto "
+                                           "(CTRSERVE_BACKEND_EXECUTION; embedded ONNX Runtime)")] = "auto",
 ) -> None:
     """Start redis + gateway, run Locust headless for a fixed time, write CSV, summary and plots."""
     from rich.console import Console
@@ -344,7 +351,7 @@ def load_cmd(
     console = Console()
     try:
         out = run(run_dir, model, users, duration, candidates, workers, pool_threads, 1, backend, warmup,
-                  target_rps=target_rps, record=record)
+                  target_rps=target_rps, record=record, execution=execution)
     except (RuntimeError, ValueError, FileNotFoundError) as exc:
         console.print(f"[red]error:[/] {exc}")
         raise typer.Exit(1) from None

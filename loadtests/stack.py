@@ -159,7 +159,7 @@ class Stack:
     def gateway(self, repo: Path, redis_url: str, port: int, workers: int = 1, pool_threads: int = 1,
                 intra_op_threads: int = 1, routing: Path | None = None, triton_url: str | None = None,
                 access_log: bool = False, timeout: float = 180, name: str = "gateway",
-                execution: str = "inline") -> subprocess.Popen:
+                execution: str = "auto") -> subprocess.Popen:
         """The scoring gateway through its production entry point, ``ctrserve serve --workers N``."""
         env = {"CTRSERVE_BACKEND_MODEL_REPOSITORY": str(repo), "CTRSERVE_REDIS_URL": redis_url,
                "CTRSERVE_SERVER_PORT": str(port), "CTRSERVE_SERVER_HOST": "127.0.0.1",

@@ -114,16 +114,18 @@ class BackendSettings(BaseSettings):
                                                   "work (only with intra-op threads > 1; burns CPU other work "
                                                   "needs on a shared machine).")
     execution: Literal["thread", "inline", "auto"] = Field(
-        "inline", description="Embedded ONNX Runtime only. `thread`: the store read is awaited and inference runs on "
-                              "the version's own thread(s) while the event loop serves other requests. `inline`: "
-                              "store read (blocking Redis client), assembly and inference run on the event loop, "
-                              "one request at a time per worker process — no thread hand-offs, the lowest latency; "
-                              "run one server worker per core (`CTRSERVE_SERVER_WORKERS`). Inline, the store read "
-                              "blocks (at most the Redis socket timeout, `CTRSERVE_REDIS_TIMEOUT_MS`, by default the "
-                              "store budget; a longer socket timeout sends reads through the awaited path) and the "
-                              "inference budget is not enforced during the call. `auto`: inline while a request is "
-                              "the only one being scored, `thread` when others are waiting; on both paths the "
-                              "store read sent ahead (`CTRSERVE_STORE_EARLY_READ`) is collected as inline does.")
+        "auto", description="Embedded ONNX Runtime only. `thread`: the store read is awaited and inference runs on "
+                            "the version's own thread(s) while the event loop serves other requests. `inline`: "
+                            "store read (blocking Redis client), assembly and inference run on the event loop, "
+                            "one request at a time per worker process — no thread hand-offs; run one server "
+                            "worker per core (`CTRSERVE_SERVER_WORKERS`). Inline, the store read blocks (at most "
+                            "the Redis socket timeout, `CTRSERVE_REDIS_TIMEOUT_MS`, by default the store budget; a "
+                            "longer socket timeout sends reads through the awaited path) and the inference budget "
+                            "is not enforced during the call. `auto` (default): inline while a request is the only "
+                            "one being scored, `thread` when others are waiting — a lone request's latency, and "
+                            "under load the event loop parses requests while the inference thread computes; on "
+                            "both paths the store read sent ahead (`CTRSERVE_STORE_EARLY_READ`) is collected as "
+                            "inline does.")
     pool_threads: int = Field(1, ge=1, description="Threads running one model version's embedded inference off the "
                                                    "event loop (each version has its own).")
     warmup_candidates: int = Field(16, ge=1, description="Candidates in the warm-up request run at model load.")

@@ -324,9 +324,10 @@ def degraded_app(exported, store_url, routing_path):
 
 
 def test_thread_and_inline_execution_give_the_same_answers(gateway, exported, store_url, routing_path) -> None:
-    """The subprocess gateway runs the default inline execution (blocking Redis read, inference on
-    the event loop); an in-process gateway in thread mode (awaited read, inference on its worker
-    thread) on the same Redis, models and routing answers every probe identically."""
+    """The subprocess gateway runs the default execution, `auto`, whose lone requests (these probes,
+    one at a time) run inline (blocking Redis read, inference on the event loop); an in-process
+    gateway in thread mode (awaited read, inference on its worker thread) on the same Redis, models
+    and routing answers every probe identically."""
     from ctrserve.service.app import wait_ready
 
     app = _in_process_app(exported, store_url, routing_path, 100, backend={"execution": "thread"})
