@@ -333,7 +333,7 @@ class RedisOnlineStore(OnlineStore):
                             wait: bool = True) -> PendingRead | None:
         """``online_read`` on a blocking connection (redis-py with hiredis, the socket timeout of
         ``timeout_ms``), for a caller that runs a whole request on one thread without awaiting
-        (the gateway's inline execution): no event-loop round trips, about half the client CPU of
+        (the gateway's inline and auto execution): no event-loop round trips, about half the client CPU of
         ``redis.asyncio`` (``ctrserve bench store``). This sends the MGET and returns; the caller
         may work while Redis answers, then collects it with ``result()`` (the gateway sends it
         before validating the request body). Returns None when the active version must first be
