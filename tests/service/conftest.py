@@ -2,23 +2,14 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Callable
-from contextlib import asynccontextmanager
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-import httpx
 import pytest
-from gateway_toy import MemoryStore, write_toy_repo
+from gateway_toy import ROUTING, toy_settings, write_toy_repo
 
-from ctrserve.service.settings import (
-    ApiSettings,
-    BackendSettings,
-    GatewaySettings,
-    RoutingSettings,
-    ServerSettings,
-    StoreSettings,
-)
+from ctrserve.service.settings import GatewaySettings
 
 
 @pytest.fixture(scope="session")
@@ -26,45 +17,6 @@ def toy_repo(tmp_path_factory: pytest.TempPathFactory) -> Path:
     repo = tmp_path_factory.mktemp("toy_repo")
     write_toy_repo(repo, "toy", versions=(1, 2))
     return repo
-
-
-ROUTING = """
-experiments:
-  - name: main
-    salt: unit
-    arms:
-      - {name: control, model: toy, version: 1, weight: 50}
-      - {name: treatment, model: toy, version: 2, weight: 50}
-"""
-
-
-def toy_settings(repo: Path, routing: Path | None = None, store_failure: str = "fail", **api: Any) -> GatewaySettings:
-    return GatewaySettings(
-        server=ServerSettings(access_log=False),
-        api=ApiSettings(**api),
-        store=StoreSettings(failure=store_failure),
-        routing=RoutingSettings(config=routing),
-        backend=BackendSettings(model_repository=repo, kind="onnxruntime", warmup_candidates=2),
-    )
-
-
-@asynccontextmanager
-async def running(settings: GatewaySettings) -> AsyncIterator[tuple[httpx.AsyncClient, Any, list[MemoryStore]]]:
-    """The app with its lifespan running, ready to score; yields (client, app, stores)."""
-    from ctrserve.service.app import create_app, wait_ready
-
-    stores: list[MemoryStore] = []
-
-    def factory(schema, namespace, vocab_sha256):
-        stores.append(MemoryStore(schema, namespace, vocab_sha256))
-        return stores[-1]
-
-    app = create_app(settings, store_factory=factory)
-    async with app.router.lifespan_context(app):
-        await wait_ready(app, 30)
-        transport = httpx.ASGITransport(app=app)
-        async with httpx.AsyncClient(transport=transport, base_url="http://gateway") as client:
-            yield client, app, stores
 
 
 @pytest.fixture()

@@ -8,10 +8,13 @@ so tests can recompute it in numpy and see that every input reached the model in
 from __future__ import annotations
 
 import json
-from collections.abc import Sequence
+from collections.abc import AsyncIterator, Sequence
+from contextlib import asynccontextmanager
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any
 
+import httpx
 import numpy as np
 
 from ctrserve.export.manifest import ExporterInfo, Manifest, ParityResult, StoreInfo, TensorSpec
@@ -19,6 +22,7 @@ from ctrserve.feature_store.base import OnlineStore, RequestFeatures
 from ctrserve.feature_store.errors import StoreUnavailable
 from ctrserve.feature_store.schema import StoreSchema
 from ctrserve.models.data.feature_map import OOV_ID, FeatureInfo, FeatureMap, SequenceInfo
+from ctrserve.service import settings as gs
 
 L = 5
 VOCAB = {
@@ -190,3 +194,41 @@ class MemoryStore(OnlineStore):
 
     async def close(self) -> None:
         pass
+
+
+# -- an in-process gateway on the toy repository (tests import these from here, not from conftest:
+# several test folders have a conftest, and a run given more than one folder imports the wrong one)
+ROUTING = """experiments:
+  - {name: main, salt: unit, arms: [{name: control, model: toy, version: 1, weight: 50},
+                                    {name: treatment, model: toy, version: 2, weight: 50}]}
+"""
+
+
+def toy_settings(repo: Path, routing: Path | None = None, store_failure: str = "fail",
+                 **api: Any) -> gs.GatewaySettings:
+    return gs.GatewaySettings(
+        server=gs.ServerSettings(access_log=False),
+        api=gs.ApiSettings(**api),
+        store=gs.StoreSettings(failure=store_failure),
+        routing=gs.RoutingSettings(config=routing),
+        backend=gs.BackendSettings(model_repository=repo, kind="onnxruntime", warmup_candidates=2),
+    )
+
+
+@asynccontextmanager
+async def running(settings: gs.GatewaySettings) -> AsyncIterator[tuple[httpx.AsyncClient, Any, list[MemoryStore]]]:
+    """The app with its lifespan running, ready to score; yields (client, app, stores)."""
+    from ctrserve.service.app import create_app, wait_ready
+
+    stores: list[MemoryStore] = []
+
+    def factory(schema, namespace, vocab_sha256):
+        stores.append(MemoryStore(schema, namespace, vocab_sha256))
+        return stores[-1]
+
+    app = create_app(settings, store_factory=factory)
+    async with app.router.lifespan_context(app):
+        await wait_ready(app, 30)
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://gateway") as client:
+            yield client, app, stores

@@ -7,8 +7,7 @@ import asyncio
 
 import numpy as np
 import pytest
-from conftest import ROUTING, running, toy_settings
-from gateway_toy import VOCAB, MemoryStore, expected_scores, toy_manifest
+from gateway_toy import ROUTING, VOCAB, MemoryStore, expected_scores, running, toy_manifest, toy_settings
 
 from ctrserve.feature_store.schema import StoreSchema
 from ctrserve.service.assemble import Assembler

@@ -7,8 +7,7 @@ import json
 from pathlib import Path
 
 import pytest
-from conftest import ROUTING, running, toy_settings
-from gateway_toy import TOY_NAMESPACE, MemoryStore, toy_manifest, write_toy_repo
+from gateway_toy import ROUTING, TOY_NAMESPACE, MemoryStore, running, toy_manifest, toy_settings, write_toy_repo
 
 from ctrserve.export.manifest import StoreInfo
 from ctrserve.feature_store.errors import StoreTimeout

@@ -8,7 +8,7 @@ from pathlib import Path
 from unittest import mock
 
 import pytest
-from conftest import running
+from gateway_toy import running
 
 pytestmark = pytest.mark.quick
 

@@ -9,7 +9,7 @@ from typing import Any
 
 import httpx
 import pytest
-from conftest import running
+from gateway_toy import running
 
 from ctrserve.service.api import GatewayMiddleware
 
