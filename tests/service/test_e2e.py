@@ -10,6 +10,8 @@ import os
 import signal
 import time
 from collections import Counter
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from pathlib import Path
 
 import httpx
@@ -317,6 +319,23 @@ def _in_process_app(exported, store_url: str, routing_path: Path, redis_timeout_
     return create_app(settings, redis_factory(RedisStoreConfig(url=store_url, timeout_ms=redis_timeout_ms, **redis)))
 
 
+@asynccontextmanager
+async def _local_client(app, timeout: float = 5.0) -> AsyncIterator[httpx.AsyncClient]:
+    """A client of the in-process ``app``, its lifespan running and the app ready to score."""
+    from ctrserve.service.app import wait_ready
+
+    async with app.router.lifespan_context(app):
+        await wait_ready(app)
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://in-process", timeout=timeout) as local:
+            yield local
+
+
+def _zero(calls: dict[str, int]) -> None:
+    """Every count back to 0."""
+    calls.update(dict.fromkeys(calls, 0))
+
+
 @pytest.fixture()
 def degraded_app(exported, store_url, routing_path):
     """An in-process gateway in degrade mode on the same Redis, model and routing."""
@@ -328,24 +347,19 @@ def test_thread_and_inline_execution_give_the_same_answers(gateway, exported, st
     one at a time) run inline (blocking Redis read, inference on the event loop); an in-process
     gateway in thread mode (awaited read, inference on its worker thread) on the same Redis, models
     and routing answers every probe identically."""
-    from ctrserve.service.app import wait_ready
 
     app = _in_process_app(exported, store_url, routing_path, 100, backend={"execution": "thread"})
     assert httpx.get(gateway.url + "/readyz", timeout=10).status_code == 200
 
     async def run() -> None:
-        async with app.router.lifespan_context(app):
-            await wait_ready(app)
-            transport = httpx.ASGITransport(app=app)
-            async with httpx.AsyncClient(transport=transport, base_url="http://in-process") as local, \
-                    httpx.AsyncClient(base_url=gateway.url, timeout=10) as remote:
-                for probe in probes(exported.prepared):
-                    a = await remote.post("/v1/score", json=probe.body)
-                    b = await local.post("/v1/score", json=probe.body)
-                    assert a.status_code == b.status_code == 200, (a.text, b.text)
-                    ja, jb = a.json(), b.json()
-                    assert ja.pop("request_id") != jb.pop("request_id")
-                    assert ja == jb
+        async with _local_client(app) as local, httpx.AsyncClient(base_url=gateway.url, timeout=10) as remote:
+            for probe in probes(exported.prepared):
+                a = await remote.post("/v1/score", json=probe.body)
+                b = await local.post("/v1/score", json=probe.body)
+                assert a.status_code == b.status_code == 200, (a.text, b.text)
+                ja, jb = a.json(), b.json()
+                assert ja.pop("request_id") != jb.pop("request_id")
+                assert ja == jb
 
     asyncio.run(run())
 
@@ -390,7 +404,6 @@ def test_inline_sends_the_store_read_before_validation_and_never_leaks_it(export
     above), numeric item ids qualify, and a read sent for a body that then fails validation or
     routing is drained — on a pool of ONE Redis connection, where a leaked one would stall every
     later request."""
-    from ctrserve.service.app import wait_ready
 
     calls = _count_blocking_reads(monkeypatch)
     # the Redis socket timeout equal to the store budget: the blocking read is used (a longer one
@@ -400,46 +413,40 @@ def test_inline_sends_the_store_read_before_validation_and_never_leaks_it(export
     answers: list[httpx.Response] = []
 
     async def run() -> None:
-        async with app.router.lifespan_context(app):
-            await wait_ready(app)
-            transport = httpx.ASGITransport(app=app)
-            async with httpx.AsyncClient(transport=transport, base_url="http://in-process", timeout=10) as local:
-                first = await local.post("/v1/score", json=probe.body)  # adopts the store version
-                answers.append(first)
-                assert first.status_code == 200, first.text
-                calls.update(begin=0, sent=0, collected=0, plain=0, busy_max=0)
-                again = await local.post("/v1/score", json=probe.body)
-                assert again.status_code == 200 and again.json()["scores"] == first.json()["scores"]
-                assert calls == {"begin": 1, "sent": 1, "collected": 1, "plain": 0, "busy_max": 1}, calls
-                # integer item ids (pydantic turns them into the same strings) qualify too
-                as_int = {**probe.body, "candidates": [{"item_id": 10**12 + k} for k in range(3)]}
-                as_str = {**probe.body, "candidates": [{"item_id": str(10**12 + k)} for k in range(3)]}
-                r_int, r_str = await local.post("/v1/score", json=as_int), await local.post("/v1/score", json=as_str)
-                assert r_int.status_code == r_str.status_code == 200, (r_int.text, r_str.text)
-                assert r_int.json()["scores"] == r_str.json()["scores"]
-                assert r_int.json()["flags"] == r_str.json()["flags"]  # unknown items, flagged alike
-                assert calls == {"begin": 3, "sent": 3, "collected": 3, "plain": 0, "busy_max": 1}, calls
-                bad = [{**probe.body, "unexpected": 1},  # 422 after the read was sent
-                       {**probe.body, "model": "no-such-model"},  # 404: not routed, nothing sent
-                       {**probe.body, "context": {"no_such_feature": 1}}]  # 422 from the assembler
-                for body in bad:
-                    r = await local.post("/v1/score", json=body)
-                    assert r.status_code in (404, 422), r.text
-                assert calls["begin"] >= 4
-                for _ in range(3):  # the single connection still answers, with the right reply
-                    r = await local.post("/v1/score", json=probe.body)
-                    assert r.status_code == 200 and r.json()["scores"] == first.json()["scores"]
+        async with _local_client(app, timeout=10) as local:
+            first = await local.post("/v1/score", json=probe.body)  # adopts the store version
+            answers.append(first)
+            assert first.status_code == 200, first.text
+            _zero(calls)
+            again = await local.post("/v1/score", json=probe.body)
+            assert again.status_code == 200 and again.json()["scores"] == first.json()["scores"]
+            assert calls == {"begin": 1, "sent": 1, "collected": 1, "plain": 0, "busy_max": 1}, calls
+            # integer item ids (pydantic turns them into the same strings) qualify too
+            as_int = {**probe.body, "candidates": [{"item_id": 10**12 + k} for k in range(3)]}
+            as_str = {**probe.body, "candidates": [{"item_id": str(10**12 + k)} for k in range(3)]}
+            r_int, r_str = await local.post("/v1/score", json=as_int), await local.post("/v1/score", json=as_str)
+            assert r_int.status_code == r_str.status_code == 200, (r_int.text, r_str.text)
+            assert r_int.json()["scores"] == r_str.json()["scores"]
+            assert r_int.json()["flags"] == r_str.json()["flags"]  # unknown items, flagged alike
+            assert calls == {"begin": 3, "sent": 3, "collected": 3, "plain": 0, "busy_max": 1}, calls
+            bad = [{**probe.body, "unexpected": 1},  # 422 after the read was sent
+                   {**probe.body, "model": "no-such-model"},  # 404: not routed, nothing sent
+                   {**probe.body, "context": {"no_such_feature": 1}}]  # 422 from the assembler
+            for body in bad:
+                r = await local.post("/v1/score", json=body)
+                assert r.status_code in (404, 422), r.text
+            assert calls["begin"] >= 4
+            for _ in range(3):  # the single connection still answers, with the right reply
+                r = await local.post("/v1/score", json=probe.body)
+                assert r.status_code == 200 and r.json()["scores"] == first.json()["scores"]
         # CTRSERVE_STORE_EARLY_READ=false: the read waits for validation (the plain blocking read)
         late = _in_process_app(exported, store_url, routing_path, 400, store={"timeout_ms": 400, "early_read": False})
-        async with late.router.lifespan_context(late):
-            await wait_ready(late)
-            transport = httpx.ASGITransport(app=late)
-            async with httpx.AsyncClient(transport=transport, base_url="http://in-process", timeout=10) as local:
-                assert (await local.post("/v1/score", json=probe.body)).status_code == 200
-                calls.update(begin=0, sent=0, collected=0, plain=0, busy_max=0)
-                r = await local.post("/v1/score", json=probe.body)
-                assert r.status_code == 200 and r.json()["scores"] == answers[0].json()["scores"]
-                assert calls == {"begin": 1, "sent": 1, "collected": 1, "plain": 1, "busy_max": 1}, calls
+        async with _local_client(late, timeout=10) as local:
+            assert (await local.post("/v1/score", json=probe.body)).status_code == 200
+            _zero(calls)
+            r = await local.post("/v1/score", json=probe.body)
+            assert r.status_code == 200 and r.json()["scores"] == answers[0].json()["scores"]
+            assert calls == {"begin": 1, "sent": 1, "collected": 1, "plain": 1, "busy_max": 1}, calls
 
     asyncio.run(run())
 
@@ -452,7 +459,6 @@ def test_auto_collects_reads_sent_ahead_and_never_waits_for_the_pool(exported, s
     would wait for one is not sent ahead: that request reads the usual way), and every answer
     equals the lone request's."""
     from ctrserve.feature_store.redis_store import RedisOnlineStore
-    from ctrserve.service.app import wait_ready
 
     calls = _count_blocking_reads(monkeypatch)
     waits: list[int] = []  # checkouts made while every connection was taken (they wait for one)
@@ -469,78 +475,69 @@ def test_auto_collects_reads_sent_ahead_and_never_waits_for_the_pool(exported, s
     probe = probes(exported.prepared)[0]
 
     async def run() -> None:
-        async with app.router.lifespan_context(app):
-            await wait_ready(app)
-            transport = httpx.ASGITransport(app=app)
-            async with httpx.AsyncClient(transport=transport, base_url="http://in-process", timeout=10) as local:
-                first = await local.post("/v1/score", json=probe.body)  # adopts the store version
-                assert first.status_code == 200, first.text
-                calls.update(begin=0, sent=0, collected=0, plain=0, busy_max=0)
-                alone = await local.post("/v1/score", json=probe.body)
-                assert alone.json()["scores"] == first.json()["scores"]
-                assert calls == {"begin": 1, "sent": 1, "collected": 1, "plain": 0, "busy_max": 1}, calls
-                calls.update(begin=0, sent=0, collected=0, plain=0, busy_max=0)
-                together = await asyncio.gather(*(local.post("/v1/score", json=probe.body) for _ in range(8)))
-                for r in together:
-                    assert r.status_code == 200 and r.json()["scores"] == first.json()["scores"], r.text
-                assert calls["begin"] == 8 and 1 <= calls["sent"] == calls["collected"] < 8, calls
-                assert calls["busy_max"] <= 2 and calls["plain"] == 0, calls
-                assert waits == [], "a read sent ahead waited for the pool's connection"
-                store = next(iter(app.state.gateway.stores._stores.values()))
-                assert store._busy == 0  # every connection back
+        async with _local_client(app, timeout=10) as local:
+            first = await local.post("/v1/score", json=probe.body)  # adopts the store version
+            assert first.status_code == 200, first.text
+            _zero(calls)
+            alone = await local.post("/v1/score", json=probe.body)
+            assert alone.json()["scores"] == first.json()["scores"]
+            assert calls == {"begin": 1, "sent": 1, "collected": 1, "plain": 0, "busy_max": 1}, calls
+            _zero(calls)
+            together = await asyncio.gather(*(local.post("/v1/score", json=probe.body) for _ in range(8)))
+            for r in together:
+                assert r.status_code == 200 and r.json()["scores"] == first.json()["scores"], r.text
+            assert calls["begin"] == 8 and 1 <= calls["sent"] == calls["collected"] < 8, calls
+            assert calls["busy_max"] <= 2 and calls["plain"] == 0, calls
+            assert waits == [], "a read sent ahead waited for the pool's connection"
+            store = next(iter(app.state.gateway.stores._stores.values()))
+            assert store._busy == 0  # every connection back
 
     asyncio.run(run())
 
 
 def test_redis_slow_or_down_gives_503_or_degraded(gateway, degraded_app, redis_server) -> None:
-    from ctrserve.service.app import wait_ready
-
     body = {"user_id": "1", "candidates": [{"item_id": "1"}, {"item_id": "2"}]}
 
     async def run() -> None:
-        async with degraded_app.router.lifespan_context(degraded_app):
-            await wait_ready(degraded_app)
-            transport = httpx.ASGITransport(app=degraded_app)
-            async with httpx.AsyncClient(transport=transport, base_url="http://in-process") as local, \
-                    httpx.AsyncClient(base_url=gateway.url, timeout=10) as remote:
-                assert (await remote.post("/v1/score", json=body)).status_code == 200
-                ok = await local.post("/v1/score", json=body)
-                assert ok.status_code == 200 and "flags" not in ok.json()
+        async with _local_client(degraded_app) as local, httpx.AsyncClient(base_url=gateway.url, timeout=10) as remote:
+            assert (await remote.post("/v1/score", json=body)).status_code == 200
+            ok = await local.post("/v1/score", json=body)
+            assert ok.status_code == 200 and "flags" not in ok.json()
 
-                async def outage(label: str) -> None:
-                    t0 = time.perf_counter()
-                    r = await remote.post("/v1/score", json=body)
-                    assert r.status_code == 503 and r.json()["error"]["code"] == "store_unavailable", r.text
-                    assert time.perf_counter() - t0 < 2.0, label
-                    assert (await remote.get("/readyz")).status_code == 503
-                    d = await local.post("/v1/score", json=body)
-                    assert d.status_code == 200 and d.json()["flags"] == {"degraded": True}, d.text
-                    assert len(d.json()["scores"]) == 2
-                    assert (await local.get("/readyz")).status_code == 200
+            async def outage(label: str) -> None:
+                t0 = time.perf_counter()
+                r = await remote.post("/v1/score", json=body)
+                assert r.status_code == 503 and r.json()["error"]["code"] == "store_unavailable", r.text
+                assert time.perf_counter() - t0 < 2.0, label
+                assert (await remote.get("/readyz")).status_code == 503
+                d = await local.post("/v1/score", json=body)
+                assert d.status_code == 200 and d.json()["flags"] == {"degraded": True}, d.text
+                assert len(d.json()["scores"]) == 2
+                assert (await local.get("/readyz")).status_code == 200
 
-                os.kill(redis_server.proc.pid, signal.SIGSTOP)  # slow: no answer at all
-                try:
-                    await outage("redis stalled")
-                finally:
-                    os.kill(redis_server.proc.pid, signal.SIGCONT)
-                await asyncio.sleep(0.2)
-                assert (await remote.post("/v1/score", json=body)).status_code == 200
+            os.kill(redis_server.proc.pid, signal.SIGSTOP)  # slow: no answer at all
+            try:
+                await outage("redis stalled")
+            finally:
+                os.kill(redis_server.proc.pid, signal.SIGCONT)
+            await asyncio.sleep(0.2)
+            assert (await remote.post("/v1/score", json=body)).status_code == 200
 
-                import redis
+            import redis
 
-                with redis.Redis.from_url(redis_server.url) as client:
-                    client.save()  # keep the data across the restart below
-                redis_server.stop()  # down: connection refused
-                try:
-                    await outage("redis stopped")
-                finally:
-                    redis_server.start()
-                for _ in range(50):
-                    r = await remote.post("/v1/score", json=body)
-                    if r.status_code == 200:
-                        break
-                    await asyncio.sleep(0.1)
-                assert r.status_code == 200, r.text
-                assert "flags" not in (await local.post("/v1/score", json=body)).json()
+            with redis.Redis.from_url(redis_server.url) as client:
+                client.save()  # keep the data across the restart below
+            redis_server.stop()  # down: connection refused
+            try:
+                await outage("redis stopped")
+            finally:
+                redis_server.start()
+            for _ in range(50):
+                r = await remote.post("/v1/score", json=body)
+                if r.status_code == 200:
+                    break
+                await asyncio.sleep(0.1)
+            assert r.status_code == 200, r.text
+            assert "flags" not in (await local.post("/v1/score", json=body)).json()
 
     asyncio.run(run())
