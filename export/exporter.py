@@ -76,7 +76,7 @@ class ExportResult:
 
 
 @contextlib.contextmanager
-def _quiet() -> Iterator[None]:
+def quiet_exporters() -> Iterator[None]:
     """Silence the exporters' deprecation chatter and torchvision notices (not errors)."""
     loggers = [logging.getLogger(n) for n in ("torch.onnx", "torch.export", "torch._dynamo", "torch.fx")]
     levels = [lg.level for lg in loggers]
@@ -105,7 +105,7 @@ def export_onnx(wrapper: ServingModule, fmap: FeatureMap, path: Path, opset: int
     example = as_tensors(wrapper, example_request(fmap, candidates=4))
     cands = torch.export.Dim("candidates", min=1, max=MAX_CANDIDATES)
     dynamic_shapes = tuple(None if n in wrapper.user_inputs else {0: cands} for n in wrapper.input_names)
-    with _quiet(), torch.no_grad():
+    with quiet_exporters(), torch.no_grad():
         try:
             program = torch.onnx.export(
                 wrapper, example, dynamo=True, dynamic_shapes=dynamic_shapes, input_names=wrapper.input_names,
@@ -132,7 +132,7 @@ def export_torchscript(wrapper: ServingModule, fmap: FeatureMap, path: Path) -> 
     """``torch.jit.trace`` of the wrapper (no data-dependent control flow in the models), frozen
     so parameters become constants; the forward arguments keep the feature names."""
     example = as_tensors(wrapper, example_request(fmap, candidates=4))
-    with _quiet(), torch.no_grad():
+    with quiet_exporters(), torch.no_grad():
         # check_trace off: the parity gate below is the stronger check
         traced = torch.jit.trace(wrapper, example, check_trace=False)
         frozen = torch.jit.freeze(traced)

@@ -20,9 +20,7 @@ Nothing is recorded in docs/; docs/gateway.md cites what this printed.
 
 from __future__ import annotations
 
-import logging
 import tempfile
-import warnings
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -35,11 +33,10 @@ _MHA_MASK_BIAS = -80.0  # e^-80 ≈ 1.8e-35: negligible beside any kept entry, a
 def _export(module: Any, example: Any, path: Path, input_name: str) -> Path:
     import torch
 
+    from ctrserve.export.exporter import quiet_exporters
+
     batch = torch.export.Dim("batch")
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        for name in ("torch.onnx", "torch.export", "torch._dynamo", "torch.fx", "onnxscript"):
-            logging.getLogger(name).setLevel(logging.ERROR)
+    with quiet_exporters():
         torch.onnx.export(module, (example,), str(path), dynamo=True, dynamic_shapes=({0: batch},),
                           input_names=[input_name], output_names=["out"], optimize=True, verbose=False)
     return path

@@ -329,58 +329,51 @@ async def _cpu(repo: Path, redis_url: str, body: bytes, batches: int, per_batch:
         if await call() != 200:
             raise RuntimeError("in-process app did not answer 200")
         loaded_models = list(app.state.gateway.registry.loaded.values())
-        backends = [loaded.backend for loaded in loaded_models]
-        real = {id(b): b._run for b in backends}
-        model_cpu = [0.0]
-        last_inputs: list[Any] = []
+        model_cpu = [0.0]  # thread CPU inside the model call (counted apart from the Python around it)
+        last_call: list[Any] = []
 
-        def counted(inputs: dict[str, np.ndarray], run: Any) -> Any:
-            c = time.thread_time()
-            try:
-                return run(inputs)
-            finally:
-                model_cpu[0] += time.thread_time() - c
-                last_inputs[:] = [(run, inputs)]
+        def counted(run: Any) -> Any:
+            def call_counted(inputs: dict[str, np.ndarray]) -> Any:
+                c = time.thread_time()
+                try:
+                    return run(inputs)
+                finally:
+                    model_cpu[0] += time.thread_time() - c
+                    last_call[:] = [(run, inputs)]
+            return call_counted
 
-        stubs, evicting = {}, {}
         # the mechanism, checked: a stub that first reads a buffer as large as the model's weights
         # (the ONNX file) — no arithmetic worth the name, only the cache footprint (counted apart)
-        sweep = np.ones(max(1, (repo / "mgdin" / "1" / "model.onnx").stat().st_size // 4), dtype=np.float32)
+        sweep = np.ones(max(1, max(lo.backend.path.stat().st_size for lo in loaded_models) // 4), dtype=np.float32)
+        runs: dict[str, list[Any]] = {"stub": [], "real": [], "sweep": []}
         for loaded in loaded_models:
-            first = loaded.backend._run(loaded.assembler.warmup_inputs(100))  # the body has 100 candidates
-            stubs[id(loaded.backend)] = lambda inputs, first=first: first
-            evicting[id(loaded.backend)] = lambda inputs, first=first: counted(
-                inputs, lambda _inputs: (sweep.sum(), first)[1])
-        for _ in range(per_batch):
-            await call()
-        for _ in range(batches):
-            for b in backends:
-                b._run = stubs[id(b)]
-            c0 = time.thread_time()
-            for _ in range(per_batch):
-                await call()
-            per_req.append((time.thread_time() - c0) / per_batch * 1e6)
-            for b in backends:
-                b._run = lambda inputs, run=real[id(b)]: counted(inputs, run)
+            real = loaded.backend._run
+            first = real(loaded.assembler.warmup_inputs(100))  # the body has 100 candidates
+            runs["stub"].append(lambda inputs, first=first: first)
+            runs["real"].append(counted(real))
+            runs["sweep"].append(counted(lambda _inputs, first=first: (sweep.sum(), first)[1]))
+
+        async def python_cpu_us(kind: str) -> float:
+            """Thread CPU per request outside the model call, each model answering with ``runs[kind]``."""
+            for loaded, run in zip(loaded_models, runs[kind], strict=True):
+                loaded.backend._run = run
             model_cpu[0] = 0.0
             c0 = time.thread_time()
             for _ in range(per_batch):
                 await call()
-            total = time.thread_time() - c0
-            with_model.append((total - model_cpu[0]) / per_batch * 1e6)
+            return (time.thread_time() - c0 - model_cpu[0]) / per_batch * 1e6
+
+        await python_cpu_us("stub")
+        for _ in range(batches):
+            per_req.append(await python_cpu_us("stub"))
+            with_model.append(await python_cpu_us("real"))
             model_in_request.append(model_cpu[0] / per_batch * 1e6)
-            run, inputs = last_inputs[0]
+            run, inputs = last_call[0]
             c0 = time.thread_time()
             for _ in range(per_batch):
                 run(inputs)
             model_back_to_back.append((time.thread_time() - c0) / per_batch * 1e6)
-            for b in backends:
-                b._run = evicting[id(b)]
-            model_cpu[0] = 0.0
-            c0 = time.thread_time()
-            for _ in range(per_batch):
-                await call()
-            with_sweep.append((time.thread_time() - c0 - model_cpu[0]) / per_batch * 1e6)
+            with_sweep.append(await python_cpu_us("sweep"))
     return {"gateway_cpu_us_per_request_min": round(min(per_req), 1),
             "gateway_cpu_us_per_request_median": round(float(np.median(per_req)), 1),
             "gateway_cpu_us_per_request_with_model_median": round(float(np.median(with_model)), 1),
