@@ -102,19 +102,23 @@ def load_samples(path: Path) -> dict[str, np.ndarray]:
         return {k: z[k] for k in z.files}
 
 
-def saturation(steps: Sequence[tuple[int, float]], tolerance: float = 0.05) -> tuple[int, bool]:
+def saturation(steps: Sequence[tuple[int, float]], tolerance: float = 0.05, patience: int = 2) -> tuple[int, bool]:
     """Index of the saturation step in ``steps`` = [(users, requests/s), ...] (ascending users):
-    the step with the highest rate, and whether saturation was seen, i.e. a later step failed to
-    raise the rate by more than ``tolerance`` (relative). Unsaturated: the last step is the best so
-    far and the caller should step further."""
+    the first step within ``tolerance`` of the highest rate (the knee: more users past it only
+    queue), and whether saturation was seen, i.e. the ``patience`` steps
+    after the best one each failed to raise the rate by more than ``tolerance`` (relative) over it.
+    One flat step is not enough: with ``auto`` execution two closed-loop users mostly take turns
+    on the event loop and the rate jumps again at four (AMD host, session 10: 266, 274, then more
+    at 4 users; one flat step had ended the search at 274). Unsaturated: step further."""
     if not steps:
         raise ValueError("no steps")
     best = 0
     for i in range(1, len(steps)):
         if steps[i][1] > steps[best][1] * (1 + tolerance):
             best = i
-    peak = max(range(len(steps)), key=lambda i: steps[i][1])
-    return peak, best < len(steps) - 1
+    top = max(rate for _, rate in steps)
+    knee = next(i for i, (_, rate) in enumerate(steps) if rate * (1 + tolerance) >= top)
+    return knee, len(steps) - 1 - best >= patience
 
 
 # -- Prometheus ------------------------------------------------------------------------------

@@ -52,8 +52,12 @@ def test_percentiles_of_nothing_are_nan() -> None:
 
 
 @pytest.mark.parametrize(("steps", "peak", "seen"), [
-    ([(1, 10.0), (2, 19.0), (4, 30.0), (8, 30.5)], 3, True),   # 30 -> 30.5: < 5 % more, saturated at 8
-    ([(1, 10.0), (2, 19.0), (4, 30.0), (8, 28.0)], 2, True),   # falls: peak at 4
+    ([(1, 10.0), (2, 19.0), (4, 30.0), (8, 30.5), (16, 29.0)], 2, True),  # two steps < 5 % above 30: knee at 4
+    ([(1, 10.0), (2, 19.0), (4, 30.0), (8, 28.0), (16, 27.0)], 2, True),  # falls: peak at 4
+    ([(1, 10.0), (2, 19.0), (4, 30.0), (8, 30.5)], 2, False),  # one flat step: look further
+    ([(1, 10.0), (2, 19.0), (4, 28.0), (8, 31.0), (16, 31.5), (32, 31.0)], 3, True),  # 28 is > 5 % below 31.5
+    ([(1, 266.0), (2, 274.0), (4, 400.0)], 2, False),           # flat, then a jump (auto execution)
+    ([(1, 266.0), (2, 274.0), (4, 400.0), (8, 410.0), (16, 405.0)], 2, True),
     ([(1, 10.0), (2, 19.0), (4, 30.0)], 2, False),              # still growing
     ([(1, 10.0)], 0, False),
 ])
