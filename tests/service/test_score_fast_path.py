@@ -169,3 +169,46 @@ async def test_a_bug_in_the_fast_path_is_a_json_500(make_settings, monkeypatch) 
         monkeypatch.setattr(Gateway, "score", boom)
         old, new = await _both(client, app, _body(), JSON, "rid-bug")
         assert old == new and new[0] == 500 and "secret" not in json.dumps(new[1])
+
+
+async def test_scoring_requests_skip_fastapis_layers_unless_telemetry_is_on(make_settings, monkeypatch) -> None:
+    """POST /v1/score enters the gateway middleware directly (``GatewayApp``); everything else, and
+    scoring while FastAPI's native telemetry is on, goes through FastAPI's whole stack."""
+    async with running(make_settings()) as (client, app, _):
+        assert (await client.get("/healthz")).status_code == 200  # builds the stack, finds the middleware
+        stack, entered = app.middleware_stack, []
+
+        async def counted(scope: Any, receive: Any, send: Any) -> None:
+            entered.append(scope["path"])
+            await stack(scope, receive, send)
+
+        app.middleware_stack = counted
+        r = await client.post("/v1/score", content=_body(), headers={**JSON, "x-request-id": "rid-front"})
+        assert r.status_code == 200 and r.headers["x-request-id"] == "rid-front" and len(r.json()["scores"]) == 3
+        assert (await client.get("/healthz")).status_code == 200
+        assert (await client.get("/v1/score")).status_code == 405  # not the fast path's method
+        assert entered == ["/healthz", "/v1/score"]
+        monkeypatch.setattr(app, "_native_telemetry", _NoTelemetry(app._native_telemetry))
+        r = await client.post("/v1/score", content=_body(), headers=JSON)
+        assert r.status_code == 200 and entered[-1] == "/v1/score" and len(entered) == 3
+
+
+class _NoTelemetry:
+    """FastAPI's telemetry hook reporting itself on, passing requests through untraced."""
+
+    def __init__(self, real: Any):
+        self.real = real
+
+    def enabled(self) -> bool:
+        return True
+
+    async def __call__(self, app: Any, scope: Any, receive: Any, send: Any, **_: Any) -> None:
+        await app(scope, receive, send)
+
+
+async def test_request_ids_are_unique_when_the_client_sends_none(make_settings) -> None:
+    async with running(make_settings()) as (client, _, _):
+        ids = [(await client.post("/v1/score", content=_body(), headers=JSON)).headers["x-request-id"]
+               for _ in range(3)]
+        ids.append((await client.get("/healthz")).headers["x-request-id"])
+    assert len(set(ids)) == 4 and all(len(i) == 32 and int(i, 16) >= 0 for i in ids)
