@@ -222,7 +222,7 @@ def _p50(xs: list[float]) -> float:
 
 
 def run_all(plan: Plan, run_dir: Path | None = None, model: str = "mgdin", candidates: str = "fixed:100",
-            workers: int = 1, pool_threads: int = 1, pool_users: int = 1000, profile: bool = True,
+            workers: int = 1, pool_threads: int = 2, pool_users: int = 1000, profile: bool = True,
             execution: str = "auto",
             with_triton: bool = True, log: Any = print) -> dict[str, Any]:
     import onnxruntime
@@ -559,7 +559,8 @@ def all_cmd(
     model: Annotated[str, typer.Option(help="model (the targets are stated for mgdin)")] = "mgdin",
     candidates: Annotated[str, typer.Option(help="candidates per request in the Locust runs")] = "fixed:100",
     workers: Annotated[int, typer.Option(help="gateway worker processes")] = 1,
-    pool_threads: Annotated[int, typer.Option(help="inference threads per gateway worker (thread execution)")] = 1,
+    pool_threads: Annotated[int, typer.Option(help="inference threads per gateway worker (thread and auto "
+                                                   "execution)")] = 2,
     execution: Annotated[str, typer.Option(
         help="gateway execution: inline, thread or auto (CTRSERVE_BACKEND_EXECUTION)")] = "auto",
     profile: Annotated[bool, typer.Option(help="py-spy the gateway at saturation")] = True,

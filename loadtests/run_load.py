@@ -247,7 +247,7 @@ def measure(stack: Any, host: str, name: str, pool_file: Path, users: int, durat
 
 
 def run(run_dir: Path | None = None, model: str = "mgdin", users: int = 8, duration_s: float = 30,
-        candidates: str = "uniform:50:500", workers: int = 1, pool_threads: int = 1, intra_op_threads: int = 1,
+        candidates: str = "uniform:50:500", workers: int = 1, pool_threads: int = 2, intra_op_threads: int = 1,
         backend: str = "onnxruntime", warmup_s: float = 5, pool_users: int = 1000, target_rps: float = 0.0,
         out_dir: Path | None = None, record: bool = True, img_dir: Path | None = None,
         execution: str = "auto") -> dict[str, Any]:
@@ -337,7 +337,7 @@ def load_cmd(
     candidates: Annotated[str, typer.Option(help="candidates per request: uniform:LO:HI, fixed:N, "
                                             "choice:A,B")] = "uniform:50:500",
     workers: Annotated[int, typer.Option(help="gateway worker processes")] = 1,
-    pool_threads: Annotated[int, typer.Option(help="inference threads per worker")] = 1,
+    pool_threads: Annotated[int, typer.Option(help="inference threads per worker")] = 2,
     backend: Annotated[str, typer.Option(help="onnxruntime (embedded) or triton (local binary)")] = "onnxruntime",
     warmup: Annotated[float, typer.Option(help="warm-up seconds (discarded)")] = 5,
     target_rps: Annotated[float, typer.Option(help="pace to this total request rate (0: closed loop)")] = 0.0,

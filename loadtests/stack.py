@@ -156,7 +156,7 @@ class Stack:
         wait_for(ping, 15, "redis-server", proc, self.workdir / "redis.log")
         return f"redis://127.0.0.1:{port}/0"
 
-    def gateway(self, repo: Path, redis_url: str, port: int, workers: int = 1, pool_threads: int = 1,
+    def gateway(self, repo: Path, redis_url: str, port: int, workers: int = 1, pool_threads: int = 2,
                 intra_op_threads: int = 1, routing: Path | None = None, triton_url: str | None = None,
                 access_log: bool = False, timeout: float = 180, name: str = "gateway",
                 execution: str = "auto") -> subprocess.Popen:

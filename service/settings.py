@@ -126,8 +126,13 @@ class BackendSettings(BaseSettings):
                             "under load the event loop parses requests while the inference thread computes; on "
                             "both paths the store read sent ahead (`CTRSERVE_STORE_EARLY_READ`) is collected as "
                             "inline does.")
-    pool_threads: int = Field(1, ge=1, description="Threads running one model version's embedded inference off the "
-                                                   "event loop (each version has its own).")
+    # 2: with `auto`, two requests that arrive together compute on both cores; 1 left the second
+    # core to the event loop, Redis and the load generator (`ctrserve bench all --pool-threads 1|2`,
+    # AMD host: 434 against 583 requests/s at saturation, the same lone-request latency;
+    # docs/gateway.md session 10)
+    pool_threads: int = Field(2, ge=1, description="Threads running one model version's embedded inference off the "
+                                                   "event loop (each version has its own; `thread` and `auto` "
+                                                   "execution).")
     warmup_candidates: int = Field(16, ge=1, description="Candidates in the warm-up request run at model load.")
     load_timeout_s: float = Field(60.0, gt=0, description="Budget to load and warm one model (and wait for Triton).")
 

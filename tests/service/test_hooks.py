@@ -95,12 +95,12 @@ def test_redis_timeout_defaults_to_the_store_budget() -> None:
         assert gateway_store_config(100.0).timeout_ms == 30.0  # an explicit value wins
 
 
-async def test_each_model_version_has_its_own_inference_thread(make_settings) -> None:
+async def test_each_model_version_has_its_own_inference_threads(make_settings) -> None:
     async with running(make_settings()) as (_, app, _):
         backends = [m.backend for m in app.state.gateway.registry.loaded.values()]
         assert len(backends) == 2
         pools = {id(b.pool) for b in backends}
-        assert len(pools) == 2 and all(b.pool.threads == 1 for b in backends)
+        assert len(pools) == 2 and all(b.pool.threads == 2 for b in backends)  # the default
 
 
 @pytest.mark.parametrize("spinning", [False, True])
