@@ -32,6 +32,7 @@ from .settings import GatewaySettings
 log = logging.getLogger("ctrserve.service")
 
 
+
 class GatewayError(Exception):
     """An error answered with ``status`` and a JSON body ``{"error": {"code", "message"}}``."""
 
@@ -86,6 +87,7 @@ class Gateway:
         self._reload_lock = asyncio.Lock()
         self._file_mtime: float | None = None
         self._scoring = 0  # requests inside score(): the `auto` execution's load signal
+        self._overlap_until = 0.0  # auto: until then, a lone request takes the thread path too
 
     # -- routing config ------------------------------------------------------------------
     def initial_config(self) -> RoutingConfig:
@@ -279,7 +281,17 @@ class Gateway:
         # usually there (awaiting a second read instead cost auto the early read's gain: 0.27 against
         # 0.12 ms feature fetch, `ctrserve bench all --execution auto`, docs/gateway.md session 9)
         execution = self.settings.backend.execution
-        inline = loaded.backend.inline and (execution == "inline" or (execution == "auto" and self._scoring == 1))
+        # Once requests have overlapped, auto keeps even a lone one on the thread path for
+        # `auto_overlap_s`: run inline, it would hold the event loop, and a request arriving
+        # meanwhile would wait for it while an inference thread idles (bench load at half
+        # saturation, docs/gateway.md session 10); a sequential client never overlaps and stays inline
+        auto_inline = False
+        if execution == "auto":
+            now = time.perf_counter()
+            if self._scoring > 1:
+                self._overlap_until = now + self.settings.backend.auto_overlap_s
+            auto_inline = self._scoring == 1 and now >= self._overlap_until
+        inline = loaded.backend.inline and (execution == "inline" or auto_inline)
         budget = min(self.settings.store.timeout_ms / 1000, deadline - time.perf_counter())
         try:
             stored = None

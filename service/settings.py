@@ -133,6 +133,9 @@ class BackendSettings(BaseSettings):
     pool_threads: int = Field(2, ge=1, description="Threads running one model version's embedded inference off the "
                                                    "event loop (each version has its own; `thread` and `auto` "
                                                    "execution).")
+    auto_overlap_s: float = Field(0.5, ge=0, description="`auto` execution: after requests overlapped, even a lone "
+                                                         "request takes the thread path for this long (0: only "
+                                                         "requests scored together do).")
     warmup_candidates: int = Field(16, ge=1, description="Candidates in the warm-up request run at model load.")
     load_timeout_s: float = Field(60.0, gt=0, description="Budget to load and warm one model (and wait for Triton).")
 

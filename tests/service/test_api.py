@@ -177,6 +177,7 @@ async def test_auto_execution_runs_inline_alone_and_on_the_thread_under_load(toy
     monkeypatch.setattr(OnnxRuntimeBackend, "infer", counted_infer)
     settings = toy_settings(toy_repo, routing_file)
     settings.backend.execution = "auto"
+    settings.backend.auto_overlap_s = 0.3
     async with running(settings) as (client, _, _):
         calls.update(inline=0, thread=0)  # warm-up calls at load do not count
         alone = await client.post("/v1/score", json=BODY)
@@ -185,6 +186,15 @@ async def test_auto_execution_runs_inline_alone_and_on_the_thread_under_load(toy
         assert calls["thread"] >= 5 and calls["inline"] + calls["thread"] == 7
         for r in together:
             assert r.status_code == 200 and r.json()["scores"] == alone.json()["scores"]
+        # right after an overlap a lone request stays on the thread path; once the window has passed, inline
+        calls.update(inline=0, thread=0)
+        assert (await client.post("/v1/score", json=BODY)).status_code == 200 and calls == {"inline": 0, "thread": 1}
+        await asyncio.sleep(0.35)
+        assert (await client.post("/v1/score", json=BODY)).status_code == 200 and calls == {"inline": 1, "thread": 1}
+        settings.backend.auto_overlap_s = 0.0  # only requests scored together leave the event loop
+        await asyncio.gather(*(client.post("/v1/score", json=BODY) for _ in range(3)))
+        calls.update(inline=0, thread=0)
+        assert (await client.post("/v1/score", json=BODY)).status_code == 200 and calls == {"inline": 1, "thread": 0}
 
 
 async def test_api_key(make_settings) -> None:
