@@ -32,7 +32,6 @@ from .settings import GatewaySettings
 log = logging.getLogger("ctrserve.service")
 
 
-
 class GatewayError(Exception):
     """An error answered with ``status`` and a JSON body ``{"error": {"code", "message"}}``."""
 

@@ -122,7 +122,8 @@ class BackendSettings(BaseSettings):
                             "the Redis socket timeout, `CTRSERVE_REDIS_TIMEOUT_MS`, by default the store budget; a "
                             "longer socket timeout sends reads through the awaited path) and the inference budget "
                             "is not enforced during the call. `auto` (default): inline while a request is the only "
-                            "one being scored, `thread` when others are waiting — a lone request's latency, and "
+                            "one being scored, `thread` when others are waiting or were within `auto_overlap_s` — a "
+                            "lone request's latency, and "
                             "under load the event loop parses requests while the inference thread computes; on "
                             "both paths the store read sent ahead (`CTRSERVE_STORE_EARLY_READ`) is collected as "
                             "inline does.")
