@@ -41,7 +41,7 @@ class GatewayApp(FastAPI):
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         front = self._front
         if front is None and scope["type"] == "http":
-            front = self._front = self._gateway_middleware()
+            front = self._front = self.gateway_middleware()
         if front is not None and front.takes(scope) and not self._native_telemetry.enabled():
             if self.root_path:
                 scope["root_path"] = self.root_path
@@ -50,7 +50,7 @@ class GatewayApp(FastAPI):
             return
         await super().__call__(scope, receive, send)
 
-    def _gateway_middleware(self) -> api.GatewayMiddleware | None:
+    def gateway_middleware(self) -> api.GatewayMiddleware | None:
         """The GatewayMiddleware instance of the app's middleware stack (built here if not yet)."""
         if self.middleware_stack is None:
             self.middleware_stack = self.build_middleware_stack()

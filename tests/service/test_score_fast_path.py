@@ -72,15 +72,6 @@ CASES: list[tuple[str, bytes | None, dict[str, str]]] = [
 ]
 
 
-def _middleware(app: Any) -> GatewayMiddleware:
-    if app.middleware_stack is None:  # Starlette builds it on the first request
-        app.middleware_stack = app.build_middleware_stack()
-    node = app.middleware_stack
-    while not isinstance(node, GatewayMiddleware):
-        node = node.app
-    return node
-
-
 async def _send(client: httpx.AsyncClient, body: bytes | None, headers: dict[str, str], rid: str,
                 method: str = "POST") -> tuple[int, Any, dict[str, str]]:
     r = await client.request(method, "/v1/score", content=body, headers={**headers, "x-request-id": rid})
@@ -94,7 +85,7 @@ async def _send(client: httpx.AsyncClient, body: bytes | None, headers: dict[str
 
 async def _both(client: httpx.AsyncClient, app: Any, body: bytes | None, headers: dict[str, str], rid: str,
                 method: str = "POST") -> tuple[Any, Any]:
-    mw = _middleware(app)
+    mw = app.gateway_middleware()
     out = []
     for fast in (False, True):
         mw.fast_score = fast
@@ -152,7 +143,7 @@ async def _send_all(settings: Any) -> None:
 
 async def test_fast_path_is_on_by_default_and_keeps_the_openapi_schema(make_settings) -> None:
     async with running(make_settings()) as (client, app, _):
-        assert _middleware(app).fast_score
+        assert isinstance(app.gateway_middleware(), GatewayMiddleware) and app.gateway_middleware().fast_score
         spec = (await client.get("/openapi.json")).json()
         op = spec["paths"]["/v1/score"]["post"]
         assert op["requestBody"]["content"]["application/json"]["schema"]["$ref"].endswith("/ScoreRequest")
