@@ -16,7 +16,7 @@ import json
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, get_args
 
 import numpy as np
 import typer
@@ -258,8 +258,11 @@ def run(run_dir: Path | None = None, model: str = "mgdin", users: int = 8, durat
     CandidateDist.parse(candidates)  # fail early on a bad spec
     if backend not in ("onnxruntime", "triton"):
         raise ValueError(f"backend must be onnxruntime or triton, got {backend!r}")
-    if execution not in ("inline", "thread", "auto"):
-        raise ValueError(f"execution must be inline, thread or auto, got {execution!r}")
+    from ctrserve.service.settings import BackendSettings
+
+    executions = get_args(BackendSettings.model_fields["execution"].annotation)  # the gateway's own list
+    if execution not in executions:
+        raise ValueError(f"execution must be one of {', '.join(executions)}, got {execution!r}")
     started = time.time()
     from .report import machine_facts
 
