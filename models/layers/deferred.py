@@ -21,7 +21,7 @@ import torch
 from torch import Tensor, nn
 
 from .grouping import TokenwiseLinear
-from .softmax import floored_softmax
+from .softmax import SOFTMAX_FLOOR
 
 Attention = Literal["softmax", "raw"]
 _NEG = -1e9  # finite "minus infinity": keeps all-masked rows NaN-free in eager, TorchScript and ONNX
@@ -77,18 +77,32 @@ def masked_attention_weights(scores: Tensor, mask: Tensor) -> Tensor:
     ``exp(s - max) · M / Σ exp(s - max) · M``, so that a straight-through mask still passes a
     gradient. Rows with nothing kept give zeros.
 
-    A mask without gradient (layer-1 A0, static masks, inference) takes the same function in a
-    few ops: ``floored_softmax(where(M, s, -1e9)) · M`` (the floor keeps ONNX Runtime's softmax off
-    denormals, layers/softmax.py). Masked entries get exactly zero weight from ``· M``, as do an
-    all-masked row's uniform weights. The multiplicative chain below is eight more elementwise nodes
-    per layer in the exported graph."""
-    keep = mask > 0
+    A mask without gradient (layer-1 A0, static masks, inference) takes ``_kept_softmax``: the
+    same function in fewer, cheaper ONNX Runtime nodes. The multiplicative chain below is eight
+    more elementwise nodes per layer in the exported graph."""
     if not mask.requires_grad:
-        return floored_softmax(torch.where(keep, scores, _NEG)) * mask
+        return _kept_softmax(scores, mask)
+    keep = mask > 0
     row_max = scores.detach().masked_fill(~keep, _NEG).amax(dim=-1, keepdim=True)
     # masked entries may exceed the kept maximum: clamp so exp never overflows (they are x0 anyway)
     e = torch.exp((scores - row_max).clamp(max=0.0)) * mask
     return e / e.sum(dim=-1, keepdim=True).clamp_min(1e-12)
+
+
+def _kept_softmax(scores: Tensor, mask: Tensor) -> Tensor:
+    """``exp(clip(s - kept max, -FLOOR, 0)) · M`` normalised per row: the softmax over kept entries.
+
+    The kept maximum comes from ``s + (M - 1)·1e9`` (a constant bias for static masks). Clipping at
+    0 keeps masked entries above the kept maximum finite before ``· M`` zeroes them; clipping at
+    -SOFTMAX_FLOOR keeps the exponential off denormals (slow in ONNX Runtime, layers/softmax.py) and
+    changes a kept weight by at most e^-60 of the largest one. A row with nothing kept sums to 0 and
+    gives zeros. In the exported graph this is Add, ReduceMax, Sub, Clip, Exp, Mul, ReduceSum, Max,
+    Div on [B, m, m]: 41 → 29 µs per layer at B = 100, m = 6 against the former
+    ``floored_softmax(where(M, s, -1e9)) · M`` (Where, ReduceMax, Sub, Max, Softmax, Mul), whose
+    Softmax and broadcasting Max pay per row of m = 6 entries (docs/gateway.md, session 11)."""
+    kept_max = (scores + (mask - 1.0) * -_NEG).amax(dim=-1, keepdim=True)
+    e = torch.exp((scores - kept_max).clamp(-SOFTMAX_FLOOR, 0.0)) * mask
+    return e / e.sum(dim=-1, keepdim=True).clamp_min(1e-30)
 
 
 class PerTokenFFN(nn.Module):
