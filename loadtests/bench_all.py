@@ -34,7 +34,7 @@ from typing import Annotated, Any
 import numpy as np
 import typer
 
-from .run_load import bench_dir, build_pool, ensure_export, ensure_run, measure, plot_run, prepared_of
+from .run_load import bench_dir, build_pool, check_execution, ensure_export, ensure_run, measure, plot_run, prepared_of
 from .stats import fifo_responses, load_samples, parse_prometheus, percentiles, saturation, stage_breakdown
 from .traffic import Bodies, CandidateDist
 
@@ -235,6 +235,7 @@ def run_all(plan: Plan, run_dir: Path | None = None, model: str = "mgdin", candi
     from .stack import Stack, free_port, py_spy
 
     dist = CandidateDist.parse(candidates)
+    check_execution(execution)  # before the model sections, not when the gateway starts
     t_start = time.time()
     from importlib.metadata import version  # never import locust here: it monkey-patches threads (gevent)
 

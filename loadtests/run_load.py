@@ -246,6 +246,15 @@ def measure(stack: Any, host: str, name: str, pool_file: Path, users: int, durat
                       run.csv_prefix, run.samples, users, candidates, target_rps, skip)
 
 
+def check_execution(execution: str) -> None:
+    """Raise ``ValueError`` unless ``execution`` is one the gateway knows (its settings' own list)."""
+    from ctrserve.service.settings import BackendSettings
+
+    executions = get_args(BackendSettings.model_fields["execution"].annotation)
+    if execution not in executions:
+        raise ValueError(f"execution must be one of {', '.join(executions)}, got {execution!r}")
+
+
 def run(run_dir: Path | None = None, model: str = "mgdin", users: int = 8, duration_s: float = 30,
         candidates: str = "uniform:50:500", workers: int = 1, pool_threads: int = 2, intra_op_threads: int = 1,
         backend: str = "onnxruntime", warmup_s: float = 5, pool_users: int = 1000, target_rps: float = 0.0,
@@ -258,11 +267,7 @@ def run(run_dir: Path | None = None, model: str = "mgdin", users: int = 8, durat
     CandidateDist.parse(candidates)  # fail early on a bad spec
     if backend not in ("onnxruntime", "triton"):
         raise ValueError(f"backend must be onnxruntime or triton, got {backend!r}")
-    from ctrserve.service.settings import BackendSettings
-
-    executions = get_args(BackendSettings.model_fields["execution"].annotation)  # the gateway's own list
-    if execution not in executions:
-        raise ValueError(f"execution must be one of {', '.join(executions)}, got {execution!r}")
+    check_execution(execution)
     started = time.time()
     from .report import machine_facts
 

@@ -142,3 +142,25 @@ def test_two_servers_match_the_erlang_c_mean_wait() -> None:
     arrivals = np.cumsum(rng.exponential(1e-3, size=200_000))
     out = fifo_responses(arrivals, rng.exponential(1.0, size=200_000), servers=2, seed=3)
     assert abs(out.mean() - 1.0 - 1 / 3) < 0.03
+
+
+@pytest.mark.quick
+@pytest.mark.parametrize("entry", ["run_load", "run_all"])
+def test_a_bad_execution_fails_before_anything_starts(entry: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """`bench load` and `bench all` refuse an execution the gateway does not know up front (bench all
+    used to fail only when its gateway started, after the model sections)."""
+    from ctrserve.loadtests import bench_all, bench_store, report, run_load
+
+    def started(*args: object, **kwargs: object) -> None:
+        raise AssertionError("the benchmark started before checking --execution")
+
+    # the first things each would do (and nothing may reach docs/ from a test)
+    for module, name in ((run_load, "ensure_run"), (bench_all, "ensure_run"), (bench_store, "run"),
+                         (report, "record_section")):
+        monkeypatch.setattr(module, name, started)
+    with pytest.raises(ValueError, match="execution must be one of thread, inline, auto, got 'fast'"):
+        if entry == "run_load":
+            run_load.run(candidates="fixed:10", execution="fast")
+        else:
+            bench_all.run_all(bench_all.Plan.quick(None), candidates="fixed:10", execution="fast")
+    run_load.check_execution("auto")  # a known one passes
