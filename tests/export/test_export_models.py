@@ -186,9 +186,10 @@ def test_softmax_inputs_stay_within_the_floor(model_name: str, extra: dict, make
                                               tmp_path: Path) -> None:
     """ONNX Runtime's CPU Softmax slows down on entries far below the row's max (their exp is a
     denormal). The served graphs floor their masked scores (models/layers/softmax.py): every
-    Softmax input of the exported MGDIN (masked pairs, the history's target attention) and CDNet
-    (padded core slots) lies within SOFTMAX_FLOOR of its row's max, on real requests with padded
-    (and empty) histories."""
+    Softmax input of the exported MGDIN (the history's target attention, unmasked layers) and CDNet
+    (padded core slots) lies within SOFTMAX_FLOOR of its row's max, and every Exp input (MGDIN's
+    masked pairs, layers/deferred.py ``_kept_softmax``) within [-SOFTMAX_FLOOR, 0], on real requests
+    with padded (and empty) histories."""
     import onnx
     import onnxruntime as ort
 
@@ -202,8 +203,11 @@ def test_softmax_inputs_stay_within_the_floor(model_name: str, extra: dict, make
     res = export_run(run, "onnx", tmp_path / "repo", name=model_name)
     model = onnx.load(str(res.version_dir / res.manifest.file))
     softmax_inputs = [n.input[0] for n in model.graph.node if n.op_type == "Softmax"]
+    exp_inputs = [n.input[0] for n in model.graph.node if n.op_type == "Exp"]
     assert softmax_inputs
-    model.graph.output.extend(onnx.ValueInfoProto(name=name) for name in softmax_inputs)
+    if model_name == "mgdin":
+        assert exp_inputs  # the masked layers
+    model.graph.output.extend(onnx.ValueInfoProto(name=name) for name in softmax_inputs + exp_inputs)
     sess = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
     m = res.manifest
     user = [t.name for t in m.inputs if t.side == "user"]
@@ -217,4 +221,6 @@ def test_softmax_inputs_stay_within_the_floor(model_name: str, extra: dict, make
         for name, x in zip(softmax_inputs, sess.run(softmax_inputs, req), strict=True):
             below = x.max(axis=-1, keepdims=True) - x
             assert below.max() <= SOFTMAX_FLOOR + 1e-3, (name, float(below.max()))
+        for name, x in zip(exp_inputs, sess.run(exp_inputs, req) if exp_inputs else [], strict=True):
+            assert -SOFTMAX_FLOOR - 1e-3 <= x.min() and x.max() <= 0.0, (name, float(x.min()), float(x.max()))
     assert min(lengths) < m.feature_map.sequence_fields[0].max_len  # padding was present
