@@ -222,5 +222,5 @@ def test_softmax_inputs_stay_within_the_floor(model_name: str, extra: dict, make
             below = x.max(axis=-1, keepdims=True) - x
             assert below.max() <= SOFTMAX_FLOOR + 1e-3, (name, float(below.max()))
         for name, x in zip(exp_inputs, sess.run(exp_inputs, req) if exp_inputs else [], strict=True):
-            assert -SOFTMAX_FLOOR - 1e-3 <= x.min() and x.max() <= 0.0, (name, float(x.min()), float(x.max()))
+            assert x.min() >= -SOFTMAX_FLOOR - 1e-3 and x.max() <= 0.0, (name, float(x.min()), float(x.max()))
     assert min(lengths) < m.feature_map.sequence_fields[0].max_len  # padding was present
