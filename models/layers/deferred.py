@@ -21,7 +21,7 @@ import torch
 from torch import Tensor, nn
 
 from .grouping import TokenwiseLinear
-from .softmax import SOFTMAX_FLOOR
+from .softmax import SOFTMAX_FLOOR, floored_softmax
 
 Attention = Literal["softmax", "raw"]
 _NEG = -1e9  # finite "minus infinity": keeps all-masked rows NaN-free in eager, TorchScript and ONNX
@@ -72,15 +72,19 @@ def hierarchical_masks(a0: Tensor, ks: Sequence[int], straight_through: bool = F
     return masks.unflatten(-1, (m, m))
 
 
-def masked_attention_weights(scores: Tensor, mask: Tensor) -> Tensor:
+def masked_attention_weights(scores: Tensor, mask: Tensor, training: bool = False) -> Tensor:
     """Softmax over kept entries only (masked entries at −∞), written multiplicatively,
     ``exp(s - max) · M / Σ exp(s - max) · M``, so that a straight-through mask still passes a
     gradient. Rows with nothing kept give zeros.
 
-    A mask without gradient (layer-1 A0, static masks, inference) takes ``_kept_softmax``: the
-    same function in fewer, cheaper ONNX Runtime nodes. The multiplicative chain below is eight
-    more elementwise nodes per layer in the exported graph."""
+    A mask without gradient (layer-1 A0, static masks) takes the same function in fewer nodes:
+    at inference ``_kept_softmax``, whose nodes are cheap in ONNX Runtime at these shapes (the
+    exported graph); in ``training`` ``floored_softmax(where(M, s, -1e9)) · M``, the form recorded
+    runs were trained with, so that they reproduce exactly. The multiplicative chain below is for
+    straight-through masks only."""
     if not mask.requires_grad:
+        if training:
+            return floored_softmax(torch.where(mask > 0, scores, _NEG)) * mask
         return _kept_softmax(scores, mask)
     keep = mask > 0
     row_max = scores.detach().masked_fill(~keep, _NEG).amax(dim=-1, keepdim=True)
@@ -96,10 +100,10 @@ def _kept_softmax(scores: Tensor, mask: Tensor) -> Tensor:
     0 keeps masked entries above the kept maximum finite before ``· M`` zeroes them; clipping at
     -SOFTMAX_FLOOR keeps the exponential off denormals (slow in ONNX Runtime, layers/softmax.py) and
     changes a kept weight by at most e^-60 of the largest one. A row with nothing kept sums to 0 and
-    gives zeros. In the exported graph this is Add, ReduceMax, Sub, Clip, Exp, Mul, ReduceSum, Max,
-    Div on [B, m, m]: 41 → 29 µs per layer at B = 100, m = 6 against the former
-    ``floored_softmax(where(M, s, -1e9)) · M`` (Where, ReduceMax, Sub, Max, Softmax, Mul), whose
-    Softmax and broadcasting Max pay per row of m = 6 entries (docs/gateway.md, session 11)."""
+    gives zeros. In the exported graph: Add, ReduceMax, Sub, Clip, Exp, Mul, ReduceSum, Max, Div on
+    [B, m, m], faster than the former ``floored_softmax(where(M, s, -1e9)) · M`` (Where, ReduceMax,
+    Sub, Max, Softmax, Mul), whose Softmax and broadcasting Max pay per row of only m entries
+    (`ctrserve bench graph --compare`, docs/gateway.md session 11)."""
     kept_max = (scores + (mask - 1.0) * -_NEG).amax(dim=-1, keepdim=True)
     e = torch.exp((scores - kept_max).clamp(-SOFTMAX_FLOOR, 0.0)) * mask
     return e / e.sum(dim=-1, keepdim=True).clamp_min(1e-30)
@@ -182,7 +186,7 @@ class DeferredLayer(nn.Module):
         if mask is None:
             w = torch.softmax(s, dim=-1) if self.attention == "softmax" else s
         else:
-            w = masked_attention_weights(s, mask) if self.attention == "softmax" else s * mask
+            w = masked_attention_weights(s, mask, self.training) if self.attention == "softmax" else s * mask
         if self.heads == 1:
             return w @ self.v(x)
         return (w @ self._heads(self.v(x))).transpose(1, 2).reshape(-1, self.tokens, self.dim)

@@ -72,13 +72,15 @@ def test_tokenwise_linear_is_the_einsum() -> None:
 
 
 @pytest.mark.quick
+@pytest.mark.parametrize("training", [False, True])
 @pytest.mark.parametrize("shape", [(3, 4, 6, 6), (6, 6)])
-def test_masked_weights_without_gradient_equal_the_multiplicative_form(shape) -> None:
+def test_masked_weights_without_gradient_equal_the_multiplicative_form(shape, training: bool) -> None:
     torch.manual_seed(0)
     scores = torch.randn(*shape) * 3
+    scores[..., 1, :] *= 40  # kept entries further than the floor below their row's max
     mask = (torch.rand(*shape) < 0.4).float()
     mask[..., 0, :] = 0.0  # an all-masked row gives zeros
-    got = masked_attention_weights(scores, mask)
+    got = masked_attention_weights(scores, mask, training)
     torch.testing.assert_close(got, ref_masked_weights(scores, mask), rtol=0, atol=ATOL)
     assert (got[..., 0, :] == 0).all()
 
