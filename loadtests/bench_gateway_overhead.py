@@ -229,6 +229,7 @@ def hop_runners(path: Path) -> list[_Runner]:
         _Runner("shared session, pool 2 (old default)", path, 2),
         _Runner("shared session, executor of 1 thread (before)", path, 1),
         _Runner("shared session, 1 worker thread (gateway)", path, 1, workers=True),
+        _Runner("shared session, 2 worker threads (gateway default)", path, 2, workers=True),
         _Runner("session per thread, pool 2", path, 2, per_thread=True),
         _Runner("intra-op 2 spinning off, pool 1", path, 1, intra=2, spin=False),
         _Runner("intra-op 2 spinning on, pool 1", path, 1, intra=2, spin=True),

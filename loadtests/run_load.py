@@ -296,7 +296,9 @@ def run(run_dir: Path | None = None, model: str = "mgdin", users: int = 8, durat
         if warmup_s > 0:
             measure(stack, host, "warmup", pool_file, users, warmup_s, candidates, skip_s=0)
         res = measure(stack, host, "run", pool_file, users, duration_s, candidates, target_rps=target_rps, server=gw)
-    img = plot_run(load_samples(res.samples), (img_dir or REPO_ROOT / "docs" / "img") / "load_latency.png",
+    # --no-record leaves docs/ alone: the plot goes beside the run's other files
+    img_dir = img_dir or (REPO_ROOT / "docs" / "img" if record else out_dir)
+    img = plot_run(load_samples(res.samples), img_dir / "load_latency.png",
                    f"{model}, {users} users, {candidates} candidates, {workers} worker(s), {backend}; "
                    f"load avg {facts.get('load_avg_1m', '?')}")
     s = res.summary

@@ -62,3 +62,27 @@ async def test_threads_exit_when_the_owner_is_collected() -> None:
     del owner
     gc.collect()
     assert _wait_gone("wk-gc")
+
+
+async def test_calls_queued_while_all_threads_are_busy_all_run_before_close() -> None:
+    owner = _Owner()
+    w = Workers(owner, 2, "wk-busy")
+    release = threading.Event()
+    started = [threading.Event(), threading.Event()]
+    order: list[int] = []
+
+    def block(i: int) -> int:
+        started[i].set()
+        release.wait(5)
+        return i
+
+    blocked = [w.submit(block, i) for i in range(2)]
+    for e in started:  # both threads are busy
+        assert await asyncio.to_thread(e.wait, 5)
+    queued = [w.submit(order.append, i) for i in range(5)]
+    w.close()  # the queued calls still run, then the threads exit
+    release.set()
+    assert await asyncio.gather(*blocked) == [0, 1]
+    await asyncio.gather(*queued)
+    assert sorted(order) == list(range(5))  # two threads: taken in order, finished in any
+    assert _wait_gone("wk-busy")
