@@ -305,8 +305,9 @@ def run_all(plan: Plan, run_dir: Path | None = None, model: str = "mgdin", candi
         # machine's cores, which the gateway uses all of (event loop, inference thread, Redis, Locust);
         # against the gateway's own thread count alone, one inference thread compared with one core
         infer_threads = workers * (1 if execution == "inline" else pool_threads)
+        cores = os.cpu_count() or 1
         thr_by = {k: ort_throughput(sess, full, user_names, dist, k, plan.throughput_s)
-                  for k in sorted({1, infer_threads, os.cpu_count() or 1})}
+                  for k in sorted({1, infer_threads, cores})}
         thr = max(thr_by.values(), key=lambda x: x["candidates_per_s"])
 
         # 5. gateway end to end, interleaved with raw ORT
@@ -441,7 +442,6 @@ def run_all(plan: Plan, run_dir: Path | None = None, model: str = "mgdin", candi
     fig["saturation_p99_ms"] = (round(sat["p99_ms"], 3), "p99 at saturation")
     fig["gateway_over_ort_throughput"] = (round(sat["candidates_per_s"] / thr["candidates_per_s"], 3),
                                           "saturation candidates/s / raw ORT candidates/s (target >= 0.8)")
-    cores = os.cpu_count() or 1
     free = max(cores - sat["locust_cpu"], 1e-9) / cores
     fig["gateway_over_ort_throughput_locust_free"] = (
         round(sat["candidates_per_s"] / (thr["candidates_per_s"] * free), 3),

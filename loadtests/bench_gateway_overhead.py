@@ -418,11 +418,7 @@ async def _asgi(repo: Path, redis_url: str, body: bytes, sess: Any, feed: dict[s
                     runs.append((time.perf_counter() - t0) * 1e3)
 
             loaded.backend._run = timed
-        from ctrserve.service.api import GatewayMiddleware
-
-        mw: Any = app.middleware_stack
-        while not isinstance(mw, GatewayMiddleware):
-            mw = mw.app
+        mw = app.gateway_middleware()
         before = snap()
         first_run = len(runs)
         alt: list[float] = []  # raw ORT right after each request: the caches a request leaves behind
