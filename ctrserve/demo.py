@@ -61,8 +61,8 @@ def find_demo_run(model: str, work_dir: Path, seed: int) -> Path | None:
 def step_export(run_dir: Path, repo: Path, name: str) -> Path:
     """Export ``run_dir`` as version 1 of ``name`` in ``repo`` (ONNX, parity-gated); reused when
     version 1 already comes from this run."""
+    from ctrserve.contract.manifest import Manifest
     from ctrserve.export.exporter import export_run
-    from ctrserve.export.manifest import Manifest
 
     version_dir = repo / name / "1"
     if (version_dir / "manifest.json").exists():
@@ -202,8 +202,8 @@ def sample_requests(prepared: Path, n: int, candidates: int = 5, seed: int = 0) 
     """Requests for ``n`` test users with raw ids: their own test items plus random popular items."""
     import numpy as np
 
-    from ctrserve.models.data.feature_map import FeatureMap
-    from ctrserve.models.data.prepare import load_split
+    from ctrserve.contract.feature_map import FeatureMap
+    from ctrserve.contract.prepared import load_split
 
     fmap = FeatureMap.load(prepared / "feature_map.json")
     vocab = json.loads((prepared / "vocab.json").read_text())

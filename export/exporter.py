@@ -24,9 +24,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ctrserve.models.data.feature_map import FeatureMap
-
-from .manifest import (
+from ctrserve.contract.feature_map import FeatureMap
+from ctrserve.contract.manifest import (
     MANIFEST_FILE,
     MODEL_FILES,
     ExporterInfo,
@@ -38,6 +37,7 @@ from .manifest import (
     TensorSpec,
     list_versions,
 )
+
 from .parity import (
     DEFAULT_ROWS,
     DEFAULT_TOLERANCE,

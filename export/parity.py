@@ -15,10 +15,10 @@ import numpy as np
 import torch
 from torch import nn
 
-from ctrserve.models.data.feature_map import PAD_ID, FeatureMap
-from ctrserve.models.data.prepare import load_split
+from ctrserve.contract.feature_map import PAD_ID, FeatureMap
+from ctrserve.contract.manifest import ParityCheck, ParityResult
+from ctrserve.contract.prepared import load_split
 
-from .manifest import ParityCheck, ParityResult
 from .serving_module import split_inputs
 
 #: named numpy request -> probabilities [B]

@@ -28,7 +28,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from ctrserve.models.data.feature_map import FeatureMap
+from ctrserve.contract.feature_map import FeatureMap
 
 OUTPUT_NAME = "prob"
 UserSide = Literal["shared", "expanded"]

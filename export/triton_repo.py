@@ -22,7 +22,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from .manifest import Manifest, list_versions
+from ctrserve.contract.manifest import Manifest, list_versions
 
 MODEL_PY = "model.py"
 CONFIG_FILE = "config.pbtxt"

@@ -5,10 +5,11 @@
 ``RedisStoreConfig`` (env prefix ``CTRSERVE_REDIS_``). No torch anywhere in this package.
 """
 
+from ctrserve.contract.store_schema import SequenceSchema, StoreSchema
+
 from .base import ItemRecords, OnlineStore, RequestFeatures, UserRecords
 from .config import RedisStoreConfig
 from .errors import CorruptValue, FeatureStoreError, SchemaMismatch, StoreNotLoaded, StoreTimeout, StoreUnavailable
-from .schema import SequenceSchema, StoreSchema
 
 __all__ = [
     "CorruptValue", "FeatureStoreError", "ItemRecords", "OnlineStore", "RedisStoreConfig", "RequestFeatures",

@@ -11,7 +11,7 @@ from typing import Self
 
 import numpy as np
 
-from .schema import StoreSchema
+from ctrserve.contract.store_schema import StoreSchema
 
 Progress = Callable[[int], None]
 

@@ -165,8 +165,9 @@ def info_cmd(dataset: DatasetOpt, redis_url: UrlOpt = None) -> None:
 def gc_cmd(dataset: DatasetOpt, redis_url: UrlOpt = None) -> None:
     """Delete versions that are neither active nor being loaded (e.g. left by a crashed load)."""
     async def run() -> None:
+        from ctrserve.contract.store_schema import StoreSchema
+
         from .redis_store import RedisOnlineStore
-        from .schema import StoreSchema
 
         async with RedisOnlineStore(StoreSchema.empty(dataset), _config(redis_url), dataset) as store:
             removed = await store.remove_stale_versions()

@@ -16,13 +16,12 @@ from pathlib import Path
 
 import numpy as np
 
-from ctrserve.models.data.feature_map import OOV_ID, PAD_ID, FeatureMap
+from ctrserve.contract.feature_map import OOV_ID, PAD_ID, FeatureMap
+from ctrserve.contract.prepared import SPLITS  # oldest first: later splits override earlier ones
+from ctrserve.contract.store_schema import StoreSchema
 
 from .base import ItemRecords, Progress, UserRecords
 from .config import RedisStoreConfig
-from .schema import StoreSchema
-
-SPLITS = ("train", "valid", "test")  # oldest first: later splits override earlier ones
 
 
 @dataclass

@@ -38,7 +38,8 @@ from redis.exceptions import RedisError, ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 from redis.retry import Retry as BlockingRetry
 
-from ctrserve.models.data.feature_map import OOV_ID, PAD_ID
+from ctrserve.contract.feature_map import OOV_ID, PAD_ID
+from ctrserve.contract.store_schema import StoreSchema
 
 from .base import ItemRecords, OnlineStore, PendingRead, Progress, RequestFeatures, UserRecords
 from .cache import ItemCache
@@ -52,7 +53,6 @@ from .errors import (
     StoreTimeout,
     StoreUnavailable,
 )
-from .schema import StoreSchema
 
 # Prepend one event to a sequence and keep the newest ARGV[5] events, atomically, under the
 # version that is active when the script runs (so an append never lands in a half-loaded one).

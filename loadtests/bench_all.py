@@ -73,10 +73,10 @@ class Plan:
 async def _assemble(version_dir: Path, redis_url: str, namespace: str, user: str, items: list[str],
                     context: dict[str, Any], batches: list[int], reps: int) -> dict[str, Any]:
     """Inputs per B (the gateway's store read + assembly), and in-process timings of both at B=100."""
-    from ctrserve.export.manifest import Manifest
+    from ctrserve.contract.manifest import Manifest
+    from ctrserve.contract.store_schema import StoreSchema
     from ctrserve.feature_store.config import RedisStoreConfig
     from ctrserve.feature_store.redis_store import RedisOnlineStore
-    from ctrserve.feature_store.schema import StoreSchema
     from ctrserve.service.assemble import Assembler
 
     assembler = Assembler.from_dir(version_dir)
@@ -274,7 +274,7 @@ def run_all(plan: Plan, run_dir: Path | None = None, model: str = "mgdin", candi
                                      items, pool.contexts[0], sorted({*batches, max_b}), 50 if plan.e2e_rounds > 2
                                      else 20))
         inputs = comp["inputs"]
-        from ctrserve.export.manifest import Manifest
+        from ctrserve.contract.manifest import Manifest
 
         manifest = Manifest.load(version_dir)
         user_names = {t.name for t in manifest.user_inputs}

@@ -171,7 +171,7 @@ def run(candidates: int = 100, rounds: int = 8, per_round: int = 300, run_dir: P
         log: Any = print) -> dict[str, Any]:
     import torch
 
-    from ctrserve.export.manifest import Manifest
+    from ctrserve.contract.manifest import Manifest
     from ctrserve.export.serving_module import as_tensors, build_serving_module
     from ctrserve.models.train.trainer import load_run
 

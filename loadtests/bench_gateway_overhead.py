@@ -580,7 +580,7 @@ def e2e_throughput(port: int, body: bytes, clients: int, seconds: float, b: int)
 
 def run(sections: set[str], rounds: int, per_round: int, variants: list[str] | None = None,
         log: Any = print) -> dict[str, Any]:
-    from ctrserve.export.manifest import Manifest
+    from ctrserve.contract.manifest import Manifest
 
     from .bench_all import _assemble
     from .run_load import bench_dir, build_pool, ensure_export, ensure_run, prepared_of

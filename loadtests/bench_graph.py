@@ -90,8 +90,8 @@ def run(onnx_file: Path | None = None, compare: list[Path] | None = None, candid
         log: Any = print) -> dict[str, Any]:
     import torch
 
+    from ctrserve.contract.manifest import Manifest
     from ctrserve.export.exporter import export_run
-    from ctrserve.export.manifest import Manifest
 
     from . import flops
     from .bench_models import build_requests

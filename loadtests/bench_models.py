@@ -45,7 +45,7 @@ def default_run() -> Path:
 
 def build_requests(manifest: Any, prepared: Path, batches: list[int]) -> dict[int, dict[str, np.ndarray]]:
     """One user's tensors (the first test row with a non-empty history) and B candidates (test rows)."""
-    from ctrserve.models.data.prepare import load_split
+    from ctrserve.contract.prepared import load_split
 
     arrays = load_split(prepared, "test")
     seq = [f.name for f in manifest.feature_map.sequence_fields]

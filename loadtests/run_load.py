@@ -77,8 +77,8 @@ def _static_masks_of(run: Path) -> Path:
 
 def ensure_export(run_dir: Path, repo: Path, name: str, version: int = 1) -> Path:
     """Version ``version`` of ``name`` in ``repo`` exported (ONNX, parity-gated) from ``run_dir``."""
+    from ctrserve.contract.manifest import Manifest
     from ctrserve.export.exporter import export_run
-    from ctrserve.export.manifest import Manifest
 
     version_dir = repo / name / str(version)
     if ((version_dir / "manifest.json").exists() and (version_dir / "model.onnx").exists()
@@ -105,8 +105,8 @@ def prepared_of(run_dir: Path) -> Path:
 # -- traffic pool ----------------------------------------------------------------------------
 def _contexts(prepared: Path, n: int, rng: np.random.Generator) -> list[dict[str, Any]]:
     """Raw context values (e.g. device, hour) of ``n`` random test rows."""
-    from ctrserve.models.data.feature_map import FeatureMap
-    from ctrserve.models.data.prepare import load_split
+    from ctrserve.contract.feature_map import FeatureMap
+    from ctrserve.contract.prepared import load_split
 
     fmap = FeatureMap.load(prepared / "feature_map.json")
     vocab = json.loads((prepared / "vocab.json").read_text())
@@ -126,10 +126,10 @@ def _contexts(prepared: Path, n: int, rng: np.random.Generator) -> list[dict[str
 
 async def _encode(version_dir: Path, redis_url: str, namespace: str, pool: Pool) -> None:
     """Fill the pool's encoded features (baseline mode) through the gateway's own assembly code."""
-    from ctrserve.export.manifest import Manifest
+    from ctrserve.contract.manifest import Manifest
+    from ctrserve.contract.store_schema import StoreSchema
     from ctrserve.feature_store.config import RedisStoreConfig
     from ctrserve.feature_store.redis_store import RedisOnlineStore
-    from ctrserve.feature_store.schema import StoreSchema
     from ctrserve.service.assemble import Assembler
 
     manifest = Manifest.load(version_dir)

@@ -20,7 +20,7 @@ import typer
 if TYPE_CHECKING:  # torch is imported inside the functions: `ctrserve` must start without it
     from torch import nn
 
-    from .data.feature_map import FeatureMap
+    from ctrserve.contract.feature_map import FeatureMap
 
 #: static masks costing more test AUC than this deserve a look (issue 4)
 AUC_BUDGET = 0.002
@@ -84,7 +84,8 @@ def calibrate_run(run_dir: Path, rows: int = 10_000, seed: int | None = None,
     """Calibrate the model of ``run_dir`` and write a static-mask run beside it.
 
     Returns ``(new run dir, test metrics record, calibration info)``."""
-    from .data.prepare import load_split
+    from ctrserve.contract.prepared import load_split
+
     from .train.trainer import count_params, evaluate, load_run, make_run_dir, predict, score_predictions, write_run
 
     run_dir = Path(run_dir)

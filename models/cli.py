@@ -97,7 +97,7 @@ def data_rules(
 
 
 def _print_density(prepared: Path) -> None:
-    from .data.feature_map import FeatureMap
+    from ctrserve.contract.feature_map import FeatureMap
 
     fmap = FeatureMap.load(prepared / "feature_map.json")
     table = Table(title=f"{fmap.dataset}: {fmap.num_rows}")
@@ -159,7 +159,7 @@ def eval_cmd(
         console.print(f"[red]error:[/] {run} is not a run directory (no model.pt)")
         raise typer.Exit(2)
     cfg, fmap, model = load_run(run)
-    from .data.prepare import load_split
+    from ctrserve.contract.prepared import load_split
 
     prepared = Path((run / "prepared_dir.txt").read_text().strip())
     metrics = evaluate(model, load_split(prepared, split), fmap, cfg.train.eval_batch_size)

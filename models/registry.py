@@ -9,7 +9,7 @@ from typing import Any
 
 from torch import nn
 
-from .data.feature_map import FeatureMap
+from ctrserve.contract.feature_map import FeatureMap
 
 MODELS: dict[str, type[nn.Module]] = {}
 

@@ -18,11 +18,11 @@ from typing import Any
 
 import numpy as np
 
-from ctrserve.export.manifest import Manifest, TensorSpec
+from ctrserve.contract.feature_map import OOV_ID, PAD_ID, FeatureInfo, FeatureMap
+from ctrserve.contract.manifest import Manifest, TensorSpec
+from ctrserve.contract.transforms import apply_dense, bucket_edges, bucketise
+from ctrserve.contract.vocab import Vocabulary
 from ctrserve.feature_store.base import RequestFeatures
-from ctrserve.models.data.feature_map import OOV_ID, PAD_ID, FeatureInfo, FeatureMap
-from ctrserve.models.data.prepare import apply_dense
-from ctrserve.models.data.vocab import Vocabulary
 
 Raw = Any  # a JSON scalar, or a list of scalars for a sequence field
 _DTYPES = {"int64": np.int64, "float32": np.float32}
@@ -103,15 +103,12 @@ class Assembler:
             return dense
         transform = info.transform or {}
         if transform.get("kind") == "buckets":
-            edges = np.asarray(json.loads(str(transform["edges"])), dtype=np.float64)
+            edges = bucket_edges(transform)
 
             def bucketised(x: Raw) -> int:
-                # the same rule as data prepare: searchsorted(right) + 2, missing -> PAD
                 if x is not None and not _is_number(x):
                     raise AssemblyError(f"feature {name!r} is numeric: expected a number or null, got {x!r}")
-                if x is None or np.isnan(float(x)):
-                    return PAD_ID
-                return int(np.searchsorted(edges, float(x), side="right")) + 2
+                return int(bucketise(np.array([np.nan if x is None else float(x)]), edges)[0])
 
             return bucketised
         table = info.embedding or name

@@ -7,11 +7,11 @@ import asyncio
 import contextlib
 from collections.abc import Callable
 
-from ctrserve.export.manifest import Manifest
+from ctrserve.contract.manifest import Manifest
+from ctrserve.contract.store_schema import StoreSchema
 from ctrserve.feature_store.base import OnlineStore
 from ctrserve.feature_store.config import RedisStoreConfig
 from ctrserve.feature_store.errors import FeatureStoreError
-from ctrserve.feature_store.schema import StoreSchema
 
 #: ``factory(schema, namespace, vocab_sha256)``: the store for one namespace; ``vocab_sha256`` (or
 #: None) is the vocabulary the model was trained with, which the loaded data must match

@@ -9,7 +9,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from ctrserve.export.manifest import Manifest, list_versions
+from ctrserve.contract.manifest import Manifest, list_versions
 
 from .assemble import Assembler
 from .backends import Backend, BackendError

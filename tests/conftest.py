@@ -41,7 +41,7 @@ def tiny_prepared(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="session")
 def tiny_fmap(tiny_prepared: Path):
-    from ctrserve.models.data.feature_map import FeatureMap
+    from ctrserve.contract.feature_map import FeatureMap
 
     return FeatureMap.load(tiny_prepared / "feature_map.json")
 
@@ -51,7 +51,7 @@ def tiny_batch(tiny_prepared: Path, tiny_fmap):
     """64 training rows as model inputs, including a user with an empty sequence."""
     import torch
 
-    from ctrserve.models.data.prepare import load_split
+    from ctrserve.contract.prepared import load_split
 
     arrays = load_split(tiny_prepared, "train")
     seq = tiny_fmap.sequence_fields[0].name

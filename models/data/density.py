@@ -17,7 +17,7 @@ import math
 
 import numpy as np
 
-from .feature_map import OOV_ID, PAD_ID, DensityStats
+from ctrserve.contract.feature_map import OOV_ID, PAD_ID, DensityStats
 
 
 def entropy_bits(ids: np.ndarray) -> float:

@@ -14,14 +14,14 @@ from typing import Any
 import numpy as np
 from tqdm.auto import tqdm
 
+from ctrserve.contract.feature_map import FeatureInfo, FeatureMap, SequenceInfo
+from ctrserve.contract.prepared import SPLITS, USER_KEY
+from ctrserve.contract.transforms import apply_dense, bucket_edges, bucketise
+from ctrserve.contract.vocab import Vocabulary
+
 from .datasets import RawSplits, load_raw
 from .density import dense_stats, sequence_stats, sparse_stats
-from .feature_map import FeatureInfo, FeatureMap, SequenceInfo
 from .spec import DatasetSpec, DenseSpec, SequenceSpec, SparseSpec, SpecError, load_spec
-from .vocab import Vocabulary
-
-SPLITS = ("train", "valid", "test")
-USER_KEY = "__user__"  # GAUC grouping column stored with every split
 
 
 @dataclass
@@ -81,19 +81,6 @@ def _dense_transform(spec: DenseSpec, train: np.ndarray) -> dict[str, float | st
     return params
 
 
-def apply_dense(values: np.ndarray, params: dict[str, float | str]) -> np.ndarray:
-    """Normalise a dense column with training parameters; missing (NaN) becomes 0."""
-    x = np.asarray(values, dtype=np.float64)
-    kind = params["kind"]
-    if kind == "log":
-        x = np.log1p(np.maximum(x, 0))
-    if kind in ("standard", "log"):
-        x = (x - float(params["mean"])) / float(params["std"])
-    elif kind == "minmax":
-        x = (x - float(params["min"])) / (float(params["max"]) - float(params["min"]))
-    return np.nan_to_num(x, nan=0.0).astype(np.float32)
-
-
 def prepare(
     dataset: str | Path,
     data_dir: Path,
@@ -141,11 +128,9 @@ def prepare(
                 vocab_size=len(voc), stats=sparse_stats(out["train"][f.name], card),
             ))
         elif isinstance(f, DenseSpec) and f.buckets:
-            edges = np.asarray(json.loads(str(dense_params[f.name]["edges"])))
+            edges = bucket_edges(dense_params[f.name])
             for split in SPLITS:
-                x = np.asarray(raw[split][f.name], dtype=np.float64)
-                ids = np.searchsorted(edges, x, side="right") + 2
-                out[split][f.name] = np.where(np.isnan(x), 0, ids).astype(np.int64)
+                out[split][f.name] = bucketise(raw[split][f.name], edges)
             infos.append(FeatureInfo(
                 name=f.name, kind="sparse", side=f.side, dtype="int64", embedding=f.name,
                 vocab_size=len(edges) + 3, transform=dense_params[f.name],
@@ -219,11 +204,3 @@ def _publish(tmp: Path, out_dir: Path) -> None:
     finally:
         if old is not None:
             shutil.rmtree(old, ignore_errors=True)
-
-
-def load_split(prepared_dir: Path, split: str) -> dict[str, np.ndarray]:
-    path = Path(prepared_dir) / f"{split}.npz"
-    if not path.exists():
-        raise FileNotFoundError(f"{path} not found: run `ctrserve data prepare` first")
-    with np.load(path, allow_pickle=False) as z:
-        return {k: z[k] for k in z.files}

@@ -13,9 +13,10 @@ from pathlib import Path
 
 import numpy as np
 
+from ctrserve.contract.feature_map import OOV_ID, PAD_ID, FeatureMap
+from ctrserve.contract.prepared import USER_KEY, load_split
+
 from ..train.metrics import auc, gauc
-from .feature_map import OOV_ID, PAD_ID, FeatureMap
-from .prepare import USER_KEY, load_split
 
 
 def history_rules(prepared: Path, splits: tuple[str, ...] = ("valid", "test")) -> list[dict[str, object]]:

@@ -6,7 +6,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from ..data.feature_map import PAD_ID, FeatureMap
+from ctrserve.contract.feature_map import PAD_ID, FeatureMap
 
 Batch = dict[str, Tensor]
 

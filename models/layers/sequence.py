@@ -10,7 +10,8 @@ from typing import Literal
 import torch
 from torch import Tensor, nn
 
-from ..data.feature_map import PAD_ID, SequenceInfo
+from ctrserve.contract.feature_map import PAD_ID, SequenceInfo
+
 from .softmax import floored_softmax
 
 Pooling = Literal["mean", "sum", "target"]

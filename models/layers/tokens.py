@@ -5,7 +5,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from ..data.feature_map import FeatureMap
+from ctrserve.contract.feature_map import FeatureMap
+
 from .embedding import Batch, FeatureEmbedding
 from .sequence import Pooling, SequencePooling
 

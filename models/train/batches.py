@@ -8,7 +8,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from ..data.feature_map import FeatureMap
+from ctrserve.contract.feature_map import FeatureMap
 
 
 class BatchIterator:

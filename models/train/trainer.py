@@ -18,8 +18,9 @@ import yaml
 from torch import nn
 from tqdm.auto import tqdm
 
-from ..data.feature_map import FeatureMap
-from ..data.prepare import USER_KEY, load_split
+from ctrserve.contract.feature_map import FeatureMap
+from ctrserve.contract.prepared import USER_KEY, load_split
+
 from ..registry import build_model
 from .batches import BatchIterator
 from .config import RunConfig

@@ -3,7 +3,8 @@ optionally with a parallel DNN (AutoInt+)."""
 
 from torch import Tensor, nn
 
-from ..data.feature_map import FeatureMap
+from ctrserve.contract.feature_map import FeatureMap
+
 from ..layers.attention import InteractingLayer
 from ..layers.embedding import Batch
 from ..layers.interaction import LinearLogit

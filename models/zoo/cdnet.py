@@ -18,7 +18,8 @@ import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
-from ..data.feature_map import FeatureMap
+from ctrserve.contract.feature_map import FeatureMap
+
 from ..layers.core_behaviour import CoreBehaviourSelector, InterestDistribution, relevance
 from ..layers.embedding import Batch, FeatureEmbedding
 from ..layers.mlp import MLP

@@ -5,7 +5,8 @@ from typing import Literal
 import torch
 from torch import Tensor, nn
 
-from ..data.feature_map import FeatureMap
+from ctrserve.contract.feature_map import FeatureMap
+
 from ..layers.embedding import Batch
 from ..layers.interaction import CrossNetV2
 from ..layers.mlp import MLP

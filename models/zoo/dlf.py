@@ -13,7 +13,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from ..data.feature_map import FeatureMap
+from ctrserve.contract.feature_map import FeatureMap
+
 from ..layers.embedding import Batch
 from ..layers.mlp import MLP
 from ..layers.naf import NetworkAwareAttentionFusion

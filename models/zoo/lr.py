@@ -2,7 +2,8 @@
 
 from torch import Tensor, nn
 
-from ..data.feature_map import FeatureMap
+from ctrserve.contract.feature_map import FeatureMap
+
 from ..layers.embedding import Batch
 from ..layers.interaction import LinearLogit
 from ..registry import register

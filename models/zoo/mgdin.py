@@ -18,7 +18,8 @@ from typing import Literal
 import torch
 from torch import Tensor, nn
 
-from ..data.feature_map import FeatureMap
+from ctrserve.contract.feature_map import FeatureMap
+
 from ..layers.deferred import A0Score, Attention, DeferredLayer, deferred_k, hierarchical_masks
 from ..layers.embedding import Batch
 from ..layers.grouping import GroupProjection

@@ -10,9 +10,10 @@ import numpy as np
 import pytest
 import yaml
 
+from ctrserve.contract.prepared import load_split
 from ctrserve.models.data.datasets import load_raw
 from ctrserve.models.data.datasets.amazon import history_index, sample_untouched
-from ctrserve.models.data.prepare import apply_overrides, load_split, prepare
+from ctrserve.models.data.prepare import apply_overrides, prepare
 from ctrserve.models.data.spec import SPEC_DIR, load_spec
 
 SPLITS = ("train", "valid", "test")

@@ -7,8 +7,9 @@ import json
 import numpy as np
 import pytest
 
-from ctrserve.models.data.feature_map import PAD_ID, FeatureMap
-from ctrserve.models.data.prepare import USER_KEY, load_split, prepare
+from ctrserve.contract.feature_map import PAD_ID, FeatureMap
+from ctrserve.contract.prepared import USER_KEY, load_split
+from ctrserve.models.data.prepare import prepare
 
 pytestmark = pytest.mark.quick
 

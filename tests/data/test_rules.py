@@ -8,8 +8,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from ctrserve.models.data.feature_map import OOV_ID, FeatureMap
-from ctrserve.models.data.prepare import load_split
+from ctrserve.contract.feature_map import OOV_ID, FeatureMap
+from ctrserve.contract.prepared import load_split
 from ctrserve.models.data.rules import candidate_oov, history_rules
 
 pytestmark = pytest.mark.quick

@@ -7,9 +7,9 @@ import math
 import numpy as np
 import pytest
 
+from ctrserve.contract.feature_map import OOV_ID, PAD_ID
+from ctrserve.contract.vocab import Vocabulary
 from ctrserve.models.data.density import dense_stats, entropy_bits, sequence_stats, sparse_stats
-from ctrserve.models.data.feature_map import OOV_ID, PAD_ID
-from ctrserve.models.data.vocab import Vocabulary
 
 pytestmark = pytest.mark.quick
 

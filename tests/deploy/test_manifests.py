@@ -29,7 +29,7 @@ import pytest
 import yaml
 from kustomize_lite import REPO, load_docs, render_kubectl, render_lite
 
-from ctrserve.models.data.feature_map import FeatureMap
+from ctrserve.contract.feature_map import FeatureMap
 
 pytestmark = pytest.mark.quick
 
@@ -471,7 +471,7 @@ def check_repo_flavour(flavour: str, kind: str, fmap: FeatureMap, tmp: Path) -> 
     instance kind the manifests schedule for."""
     from datetime import UTC, datetime
 
-    from ctrserve.export.manifest import MODEL_FILES, ExporterInfo, Manifest, ParityResult, TensorSpec
+    from ctrserve.contract.manifest import MODEL_FILES, ExporterInfo, Manifest, ParityResult, TensorSpec
     from ctrserve.export.triton_repo import CONFIG_FILE, RepoOptions, read_config, write_config
 
     assert flavour == "deploy", "the NVIDIA Triton container needs the deploy config flavour"

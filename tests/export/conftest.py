@@ -35,7 +35,7 @@ def make_run(prepared: Path, dest: Path, model_name: str, params: dict, seed: in
     import torch
     import yaml
 
-    from ctrserve.models.data.feature_map import FeatureMap
+    from ctrserve.contract.feature_map import FeatureMap
     from ctrserve.models.registry import build_model
     from ctrserve.models.train.config import RunConfig
 
@@ -51,8 +51,8 @@ def make_run(prepared: Path, dest: Path, model_name: str, params: dict, seed: in
                 m.running_var.uniform_(0.5, 2.0)
     dest.mkdir(parents=True)
     if params.get("mask_mode") == "static":
+        from ctrserve.contract.prepared import load_split
         from ctrserve.models.calibrate import calibrate_model
-        from ctrserve.models.data.prepare import load_split
 
         info = calibrate_model(model, load_split(prepared, "train"), fmap)
         (dest / "calibration.json").write_text(json.dumps(info))

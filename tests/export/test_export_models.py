@@ -9,8 +9,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from ctrserve.contract.manifest import Manifest, list_versions
 from ctrserve.export.exporter import ExportError, export_run
-from ctrserve.export.manifest import Manifest, list_versions
 from ctrserve.export.parity import ParityError
 from ctrserve.models.registry import list_models
 
@@ -193,8 +193,8 @@ def test_softmax_inputs_stay_within_the_floor(model_name: str, extra: dict, make
     import onnx
     import onnxruntime as ort
 
+    from ctrserve.contract.feature_map import PAD_ID
     from ctrserve.export.parity import _request, group_requests, load_rows
-    from ctrserve.models.data.feature_map import PAD_ID
     from ctrserve.models.layers.softmax import SOFTMAX_FLOOR
 
     if model_name not in tiny_params:

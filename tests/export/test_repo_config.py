@@ -9,9 +9,9 @@ from pathlib import Path
 
 import pytest
 
-from ctrserve.export.manifest import ExporterInfo, Manifest, ParityCheck, ParityResult, TensorSpec, list_versions
+from ctrserve.contract.feature_map import FeatureMap
+from ctrserve.contract.manifest import ExporterInfo, Manifest, ParityCheck, ParityResult, TensorSpec, list_versions
 from ctrserve.export.triton_repo import RepoOptions, parse_version_policy, read_config, render_config, write_config
-from ctrserve.models.data.feature_map import FeatureMap
 
 pytestmark = pytest.mark.quick
 
@@ -32,7 +32,7 @@ def _manifest(fmap: FeatureMap, fmt: str = "onnx", version: int = 1) -> Manifest
 
 
 def test_manifest_module_does_not_import_torch() -> None:
-    code = "import sys, ctrserve.export.manifest; assert 'torch' not in sys.modules, 'torch imported'"
+    code = "import sys, ctrserve.contract.manifest; assert 'torch' not in sys.modules, 'torch imported'"
     subprocess.run([sys.executable, "-c", code], check=True)
 
 

@@ -14,8 +14,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from ctrserve.contract.manifest import Manifest
 from ctrserve.export.exporter import export_run
-from ctrserve.export.manifest import Manifest
 from ctrserve.export.triton_repo import RepoOptions
 
 pytestmark = pytest.mark.triton
@@ -37,9 +37,9 @@ def requests_and_refs(repo: Path, tiny_prepared: Path) -> list[tuple[dict, dict[
     """Requests (several candidates, one candidate, an empty history) and each version's PyTorch output."""
     import torch
 
+    from ctrserve.contract.prepared import load_split
     from ctrserve.export.parity import group_requests
     from ctrserve.export.serving_module import as_tensors, build_serving_module
-    from ctrserve.models.data.prepare import load_split
     from ctrserve.models.train.trainer import load_run
 
     manifest = Manifest.load(repo / NAME / "1")

@@ -10,11 +10,11 @@ import pytest
 import torch
 from torch import Tensor, nn
 
+from ctrserve.contract.feature_map import FeatureMap
+from ctrserve.contract.manifest import Manifest
 from ctrserve.export import exporter
 from ctrserve.export.exporter import export_run
-from ctrserve.export.manifest import Manifest
 from ctrserve.export.serving_module import as_tensors, build_serving_module, example_request, split_inputs
-from ctrserve.models.data.feature_map import FeatureMap
 
 pytestmark = pytest.mark.slow  # torch.export per case: seconds
 

@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 import redis
 
+from ctrserve.contract.feature_map import OOV_ID
 from ctrserve.feature_store import (
     CorruptValue,
     ItemRecords,
@@ -23,7 +24,6 @@ from ctrserve.feature_store import (
     UserRecords,
 )
 from ctrserve.feature_store.redis_store import RedisOnlineStore
-from ctrserve.models.data.feature_map import OOV_ID
 
 pytestmark = pytest.mark.redis
 
@@ -389,8 +389,8 @@ async def test_begun_read_is_collected_or_cancelled_and_frees_its_connection(red
 
 
 async def test_bulk_load_from_prepared_dataset(redis_url: str, tiny_prepared: Path) -> None:
+    from ctrserve.contract.prepared import load_split
     from ctrserve.feature_store.loader import load_prepared
-    from ctrserve.models.data.prepare import load_split
 
     config = RedisStoreConfig(url=redis_url, cleanup_grace_s=0, timeout_ms=2000, bulk_batch_size=50)
     version, rec = await load_prepared(tiny_prepared, config, "tiny")

@@ -8,11 +8,11 @@ import sys
 import numpy as np
 import pytest
 
+from ctrserve.contract.feature_map import FeatureInfo, FeatureMap
+from ctrserve.contract.store_schema import StoreSchema
 from ctrserve.feature_store.cache import ItemCache
 from ctrserve.feature_store.codec import KIND_ITEM, KIND_USER, MAGIC, RowCodec, SequenceCodec
 from ctrserve.feature_store.errors import CorruptValue
-from ctrserve.feature_store.schema import StoreSchema
-from ctrserve.models.data.feature_map import FeatureInfo, FeatureMap
 
 pytestmark = pytest.mark.quick
 

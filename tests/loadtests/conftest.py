@@ -14,7 +14,7 @@ def tiny_run(tiny_prepared: Path, tmp_path_factory: pytest.TempPathFactory) -> P
     import torch
     import yaml
 
-    from ctrserve.models.data.feature_map import FeatureMap
+    from ctrserve.contract.feature_map import FeatureMap
     from ctrserve.models.registry import build_model
     from ctrserve.models.train.config import RunConfig
 

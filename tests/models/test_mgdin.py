@@ -385,8 +385,8 @@ def test_onnx_export_matches_onnxruntime(tiny_fmap, tiny_batch, tmp_path, mode: 
 # -- calibrate round trip -----------------------------------------------------------------------------
 @pytest.mark.slow
 def test_calibrate_round_trip_through_load_run(tiny_prepared, tmp_path) -> None:
+    from ctrserve.contract.prepared import load_split
     from ctrserve.models.calibrate import calibrate_run
-    from ctrserve.models.data.prepare import load_split
     from ctrserve.models.train.config import RunConfig, TrainSettings
     from ctrserve.models.train.trainer import evaluate, load_run, train
 

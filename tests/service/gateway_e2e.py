@@ -119,8 +119,8 @@ def probes(prepared: Path, n_users: int = 6, max_candidates: int = 24) -> list[P
     context (device, hour) as a per-candidate override, so every row's own features are scored."""
     import json
 
-    from ctrserve.models.data.feature_map import FeatureMap
-    from ctrserve.models.data.prepare import load_split
+    from ctrserve.contract.feature_map import FeatureMap
+    from ctrserve.contract.prepared import load_split
 
     fmap = FeatureMap.load(prepared / "feature_map.json")
     vocab = json.loads((prepared / "vocab.json").read_text())
@@ -149,7 +149,7 @@ def reference_scores(run_dir: Path, prepared: Path, rows: np.ndarray) -> np.ndar
     """sigmoid(model(batch)) of the trained PyTorch model on the prepared rows."""
     import torch
 
-    from ctrserve.models.data.prepare import load_split
+    from ctrserve.contract.prepared import load_split
     from ctrserve.models.train.trainer import load_run
 
     _, fmap, model = load_run(run_dir)

@@ -17,11 +17,11 @@ from typing import Any
 import httpx
 import numpy as np
 
-from ctrserve.export.manifest import ExporterInfo, Manifest, ParityResult, StoreInfo, TensorSpec
+from ctrserve.contract.feature_map import OOV_ID, FeatureInfo, FeatureMap, SequenceInfo
+from ctrserve.contract.manifest import ExporterInfo, Manifest, ParityResult, StoreInfo, TensorSpec
+from ctrserve.contract.store_schema import StoreSchema
 from ctrserve.feature_store.base import OnlineStore, RequestFeatures
 from ctrserve.feature_store.errors import StoreUnavailable
-from ctrserve.feature_store.schema import StoreSchema
-from ctrserve.models.data.feature_map import OOV_ID, FeatureInfo, FeatureMap, SequenceInfo
 from ctrserve.service import settings as gs
 
 L = 5

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from gateway_toy import ROUTING, VOCAB, MemoryStore, expected_scores, running, toy_manifest, toy_settings
 
-from ctrserve.feature_store.schema import StoreSchema
+from ctrserve.contract.store_schema import StoreSchema
 from ctrserve.service.assemble import Assembler
 
 pytestmark = pytest.mark.quick

@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 from gateway_toy import L, MemoryStore, toy_manifest
 
-from ctrserve.feature_store.schema import StoreSchema
-from ctrserve.models.data.feature_map import OOV_ID, PAD_ID
+from ctrserve.contract.feature_map import OOV_ID, PAD_ID
+from ctrserve.contract.store_schema import StoreSchema
 from ctrserve.service.assemble import Assembler, AssemblyError
 
 pytestmark = pytest.mark.quick

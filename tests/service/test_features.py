@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 from gateway_toy import ROUTING, TOY_NAMESPACE, MemoryStore, running, toy_manifest, toy_settings, write_toy_repo
 
-from ctrserve.export.manifest import StoreInfo
+from ctrserve.contract.manifest import StoreInfo
 from ctrserve.feature_store.errors import StoreTimeout
 from ctrserve.service.features import FeatureStores, NamespaceError, namespace_of
 

@@ -25,7 +25,7 @@ def test_train_writes_a_complete_run_dir(tiny_prepared, tmp_path) -> None:
     assert 0.0 <= metrics["auc"] <= 1.0 and metrics["params"] > 0 and metrics["seed"] == 3
     # weights_only reload reproduces the test metrics exactly
     _, fmap, model = load_run(run)
-    from ctrserve.models.data.prepare import load_split
+    from ctrserve.contract.prepared import load_split
 
     again = evaluate(model, load_split(tiny_prepared, "test"), fmap)
     assert again["auc"] == pytest.approx(metrics["auc"], abs=1e-6)

@@ -14,7 +14,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from ctrserve.models.data.feature_map import FeatureMap
+from .feature_map import FeatureMap
 
 MANIFEST_FILE = "manifest.json"
 SCHEMA_VERSION = 2  # 2: adds `store` (feature-store namespace and data identity)

@@ -14,7 +14,7 @@ import json
 import numpy as np
 from pydantic import BaseModel, ConfigDict
 
-from ctrserve.models.data.feature_map import OOV_ID, FeatureMap
+from .feature_map import OOV_ID, FeatureMap
 
 
 class SequenceSchema(BaseModel):
