@@ -107,6 +107,19 @@ class PendingRead(ABC):
         """Drop the answer and give the connection back."""
 
 
+class BlockingReader(ABC):
+    """Interim stand-in for the interface the fstore branch defines."""
+
+    timeout_s: float
+    saturated: bool
+
+    @abstractmethod
+    def begin(self, user_id: str, item_ids: Sequence[str]) -> PendingRead | None: ...
+
+    @abstractmethod
+    def read(self, user_id: str, item_ids: Sequence[str]) -> RequestFeatures | None: ...
+
+
 class OnlineStore(ABC):
     """A feature store for online serving. Implementations are async; unknown ids are never errors."""
 
@@ -135,6 +148,14 @@ class OnlineStore(ABC):
         ``online_read`` (always, unless a backend implements it). ``wait=False``: None rather
         than wait for a connection that other uncollected reads hold."""
         return None
+
+    def blocking_reader(self) -> BlockingReader | None:
+        """Reads without an event loop, if the backend has them (interim; see the fstore branch)."""
+        return None
+
+    async def check_version(self) -> int | None:
+        """The active version (None: nothing loaded) (interim; see the fstore branch)."""
+        return 0
 
     @abstractmethod
     async def close(self) -> None: ...
