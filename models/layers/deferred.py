@@ -103,7 +103,7 @@ def _kept_softmax(scores: Tensor, mask: Tensor) -> Tensor:
     gives zeros. In the exported graph: Add, ReduceMax, Sub, Clip, Exp, Mul, ReduceSum, Max, Div on
     [B, m, m], faster than the former ``floored_softmax(where(M, s, -1e9)) · M`` (Where, ReduceMax,
     Sub, Max, Softmax, Mul), whose Softmax and broadcasting Max pay per row of only m entries
-    (`ctrserve bench graph --compare`, docs/gateway.md session 11)."""
+    (`ctrserve bench graph --compare`; docs/decisions.md, "MGDIN's masked softmax at inference")."""
     kept_max = (scores + (mask - 1.0) * -_NEG).amax(dim=-1, keepdim=True)
     e = torch.exp((scores - kept_max).clamp(-SOFTMAX_FLOOR, 0.0)) * mask
     return e / e.sum(dim=-1, keepdim=True).clamp_min(1e-30)

@@ -7,8 +7,8 @@ then runs far slower per row than on ordinary entries. ``floored_softmax`` raise
 least ``max - SOFTMAX_FLOOR`` first: an entry below that floor had a weight under e^-60 ≈ 1e-26 of
 the largest one and still has at most that, so the result is the same to float32 precision (sums of
 weights >= 1 absorb it); an all-masked row stays uniform, as before (callers zero it). The served
-MGDIN graph got faster with it: ``ctrserve bench graph --compare <previous export>``, docs/gateway.md
-session 6.
+MGDIN graph got faster with it: ``ctrserve bench graph --compare <previous export>``, docs/decisions.md
+("Floored softmax").
 """
 
 from __future__ import annotations
