@@ -9,7 +9,8 @@ inference goes to the model version's own threads (``CTRSERVE_BACKEND_EXECUTION`
   a request arriving meanwhile does not wait behind one holding the event loop while an
   inference thread idles. A sequential client never overlaps and stays inline.
 
-The measurements behind each rule are in docs/decisions.md ("Execution modes").
+The measurements behind each rule are in docs/decisions.md ("Inline execution", "`auto`
+execution becomes the default", "`auto` leaves the event loop free once requests overlap").
 """
 
 from __future__ import annotations

@@ -3,8 +3,8 @@ and the access log, for every HTTP request; and the direct path of ``POST /v1/sc
 
 Scoring requests go straight to ``api.score``: FastAPI's and Starlette's generic layers (server
 error, exception handling, exit stacks, routing, dependency solving) do nothing for them and
-cost a measurable share of the event loop's CPU per request (docs/decisions.md, "Scoring
-requests enter the gateway directly"). Everything else goes to the FastAPI app. While FastAPI's
+cost a measurable share of the event loop's CPU per request (docs/decisions.md, "POST
+/v1/score skips FastAPI's generic wrappers"). Everything else goes to the FastAPI app. While FastAPI's
 OpenTelemetry instrumentation is on, scoring goes through FastAPI too (its route calls the same
 ``api.score``), so that it is traced.
 """

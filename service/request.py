@@ -45,7 +45,8 @@ ModelSpec = Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.\
 
 class Candidate(TypedDict):
     """A TypedDict, not a BaseModel: the same validation and schema, but validated candidates stay
-    dicts — no model object built per candidate (docs/decisions.md, "Candidates as TypedDict")."""
+    dicts — no model object built per candidate (docs/decisions.md, "Gateway CPU per request:
+    candidates as TypedDicts")."""
 
     __pydantic_config__ = ConfigDict(extra="forbid", coerce_numbers_to_str=True, allow_inf_nan=False)  # type: ignore[misc]
     item_id: Annotated[Id, Field(description="Raw item id (as in the dataset); numbers are accepted as strings.")]

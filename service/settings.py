@@ -128,7 +128,8 @@ class BackendSettings(BaseSettings):
                             "both paths the store read sent ahead (`CTRSERVE_STORE_EARLY_READ`) is collected as "
                             "inline does.")
     # 2: with `auto`, two requests that arrive together compute on both cores; 1 left the second
-    # core to the event loop, Redis and the load generator (docs/decisions.md, "Two inference threads")
+    # core to the event loop, Redis and the load generator (docs/decisions.md, "Two inference threads per
+    # model version")
     pool_threads: int = Field(2, ge=1, description="Threads running one model version's embedded inference off the "
                                                    "event loop (each version has its own; `thread` and `auto` "
                                                    "execution).")
