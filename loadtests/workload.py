@@ -150,8 +150,8 @@ def _contexts(prepared: Path, n: int, rng: np.random.Generator) -> list[dict[str
     feats = [f for f in fmap.features if f.side == "context" and f.kind == "sparse"]
     out = []
     for r in rng.integers(0, len(test[fmap.label]), n):
-        codes = {f: int(test[f.name][r]) for f in feats}
-        out.append({f.name: vocab[f.embedding or f.name][code - 2] for f, code in codes.items() if code >= 2})
+        codes = [(f, int(test[f.name][r])) for f in feats]
+        out.append({f.name: vocab[f.embedding or f.name][code - 2] for f, code in codes if code >= 2})
     return out
 
 
