@@ -1,20 +1,11 @@
-"""``ctrserve bench graph``: how well the benchmark model's ONNX graph uses one core, in isolation.
+"""``ctrserve bench graph``: how well the benchmark model's ONNX graph uses one core, in isolation,
+cheap enough to run after every graph change (``bench all`` reports the same ratio among others).
 
-``bench all`` reports ``ort_gflops_over_peak`` once, between many other figures. This command
-answers only that question and is cheap enough to run after every graph change:
-
-* the benchmark run (``ensure_run``: MGDIN, synthetic data, L = 600) exported with the current
-  code to a scratch repository (parity-gated as always), unless ``--onnx`` names a file;
-* op counts of the exported graph and of ONNX Runtime's optimised graph (what actually runs);
-* FLOPs of one 100-candidate request (``flops.count_flops``), the fp32 matmul peak
-  (``flops.sgemm_peak``) and ORT's p50 — the same ratio ``bench all`` reports;
-* ``--compare FILE`` (repeatable): other ONNX files of the same model (e.g. an older export), timed
-  interleaved with the current one, round by round, so a busy machine hits every variant alike;
-* ORT's per-operator profile of the first graph (``flops.ort_profile_events``).
-
-Sessions are set up as the gateway's backend (``harness.ort_session``: 1 intra-op thread,
-sequential, full graph optimisation). Nothing is recorded in docs/: the figures of record come
-from ``bench all``.
+The benchmark run exported with the current code (or ``--onnx FILE``): op counts of the graph and
+of ONNX Runtime's optimised graph, FLOPs of one request, the fp32 matmul peak, ORT's p50 (sessions
+as the gateway's backend, ``harness.ort_session``) and GFLOP/s over the peak; ``--compare FILE``
+times other exports of the same model interleaved with it; ORT's per-operator profile of the first
+graph. Nothing is recorded in docs/: the figures of record come from ``bench all``.
 """
 
 from __future__ import annotations

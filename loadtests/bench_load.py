@@ -1,11 +1,9 @@
 """``ctrserve bench load``: the whole serving stack under Locust, headless, bounded in time.
 
-Steps: a trained run (reused, or a tiny MGDIN trained on synthetic data with L = 600) -> ONNX
-export -> private redis-server, bulk-loaded -> a traffic pool (users, items, contexts) from the
-loaded store -> the gateway (subprocess, configured workers; embedded ONNX Runtime, or the local
-Triton binary) -> a Locust warm-up run (discarded) -> the measured Locust run -> CSV stats, a
-summary (p50/p95/p99/max, requests/s, candidates/s, error rate, CPU of the load generator and
-of the gateway) and plots (latency over time, histogram). Every child is stopped on exit.
+The benchmark run exported to ONNX, a private redis-server bulk-loaded with its data, a traffic pool
+from what was loaded, the gateway (embedded ONNX Runtime or the local Triton binary), a discarded
+Locust warm-up, the measured run -> CSV stats, a summary (latency percentiles, requests/s,
+candidates/s, errors, CPU of Locust and the gateway) and a plot. Every child is stopped on exit.
 """
 
 from __future__ import annotations

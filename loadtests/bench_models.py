@@ -1,20 +1,12 @@
 """``ctrserve bench models``: per-request latency of one exported model by runtime and batch size.
 
 One request = one user (batch-1 user tensors incl. the behaviour sequence) and B candidates
-(B = 1, 100, 1000), built from the run's test split. Runtimes, all single-threaded so they
-compare like for like on a 2-core machine:
-
-* ``eager``        PyTorch eval mode, the serving wrapper, ``torch.no_grad`` (export/runtimes.py)
-* ``torchscript``  the exported, frozen ``model.pt`` (warmed up: the profiling executor
-  specialises on the first calls)
-* ``ort``          ONNX Runtime in-process on the exported ``model.onnx`` (1 intra-op thread,
-  no spinning): what the gateway's embedded backend does
-* ``triton_grpc`` / ``triton_http``  the same ONNX file through the local tritonserver
-  (Python backend -> ONNX Runtime), tritonclient on the same machine
-
-The Triton hop is reported as ``triton_hop_ms_batchB`` (triton gRPC p50 - ORT p50) and
-``triton_hop_ratio_bB`` (triton gRPC p50 / ORT p50). Variants run interleaved in rounds so
-machine noise hits them alike.
+(B = 1, 100, 1000; test-split rows, or the requests ``bench all`` assembles). Runtimes, each on one
+compute thread: ``eager`` (PyTorch eval, the serving wrapper, export/runtimes.py), ``torchscript``
+(the frozen export, warmed up), ``ort`` (ONNX Runtime in-process, as the gateway's embedded
+backend), ``triton_grpc`` / ``triton_http`` (the same ONNX file through the local tritonserver's
+Python backend). The Triton hop: ``triton_hop_ms_batchB`` (gRPC p50 - ORT p50) and
+``triton_hop_ratio_bB``. Variants run interleaved in rounds so machine noise hits them alike.
 """
 
 from __future__ import annotations

@@ -1,12 +1,9 @@
 """The baseline a user might write instead of the gateway: FastAPI + the PyTorch model, eagerly.
 
-The client sends already-encoded features (no feature store, no vocabulary): the user side once
-(profile values and the whole behaviour sequence as lists) and one list per candidate-side
-input. A plain ``def`` endpoint (FastAPI runs it in its thread pool) validates the body with
-pydantic, builds the arrays and runs the trained model (export/runtimes.py ``EagerModel``: the
-export's serving wrapper, which broadcasts the user side to the candidates) under
-``torch.no_grad`` with torch's default threads. Measured under the same Locust load as the
-gateway (``--mode baseline``).
+The client sends already-encoded features (the user side once, one list per candidate-side
+input); a plain ``def`` endpoint (FastAPI's thread pool) validates the body with pydantic and runs
+the trained model (export/runtimes.py ``EagerModel``) with torch's default threads. Measured
+under the same Locust load as the gateway (``--mode baseline``).
 
     python -m ctrserve.loadtests.eager_baseline --run work/runs/... --port 8100
 """
