@@ -28,7 +28,7 @@ import numpy as np
 import typer
 
 from .bench_all_load import LoadSteps
-from .harness import Figures, Log, machine_facts, ort_session, p50, run_steps
+from .harness import Figures, Log, console_log, machine_facts, ort_session, p50, run_steps
 from .stats import percentiles, stage_breakdown
 from .traffic import Bodies, CandidateDist
 from .workload import assemble_request, bench_dir, build_pool, check_execution, ensure_export, ensure_run, prepared_of
@@ -353,7 +353,7 @@ def all_cmd(
     opts = Options(model, candidates, workers, pool_threads, execution=execution,
                    with_triton=triton, record=record)
     try:
-        out = ServingRun(plan, opts, run_dir, console.print).run()
+        out = ServingRun(plan, opts, run_dir, console_log(console)).run()
     except (RuntimeError, ValueError, FileNotFoundError) as exc:
         console.print(f"[red]error:[/] {exc}")
         raise typer.Exit(1) from None

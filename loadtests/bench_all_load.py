@@ -1,7 +1,7 @@
 """The Locust steps of ``ctrserve bench all`` (6 and 7) and the figures that combine steps: the
 saturation search, the soak at half its rate with the queueing bound of ideal servers on the
-soak's own send times, the eager FastAPI baseline under the
-same load, the plots, the verdicts on the targets and the notes."""
+soak's own send times, the eager FastAPI baseline under the same load, the plots, the verdicts
+on the targets and the notes."""
 
 from __future__ import annotations
 

@@ -18,7 +18,7 @@ from typing import Annotated, Any
 import numpy as np
 import typer
 
-from .harness import interleave, ort_session
+from .harness import console_log, interleave, ort_session
 from .workload import bench_dir, build_requests, ensure_run, prepared_of
 
 
@@ -134,7 +134,7 @@ def graph_cmd(
         console.print("[red]error:[/] --candidates, --rounds, --per-round and --profile-runs must be >= 1")
         raise typer.Exit(2)
     try:
-        out = run(onnx, compare, candidates, rounds, per_round, profile_runs, run_dir, log=console.print)
+        out = run(onnx, compare, candidates, rounds, per_round, profile_runs, run_dir, log=console_log(console))
     except (RuntimeError, ValueError, FileNotFoundError) as exc:
         console.print(f"[red]error:[/] {exc}")
         raise typer.Exit(1) from None

@@ -63,6 +63,11 @@ def run_steps(name: str, steps: Sequence[tuple[str, Callable[[], object]]], log:
     return seconds
 
 
+def console_log(console: Any) -> Log:
+    """``console.print`` without rich markup: the step lines start with ``[bench ...]``."""
+    return lambda *parts: console.print(*parts, markup=False)
+
+
 def machine_facts(**extra: str) -> dict[str, Any]:
     """Where the figures were measured: cores, CPU, Python and library versions, load average."""
     cpu = platform.processor() or "unknown"
