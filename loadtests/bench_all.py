@@ -1,23 +1,16 @@
 """``ctrserve bench all``: every serving figure in one run, so the ratios compare like with like.
 
-One command, one process, in this order (each figure is compared only with figures of the same
-run; machine facts incl. the load average at start go into every section):
-
-1. ``bench store`` (feature-store fetch, its own private Redis) -> section ``store``
-2. the benchmark model (tiny MGDIN, synthetic, L = 600), exported to ONNX; a private Redis
-   bulk-loaded with its dataset; a traffic pool; ONE fixed request (the most active user, B
-   candidates) assembled by the gateway's own code from the store -> the inputs every runtime
-   below gets
-3. ``bench models`` on those inputs: eager / TorchScript / ORT / local Triton at B = 1, 100,
-   1000 -> section ``models`` (incl. ``triton_hop_ms_batch1``)
-4. FLOPs of the 100-candidate request (ONNX graph), fp32 matmul peak, ORT per-operator profile,
-   raw ORT throughput on the cores the gateway gets
-5. the gateway (subprocess): sequential requests interleaved with raw ORT calls on the same
-   inputs -> ``e2e_p50_ms``, ``ort_p50_ms`` and the per-layer cost from its /metrics
-6. Locust: step the users up until requests/s stop growing (saturation); a soak at half the
-   saturation rate (p99/p50 and errors); a py-spy profile at saturation
-7. the eager FastAPI baseline under the same Locust load
--> section ``serving`` of docs/benchmarks.json / .md, plots in docs/img/.
+Steps, in one process (machine facts incl. the load average at start go into every section):
+1. ``bench store`` -> section ``store``; 2. the benchmark model (tiny MGDIN, synthetic, L = 600)
+exported to ONNX, a private Redis bulk-loaded with its dataset, a traffic pool and ONE fixed
+request (the most active user, B candidates) assembled by the gateway's own code from the store;
+3. ``bench models`` on those inputs -> section ``models``; 4. FLOPs of the 100-candidate request,
+fp32 matmul peak, ORT per-operator profile, raw ORT throughput; 5. the gateway (subprocess):
+sequential requests interleaved with raw ORT on the same inputs, per-layer cost from /metrics;
+6. Locust: users stepped up to saturation, a soak at half that rate; 7. the eager FastAPI
+baseline under the same load (bench_all_load.py) -> section ``serving``, plots in docs/img/
+(``--no-record``: nothing written to docs/, the plots go beside the raw files).
+Each step is a method of ``ServingRun`` adding (name, value, meaning) rows to one ``Figures``.
 """
 
 from __future__ import annotations
@@ -25,21 +18,23 @@ from __future__ import annotations
 import asyncio
 import math
 import os
-import threading
 import time
 from dataclasses import dataclass
+from importlib.metadata import version
 from pathlib import Path
 from typing import Annotated, Any
 
 import numpy as np
 import typer
 
-from .run_load import bench_dir, build_pool, check_execution, ensure_export, ensure_run, measure, plot_run, prepared_of
-from .stats import fifo_responses, load_samples, parse_prometheus, percentiles, saturation, stage_breakdown
+from .bench_all_load import LoadSteps
+from .harness import Figures, Log, console_log, machine_facts, ort_session, p50, run_steps
+from .stats import percentiles, stage_breakdown
 from .traffic import Bodies, CandidateDist
+from .workload import assemble_request, bench_dir, build_pool, check_execution, ensure_export, ensure_run, prepared_of
 
 SECTION = "serving"
-MAX_USERS = 64
+BATCHES = [1, 100, 1000]
 
 
 @dataclass(frozen=True)
@@ -58,7 +53,6 @@ class Plan:
     steps: tuple[int, ...] = (1, 2, 4, 8, 16, 32)
     step_s: float = 20
     soak_s: float = 300
-    profile_s: float = 15
     baseline_s: float = 60
     warmup_s: float = 5
 
@@ -66,70 +60,29 @@ class Plan:
     def quick(cls, soak_s: float | None = None) -> Plan:
         return cls(store_rounds=1, store_per_round=100, models_rounds=1, models_per_round=10,
                    models_per_round_large=3, parity_rows=100, e2e_rounds=2, e2e_per_round=15, throughput_s=3,
-                   steps=(1, 4, 16), step_s=6, soak_s=soak_s or 20, profile_s=6, baseline_s=8, warmup_s=2)
+                   steps=(1, 4, 16), step_s=6, soak_s=soak_s or 20, baseline_s=8, warmup_s=2)
 
 
-# -- one fixed request through the gateway's own code ----------------------------------------
-async def _assemble(version_dir: Path, redis_url: str, namespace: str, user: str, items: list[str],
-                    context: dict[str, Any], batches: list[int], reps: int) -> dict[str, Any]:
-    """Inputs per B (the gateway's store read + assembly), and in-process timings of both at B=100."""
-    from ctrserve.contract.manifest import Manifest
-    from ctrserve.contract.store_schema import StoreSchema
-    from ctrserve.feature_store.config import RedisStoreConfig
-    from ctrserve.feature_store.redis_store import RedisOnlineStore
-    from ctrserve.service.assemble import Assembler
+@dataclass(frozen=True)
+class Options:
+    """What the command line chooses besides the plan."""
 
-    assembler = Assembler.from_dir(version_dir)
-    schema = StoreSchema.from_feature_map(Manifest.load(version_dir).feature_map)
-    # the gateway's store settings (item cache on, as served), only the URL differs
-    async with RedisOnlineStore(schema, RedisStoreConfig(url=redis_url, timeout_ms=1000), namespace) as store:
-        inputs = {}
-        for b in batches:
-            stored = await store.online_read(user, items[:b])
-            if stored.user_missing or len(stored.missing_items):
-                raise RuntimeError(f"benchmark request: user {user} or {len(stored.missing_items)} items not in "
-                                   "the store")
-            inputs[b] = assembler.assemble(user, items[:b], stored, context)
-        fetch, assembly = [], []
-        b = 100 if 100 in batches else batches[0]
-        for _ in range(reps):
-            t0 = time.perf_counter()
-            stored = await store.online_read(user, items[:b])
-            t1 = time.perf_counter()
-            assembler.assemble(user, items[:b], stored, context)
-            t2 = time.perf_counter()
-            fetch.append((t1 - t0) * 1e3)
-            assembly.append((t2 - t1) * 1e3)
-    return {"inputs": inputs, "fetch_ms": fetch, "assembly_ms": assembly}
-
-
-def _ort_session(path: Path, threads: int = 1) -> Any:
-    import onnxruntime as ort
-
-    opts = ort.SessionOptions()  # as the gateway's backend: sequential, full graph optimisation
-    opts.intra_op_num_threads = threads
-    opts.inter_op_num_threads = 1
-    opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
-    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    opts.log_severity_level = 3
-    return ort.InferenceSession(str(path), sess_options=opts, providers=["CPUExecutionProvider"])
-
-
-def run_threads(work: Any, n: int) -> float:
-    """Run ``work(k)`` for k = 0..n-1 on n threads at once; the wall-clock seconds until all return."""
-    t0 = time.monotonic()
-    pool = [threading.Thread(target=work, args=(k,)) for k in range(n)]
-    for t in pool:
-        t.start()
-    for t in pool:
-        t.join()
-    return time.monotonic() - t0
+    model: str = "mgdin"
+    candidates: str = "fixed:100"
+    workers: int = 1
+    pool_threads: int = 2
+    pool_users: int = 1000
+    execution: str = "auto"
+    with_triton: bool = True
+    record: bool = True
 
 
 def ort_throughput(sess: Any, full: dict[str, np.ndarray], user_names: set[str], dist: CandidateDist,
                    threads: int, seconds: float) -> dict[str, float]:
     """Raw ORT candidates/s with ``threads`` Python threads sharing one session (the gateway's
     setup), requests sized by ``dist`` (candidate-side inputs sliced from ``full``)."""
+    from .harness import run_threads
+
     stop = time.monotonic() + seconds
     counts = [[0, 0] for _ in range(threads)]
 
@@ -137,8 +90,7 @@ def ort_throughput(sess: Any, full: dict[str, np.ndarray], user_names: set[str],
         rng = np.random.default_rng(k)
         while time.monotonic() < stop:
             n = dist.sample(rng)
-            feed = {name: a if name in user_names else a[:n] for name, a in full.items()}
-            sess.run(None, feed)
+            sess.run(None, {name: a if name in user_names else a[:n] for name, a in full.items()})
             counts[k][0] += 1
             counts[k][1] += n
 
@@ -146,8 +98,10 @@ def ort_throughput(sess: Any, full: dict[str, np.ndarray], user_names: set[str],
     return {"rps": sum(c[0] for c in counts) / wall, "candidates_per_s": sum(c[1] for c in counts) / wall}
 
 
-def _metrics(port: int) -> dict:
+def gateway_metrics(port: int) -> dict:
+    """The gateway's /metrics, parsed."""
     from .stack import http_get
+    from .stats import parse_prometheus
 
     status, text = http_get(f"http://127.0.0.1:{port}/metrics", timeout=10)
     if status != 200:
@@ -161,6 +115,7 @@ def e2e_interleaved(port: int, body: bytes, sess: Any, inputs: dict[str, np.ndar
     same inputs, interleaved in rounds so machine noise hits both alike."""
     import orjson
 
+    from .harness import interleave
     from .stack import KeepAliveClient
 
     conn = KeepAliveClient(port)
@@ -172,384 +127,206 @@ def e2e_interleaved(port: int, body: bytes, sess: Any, inputs: dict[str, np.ndar
     if status != 200:
         raise RuntimeError(f"gateway answered {status}: {content[:300]!r}")
     diff = float(np.max(np.abs(np.asarray(orjson.loads(content)["scores"]) - ref)))
-    before = _metrics(port)
-    e2e, ort = [], []
-    for _ in range(rounds):
-        for _ in range(per_round):
-            t0 = time.perf_counter()
-            status, _ = conn.post("/v1/score", body)
-            e2e.append((time.perf_counter() - t0) * 1e3)
-            if status != 200:
-                raise RuntimeError(f"gateway answered {status} during the e2e measurement")
-        for _ in range(per_round):
-            t0 = time.perf_counter()
-            sess.run(None, inputs)
-            ort.append((time.perf_counter() - t0) * 1e3)
-    stages = stage_breakdown(before, _metrics(port))
+
+    def request(_i: int) -> None:
+        if conn.post("/v1/score", body)[0] != 200:
+            raise RuntimeError("the gateway answered an error during the e2e measurement")
+
+    before = gateway_metrics(port)
+    samples = interleave({"e2e": request, "ort": lambda _i: sess.run(None, inputs)}, rounds, per_round)
+    stages = stage_breakdown(before, gateway_metrics(port))
     conn.close()
-    return {"e2e_ms": e2e, "ort_ms": ort, "stages": stages, "max_abs_diff_vs_ort": diff}
+    return {"e2e_ms": samples["e2e"], "ort_ms": samples["ort"], "stages": stages, "max_abs_diff_vs_ort": diff}
 
 
-# -- plots -----------------------------------------------------------------------------------
-def plot_saturation(steps: list[dict[str, float]], out: Path, title: str) -> Path:
-    import matplotlib
+class ServingRun(LoadSteps):
+    """One ``bench all`` run: the steps share this object's state and add to its figures."""
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    def __init__(self, plan: Plan, opts: Options, run_dir: Path | None, log: Log):
+        self.plan, self.opts, self.log = plan, opts, log
+        self.dist = CandidateDist.parse(opts.candidates)
+        self.run_dir = Path(run_dir) if run_dir else None
+        self.fig, self.notes = Figures(), []
+        self.work = bench_dir() / "all"
+        self.models_out: dict[str, Any] | None = None
+        self.store_out: dict[str, Any] = {}
 
-    users = [s["users"] for s in steps]
-    fig, ax = plt.subplots(figsize=(6.5, 4))
-    ax.plot(users, [s["rps"] for s in steps], "o-", label="requests/s")
-    ax.set_xscale("log", base=2)
-    ax.set_xlabel("Locust users (closed loop)")
-    ax.set_ylabel("requests/s")
-    lat = ax.twinx()
-    lat.plot(users, [s["p50_ms"] for s in steps], "s--", color="tab:orange", label="p50 ms")
-    lat.plot(users, [s["p99_ms"] for s in steps], "^:", color="tab:red", label="p99 ms")
-    lat.set_ylabel("latency (ms)")
-    fig.legend(loc="upper left", bbox_to_anchor=(0.12, 0.88), fontsize=8)
-    ax.set_title(title, fontsize=9)
-    fig.tight_layout()
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out, dpi=90)
-    plt.close(fig)
-    return out
+    # -- 1. feature store ----------------------------------------------------------------------
+    def store(self) -> None:
+        """``bench store`` (its own Redis and schema, L = 600, 100 candidates)."""
+        from .bench_store import run
 
+        self.store_out = run(rounds=self.plan.store_rounds, per_round=self.plan.store_per_round,
+                             record=self.opts.record)
 
-# -- the run ---------------------------------------------------------------------------------
-def _p50(xs: list[float]) -> float:
-    return percentiles(np.asarray(xs), (50,))[0]
-
-
-def run_all(plan: Plan, run_dir: Path | None = None, model: str = "mgdin", candidates: str = "fixed:100",
-            workers: int = 1, pool_threads: int = 2, pool_users: int = 1000, profile: bool = True,
-            execution: str = "auto",
-            with_triton: bool = True, log: Any = print) -> dict[str, Any]:
-    import onnxruntime
-    import torch
-
-    from ctrserve.paths import REPO_ROOT
-
-    from . import bench_models, bench_store, flops, profiles
-    from .report import machine_facts, record_section, write_markdown
-    from .stack import Stack, free_port, py_spy
-
-    dist = CandidateDist.parse(candidates)
-    check_execution(execution)  # before the model sections, not when the gateway starts
-    t_start = time.time()
-    from importlib.metadata import version  # never import locust here: it monkey-patches threads (gevent)
-
-    pool = "" if execution == "inline" else f", {pool_threads} inference threads"
-    facts = machine_facts(torch=torch.__version__, onnxruntime=onnxruntime.__version__, locust=version("locust"),
-                          fastapi=version("fastapi"), uvicorn=version("uvicorn"),
-                          threads=f"gateway: {workers} worker(s), {execution} execution, ORT intra-op 1 / inter-op 1"
-                                  f"{pool}; raw ORT: intra-op 1; torch: {torch.get_num_threads()} "
-                                  "(eager baseline: torch default)")
-    log(f"[bench all] start, load average {facts.get('load_avg_1m')}")
-    img_dir = REPO_ROOT / "docs" / "img"
-    work = bench_dir() / "all"
-
-    # 1. feature store (its own Redis and schema, L = 600, 100 candidates)
-    log("[bench all] 1/7 feature store fetch")
-    store = bench_store.run(rounds=plan.store_rounds, per_round=plan.store_per_round)
-
-    # 2. model, store, pool, the fixed request
-    log("[bench all] 2/7 model, export, Redis, traffic pool")
-    run_dir = Path(run_dir) if run_dir else ensure_run(model)
-    repo = bench_dir() / "model_repository"
-    version_dir = ensure_export(run_dir, repo, model)
-    model_file = version_dir / "model.onnx"
-    fig: dict[str, tuple[Any, str]] = {}
-    notes: list[str] = []
-    with Stack(work) as stack:
-        redis_url = stack.redis()
-        pool = build_pool(run_dir, version_dir, redis_url, pool_users, baseline=True)
-        pool_file = work / "pool.json"
-        pool.save(pool_file)
-        max_b = max(1000, dist.max)
-        gw_bodies = Bodies(pool, max_b, "gateway")
-        items = [pool.items[i] for i in gw_bodies.order(0)]
-        batches = [1, 100, 1000]
-        comp = asyncio.run(_assemble(version_dir, redis_url, prepared_of(run_dir).name, pool.users[0],
-                                     items, pool.contexts[0], sorted({*batches, max_b}), 50 if plan.e2e_rounds > 2
-                                     else 20))
-        inputs = comp["inputs"]
+    # -- 2. model, store, pool, the fixed request ----------------------------------------------
+    def workload(self) -> None:
         from ctrserve.contract.manifest import Manifest
 
+        self.run_dir = self.run_dir or ensure_run(self.opts.model)
+        self.repo = bench_dir() / "model_repository"
+        version_dir = ensure_export(self.run_dir, self.repo, self.opts.model)
+        self.model_file = version_dir / "model.onnx"
+        self.redis_url = self.stack.redis()
+        self.pool = build_pool(self.run_dir, version_dir, self.redis_url, self.opts.pool_users, baseline=True)
+        self.pool_file = self.work / "pool.json"
+        self.pool.save(self.pool_file)
+        max_b = max(1000, self.dist.max)
+        bodies = Bodies(self.pool, max_b, "gateway")
+        items = [self.pool.items[i] for i in bodies.order(0)]
+        request = asyncio.run(assemble_request(version_dir, self.redis_url, prepared_of(self.run_dir).name,
+                                               self.pool.users[0], items, self.pool.contexts[0],
+                                               sorted({*BATCHES, max_b}), 50 if self.plan.e2e_rounds > 2 else 20))
+        self.inputs, self.full = request.inputs, request.inputs[max_b]
         manifest = Manifest.load(version_dir)
-        user_names = {t.name for t in manifest.user_inputs}
+        self.user_names = {t.name for t in manifest.user_inputs}
         seq_names = [f.name for f in manifest.feature_map.sequence_fields]
-        body100 = gw_bodies.get(0, 100)
-        base_body100 = Bodies(pool, max_b, "baseline").get(0, 100)
+        self.seq_len = int(self.inputs[100][seq_names[0]].shape[-1]) if seq_names else 0
+        self.body100 = bodies.get(0, 100)
+        fig, seq_bytes = self.fig, sum(self.inputs[100][n].nbytes for n in seq_names)
+        fig.add("component_store_fetch_p50_ms", round(p50(request.fetch_ms), 3), "in-process `online_read` of the "
+                "same request (gateway store settings, item cache warm), p50")
+        fig.add("component_assembly_p50_ms", round(p50(request.assembly_ms), 3), "in-process assembly of the same "
+                "request, p50")
+        fig.add("http_request_bytes_b100", len(self.body100), "gateway request body, 100 candidates (raw ids + "
+                "context)")
+        fig.add("baseline_request_bytes_b100", len(Bodies(self.pool, max_b, "baseline").get(0, 100)), "eager "
+                "baseline request body, 100 candidates (encoded features, the sequence once)")
+        fig.add("backend_request_bytes_b100", sum(a.nbytes for a in self.inputs[100].values()), "tensor bytes "
+                "handed to the backend per request, 100 candidates")
+        fig.add("backend_sequence_bytes_b100", seq_bytes, f"of which the user sequence (batch 1, L = {self.seq_len}); "
+                f"per candidate it would be {seq_bytes * 100:,} bytes")
 
-        # 3. runtimes on the same inputs
-        log("[bench all] 3/7 runtimes: eager, TorchScript, ORT, Triton at B = 1, 100, 1000")
-        models = bench_models.run_bench(run_dir, rounds=plan.models_rounds, per_round=plan.models_per_round,
-                                        requests={b: inputs[b] for b in batches},
-                                        per_round_large=plan.models_per_round_large, parity_rows=plan.parity_rows) \
-            if with_triton else None
+    # -- 3. runtimes on the same inputs --------------------------------------------------------
+    def models(self) -> None:
+        from .bench_models import run_bench
 
-        # 4. FLOPs, peak, profile, raw throughput
-        log("[bench all] 4/7 FLOPs, fp32 matmul peak, ORT profile, raw ORT throughput")
-        count = flops.count_flops(model_file, inputs[100])
+        plan = self.plan
+        self.models_out = run_bench(self.run_dir, rounds=plan.models_rounds, per_round=plan.models_per_round,
+                                    requests={b: self.inputs[b] for b in BATCHES}, record=self.opts.record,
+                                    per_round_large=plan.models_per_round_large, parity_rows=plan.parity_rows)
+
+    # -- 4. FLOPs, peak, profile, raw throughput -----------------------------------------------
+    def raw_inference(self) -> None:
+        from . import flops
+
+        fig, feed = self.fig, self.inputs[100]
+        count = flops.count_flops(self.model_file, feed)
         # the model timed as the peak is (tight loop, 1 thread), interleaved with it round by round
-        eff = flops.efficiency(_ort_session(model_file), inputs[100], count.total)
-        events = flops.ort_profile_events(model_file, inputs[100], runs=20)
-        by_op = flops.aggregate_profile(events, 20)
-        seq_len = int(inputs[100][seq_names[0]].shape[-1]) if seq_names else 0
-        seq_ms, seq_share = flops.shape_share(events, 20, (100, seq_len)) if seq_len else (0.0, 0.0)
-        sess = _ort_session(model_file)
-        full = inputs[max_b]
+        eff = flops.efficiency(ort_session(self.model_file), feed, count.total)
+        events = flops.ort_profile_events(self.model_file, feed, runs=20)
+        self.by_op = flops.aggregate_profile(events, 20)
+        seq_ms, seq_share = flops.shape_share(events, 20, (100, self.seq_len)) if self.seq_len else (0.0, 0.0)
+        self.flops_total = count.total
+        fig.add("flops_b100", count.total, f"MatMul/Gemm/Conv/Einsum FLOPs of one 100-candidate request "
+                f"({count.nodes} nodes; loadtests/flops.py)")
+        fig.add("ort_gflops", round(eff["gflops"], 2), f"flops_b100 / raw ORT p50 at B = 100 in a tight loop, 1 "
+                f"thread ({eff['model_p50_ms']:.3f} ms; {eff['rounds']} rounds x {eff['reps']} runs interleaved "
+                "with the peak's rounds)")
+        fig.add("sgemm_peak_gflops", round(eff["peak_gflops"], 1), "fp32 n x n matmul peak, 1 thread (best of ORT "
+                "MatMul and numpy at n = 256, 512, 1024; best of the rounds interleaved with the model's)")
+        fig.add("ort_gflops_over_peak", round(eff["ratio"], 4), "ort_gflops / sgemm_peak_gflops (target >= 0.5)")
+        fig.add("ort_sequence_x_candidates_share", round(seq_share, 3), f"share of ORT kernel time in nodes with a "
+                f"[.., 100, .., {self.seq_len}, ..] output: the sequence broadcast to the candidates inside the graph")
+        fig.add("ort_sequence_x_candidates_ms", round(seq_ms, 3), "the same in ms per request (ORT profiler, whose "
+                "timing adds overhead)")
         # the best of 1 thread, the gateway's inference threads (inline: one per worker; thread: the
         # pools of all workers) and one per core: the target compares with the best raw rate on the
-        # machine's cores, which the gateway uses all of (event loop, inference thread, Redis, Locust);
-        # against the gateway's own thread count alone, one inference thread compared with one core
-        infer_threads = workers * (1 if execution == "inline" else pool_threads)
-        cores = os.cpu_count() or 1
-        thr_by = {k: ort_throughput(sess, full, user_names, dist, k, plan.throughput_s)
-                  for k in sorted({1, infer_threads, cores})}
-        thr = max(thr_by.values(), key=lambda x: x["candidates_per_s"])
+        # machine's cores, which the gateway uses all of (event loop, inference thread, Redis, Locust)
+        opts = self.opts
+        infer_threads = opts.workers * (1 if opts.execution == "inline" else opts.pool_threads)
+        self.sess = ort_session(self.model_file)
+        self.thr_by = {k: ort_throughput(self.sess, self.full, self.user_names, self.dist, k, self.plan.throughput_s)
+                       for k in sorted({1, infer_threads, self.cores})}
+        self.thr = max(self.thr_by.values(), key=lambda x: x["candidates_per_s"])
+        fig.add("ort_throughput_candidates_per_s", round(self.thr["candidates_per_s"], 1), "raw ORT candidates/s, "
+                "best of " + ", ".join(f"{k} thread(s) {v['candidates_per_s']:.0f}" for k, v in self.thr_by.items())
+                + f" (threads share one session, as in the gateway; {self.dist} candidates)")
 
-        # 5. gateway end to end, interleaved with raw ORT
-        log("[bench all] 5/7 gateway end to end vs raw ORT (B = 100)")
-        port = free_port()
-        gw = stack.gateway(repo, redis_url, port, workers, pool_threads, execution=execution)
-        host = f"http://127.0.0.1:{port}"
-        e2e = e2e_interleaved(port, body100, sess, inputs[100], plan.e2e_rounds, plan.e2e_per_round)
+    # -- 5. gateway end to end, interleaved with raw ORT ---------------------------------------
+    def e2e(self) -> None:
+        from .stack import free_port
 
-        # 6. Locust: saturation, soak at half of it, profile
-        log("[bench all] 6/7 Locust: saturation steps, soak, profile")
-        measure(stack, host, "warmup", pool_file, plan.steps[0], plan.warmup_s, candidates, skip_s=0)
-        steps: list[dict[str, float]] = []
-        # the planned steps, then doubling (up to MAX_USERS) until requests/s stop growing
-        ladder = list(plan.steps) + [plan.steps[-1] * 2**k for k in range(1, 8) if plan.steps[-1] * 2**k <= MAX_USERS]
-        for users in ladder:
-            r = measure(stack, host, f"step-{users}", pool_file, users, plan.step_s, candidates, server=gw)
-            s = r.summary
-            steps.append({"users": users, "rps": s.rps, "candidates_per_s": s.candidates_per_s, "p50_ms": s.p50_ms,
-                          "p99_ms": s.p99_ms, "error_rate": s.error_rate, "locust_cpu": r.locust_cpu_cores,
-                          "gateway_cpu": r.gateway_cpu_cores, "machine_util": r.machine_util})
-            log(f"    {users:3d} users: {s.rps:7.1f} req/s, p50 {s.p50_ms:7.1f} ms, p99 {s.p99_ms:7.1f} ms, "
-                f"errors {s.errors}, locust CPU {r.locust_cpu_cores:.2f} cores")
-            peak_i, saturated = saturation([(int(x["users"]), x["rps"]) for x in steps])
-            if saturated:
-                break
-        # the knee's users load the gateway for the soak, the profile and the baseline; the rate is
-        # the best any step reached (at most 5 % above the knee's)
-        sat = {**steps[peak_i], **{k: max(x[k] for x in steps) for k in ("rps", "candidates_per_s")}}
-        half_rps = sat["rps"] / 2
-        soak_users = max(2, int(sat["users"]))
-        log(f"    saturation {sat['rps']:.1f} req/s, knee at {sat['users']:.0f} users (seen: {saturated}); soak "
-            f"{plan.soak_s:g} s at {half_rps:.1f} req/s")
-        soak = measure(stack, host, "soak", pool_file, soak_users, plan.soak_s, candidates, target_rps=half_rps,
-                       server=gw)
-        top: list[tuple[str, float]] = []
-        shares: dict[str, float] = {}
-        if profile and plan.profile_s > 0:
-            out = work / "gateway.pyspy.txt"
-            out.unlink(missing_ok=True)
-            with py_spy(gw.pid, out, plan.profile_s) as prof:
-                measure(stack, host, "profile", pool_file, int(sat["users"]), plan.profile_s, candidates, skip_s=0)
-            if prof is not None and out.exists():
-                stacks = profiles.read_collapsed(out)
-                shares = profiles.inclusive_shares(stacks, profiles.GATEWAY_MARKERS)
-                top = profiles.top_self(stacks, 8)
-        stack.stop(gw)
+        opts, fig = self.opts, self.fig
+        self.port = free_port()
+        self.gw = self.stack.gateway(self.repo, self.redis_url, self.port, opts.workers, opts.pool_threads,
+                                     execution=opts.execution)
+        e2e = e2e_interleaved(self.port, self.body100, self.sess, self.inputs[100], self.plan.e2e_rounds,
+                              self.plan.e2e_per_round)
+        self.e2e_ms = e2e["e2e_ms"]
+        e2e_p50, ort_p50 = p50(e2e["e2e_ms"]), p50(e2e["ort_ms"])
+        mean = {k: v["mean_ms"] for k, v in e2e["stages"].items()}
+        in_app = mean.get("request_in_app", math.nan)
+        stage_sum = sum(mean.get(k, 0.0) for k in ("route", "feature_fetch", "assembly", "inference"))
+        e2e_mean, ort_mean = float(np.mean(e2e["e2e_ms"])), float(np.mean(e2e["ort_ms"]))
+        fig.add("e2e_p50_ms", round(e2e_p50, 3), "gateway end to end, one client, sequential, 100 candidates, p50 "
+                "(HTTP request to the answer's last byte; keep-alive raw-socket client, loadtests/stack.py)")
+        fig.add("e2e_p99_ms", round(percentiles(np.asarray(e2e["e2e_ms"]), (99,))[0], 3), "same, p99")
+        fig.add("ort_p50_ms", round(ort_p50, 3), "raw ONNX Runtime in-process on the same assembled inputs, 1 "
+                "intra-op thread, interleaved with the e2e requests, p50")
+        fig.add("e2e_over_ort_p50", round(e2e_p50 / ort_p50, 3), "e2e p50 / raw ORT p50 (target <= 1.25)")
+        fig.add("e2e_minus_ort_p50_ms", round(e2e_p50 - ort_p50, 3), "what the service adds on top of the model, p50")
+        for key, label in (("feature_fetch", "feature fetch (one Redis round trip + decode)"),
+                           ("assembly", "assembly (feature map -> tensors)"),
+                           ("inference", f"inference (ORT, {opts.execution} execution)"), ("route", "A/B routing")):
+            if key in mean:
+                fig.add(f"layer_{key}_mean_ms", round(mean[key], 3), f"gateway stage mean over the e2e requests: "
+                        f"{label}")
+        fig.add("layer_http_json_in_app_mean_ms", round(in_app - stage_sum, 3), "in the app but outside the "
+                "stages: body parsing/validation, response JSON, middleware, metrics")
+        fig.add("layer_network_server_client_mean_ms", round(e2e_mean - in_app, 3), "client-measured mean - in-app "
+                "mean: loopback TCP, uvicorn/httptools, the client")
+        fig.add("layer_thread_hop_mean_ms", round(mean.get("inference", math.nan) - ort_mean, 3), "inference stage "
+                "mean - raw ORT mean: thread hand-off and wait (thread execution), cache effects of the request's "
+                "other work (both)")
+        fig.add("gateway_scores_max_abs_diff_vs_ort", e2e["max_abs_diff_vs_ort"], "|gateway scores - raw ORT on the "
+                "assembled inputs|: proves the inputs are the same")
+        fig.add("ort_gflops_e2e_interleaved", round(self.flops_total / (ort_p50 / 1e3) / 1e9, 2), "flops_b100 / "
+                "ort_p50_ms (ORT timed between gateway requests, as the e2e ratio uses it)")
+        self.notes.append("Layer costs (means, ms, over the sequential e2e requests): " + ", ".join(
+            f"{k} {v['mean_ms']:.2f}" for k, v in e2e["stages"].items()) + f"; client e2e {e2e_mean:.2f}; raw ORT "
+            f"{ort_mean:.2f}.")
 
-        # 7. eager FastAPI baseline under the same load
-        log("[bench all] 7/7 eager FastAPI baseline under the same Locust load")
-        bport = free_port()
-        base = stack.baseline(run_dir, bport)
-        bhost = f"http://127.0.0.1:{bport}"
-        measure(stack, bhost, "baseline-warmup", pool_file, int(sat["users"]), plan.warmup_s, candidates,
-                mode="baseline", skip_s=0)
-        baseline = measure(stack, bhost, "baseline", pool_file, int(sat["users"]), plan.baseline_s, candidates,
-                           mode="baseline", server=base)
+    # -- the run -------------------------------------------------------------------------------
+    def run(self) -> dict[str, Any]:
+        from ctrserve.paths import REPO_ROOT
 
-    # -- figures -----------------------------------------------------------------------------
-    soak_s = soak.summary
-    e2e_p50, ort_p50 = _p50(e2e["e2e_ms"]), _p50(e2e["ort_ms"])
-    st = e2e["stages"]
-    mean = {k: v["mean_ms"] for k, v in st.items()}
-    in_app = mean.get("request_in_app", math.nan)
-    stage_sum = sum(mean.get(k, 0.0) for k in ("route", "feature_fetch", "assembly", "inference"))
-    e2e_mean, ort_mean = float(np.mean(e2e["e2e_ms"])), float(np.mean(e2e["ort_ms"]))
-    gflops = eff["gflops"]
-    gflops_e2e = count.total / (ort_p50 / 1e3) / 1e9
-    seq_bytes = sum(inputs[100][n].nbytes for n in seq_names)
-    backend_bytes = sum(a.nbytes for a in inputs[100].values())
-    fig["e2e_p50_ms"] = (round(e2e_p50, 3), "gateway end to end, one client, sequential, 100 candidates, p50 (HTTP "
-                         "request to the answer's last byte; keep-alive raw-socket client, loadtests/stack.py)")
-    fig["e2e_p99_ms"] = (round(percentiles(np.asarray(e2e["e2e_ms"]), (99,))[0], 3), "same, p99")
-    fig["ort_p50_ms"] = (round(ort_p50, 3), "raw ONNX Runtime in-process on the same assembled inputs, 1 intra-op "
-                         "thread, interleaved with the e2e requests, p50")
-    fig["e2e_over_ort_p50"] = (round(e2e_p50 / ort_p50, 3), "e2e p50 / raw ORT p50 (target <= 1.25)")
-    fig["e2e_minus_ort_p50_ms"] = (round(e2e_p50 - ort_p50, 3), "what the service adds on top of the model, p50")
-    for key, label in (("feature_fetch", "feature fetch (one Redis round trip + decode)"),
-                       ("assembly", "assembly (feature map -> tensors)"),
-                       ("inference", f"inference (ORT, {execution} execution)"), ("route", "A/B routing")):
-        if key in mean:
-            fig[f"layer_{key}_mean_ms"] = (round(mean[key], 3), f"gateway stage mean over the e2e requests: {label}")
-    fig["layer_http_json_in_app_mean_ms"] = (round(in_app - stage_sum, 3), "in the app but outside the stages: "
-                                             "body parsing/validation, response JSON, middleware, metrics")
-    fig["layer_network_server_client_mean_ms"] = (round(e2e_mean - in_app, 3), "client-measured mean - in-app mean: "
-                                                  "loopback TCP, uvicorn/httptools, the client")
-    fig["layer_thread_hop_mean_ms"] = (round(mean.get("inference", math.nan) - ort_mean, 3),
-                                       "inference stage mean - raw ORT mean: thread hand-off and wait (thread "
-                                       "execution), cache effects of the request's other work (both)")
-    fig["component_store_fetch_p50_ms"] = (round(_p50(comp["fetch_ms"]), 3), "in-process `online_read` of the same "
-                                           "request (gateway store settings, item cache warm), p50")
-    fig["component_assembly_p50_ms"] = (round(_p50(comp["assembly_ms"]), 3), "in-process assembly of the same "
-                                        "request, p50")
-    fig["gateway_scores_max_abs_diff_vs_ort"] = (e2e["max_abs_diff_vs_ort"], "|gateway scores - raw ORT on the "
-                                                 "assembled inputs|: proves the inputs are the same")
-    fig["http_request_bytes_b100"] = (len(body100), "gateway request body, 100 candidates (raw ids + context)")
-    fig["baseline_request_bytes_b100"] = (len(base_body100), "eager baseline request body, 100 candidates "
-                                          "(encoded features, the sequence once)")
-    fig["backend_request_bytes_b100"] = (backend_bytes, "tensor bytes handed to the backend per request, 100 "
-                                         "candidates")
-    fig["backend_sequence_bytes_b100"] = (seq_bytes, f"of which the user sequence (batch 1, L = {seq_len}); per "
-                                          f"candidate it would be {seq_bytes * 100:,} bytes")
-    fig["flops_b100"] = (count.total, f"MatMul/Gemm/Conv/Einsum FLOPs of one 100-candidate request "
-                         f"({count.nodes} nodes; loadtests/flops.py)")
-    fig["ort_gflops"] = (round(gflops, 2), f"flops_b100 / raw ORT p50 at B = 100 in a tight loop, 1 thread "
-                         f"({eff['model_p50_ms']:.3f} ms; {eff['rounds']} rounds x {eff['reps']} runs interleaved "
-                         "with the peak's rounds)")
-    fig["ort_gflops_e2e_interleaved"] = (round(gflops_e2e, 2), "flops_b100 / ort_p50_ms (ORT timed between "
-                                         "gateway requests, as the e2e ratio uses it)")
-    fig["sgemm_peak_gflops"] = (round(eff["peak_gflops"], 1), "fp32 n x n matmul peak, 1 thread (best of ORT "
-                                "MatMul and numpy at n = 256, 512, 1024; best of the rounds interleaved with "
-                                "the model's)")
-    fig["ort_gflops_over_peak"] = (round(eff["ratio"], 4), "ort_gflops / sgemm_peak_gflops "
-                                   "(target >= 0.5)")
-    fig["ort_sequence_x_candidates_share"] = (round(seq_share, 3), f"share of ORT kernel time in nodes with a "
-                                              f"[.., 100, .., {seq_len}, ..] output: the sequence broadcast to the "
-                                              "candidates inside the graph")
-    fig["ort_sequence_x_candidates_ms"] = (round(seq_ms, 3), "the same in ms per request (ORT profiler, whose "
-                                           "timing adds overhead)")
-    fig["ort_throughput_candidates_per_s"] = (round(thr["candidates_per_s"], 1), "raw ORT candidates/s, best of "
-                                              + ", ".join(f"{k} thread(s) {v['candidates_per_s']:.0f}"
-                                                          for k, v in thr_by.items())
-                                              + f" (threads share one session, as in the gateway; {dist} candidates)")
-    if 1 in thr_by and thr_by[1] is not thr:
-        fig["gateway_over_ort1_throughput"] = (round(sat["candidates_per_s"] / thr_by[1]["candidates_per_s"], 3),
-                                               "saturation candidates/s / raw ORT on one thread (the reference "
-                                               "before session 10)")
-    fig["saturation_rps"] = (round(sat["rps"], 2), f"gateway requests/s at saturation (best step; knee at "
-                             f"{int(sat['users'])} users, {dist} candidates)")
-    fig["saturation_candidates_per_s"] = (round(sat["candidates_per_s"], 1), "candidates/s at saturation")
-    fig["saturation_p50_ms"] = (round(sat["p50_ms"], 3), "p50 at saturation")
-    fig["saturation_p99_ms"] = (round(sat["p99_ms"], 3), "p99 at saturation")
-    fig["gateway_over_ort_throughput"] = (round(sat["candidates_per_s"] / thr["candidates_per_s"], 3),
-                                          "saturation candidates/s / raw ORT candidates/s (target >= 0.8)")
-    free = max(cores - sat["locust_cpu"], 1e-9) / cores
-    fig["gateway_over_ort_throughput_locust_free"] = (
-        round(sat["candidates_per_s"] / (thr["candidates_per_s"] * free), 3),
-        f"the same against raw ORT on the cores the load generator leaves: raw rate x (1 - Locust cores / "
-        f"{cores})")
-    fig["half_saturation_rps"] = (round(soak_s.rps, 2), f"achieved rate of the soak, paced to {half_rps:.1f} "
-                                  f"req/s with {soak_users} users")
-    fig["half_saturation_p50_ms"] = (round(soak_s.p50_ms, 3), "p50 at half saturation")
-    fig["half_saturation_p99_ms"] = (round(soak_s.p99_ms, 3), "p99 at half saturation")
-    fig["p99_over_p50_half_saturation"] = (round(soak_s.p99_ms / soak_s.p50_ms, 3), "p99 / p50 at half the "
-                                           "saturation rate (target <= 2)")
-    # the same send times served by ideal one-at-a-time servers whose service time is the sequential e2e latency
-    soak_samples = load_samples(soak.samples)
-    sent = soak_samples["t"] - soak_samples["ms"] / 1e3
-    sent = sent[soak_samples["t"] >= soak_samples["t"].min() + soak.skip_s]  # the requests the summary kept
-    ideal = {c: percentiles(fifo_responses(sent, np.asarray(e2e["e2e_ms"]), servers=c), (50, 99)) for c in (1, 2)}
-    for c, name in ((1, "single_server"), (2, "two_server")):
-        p50, p99 = ideal[c]
-        fig[f"p99_over_p50_{name}_bound"] = (round(p99 / p50, 3), (
-            "p99 / p50 that an ideal first-come-first-served server would give on the soak's own send times, "
-            "each request served in a sequential e2e latency drawn from this run (stats.fifo_responses): the "
-            "queueing part of the tail, which faster code in a one-at-a-time server (inline execution, one worker) "
-            "cannot remove") if c == 1 else "the same with two ideal servers (two requests served at once)")
-        fig[f"{name}_bound_p50_ms"] = (round(p50, 3), f"the {c}-server bound's p50")
-        fig[f"{name}_bound_p99_ms"] = (round(p99, 3), f"the {c}-server bound's p99 (compare half_saturation_p99_ms)")
-    fig["soak_seconds"] = (round(soak_s.duration_s, 1), "measured soak duration")
-    fig["soak_requests"] = (soak_s.requests, "requests in the soak")
-    fig["soak_errors"] = (soak_s.errors, "failed requests in the soak (status, score count, range checks; target 0)")
-    fig["locust_cpu_cores_saturation"] = (round(sat["locust_cpu"], 3), "CPU of the Locust process at saturation "
-                                          "(1.0 = one core)")
-    fig["gateway_cpu_cores_saturation"] = (round(sat["gateway_cpu"], 3), "CPU of the gateway at saturation")
-    fig["machine_util_saturation"] = (round(sat["machine_util"], 3), "whole-machine CPU use at saturation (0..1; "
-                                      "includes other work on the machine)")
-    bs = baseline.summary
-    fig["eager_fastapi_rps"] = (round(bs.rps, 2), f"eager FastAPI baseline, {int(sat['users'])} users, same traffic")
-    fig["eager_fastapi_p50_ms"] = (round(bs.p50_ms, 3), "its p50")
-    fig["eager_fastapi_errors"] = (bs.errors, "its failed requests")
-    fig["eager_fastapi_over_gateway_throughput"] = (round(bs.candidates_per_s / sat["candidates_per_s"], 3),
-                                                    "baseline candidates/s / gateway candidates/s at the same "
-                                                    "users")
-    if models is not None:
-        fig["models_ort_p50_ms_b100_same_run"] = (models["figures"]["ort_p50_ms_b100"], "ORT p50 at B = 100 from "
-                                                  "the `models` section of this run (test harness of bench models)")
+        from .stack import Stack
 
-    # -- plots and notes ---------------------------------------------------------------------
-    title = f"{model}, {dist} candidates, load avg {facts.get('load_avg_1m')} at start"
-    soak_png = plot_run(soak_samples, img_dir / "bench_soak.png", f"soak at half saturation: {title}")
-    sat_png = plot_saturation(steps, img_dir / "bench_saturation.png", f"saturation: {title}")
-    notes += _verdicts(fig)
-    notes.append(f"Tail at half saturation: measured p50/p99 {soak_s.p50_ms:.2f}/{soak_s.p99_ms:.2f} ms (ratio "
-                 f"{fig['p99_over_p50_half_saturation'][0]:g}); ideal servers on the same send times, serving each "
-                 "request in a sequential e2e latency of this run (queueing alone): one server "
-                 f"{ideal[1][0]:.2f}/{ideal[1][1]:.2f} ms (ratio {ideal[1][1] / ideal[1][0]:.2f}), two servers "
-                 f"{ideal[2][0]:.2f}/{ideal[2][1]:.2f} ms (ratio {ideal[2][1] / ideal[2][0]:.2f}).")
-    notes.append("Layer costs (means, ms, over the sequential e2e requests): " + ", ".join(
-        f"{k} {v['mean_ms']:.2f}" for k, v in st.items()) + f"; client e2e {e2e_mean:.2f}; raw ORT {ort_mean:.2f}.")
-    notes.append("ORT kernel time by operator at B = 100 (ms per request): " + ", ".join(
-        f"{op} {ms:.2f} ({share:.0%})" for op, ms, share in by_op[:8]) + ".")
-    if shares:
-        notes.append(f"py-spy on the gateway at saturation ({plan.profile_s:g} s, share of samples, inclusive): " +
-                     ", ".join(f"{k} {v:.0%}" for k, v in shares.items()) + ".")
-        notes.append("py-spy hottest leaf frames: " + "; ".join(f"`{f[:90]}` {s:.0%}" for f, s in top[:5]) + ".")
-    notes.append("Saturation steps (users: req/s, p50/p99 ms): " + ", ".join(
-        f"{s['users']:.0f}: {s['rps']:.1f}, {s['p50_ms']:.0f}/{s['p99_ms']:.0f}" for s in steps) +
-        ("" if saturated else " — requests/s still grew at the last step: saturation not reached, the figures "
-         "use the best step"))
-    notes.append(f"Method: one `ctrserve bench all` process; the fixed request is the most active pool user with "
-                 f"B candidates, its inputs assembled by the gateway's own code from the store; gateway with "
-                 f"{workers} worker(s); Locust closed-loop users stepped {list(plan.steps)} for {plan.step_s:g} s "
-                 f"each (saturation = the step after which requests/s grew < 5 %); the soak runs at half that rate "
-                 f"(paced users: each sends one request at a random moment of every period, traffic.Pacer) "
-                 f"and gives both p99/p50 and soak_errors; the first 2 s of each Locust run are "
-                 f"dropped. Plots: `{soak_png.relative_to(REPO_ROOT)}`, `{sat_png.relative_to(REPO_ROOT)}`. Raw "
-                 f"files: `{work}`.")
-    notes.append(f"store_fetch_p50_ms ({store['figures']['store_fetch_p50_ms']:.3f} ms) and triton_hop_ms_batch1 "
-                 "come from the `store` and `models` sections, written by this same run.")
-    facts["load_avg_1m_end"] = _loadavg()
-    facts["seconds"] = round(time.time() - t_start)
-    data = record_section(SECTION, "Serving: end to end vs raw inference, saturation, soak, baseline",
-                          "ctrserve bench all", fig, notes, facts)
-    write_markdown(SECTION, data)
-    return {"figures": {k: v for k, (v, _) in fig.items()}, "steps": steps, "notes": notes}
+        check_execution(self.opts.execution)  # before the model sections, not when the gateway starts
+        t_start, opts = time.time(), self.opts
+        self.cores = os.cpu_count() or 1
+        facts = machine_facts(**self.versions())
+        self.log(f"[bench all] start, load average {facts.get('load_avg_1m')}")
+        self.img_dir = REPO_ROOT / "docs" / "img" if opts.record else self.work
+        with Stack(self.work) as self.stack:
+            run_steps("bench all", [
+                ("feature store fetch", self.store), ("model, export, Redis, traffic pool", self.workload),
+                *([("runtimes: eager, TorchScript, ORT, Triton at B = 1, 100, 1000", self.models)]
+                  if opts.with_triton else []),
+                ("FLOPs, fp32 matmul peak, ORT profile, raw ORT throughput", self.raw_inference),
+                ("gateway end to end vs raw ORT (B = 100)", self.e2e),
+                ("Locust: saturation steps, soak", self.load_gateway),
+                ("eager FastAPI baseline under the same Locust load", self.baseline)], self.log)
+        self.finish(facts, t_start)
+        if opts.record:
+            self.fig.record(SECTION, "Serving: end to end vs raw inference, saturation, soak, baseline",
+                            "ctrserve bench all", self.notes, facts)
+        return {"figures": self.fig.values(), "steps": self.steps, "notes": self.notes}
 
+    def versions(self) -> dict[str, str]:
+        import onnxruntime
 
-def _loadavg() -> float:
-    import os
+        from ctrserve.export.runtimes import torch_facts
 
-    return round(os.getloadavg()[0], 1)
-
-
-def _verdicts(fig: dict[str, tuple[Any, str]]) -> list[str]:
-    """One line per target: met or missed, and by how much."""
-    rows = [("e2e p50 <= 1.25 x raw ORT p50", "e2e_over_ort_p50", 1.25, "le"),
-            ("p99 <= 2 x p50 at half saturation", "p99_over_p50_half_saturation", 2.0, "le"),
-            ("zero soak errors", "soak_errors", 0, "le"),
-            ("candidates/s at saturation >= 0.8 x raw ORT", "gateway_over_ort_throughput", 0.8, "ge"),
-            ("ORT GFLOP/s >= 0.5 x fp32 matmul peak", "ort_gflops_over_peak", 0.5, "ge")]
-    out = []
-    for what, key, limit, op in rows:
-        v = fig[key][0]
-        ok = v <= limit if op == "le" else v >= limit
-        if ok:
-            out.append(f"Target {what}: met ({key} = {v:g}).")
-        else:
-            by = (v - limit) if key == "soak_errors" else (v / limit if op == "le" else limit / v if v else math.inf)
-            out.append(f"Target {what}: MISSED ({key} = {v:g}; " +
-                       (f"{by:g} errors" if key == "soak_errors" else f"{by:.2f}x off") + ").")
-    return out
+        opts = self.opts  # never import locust here: it monkey-patches threads (gevent)
+        torch = torch_facts()
+        pool = "" if opts.execution == "inline" else f", {opts.pool_threads} inference threads"
+        return {"torch": torch["torch"], "onnxruntime": onnxruntime.__version__, "locust": version("locust"),
+                "fastapi": version("fastapi"), "uvicorn": version("uvicorn"),
+                "threads": f"gateway: {opts.workers} worker(s), {opts.execution} execution, ORT intra-op 1 / "
+                           f"inter-op 1{pool}; raw ORT: intra-op 1; torch: {torch['torch_threads']} (eager "
+                           "baseline: torch default)"}
 
 
 def all_cmd(
@@ -564,17 +341,19 @@ def all_cmd(
                                                    "execution)")] = 2,
     execution: Annotated[str, typer.Option(
         help="gateway execution: inline, thread or auto (CTRSERVE_BACKEND_EXECUTION)")] = "auto",
-    profile: Annotated[bool, typer.Option(help="py-spy the gateway at saturation")] = True,
     triton: Annotated[bool, typer.Option(help="run the runtime comparison (bench models, incl. Triton)")] = True,
+    record: Annotated[bool, typer.Option(help="write docs/benchmarks.json, .md and docs/img (--no-record: a "
+                                              "trial run that leaves docs/ alone)")] = True,
 ) -> None:
     """Regenerate every serving benchmark in one run -> docs/benchmarks.md and docs/benchmarks.json."""
     from rich.console import Console
 
     console = Console()
     plan = Plan.quick(soak) if quick else Plan(soak_s=soak if soak is not None else 300)
+    opts = Options(model, candidates, workers, pool_threads, execution=execution,
+                   with_triton=triton, record=record)
     try:
-        out = run_all(plan, run_dir, model, candidates, workers, pool_threads, profile=profile, execution=execution,
-                      with_triton=triton, log=console.print)
+        out = ServingRun(plan, opts, run_dir, console_log(console)).run()
     except (RuntimeError, ValueError, FileNotFoundError) as exc:
         console.print(f"[red]error:[/] {exc}")
         raise typer.Exit(1) from None

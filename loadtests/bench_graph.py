@@ -1,32 +1,25 @@
-"""``ctrserve bench graph``: how well the benchmark model's ONNX graph uses one core, in isolation.
+"""``ctrserve bench graph``: how well the benchmark model's ONNX graph uses one core, in isolation,
+cheap enough to run after every graph change (``bench all`` reports the same ratio among others).
 
-``bench all`` reports ``ort_gflops_over_peak`` once, between many other figures. This command
-answers only that question and is cheap enough to run after every graph change:
-
-* the benchmark run (``ensure_run``: MGDIN, synthetic data, L = 600) exported with the current
-  code to a scratch repository (parity-gated as always), unless ``--onnx`` names a file;
-* op counts of the exported graph and of ONNX Runtime's optimised graph (what actually runs);
-* FLOPs of one 100-candidate request (``flops.count_flops``), the fp32 matmul peak
-  (``flops.sgemm_peak``) and ORT's p50 — the same ratio ``bench all`` reports;
-* ``--compare FILE`` (repeatable): other ONNX files of the same model (e.g. an older export), timed
-  interleaved with the current one, round by round, so a busy machine hits every variant alike;
-* ORT's per-operator profile of the first graph (``flops.ort_profile_events``).
-
-Sessions are set up as the gateway's backend (``bench_all._ort_session``: 1 intra-op thread,
-sequential, full graph optimisation). Nothing is recorded in docs/: the figures of record come
-from ``bench all``.
+The benchmark run exported with the current code (or ``--onnx FILE``): op counts of the graph and
+of ONNX Runtime's optimised graph, FLOPs of one request, the fp32 matmul peak, ORT's p50 (sessions
+as the gateway's backend, ``harness.ort_session``) and GFLOP/s over the peak; ``--compare FILE``
+times other exports of the same model interleaved with it; ORT's per-operator profile of the first
+graph. Nothing is recorded in docs/: the figures of record come from ``bench all``.
 """
 
 from __future__ import annotations
 
 import tempfile
-import time
 from collections import Counter
 from pathlib import Path
 from typing import Annotated, Any
 
 import numpy as np
 import typer
+
+from .harness import console_log, interleave, ort_session
+from .workload import bench_dir, build_requests, ensure_run, prepared_of
 
 
 def graph_ops(path: Path) -> Counter[str]:
@@ -55,49 +48,33 @@ def interleaved_latency(paths: dict[str, Path], feed: dict[str, np.ndarray], rou
     """Per-call latency (ms) of each graph on ``feed``: ``rounds`` rounds, every variant ``per_round``
     calls per round, variants alternating (order reversed every other round). Also checks that all
     variants give the same scores (they must be the same model)."""
-    from .bench_all import _ort_session
-
-    sessions = {k: _ort_session(p) for k, p in paths.items()}
+    sessions = {k: ort_session(p) for k, p in paths.items()}
+    feeds = {k: {i.name: feed[i.name] for i in s.get_inputs()} for k, s in sessions.items()}
     ref = None
     for label, sess in sessions.items():
-        names = [i.name for i in sess.get_inputs()]
         for _ in range(20):  # warm-up
-            out = sess.run(None, {n: feed[n] for n in names})[0]
+            out = sess.run(None, feeds[label])[0]
         if ref is None:
             ref = out
         elif out.shape != ref.shape or float(np.max(np.abs(out - ref))) > 1e-4:
             raise RuntimeError(f"{label} gives other scores than {next(iter(paths))}: not the same model")
-    samples: dict[str, list[float]] = {k: [] for k in sessions}
-    round_p50: dict[str, list[float]] = {k: [] for k in sessions}
-    order = list(sessions)
-    for r in range(rounds):
-        for label in order if r % 2 == 0 else order[::-1]:
-            sess = sessions[label]
-            f = {i.name: feed[i.name] for i in sess.get_inputs()}
-            ts = []
-            for _ in range(per_round):
-                t0 = time.perf_counter()
-                sess.run(None, f)
-                ts.append((time.perf_counter() - t0) * 1e3)
-            samples[label] += ts
-            round_p50[label].append(float(np.median(ts)))
-    return {k: {"p50_ms": float(np.median(v)), "round_p50_ms": round_p50[k], "n": len(v)}
+    samples = interleave({k: lambda _i, s=s, f=feeds[k]: s.run(None, f) for k, s in sessions.items()}, rounds,
+                         per_round, alternate=True)
+    return {k: {"p50_ms": float(np.median(v)), "n": len(v),
+                "round_p50_ms": [float(np.median(v[r:r + per_round])) for r in range(0, len(v), per_round)]}
             for k, v in samples.items()}
 
 
 def run(onnx_file: Path | None = None, compare: list[Path] | None = None, candidates: int = 100,
         rounds: int = 6, per_round: int = 200, profile_runs: int = 50, run_dir: Path | None = None,
         log: Any = print) -> dict[str, Any]:
-    import torch
-
     from ctrserve.contract.manifest import Manifest
+    from ctrserve.export import runtimes
     from ctrserve.export.exporter import export_run
 
     from . import flops
-    from .bench_models import build_requests
-    from .run_load import bench_dir, ensure_run, prepared_of
 
-    torch.set_num_threads(1)
+    runtimes.set_threads(1)  # the export and its parity check in this process
     run_dir = Path(run_dir) if run_dir else ensure_run("mgdin")
     if onnx_file is None:
         log(f"[bench graph] exporting {run_dir.name} with the current code (parity-gated)")
@@ -157,7 +134,7 @@ def graph_cmd(
         console.print("[red]error:[/] --candidates, --rounds, --per-round and --profile-runs must be >= 1")
         raise typer.Exit(2)
     try:
-        out = run(onnx, compare, candidates, rounds, per_round, profile_runs, run_dir, log=console.print)
+        out = run(onnx, compare, candidates, rounds, per_round, profile_runs, run_dir, log=console_log(console))
     except (RuntimeError, ValueError, FileNotFoundError) as exc:
         console.print(f"[red]error:[/] {exc}")
         raise typer.Exit(1) from None

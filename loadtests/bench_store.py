@@ -11,20 +11,17 @@ non-transactional pipeline GET (sequence) + MGET (100 items), sync hiredis and
 from __future__ import annotations
 
 import asyncio
-import gc
 import shutil
-import socket
 import subprocess
 import tempfile
-import time
-from collections.abc import Awaitable, Callable, Iterator
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from ctrserve.feature_store import ItemRecords, RedisStoreConfig, SequenceSchema, StoreSchema, UserRecords
+
+from .harness import Figures, interleave_async, latency_stats, machine_facts
 
 SECTION = "store"
 
@@ -56,40 +53,9 @@ def bench_records(n_users: int, n_items: int, max_len: int, seed: int = 0) -> tu
     return users, items
 
 
-@contextmanager
-def private_redis() -> Iterator[tuple[str, str]]:
-    """A throw-away redis-server on a free port: yields (url, server version)."""
-    binary = shutil.which("redis-server")
-    if binary is None:
-        raise RuntimeError("redis-server not found on PATH (install it, e.g. `apt-get install redis-server`)")
-    version = subprocess.run([binary, "--version"], capture_output=True, text=True).stdout.split()[2].split("=")[1]
-    with tempfile.TemporaryDirectory() as tmp, socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-        s.close()
-        proc = subprocess.Popen([binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly",
-                                 "no", "--dir", tmp, "--logfile", str(Path(tmp) / "redis.log")])
-        try:
-            deadline = time.monotonic() + 10
-            while True:
-                try:
-                    with socket.create_connection(("127.0.0.1", port), timeout=0.5) as c:
-                        c.sendall(b"PING\r\n")
-                        if c.recv(16).startswith(b"+PONG"):
-                            break
-                except OSError:
-                    if time.monotonic() > deadline or proc.poll() is not None:
-                        raise RuntimeError(f"redis-server did not start on port {port}") from None
-                    time.sleep(0.05)
-            yield f"redis://127.0.0.1:{port}/0", version
-        finally:
-            proc.terminate()
-            proc.wait(10)
-
-
-def _pct(samples: list[float]) -> dict[str, float]:
-    a = np.asarray(samples) * 1000
-    return {"p50": float(np.percentile(a, 50)), "p99": float(np.percentile(a, 99)), "mean": float(a.mean())}
+def redis_version() -> str:
+    binary = shutil.which("redis-server") or "redis-server"
+    return subprocess.run([binary, "--version"], capture_output=True, text=True).stdout.split()[2].split("=")[1]
 
 
 async def _bench(url: str, n_users: int, n_items: int, max_len: int, candidates: int, rounds: int,
@@ -118,7 +84,7 @@ async def _bench(url: str, n_users: int, n_items: int, max_len: int, candidates:
     keys = Keys("ctrserve:fs", "bench")
     base = keys.base(version)
     seq_keys = [base + Keys.seq_suffix("hist", u) for u in req_users]
-    item_keys = [[base + "i:" + i for i in its] for its in req_items]
+    item_keys = [[base + Keys.item_suffix(i) for i in its] for its in req_items]
 
     sync_client = redis.Redis.from_url(url)
     async_client = aioredis.Redis.from_url(url)
@@ -140,72 +106,58 @@ async def _bench(url: str, n_users: int, n_items: int, max_len: int, candidates:
         pipe.mget(item_keys[k])
         await pipe.execute()
 
-    async def store_plain(k: int) -> None:
-        await plain.online_read(req_users[k], req_items[k])
-
-    async def store_cached(k: int) -> None:
-        await cached.online_read(req_users[k], req_items[k])
-
-    variants: dict[str, Callable[[int], Awaitable[None] | None]] = {
-        "sync_pipeline": sync_pipe, "async_pipeline": async_pipe, "store": store_plain, "store_cached": store_cached}
-    samples: dict[str, list[float]] = {name: [] for name in variants}
+    variants = {"sync_pipeline": sync_pipe, "async_pipeline": async_pipe,
+                "store": lambda k: plain.online_read(req_users[k], req_items[k]),
+                "store_cached": lambda k: cached.online_read(req_users[k], req_items[k])}
     hits_before = (cached.item_cache.hits, cached.item_cache.misses)
-    for r in range(rounds + 1):  # round 0 warms up and is discarded
-        for name, fn in variants.items():
-            gc.collect()
-            for k in range(r * per_round % n_req, r * per_round % n_req + per_round):
-                t0 = time.perf_counter()
-                out = fn(k)
-                if out is not None:
-                    await out
-                if r:
-                    samples[name].append(time.perf_counter() - t0)
+    # round 0 warms up and is discarded; every variant of a round reads the same requests
+    samples = await interleave_async({name: lambda i, fn=fn: fn(i % n_req) for name, fn in variants.items()},
+                                     rounds, per_round, warmup=1)
     hits = cached.item_cache.hits - hits_before[0]
     misses = cached.item_cache.misses - hits_before[1]
-    mem = sum(sync_client.memory_usage(k) or 0 for k in (base + "u:" + users.ids[0], seq_keys[0]))
+    mem = sum(sync_client.memory_usage(k) or 0 for k in (base + Keys.user_suffix(users.ids[0]), seq_keys[0]))
     sync_client.close()
     await async_client.aclose()
     await plain.close()
     await cached.close()
-    return {"lat": {name: _pct(s) for name, s in samples.items()}, "sizes": sizes, "memory": mem,
+    return {"lat": {name: latency_stats(s) for name, s in samples.items()}, "sizes": sizes, "memory": mem,
             "hit_rate": hits / max(1, hits + misses), "n": rounds * per_round, "seq_bytes": seq_bytes}
+
+
+def store_figures(res: dict[str, Any], max_len: int, candidates: int) -> Figures:
+    lat, fig, size = res["lat"], Figures(), f"_L{max_len}"
+    fig.add("store_fetch_p50_ms", lat["store"]["p50"], f"p50 of `online_read`: user (L={max_len}) + {candidates} "
+            "items, item cache off, decoded to numpy")
+    fig.add("store_fetch_p99_ms", lat["store"]["p99"], "p99 of the same")
+    fig.add("store_fetch_cached_p50_ms", lat["store_cached"]["p50"], "p50 with a warm item cache "
+            f"(hit rate {res['hit_rate']:.0%}: only the user's keys go to Redis)")
+    fig.add("store_fetch_cached_p99_ms", lat["store_cached"]["p99"], "p99 of the same")
+    fig.add("store_baseline_sync_p50_ms", lat["sync_pipeline"]["p50"], "bare sync hiredis pipeline GET sequence + "
+            f"MGET {candidates} items, no decoding (scale reference)")
+    fig.add("store_baseline_async_p50_ms", lat["async_pipeline"]["p50"], "bare `redis.asyncio` pipeline, same keys")
+    fig.add("store_fetch_vs_async_baseline", round(lat["store"]["p50"] / lat["async_pipeline"]["p50"], 2),
+            "store p50 / bare async pipeline p50")
+    fig.add("store_bytes_per_user" + size, sum(res["sizes"].values()), f"value bytes per user at L={max_len}: "
+            f"profile {res['sizes']['profile']} + sequence {res['sizes']['hist']}")
+    fig.add("store_redis_memory_per_user" + size, res["memory"], "Redis MEMORY USAGE of the user's two keys (bytes)")
+    return fig
 
 
 def run(n_users: int = 1000, n_items: int = 5000, max_len: int = 600, candidates: int = 100, rounds: int = 4,
         per_round: int = 500, record: bool = True) -> dict[str, Any]:
     """Run the benchmark; with ``record`` merge the figures into docs/benchmarks.json and .md."""
-    with private_redis() as (url, server_version):
-        res = asyncio.run(_bench(url, n_users, n_items, max_len, candidates, rounds, per_round))
-    lat, value_bytes = res["lat"], sum(res["sizes"].values())
-    ratio = lat["store"]["p50"] / lat["async_pipeline"]["p50"]
-    figures = {
-        "store_fetch_p50_ms": (lat["store"]["p50"], f"p50 of `online_read`: user (L={max_len}) + {candidates} "
-                               "items, item cache off, decoded to numpy"),
-        "store_fetch_p99_ms": (lat["store"]["p99"], "p99 of the same"),
-        "store_fetch_cached_p50_ms": (lat["store_cached"]["p50"], "p50 with a warm item cache "
-                                      f"(hit rate {res['hit_rate']:.0%}: only the user's keys go to Redis)"),
-        "store_fetch_cached_p99_ms": (lat["store_cached"]["p99"], "p99 of the same"),
-        "store_baseline_sync_p50_ms": (lat["sync_pipeline"]["p50"], "bare sync hiredis pipeline GET sequence + "
-                                       f"MGET {candidates} items, no decoding (scale reference)"),
-        "store_baseline_async_p50_ms": (lat["async_pipeline"]["p50"], "bare `redis.asyncio` pipeline, same keys"),
-        "store_fetch_vs_async_baseline": (round(ratio, 2), "store p50 / bare async pipeline p50"),
-        "store_bytes_per_user_L600": (value_bytes, f"value bytes per user at L={max_len}: profile "
-                                      f"{res['sizes']['profile']} + sequence {res['sizes']['hist']}"),
-        "store_redis_memory_per_user_L600": (res["memory"], "Redis MEMORY USAGE of the user's two keys (bytes)"),
-    }
-    if max_len != 600:
-        figures = {k.replace("_L600", f"_L{max_len}"): v for k, v in figures.items()}
-    if record:
-        from . import report
+    from .stack import Stack
 
+    with tempfile.TemporaryDirectory() as tmp, Stack(Path(tmp)) as stack:
+        res = asyncio.run(_bench(stack.redis(), n_users, n_items, max_len, candidates, rounds, per_round))
+    fig = store_figures(res, max_len, candidates)
+    if record:
         notes = [f"{res['n']} requests per variant in {rounds} interleaved rounds (plus one warm-up round), "
                  f"{n_users} users, {n_items} items; redis-server and client share the machine's cores.",
                  "Sequence value: 8-byte header + L x (2 fields + timestamp) int32; see docs/feature_store.md.",
                  "Issue 7's scale reference (9.6 KB sequence, 100 items): p50 0.18 ms sync hiredis, 0.22 ms "
                  "redis.asyncio; the baselines above are re-measured in the same run for a fair ratio.",
                  "p99 mostly reflects other work on the shared machine (see load_avg_1m)."]
-        data = report.record_section(
-            SECTION, "Feature store: one request's fetch", "ctrserve bench store", figures, notes,
-            machine=report.machine_facts(redis_server=server_version))
-        report.write_markdown(SECTION, data)
-    return {"figures": {k: v for k, (v, _) in figures.items()}, "latency_ms": lat, **res}
+        fig.record(SECTION, "Feature store: one request's fetch", "ctrserve bench store", notes,
+                   machine_facts(redis_server=redis_version()))
+    return {"figures": fig.values(), "latency_ms": res["lat"], **res}

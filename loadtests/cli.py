@@ -7,6 +7,11 @@ from typing import Annotated
 
 import typer
 
+from .bench_all import all_cmd
+from .bench_graph import graph_cmd
+from .bench_load import load_cmd
+from .bench_models import models_cmd
+
 bench_app = typer.Typer(help="Benchmarks (figures go to docs/benchmarks.json and docs/benchmarks.md).",
                         no_args_is_help=True)
 
@@ -27,41 +32,22 @@ def store_cmd(
 
     from .bench_store import run
 
+    console = Console()
     try:
         out = run(users, items, max_len, candidates, rounds, per_round, record)
     except RuntimeError as exc:
-        Console().print(f"[red]error:[/] {exc}")
+        console.print(f"[red]error:[/] {exc}")
         raise typer.Exit(1) from None
     table = Table(title=f"one request: user L={max_len} + {candidates} items ({out['n']} requests per variant)")
     for col in ("variant", "p50 ms", "p99 ms", "mean ms"):
         table.add_column(col)
     for name, lat in out["latency_ms"].items():
         table.add_row(name, f"{lat['p50']:.3f}", f"{lat['p99']:.3f}", f"{lat['mean']:.3f}")
-    console = Console()
     console.print(table)
     console.print(out["figures"])
 
 
-from .bench_models import models_cmd  # noqa: E402  (registered here, defined beside its benchmark)
-
 bench_app.command("models")(models_cmd)
-
-from .run_load import load_cmd  # noqa: E402
-
 bench_app.command("load")(load_cmd)
-
-from .bench_all import all_cmd  # noqa: E402
-
 bench_app.command("all")(all_cmd)
-
-from .bench_gateway_overhead import gateway_cmd  # noqa: E402
-
-bench_app.command("gateway")(gateway_cmd)
-
-from .bench_graph import graph_cmd  # noqa: E402
-
 bench_app.command("graph")(graph_cmd)
-
-from .bench_fusions import fusions_cmd  # noqa: E402
-
-bench_app.command("fusions")(fusions_cmd)

@@ -1,11 +1,9 @@
 """The baseline a user might write instead of the gateway: FastAPI + the PyTorch model, eagerly.
 
-The client sends already-encoded features (no feature store, no vocabulary): the user side once
-(profile values and the whole behaviour sequence as lists) and one list per candidate-side
-input. A plain ``def`` endpoint (FastAPI runs it in its thread pool) validates the body with
-pydantic, builds tensors and runs the trained model (the export's serving wrapper, which
-broadcasts the user side to the candidates) under ``torch.no_grad`` with torch's default
-threads. Measured under the same Locust load as the gateway (``--mode baseline``).
+The client sends already-encoded features (the user side once, one list per candidate-side
+input); a plain ``def`` endpoint (FastAPI's thread pool) validates the body with pydantic and runs
+the trained model (export/runtimes.py ``EagerModel``) with torch's default threads. Measured
+under the same Locust load as the gateway (``--mode baseline``).
 
     python -m ctrserve.loadtests.eager_baseline --run work/runs/... --port 8100
 """
@@ -15,6 +13,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+import numpy as np
 from fastapi import FastAPI, HTTPException
 from pydantic import BaseModel
 
@@ -32,15 +31,10 @@ class PredictResponse(BaseModel):
 
 
 def create_app(run_dir: Path) -> FastAPI:
-    import torch
+    from ctrserve.export.runtimes import EagerModel
 
-    from ctrserve.export.serving_module import build_serving_module
-    from ctrserve.models.train.trainer import load_run
-
-    _, fmap, model = load_run(run_dir)
-    wrapper = build_serving_module(model, fmap).eval()
-    dtypes = {f.name: torch.float32 if f.dtype == "float32" else torch.int64 for f in fmap.features}
-    user_names, cand_names = set(wrapper.user_inputs), set(wrapper.candidate_inputs)
+    model = EagerModel(run_dir)
+    user_names, cand_names = set(model.user_inputs), set(model.candidate_inputs)
     app = FastAPI(title="eager PyTorch baseline")
 
     @app.get("/healthz")
@@ -55,16 +49,11 @@ def create_app(run_dir: Path) -> FastAPI:
         sizes = {len(v) for v in req.candidates.values()}
         if len(sizes) != 1 or 0 in sizes:
             raise HTTPException(422, "every candidate input needs the same, non-zero number of values")
-        tensors = []
-        for name in wrapper.input_names:
-            if name in user_names:  # profile value [1], sequence [1, L]
-                t = torch.tensor(req.user[name], dtype=dtypes[name])
-                tensors.append(t.reshape(1, -1) if fmap.feature(name).kind == "sequence" else t.reshape(1))
-            else:
-                tensors.append(torch.tensor(req.candidates[name], dtype=dtypes[name]))
-        with torch.no_grad():
-            scores = wrapper(*tensors)
-        return PredictResponse(scores=scores.tolist())
+        inputs = {name: np.asarray(values, dtype=model.dtype(name)) for name, values in req.candidates.items()}
+        for name, values in req.user.items():  # profile value [1], sequence [1, L]
+            inputs[name] = np.asarray(values, dtype=model.dtype(name)).reshape((1, -1) if model.is_sequence(name)
+                                                                                else (1,))
+        return PredictResponse(scores=model(inputs).tolist())
 
     return app
 

@@ -1,18 +1,13 @@
 """How well raw inference uses the cores: FLOPs of one request from the ONNX graph, a plain fp32
 matrix-multiply peak on the same thread count, and ONNX Runtime's per-operator time.
 
-FLOP counting method: every MatMul, Gemm, Conv and (two-operand) Einsum node of the graph, with
-the shapes its inputs actually have for the given request. Shapes are read by running the graph
-once in ONNX Runtime with those nodes' inputs exposed as extra outputs (graph optimisations off,
-so the names survive); initializer shapes come from the file. One multiply-add = 2 FLOPs; bias
-adds, activations, softmax, normalisation and gathers are not counted (they are memory-bound and
-small next to the products), so the figure is a lower bound of the arithmetic done.
-
-* MatMul ``[..., M, K] x [..., K, N]`` (numpy broadcasting, 1-D operands promoted): ``2·batch·M·N·K``
-* Gemm ``A[M, K] x B[K, N]`` (transA/transB honoured): ``2·M·N·K``
-* Conv: ``2 · N · C_out · prod(out spatial) · C_in/group · prod(kernel)``
-* Einsum with two operands: ``2 · prod(size of every index)`` when an index is summed, else
-  ``prod`` (an outer/elementwise product is one multiply per output)
+FLOPs: every MatMul, Gemm, Conv and two-operand Einsum node, with the shapes its inputs have for
+the given request (read by running the graph once, optimisations off, with those tensors exposed
+as outputs). One multiply-add = 2 FLOPs; bias adds, activations, softmax, normalisation and
+gathers are not counted (memory-bound, small next to the products): a lower bound. MatMul
+``[..., M, K] x [..., K, N]`` (broadcast, 1-D promoted): ``2·batch·M·N·K``; Gemm: ``2·M·N·K``;
+Conv: ``2·N·C_out·prod(out spatial)·C_in/group·prod(kernel)``; Einsum: ``2·prod(index sizes)``
+when an index is summed, else ``prod`` (one multiply per output).
 """
 
 from __future__ import annotations
@@ -43,27 +38,33 @@ class FlopCount:
 def _attr(node: Any, name: str, default: Any) -> Any:
     from onnx import helper
 
-    for a in node.attribute:
-        if a.name == name:
-            return helper.get_attribute_value(a)
-    return default
+    return next((helper.get_attribute_value(a) for a in node.attribute if a.name == name), default)
+
+
+def _options(threads: int = 1, optimize: bool = True, spinning: bool = True) -> Any:
+    import onnxruntime as ort
+
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads, opts.inter_op_num_threads, opts.log_severity_level = threads, 1, 3
+    if not optimize:
+        opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    if not spinning:
+        opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    return opts
 
 
 def matmul_flops(a: tuple[int, ...], b: tuple[int, ...]) -> int:
     a2 = (1, *a) if len(a) == 1 else a
     b2 = (*b, 1) if len(b) == 1 else b
-    m, k = a2[-2], a2[-1]
-    k2, n = b2[-2], b2[-1]
+    (m, k), (k2, n) = a2[-2:], b2[-2:]
     if k != k2:
         raise ValueError(f"MatMul shapes {a} x {b} do not agree")
-    batch = np.broadcast_shapes(tuple(a2[:-2]), tuple(b2[:-2]))
-    return 2 * math.prod(batch) * m * n * k
+    return 2 * math.prod(np.broadcast_shapes(tuple(a2[:-2]), tuple(b2[:-2]))) * m * n * k
 
 
 def gemm_flops(a: tuple[int, ...], b: tuple[int, ...], trans_a: int, trans_b: int) -> int:
     m, k = (a[1], a[0]) if trans_a else (a[0], a[1])
-    n = b[0] if trans_b else b[1]
-    return 2 * m * n * k
+    return 2 * m * (b[0] if trans_b else b[1]) * k
 
 
 def conv_flops(w: tuple[int, ...], out: tuple[int, ...], group: int) -> int:
@@ -85,76 +86,57 @@ def einsum_flops(equation: str, shapes: list[tuple[int, ...]]) -> int:
             sizes[letter] = max(sizes.get(letter, 1), dim)
     if not rhs and "->" not in eq:  # implicit output: letters seen once, sorted
         rhs = "".join(sorted(c for c in sizes if lhs.count(c) == 1))
-    product = math.prod(sizes.values())
-    summed = set(sizes) - set(rhs)
-    return 2 * product if summed else product
+    return math.prod(sizes.values()) * (2 if set(sizes) - set(rhs) else 1)
 
 
-def _dtype_of(elem_type: int) -> Any:
-    from onnx import helper
+def _shapes(model: Any, nodes: list[Any], inputs: dict[str, np.ndarray]) -> dict[str, tuple[int, ...]]:
+    """Shapes of the counted nodes' inputs and outputs: weights from the file, the rest from one run."""
+    import onnx
+    import onnxruntime as ort
+    from onnx import helper, numpy_helper, shape_inference
 
-    return helper.tensor_dtype_to_np_dtype(elem_type)
+    graph = model.graph
+    known = {t.name: tuple(t.dims) for t in graph.initializer}
+    for node in graph.node:  # Constant nodes hold weights too in dynamo exports
+        for a in node.attribute if node.op_type == "Constant" else []:
+            if a.name == "value":
+                known[node.output[0]] = tuple(numpy_helper.to_array(a.t).shape)
+    known.update({k: tuple(v.shape) for k, v in inputs.items()})
+    wanted = {i for n in nodes for i in [*n.input, *n.output] if i}
+    inferred = shape_inference.infer_shapes(model).graph
+    types = {v.name: v.type.tensor_type.elem_type for v in [*inferred.value_info, *inferred.output, *inferred.input]}
+    for name in sorted(wanted - set(known) - {i.name for i in graph.input} - {o.name for o in graph.output}):
+        if types.get(name):
+            graph.output.append(helper.make_tensor_value_info(name, types[name], None))
+    with tempfile.TemporaryDirectory() as tmp:
+        onnx.save(model, str(Path(tmp) / "exposed.onnx"))
+        sess = ort.InferenceSession(str(Path(tmp) / "exposed.onnx"), _options(optimize=False),
+                                    providers=["CPUExecutionProvider"])
+        names = [o.name for o in sess.get_outputs()]
+        values = sess.run(names, {i.name: inputs[i.name] for i in sess.get_inputs()})
+    return {**known, **{n: tuple(np.shape(v)) for n, v in zip(names, values, strict=True)}}
 
 
 def count_flops(model_path: Path, inputs: dict[str, np.ndarray]) -> FlopCount:
     """FLOPs of one run of the graph on ``inputs`` (see the module docstring for the method)."""
     import onnx
-    import onnxruntime as ort
-    from onnx import helper, numpy_helper, shape_inference
 
     model = onnx.load(str(model_path))
-    graph = model.graph
-    init_shapes = {t.name: tuple(t.dims) for t in graph.initializer}
-    const_shapes = {}
-    for node in graph.node:  # Constant nodes hold weights too in dynamo exports
-        if node.op_type == "Constant":
-            for a in node.attribute:
-                if a.name == "value":
-                    const_shapes[node.output[0]] = tuple(numpy_helper.to_array(a.t).shape)
-    skipped: list[str] = []
-    for node in graph.node:
-        for a in node.attribute:
-            if a.g.node or a.graphs:
-                skipped += [f"{n.op_type} in subgraph of {node.name}" for g in [a.g, *a.graphs] for n in g.node
-                            if n.op_type in COUNTED]
-    nodes = [n for n in graph.node if n.op_type in COUNTED]
-    wanted = {i for n in nodes for i in list(n.input) + list(n.output) if i}
-    known = set(init_shapes) | set(const_shapes) | {i.name for i in graph.input}
-    expose = sorted(wanted - known - {o.name for o in graph.output})
-    inferred = shape_inference.infer_shapes(model)
-    types = {v.name: v.type.tensor_type.elem_type for v in
-             list(inferred.graph.value_info) + list(inferred.graph.output) + list(inferred.graph.input)}
-    for name in expose:
-        if types.get(name):
-            graph.output.append(helper.make_tensor_value_info(name, types[name], None))
-    opts = ort.SessionOptions()
-    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-    opts.intra_op_num_threads = 1
-    opts.log_severity_level = 3
-    with tempfile.TemporaryDirectory() as tmp:
-        path = Path(tmp) / "exposed.onnx"
-        onnx.save(model, str(path))
-        sess = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
-        names = [o.name for o in sess.get_outputs()]
-        feed = {i.name: inputs[i.name] for i in sess.get_inputs()}
-        values = sess.run(names, feed)
-    shapes = {**init_shapes, **const_shapes, **{k: tuple(v.shape) for k, v in inputs.items()},
-              **{n: tuple(np.shape(v)) for n, v in zip(names, values, strict=True)}}
+    skipped = [f"{n.op_type} in subgraph of {node.name}" for node in model.graph.node for a in node.attribute
+               if a.g.node or a.graphs for g in [a.g, *a.graphs] for n in g.node if n.op_type in COUNTED]
+    nodes = [n for n in model.graph.node if n.op_type in COUNTED]
+    shapes = _shapes(model, nodes, inputs)
     by_op: dict[str, int] = defaultdict(int)
     for node in nodes:
-        ins = [shapes.get(i) for i in node.input if i]
-        if any(s is None for s in ins):
-            skipped.append(f"{node.op_type} {node.name}: input shape unknown")
+        ins, out = [shapes.get(i) for i in node.input if i], shapes.get(node.output[0])
+        if any(s is None for s in ins) or (node.op_type == "Conv" and out is None):
+            skipped.append(f"{node.op_type} {node.name}: shape unknown")
             continue
         if node.op_type == "MatMul":
             f = matmul_flops(ins[0], ins[1])
         elif node.op_type == "Gemm":
             f = gemm_flops(ins[0], ins[1], _attr(node, "transA", 0), _attr(node, "transB", 0))
         elif node.op_type == "Conv":
-            out = shapes.get(node.output[0])
-            if out is None:
-                skipped.append(f"Conv {node.name}: output shape unknown")
-                continue
             f = conv_flops(ins[1], out, _attr(node, "group", 1))
         else:
             eq = _attr(node, "equation", b"")
@@ -167,9 +149,7 @@ def count_flops(model_path: Path, inputs: dict[str, np.ndarray]) -> FlopCount:
 def _matmul_model(n: int) -> bytes:
     from onnx import TensorProto, helper
 
-    a = helper.make_tensor_value_info("a", TensorProto.FLOAT, [n, n])
-    b = helper.make_tensor_value_info("b", TensorProto.FLOAT, [n, n])
-    c = helper.make_tensor_value_info("c", TensorProto.FLOAT, [n, n])
+    a, b, c = (helper.make_tensor_value_info(x, TensorProto.FLOAT, [n, n]) for x in "abc")
     graph = helper.make_graph([helper.make_node("MatMul", ["a", "b"], ["c"])], "sgemm", [a, b], [c])
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
     model.ir_version = 8
@@ -194,28 +174,17 @@ def sgemm_peak(threads: int = 1, sizes: tuple[int, ...] = (256, 512, 1024), reps
     """Plain fp32 ``n x n`` matrix multiply, GFLOP/s by size, with ONNX Runtime's MatMul
     (``threads`` intra-op threads) and numpy's BLAS (limited to ``threads`` via threadpoolctl)."""
     import onnxruntime as ort
+    from threadpoolctl import threadpool_limits  # comes with scikit-learn
 
     rng = np.random.default_rng(0)
     out: dict[str, Any] = {"ort": {}, "numpy": {}}
-    opts = ort.SessionOptions()
-    opts.intra_op_num_threads = threads
-    opts.inter_op_num_threads = 1
-    opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
-    opts.log_severity_level = 3
-    try:
-        from threadpoolctl import threadpool_limits
-    except ImportError:  # pragma: no cover - threadpoolctl comes with scikit-learn
-        threadpool_limits = None
     for n in sizes:
-        a = rng.standard_normal((n, n), dtype=np.float32)
-        b = rng.standard_normal((n, n), dtype=np.float32)
-        sess = ort.InferenceSession(_matmul_model(n), opts, providers=["CPUExecutionProvider"])
-        t = _best_median(lambda s=sess, a=a, b=b: s.run(None, {"a": a, "b": b}), reps)
-        out["ort"][n] = 2 * n**3 / t / 1e9
-        if threadpool_limits is not None:
-            with threadpool_limits(limits=threads):
-                t = _best_median(lambda a=a, b=b: a @ b, reps)
-            out["numpy"][n] = 2 * n**3 / t / 1e9
+        a, b = (rng.standard_normal((n, n), dtype=np.float32) for _ in range(2))
+        sess = ort.InferenceSession(_matmul_model(n), _options(threads, spinning=False),
+                                    providers=["CPUExecutionProvider"])
+        out["ort"][n] = 2 * n**3 / _best_median(lambda s=sess, a=a, b=b: s.run(None, {"a": a, "b": b}), reps) / 1e9
+        with threadpool_limits(limits=threads):
+            out["numpy"][n] = 2 * n**3 / _best_median(lambda a=a, b=b: a @ b, reps) / 1e9
     out["peak_gflops"] = max(v for d in (out["ort"], out["numpy"]) for v in d.values())
     out["threads"] = threads
     return out
@@ -247,11 +216,7 @@ def ort_profile_events(model_path: Path, inputs: dict[str, np.ndarray], runs: in
     """ORT's profiler events for ``runs`` runs of one request (graph optimisations on, as served)."""
     import onnxruntime as ort
 
-    opts = ort.SessionOptions()
-    opts.intra_op_num_threads = threads
-    opts.inter_op_num_threads = 1
-    opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
-    opts.log_severity_level = 3
+    opts = _options(threads, spinning=False)
     with tempfile.TemporaryDirectory() as tmp:
         opts.enable_profiling = True
         opts.profile_file_prefix = str(Path(tmp) / "ort")
@@ -272,8 +237,7 @@ def aggregate_profile(events: list[dict[str, Any]], runs: int) -> list[tuple[str
     for e in _kernels(events):
         per_op[e.get("args", {}).get("op_name", "?")] += float(e.get("dur", 0.0))
     total = sum(per_op.values()) or 1.0
-    rows = [(op, us / runs / 1e3, us / total) for op, us in per_op.items()]
-    return sorted(rows, key=lambda r: -r[1])
+    return sorted(((op, us / runs / 1e3, us / total) for op, us in per_op.items()), key=lambda r: -r[1])
 
 
 def shape_share(events: list[dict[str, Any]], runs: int, dims: tuple[int, ...]) -> tuple[float, float]:

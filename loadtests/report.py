@@ -12,14 +12,10 @@ from __future__ import annotations
 import fcntl
 import hashlib
 import json
-import os
-import platform
-import sys
 import tempfile
 from collections.abc import Iterator
-from contextlib import contextmanager, suppress
+from contextlib import contextmanager
 from datetime import UTC, datetime
-from importlib import metadata
 from pathlib import Path
 from typing import Any
 
@@ -29,27 +25,6 @@ BENCH_JSON = REPO_ROOT / "docs" / "benchmarks.json"
 BENCH_MD = REPO_ROOT / "docs" / "benchmarks.md"
 MD_HEADER = ("# Benchmarks\n\nGenerated from `docs/benchmarks.json` by `loadtests/report.py`; each section is "
              "rewritten by the command named in it. Do not edit inside the markers.\n")
-
-
-def machine_facts(**extra: str) -> dict[str, Any]:
-    """Where the figures were measured: cores, CPU, Python and library versions."""
-    cpu = platform.processor() or "unknown"
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    facts: dict[str, Any] = {"cores": os.cpu_count(), "cpu": cpu, "os": platform.platform(terse=True),
-                             "python": sys.version.split()[0]}
-    for dist in ("numpy", "redis", "hiredis"):
-        with suppress(metadata.PackageNotFoundError):
-            facts[dist] = metadata.version(dist)
-    with suppress(OSError):  # other work on the machine shows up in the tail latencies
-        facts["load_avg_1m"] = round(os.getloadavg()[0], 1)
-    facts.update(extra)
-    return facts
 
 
 @contextmanager
@@ -65,14 +40,16 @@ def _locked(path: Path) -> Iterator[None]:
             fcntl.flock(fh, fcntl.LOCK_UN)
 
 
-def load(path: Path = BENCH_JSON) -> dict[str, Any]:
+def load(path: Path | None = None) -> dict[str, Any]:
+    path = path or BENCH_JSON
     return json.loads(path.read_text()) if path.exists() else {}
 
 
 def record_section(name: str, title: str, command: str, figures: dict[str, tuple[float, str]],
                    notes: list[str] | None = None, machine: dict[str, Any] | None = None,
-                   path: Path = BENCH_JSON) -> dict[str, Any]:
+                   path: Path | None = None) -> dict[str, Any]:
     """Merge one benchmark's figures (``key -> (value, meaning)``) into the JSON; other keys stay."""
+    path = path or BENCH_JSON
     with _locked(path):
         data = load(path)
         old = data.get("sections", {}).get(name, {})
@@ -82,7 +59,7 @@ def record_section(name: str, title: str, command: str, figures: dict[str, tuple
         data.setdefault("sections", {})[name] = {
             "title": title, "command": command,
             "measured_at": datetime.now(UTC).isoformat(timespec="seconds"),
-            "machine": machine or machine_facts(),
+            "machine": machine or {},
             "figures": {k: meaning for k, (_, meaning) in figures.items()},
             "notes": notes or [],
         }
@@ -109,10 +86,11 @@ def render_section(data: dict[str, Any], name: str) -> str:
     return "\n".join(lines) + "\n"
 
 
-def write_markdown(name: str, data: dict[str, Any] | None = None, json_path: Path = BENCH_JSON,
-                   md_path: Path = BENCH_MD) -> None:
+def write_markdown(name: str, data: dict[str, Any] | None = None, json_path: Path | None = None,
+                   md_path: Path | None = None) -> None:
     """Replace section ``name`` of the Markdown (appending it if new) with its rendering."""
     data = data if data is not None else load(json_path)
+    md_path = md_path or BENCH_MD
     start, end = f"<!-- bench:{name} -->", f"<!-- /bench:{name} -->"
     block = f"{start}\n{render_section(data, name)}{end}"
     with _locked(md_path):

@@ -108,8 +108,8 @@ def saturation(steps: Sequence[tuple[int, float]], tolerance: float = 0.05, pati
     queue), and whether saturation was seen, i.e. the ``patience`` steps
     after the best one each failed to raise the rate by more than ``tolerance`` (relative) over it.
     One flat step is not enough: with ``auto`` execution two closed-loop users mostly take turns
-    on the event loop and the rate jumps again at four (AMD host, session 10: 266, 274, then more
-    at 4 users; one flat step had ended the search at 274). Unsaturated: step further."""
+    on the event loop and the rate jumps again at four (seen: 266, 274, then more at 4 users; one
+    flat step had ended the search at 274). Unsaturated: step further."""
     if not steps:
         raise ValueError("no steps")
     best = 0
@@ -140,58 +140,31 @@ def parse_prometheus(text: str) -> Sample:
 class HistogramDelta:
     count: float
     total: float
-    #: cumulative counts by upper bound (``inf`` last)
-    buckets: list[tuple[float, float]]
 
     @property
     def mean(self) -> float:
         return self.total / self.count if self.count else math.nan
 
-    def quantile(self, q: float) -> float:
-        """Prometheus' ``histogram_quantile``: linear within the bucket holding rank q * count."""
-        if not self.count or not self.buckets:
-            return math.nan
-        rank = q * self.count
-        lower, below = 0.0, 0.0
-        for upper, cum in self.buckets:
-            if cum >= rank:
-                if math.isinf(upper):
-                    return lower  # beyond the last finite bound: its lower edge, as Prometheus does
-                inside = cum - below
-                return lower + (upper - lower) * ((rank - below) / inside if inside else 0.0)
-            lower, below = upper, cum
-        return lower
-
 
 def histogram_delta(before: Sample, after: Sample, name: str, **labels: str) -> HistogramDelta:
-    """``after - before`` of histogram ``name`` summed over the series matching ``labels``."""
-
-    def match(lbl: tuple[tuple[str, str], ...]) -> bool:
-        d = dict(lbl)
-        return all(d.get(k) == v for k, v in labels.items())
+    """``after - before`` of histogram ``name``'s count and sum over the series matching ``labels``."""
 
     def total(suffix: str) -> float:
-        key = name + suffix
-        return sum(v - before.get((n, lbl), 0.0) for (n, lbl), v in after.items() if n == key and match(lbl))
+        return sum(v - before.get((n, lbl), 0.0) for (n, lbl), v in after.items()
+                   if n == name + suffix and all(dict(lbl).get(k) == x for k, x in labels.items()))
 
-    buckets: dict[float, float] = {}
-    for (n, lbl), v in after.items():
-        if n == name + "_bucket" and match(lbl):
-            le = float(dict(lbl)["le"])  # series of the same bound (other labels) are summed
-            buckets[le] = buckets.get(le, 0.0) + v - before.get((n, lbl), 0.0)
-    return HistogramDelta(total("_count"), total("_sum"), sorted(buckets.items()))
+    return HistogramDelta(total("_count"), total("_sum"))
 
 
 def stage_breakdown(before: Sample, after: Sample, route: str = "/v1/score") -> dict[str, dict[str, float]]:
-    """Per-stage mean and p50 (ms) of the gateway's ``ctrserve_stage_seconds`` over a window, and
-    the whole request inside the app (``ctrserve_request_seconds``, status 200)."""
+    """Per-stage mean (ms) and count of the gateway's ``ctrserve_stage_seconds`` over a window, and
+    of the whole request inside the app (``ctrserve_request_seconds``, status 200)."""
     from_stages = {}
     for stage in ("route", "feature_fetch", "assembly", "inference"):
         h = histogram_delta(before, after, "ctrserve_stage_seconds", stage=stage)
         if h.count:
-            from_stages[stage] = {"mean_ms": h.mean * 1e3, "p50_ms": h.quantile(0.5) * 1e3, "count": h.count}
+            from_stages[stage] = {"mean_ms": h.mean * 1e3, "count": h.count}
     req = histogram_delta(before, after, "ctrserve_request_seconds", route=route, status="200")
     if req.count:
-        from_stages["request_in_app"] = {"mean_ms": req.mean * 1e3, "p50_ms": req.quantile(0.5) * 1e3,
-                                         "count": req.count}
+        from_stages["request_in_app"] = {"mean_ms": req.mean * 1e3, "count": req.count}
     return from_stages

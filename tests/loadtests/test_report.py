@@ -1,4 +1,4 @@
-"""Rendering docs/benchmarks.md from docs/benchmarks.json, and reading py-spy stacks."""
+"""Rendering docs/benchmarks.md from docs/benchmarks.json."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from ctrserve.loadtests import profiles, report
+from ctrserve.loadtests import report
 
 pytestmark = pytest.mark.quick
 
@@ -34,18 +34,3 @@ def test_sections_merge_and_render_without_clobbering(tmp_path) -> None:
     assert "Hand-written text." in text
     assert "| `e2e_p50_ms` | 20 | e2e p50 |" in text and "| `soak_errors` | 0 | errors |" in text
     assert "load_avg_1m 7.0" in text and "- a note" in text
-
-
-def test_collapsed_stacks() -> None:
-    text = ("proc;main (a.py:1);Gateway.score (service/gateway.py:9);online_read (fs.py:3) 30\n"
-            "proc;Thread.run (t.py:1);Session.run (onnxruntime/capi/x.py:4) 60\n"
-            "proc;main (a.py:1);OrjsonResponse.render (service/api.py:40) 10\n"
-            "garbage line\n")
-    stacks = profiles.read_collapsed_text(text)
-    assert sum(n for _, n in stacks) == 100
-    shares = profiles.inclusive_shares(stacks, profiles.GATEWAY_MARKERS)
-    assert shares["ONNX Runtime run (Session.run, inline or on the inference thread)"] == pytest.approx(0.6)
-    assert shares["feature fetch (Redis client + decode)"] == pytest.approx(0.3)
-    assert shares["Gateway.score (routing, fetch, assembly, awaiting inference)"] == pytest.approx(0.3)
-    assert shares["response JSON"] == pytest.approx(0.1)
-    assert profiles.top_self(stacks, 1) == [("Session.run (onnxruntime/capi/x.py:4)", pytest.approx(0.6))]

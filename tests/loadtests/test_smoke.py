@@ -15,7 +15,7 @@ pytestmark = [pytest.mark.e2e, pytest.mark.slow, pytest.mark.redis, pytest.mark.
 
 @pytest.mark.skipif(shutil.which("redis-server") is None, reason="redis-server not installed")
 def test_bench_load_smoke(tiny_run: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    from ctrserve.loadtests import run_load
+    from ctrserve.loadtests import bench_load
 
     """The runner's plumbing: it starts the stack, runs Locust, stops by itself and writes its files.
     Generous gateway timeouts: on a shared 2-core machine a starved event loop can miss the default
@@ -25,7 +25,7 @@ def test_bench_load_smoke(tiny_run: Path, tmp_path: Path, monkeypatch: pytest.Mo
                        "CTRSERVE_BACKEND_TIMEOUT_MS": "3000", "CTRSERVE_API_DEADLINE_MS": "5000"}.items():
         monkeypatch.setenv(key, value)
     out_dir, img_dir = tmp_path / "out", tmp_path / "img"
-    out = run_load.run(tiny_run, model="dnn", users=2, duration_s=4, candidates="uniform:1:20", warmup_s=0,
+    out = bench_load.run(tiny_run, model="dnn", users=2, duration_s=4, candidates="uniform:1:20", warmup_s=0,
                        pool_users=50, out_dir=out_dir, record=False, img_dir=img_dir)
 
     summary = json.loads((out_dir / "summary.json").read_text())
