@@ -13,11 +13,13 @@ from store_records import SCHEMA, L, assert_items, assert_user, make_records, ma
 from ctrserve.contract.feature_map import OOV_ID
 from ctrserve.feature_store import (
     CorruptValue,
+    ItemRecords,
     RedisStoreConfig,
     SchemaMismatch,
     StoreNotLoaded,
     StoreTimeout,
     StoreUnavailable,
+    UserRecords,
 )
 from ctrserve.feature_store.redis_store import RedisOnlineStore
 
@@ -79,6 +81,26 @@ async def test_append_trims_to_max_len_atomically(redis_url: str) -> None:
         assert got.sequence["hist_item_id"][0] == OOV_ID and got.sequence_length["hist"] == 1
         with pytest.raises(ValueError, match="exactly"):
             await store.append_event("u1", fields={"hist_item_id": 2})
+
+
+async def test_writes_land_on_the_keys_keys_py_names(redis_url: str) -> None:
+    """Bulk writes (built in Python) and online writes (built by the Lua scripts) use one layout."""
+    users, items = make_records(0)
+    one_user = UserRecords(ids=users.ids[:1], profile={f: c[:1] for f, c in users.profile.items()},
+                           sequences={f: c[:1] for f, c in users.sequences.items()},
+                           timestamps={n: c[:1] for n, c in users.timestamps.items()})
+    one_item = ItemRecords(ids=items.ids[:1], features={f: c[:1] for f, c in items.features.items()})
+    async with make_store(redis_url) as store:
+        version = await store.bulk_load(one_user, one_item)
+        keys = store.keys.version(version)
+        await store.put_user("pu", {"user_id": 7, "segment": 3, "age": 0.5})
+        await store.put_item("pi", {"item_id": 3, "cate_id": 9, "price": 1.5})
+        await store.append_event("pu", fields={"hist_item_id": 2, "hist_cate_id": 2}, ts=1)
+        with redis.Redis.from_url(redis_url) as client:
+            stored = {k.decode() for k in client.scan_iter(match=store.keys.scan_pattern)}
+            assert client.get(store.keys.active) == str(version).encode()
+    assert stored == {keys.meta, keys.user("u0"), keys.sequence("hist", "u0"), keys.item("i0"),
+                      keys.user("pu"), keys.sequence("hist", "pu"), keys.item("pi")}
 
 
 async def test_put_item_and_cache(redis_url: str) -> None:
