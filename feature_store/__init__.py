@@ -1,18 +1,19 @@
 """Online feature store: user profiles, behaviour sequences and item features in Redis.
 
-``OnlineStore`` is the small interface (``online_write_batch``, ``online_read``);
-``RedisOnlineStore`` (module ``redis_store``) the Redis backend, configured by
-``RedisStoreConfig`` (env prefix ``CTRSERVE_REDIS_``). No torch anywhere in this package.
+``OnlineStore`` is the small interface (``online_write_batch``, ``online_read``,
+``check_version``, optionally a ``BlockingReader``); ``RedisOnlineStore`` (module
+``redis_store``) the Redis backend, configured by ``RedisStoreConfig`` (env prefix
+``CTRSERVE_REDIS_``). No torch anywhere in this package.
 """
 
 from ctrserve.contract.store_schema import SequenceSchema, StoreSchema
 
-from .base import ItemRecords, OnlineStore, RequestFeatures, UserRecords
+from .base import BlockingReader, ItemRecords, OnlineStore, PendingRead, RequestFeatures, UserRecords
 from .config import RedisStoreConfig
 from .errors import CorruptValue, FeatureStoreError, SchemaMismatch, StoreNotLoaded, StoreTimeout, StoreUnavailable
 
 __all__ = [
-    "CorruptValue", "FeatureStoreError", "ItemRecords", "OnlineStore", "RedisStoreConfig", "RequestFeatures",
-    "SchemaMismatch", "SequenceSchema", "StoreNotLoaded", "StoreSchema", "StoreTimeout", "StoreUnavailable",
-    "UserRecords",
+    "BlockingReader", "CorruptValue", "FeatureStoreError", "ItemRecords", "OnlineStore", "PendingRead",
+    "RedisStoreConfig", "RequestFeatures", "SchemaMismatch", "SequenceSchema", "StoreNotLoaded", "StoreSchema",
+    "StoreTimeout", "StoreUnavailable", "UserRecords",
 ]

@@ -1,5 +1,6 @@
-"""The online-store interface (in the spirit of Feast's ``OnlineStore``): write a batch,
-read what one request needs. Backends live in their own modules (``redis_store``)."""
+"""The online-store interface (in the spirit of Feast's ``OnlineStore``): write a batch, read
+what one request needs, name the active version; optionally a ``BlockingReader`` for callers
+without an event loop. Backends live in their own modules (``redis_store``)."""
 
 from __future__ import annotations
 
@@ -95,12 +96,15 @@ class RequestFeatures:
 
 
 class PendingRead(ABC):
-    """A blocking read that has been sent and not yet collected (``begin_read_blocking``).
+    """A blocking read that has been sent and not yet collected (``BlockingReader.begin``).
     Exactly one of ``result()`` or ``cancel()`` finishes it; ``cancel()`` after ``result()`` is a no-op."""
+
+    __slots__ = ()
 
     @abstractmethod
     def result(self) -> RequestFeatures | None:
-        """The features (as ``online_read_blocking``); None: read again with ``online_read``."""
+        """The features; None when the active version flipped since the store adopted its own:
+        read again with ``OnlineStore.online_read`` (which adopts the new one)."""
 
     @abstractmethod
     def cancel(self) -> None:
@@ -108,16 +112,30 @@ class PendingRead(ABC):
 
 
 class BlockingReader(ABC):
-    """Interim stand-in for the interface the fstore branch defines."""
+    """Reads without an event loop (one thread runs a whole request): send now, collect later.
 
+    Policy is the caller's: a blocking read is bounded by ``timeout_s`` (the socket timeout), so a
+    caller with less time left reads with ``online_read`` under its own timeout; a caller that must
+    not wait for a connection (an event loop sending reads ahead) checks ``saturated`` first."""
+
+    #: the socket timeout that bounds one blocking read, in seconds
     timeout_s: float
-    saturated: bool
+
+    @property
+    @abstractmethod
+    def saturated(self) -> bool:
+        """Every connection holds a read not yet collected (a new ``begin()`` would wait for one)."""
 
     @abstractmethod
-    def begin(self, user_id: str, item_ids: Sequence[str]) -> PendingRead | None: ...
+    def begin(self, user_id: str, item_ids: Sequence[str]) -> PendingRead | None:
+        """Send the read and return at once; None when the active version must first be adopted
+        through the async ``online_read`` (before the first read, after a flip). Raises
+        FeatureStoreError when the read cannot be sent."""
 
-    @abstractmethod
-    def read(self, user_id: str, item_ids: Sequence[str]) -> RequestFeatures | None: ...
+    def read(self, user_id: str, item_ids: Sequence[str]) -> RequestFeatures | None:
+        """``begin()`` then ``result()``: the features, or None (read with ``online_read``)."""
+        pending = self.begin(user_id, item_ids)
+        return None if pending is None else pending.result()
 
 
 class OnlineStore(ABC):
@@ -134,28 +152,16 @@ class OnlineStore(ABC):
     async def online_read(self, user_id: str, item_ids: Sequence[str]) -> RequestFeatures:
         """The user's profile and sequences and every candidate item's features."""
 
-    def online_read_blocking(self, user_id: str, item_ids: Sequence[str], timeout_s: float | None = None
-                             ) -> RequestFeatures | None:
-        """``online_read`` without an event loop, bounded by ``timeout_s``, for callers that must not
-        await; None means "use ``online_read``" (always, unless a backend implements it)."""
-        pending = self.begin_read_blocking(user_id, item_ids, timeout_s)
-        return None if pending is None else pending.result()
-
-    def begin_read_blocking(self, user_id: str, item_ids: Sequence[str], timeout_s: float | None = None,
-                            wait: bool = True) -> PendingRead | None:
-        """The first half of ``online_read_blocking``: the request is sent, the caller does other
-        work while the store answers, then calls ``result()`` (or ``cancel()``). None: use
-        ``online_read`` (always, unless a backend implements it). ``wait=False``: None rather
-        than wait for a connection that other uncollected reads hold."""
-        return None
+    @abstractmethod
+    async def check_version(self) -> int | None:
+        """The active version (None: nothing loaded); adopts a newly active one after the
+        backend's own checks (schema, vocabulary); raises FeatureStoreError when unreachable
+        or mismatched. Used by readiness probes."""
 
     def blocking_reader(self) -> BlockingReader | None:
-        """Reads without an event loop, if the backend has them (interim; see the fstore branch)."""
+        """This store's reader for callers without an event loop; None: the store has none
+        (every read goes through ``online_read``)."""
         return None
-
-    async def check_version(self) -> int | None:
-        """The active version (None: nothing loaded) (interim; see the fstore branch)."""
-        return 0
 
     @abstractmethod
     async def close(self) -> None: ...

@@ -63,7 +63,8 @@ async def _bench(url: str, n_users: int, n_items: int, max_len: int, candidates:
     import redis
     import redis.asyncio as aioredis
 
-    from ctrserve.feature_store.redis_store import Keys, RedisOnlineStore
+    from ctrserve.feature_store.keys import Keys
+    from ctrserve.feature_store.redis_store import RedisOnlineStore
 
     schema = bench_schema(max_len)
     users, items = bench_records(n_users, n_items, max_len)
@@ -81,10 +82,9 @@ async def _bench(url: str, n_users: int, n_items: int, max_len: int, candidates:
     n_req = rounds * per_round
     req_users = [users.ids[u] for u in rng.integers(0, n_users, n_req)]
     req_items = [[items.ids[i] for i in rng.choice(n_items, candidates, replace=False)] for _ in range(n_req)]
-    keys = Keys("ctrserve:fs", "bench")
-    base = keys.base(version)
-    seq_keys = [base + Keys.seq_suffix("hist", u) for u in req_users]
-    item_keys = [[base + Keys.item_suffix(i) for i in its] for its in req_items]
+    keys = Keys("ctrserve:fs", "bench").version(version)
+    seq_keys = [keys.sequence("hist", u) for u in req_users]
+    item_keys = [keys.items(its) for its in req_items]
 
     sync_client = redis.Redis.from_url(url)
     async_client = aioredis.Redis.from_url(url)
@@ -115,7 +115,7 @@ async def _bench(url: str, n_users: int, n_items: int, max_len: int, candidates:
                                      rounds, per_round, warmup=1)
     hits = cached.item_cache.hits - hits_before[0]
     misses = cached.item_cache.misses - hits_before[1]
-    mem = sum(sync_client.memory_usage(k) or 0 for k in (base + Keys.user_suffix(users.ids[0]), seq_keys[0]))
+    mem = sum(sync_client.memory_usage(k) or 0 for k in (keys.user(users.ids[0]), seq_keys[0]))
     sync_client.close()
     await async_client.aclose()
     await plain.close()

@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import asyncio
-import time
 from pathlib import Path
 
 import numpy as np
 import pytest
 import redis
+from store_records import SCHEMA, L, assert_items, assert_user, make_records, make_store, version_keys
 
 from ctrserve.contract.feature_map import OOV_ID
 from ctrserve.feature_store import (
@@ -16,9 +16,7 @@ from ctrserve.feature_store import (
     ItemRecords,
     RedisStoreConfig,
     SchemaMismatch,
-    SequenceSchema,
     StoreNotLoaded,
-    StoreSchema,
     StoreTimeout,
     StoreUnavailable,
     UserRecords,
@@ -26,65 +24,6 @@ from ctrserve.feature_store import (
 from ctrserve.feature_store.redis_store import RedisOnlineStore
 
 pytestmark = pytest.mark.redis
-
-L = 5
-SCHEMA = StoreSchema(
-    dataset="t", user_id_feature="user_id", item_id_feature="item_id",
-    user_sparse=["user_id", "segment"], user_dense=["age"],
-    item_sparse=["item_id", "cate_id"], item_dense=["price"],
-    sequences=[SequenceSchema(name="hist", fields=["hist_item_id", "hist_cate_id"],
-                              targets=["item_id", "cate_id"], max_len=L)],
-)
-
-
-def make_records(seed: int) -> tuple[UserRecords, ItemRecords]:
-    """4 users (history lengths 0, 2, 5, 3) and 6 items with seeded values."""
-    rng = np.random.default_rng(seed)
-    lengths = [0, 2, 5, 3]
-    hist_item = np.zeros((4, L), np.int64)
-    hist_cate = np.zeros((4, L), np.int64)
-    ts = np.zeros((4, L), np.int64)
-    for u, n in enumerate(lengths):
-        hist_item[u, :n] = rng.integers(2, 100, n)
-        hist_cate[u, :n] = rng.integers(2, 10, n)
-        ts[u, :n] = 1_700_000_000 - np.arange(n) * 60  # most recent first
-    users = UserRecords(
-        ids=[f"u{i}" for i in range(4)],
-        profile={"user_id": np.arange(2, 6), "segment": rng.integers(2, 8, 4),
-                 "age": rng.normal(size=4).astype(np.float32)},
-        sequences={"hist_item_id": hist_item, "hist_cate_id": hist_cate},
-        timestamps={"hist": ts},
-    )
-    items = ItemRecords(ids=[f"i{i}" for i in range(6)], features={
-        "item_id": np.arange(2, 8), "cate_id": rng.integers(2, 10, 6), "price": rng.normal(size=6).astype(np.float32)})
-    return users, items
-
-
-def make_store(url: str, schema: StoreSchema = SCHEMA, namespace: str = "t", **cfg: object) -> RedisOnlineStore:
-    # generous budgets: the test machine is shared; the timeout test sets its own
-    config = RedisStoreConfig(**{"url": url, "cleanup_grace_s": 0, "timeout_ms": 2000, "bulk_batch_size": 2, **cfg})
-    return RedisOnlineStore(schema, config, namespace)
-
-
-def assert_user(got, users: UserRecords, u: int) -> None:
-    assert not got.user_missing and not got.profile_missing
-    for f in ("user_id", "segment", "age"):
-        np.testing.assert_array_equal(got.user[f], users.profile[f][u])
-    np.testing.assert_array_equal(got.sequence["hist_item_id"], users.sequences["hist_item_id"][u])
-    np.testing.assert_array_equal(got.sequence["hist_cate_id"], users.sequences["hist_cate_id"][u])
-    np.testing.assert_array_equal(got.timestamps["hist"], users.timestamps["hist"][u])
-    assert got.sequence_length["hist"] == int((users.sequences["hist_item_id"][u] != 0).sum())
-
-
-def assert_items(got, items: ItemRecords, idx: list[int]) -> None:
-    for f, col in items.features.items():
-        np.testing.assert_array_equal(got.items[f], col[idx])
-        assert got.items[f].dtype == (np.float32 if f == "price" else np.int64)
-
-
-def version_keys(url: str, ns: str = "ctrserve:fs:t") -> set[int]:
-    with redis.Redis.from_url(url) as client:
-        return {int(k.split(b":")[3][1:]) for k in client.scan_iter(match=f"{ns}:v*")}
 
 
 async def test_round_trip_profiles_sequences_items(redis_url: str) -> None:
@@ -142,6 +81,26 @@ async def test_append_trims_to_max_len_atomically(redis_url: str) -> None:
         assert got.sequence["hist_item_id"][0] == OOV_ID and got.sequence_length["hist"] == 1
         with pytest.raises(ValueError, match="exactly"):
             await store.append_event("u1", fields={"hist_item_id": 2})
+
+
+async def test_writes_land_on_the_keys_keys_py_names(redis_url: str) -> None:
+    """Bulk writes (built in Python) and online writes (built by the Lua scripts) use one layout."""
+    users, items = make_records(0)
+    one_user = UserRecords(ids=users.ids[:1], profile={f: c[:1] for f, c in users.profile.items()},
+                           sequences={f: c[:1] for f, c in users.sequences.items()},
+                           timestamps={n: c[:1] for n, c in users.timestamps.items()})
+    one_item = ItemRecords(ids=items.ids[:1], features={f: c[:1] for f, c in items.features.items()})
+    async with make_store(redis_url) as store:
+        version = await store.bulk_load(one_user, one_item)
+        keys = store.keys.version(version)
+        await store.put_user("pu", {"user_id": 7, "segment": 3, "age": 0.5})
+        await store.put_item("pi", {"item_id": 3, "cate_id": 9, "price": 1.5})
+        await store.append_event("pu", fields={"hist_item_id": 2, "hist_cate_id": 2}, ts=1)
+        with redis.Redis.from_url(redis_url) as client:
+            stored = {k.decode() for k in client.scan_iter(match=store.keys.scan_pattern)}
+            assert client.get(store.keys.active) == str(version).encode()
+    assert stored == {keys.meta, keys.user("u0"), keys.sequence("hist", "u0"), keys.item("i0"),
+                      keys.user("pu"), keys.sequence("hist", "pu"), keys.item("pi")}
 
 
 async def test_put_item_and_cache(redis_url: str) -> None:
@@ -243,11 +202,11 @@ async def test_malformed_values_raise_corrupt_value(redis_url: str) -> None:
     users, items = make_records(0)
     async with make_store(redis_url) as store:
         version = await store.bulk_load(users, items)
-        base = store.keys.base(version)
+        keys = store.keys.version(version)
         with redis.Redis.from_url(redis_url) as client:
-            client.set(base + "i:i2", b"not a feature row")
-            client.set(base + "u:u1", b"CT\x01U" + bytes(40))
-            client.set(base + "s:hist:u2", store._seq_codecs["hist"].header + b"\x01\x02\x03")
+            client.set(keys.item("i2"), b"not a feature row")
+            client.set(keys.user("u1"), b"CT\x01U" + bytes(40))
+            client.set(keys.sequence("hist", "u2"), store.codec.sequences["hist"].header + b"\x01\x02\x03")
         with pytest.raises(CorruptValue, match="i:i2"):
             await store.online_read("u0", ["i1", "i2"])
         with pytest.raises(CorruptValue, match="u:u1"):
@@ -295,97 +254,6 @@ async def test_connection_refused_and_timeout(redis_url: str) -> None:
             await store.online_read("u1", ["i1"])
         await asyncio.sleep(0.7)
         assert_user(await store.online_read("u1", ["i1"]), users, 1)
-
-
-async def test_blocking_read_matches_async_read_and_defers_version_changes(redis_url: str) -> None:
-    """The gateway's inline path: the same features as ``online_read``; None (use the async read,
-    which adopts and checks the version) before the first read and after a flip; typed errors."""
-    users, items = make_records(0)
-    new_users, new_items = make_records(2)
-    async with make_store(redis_url) as store, make_store(redis_url) as reader:
-        await store.bulk_load(users, items)
-        assert reader.online_read_blocking("u1", ["i1"]) is None  # no version adopted yet
-        ref = await reader.online_read("u1", ["i3", "no-such-item", "i0"])
-        got = reader.online_read_blocking("u1", ["i3", "no-such-item", "i0"])
-        assert got is not None and got.version == ref.version
-        assert_user(got, users, 1)
-        np.testing.assert_array_equal(got.missing_items, [1])
-        for f in ref.items:
-            np.testing.assert_array_equal(got.items[f], ref.items[f])
-        assert got.item_cache_hits == 2  # the async read cached i3 and i0 for the blocking one
-        cold = reader.online_read_blocking("nobody", [])
-        assert cold is not None and cold.user_missing and cold.sequence_length["hist"] == 0
-        # a budget below the socket timeout (2 s here) cannot bound a blocking read: use the async one
-        assert reader.online_read_blocking("u1", ["i1"], timeout_s=0.5) is None
-        assert reader.online_read_blocking("u1", ["i1"], timeout_s=2.0) is not None
-
-        await store.bulk_load(new_users, new_items)  # a flip: the blocking read hands back to the async one
-        assert reader.online_read_blocking("u2", ["i0"]) is None
-        assert_user(await reader.online_read("u2", ["i0"]), new_users, 2)
-        got = reader.online_read_blocking("u2", ["i0", "i5"])
-        assert got is not None
-        assert_user(got, new_users, 2)
-        assert_items(got, new_items, [0, 5])
-    async with make_store("redis://127.0.0.1:1/0") as dead:
-        dead._version, dead._version_bytes = 1, b"1"  # as if a version had been adopted before Redis went away
-        with pytest.raises(StoreUnavailable, match="cannot reach"):
-            dead.online_read_blocking("u1", ["i1"])
-    async with make_store(redis_url, timeout_ms=100) as store:
-        await store.online_read("u1", ["i1"])
-        with redis.Redis.from_url(redis_url) as client:
-            client.execute_command("CLIENT", "PAUSE", "600", "ALL")
-        with pytest.raises(StoreTimeout, match="100 ms"):
-            store.online_read_blocking("u1", ["i1"])
-        await asyncio.sleep(0.7)
-        assert_user(store.online_read_blocking("u1", ["i1"]), new_users, 1)
-
-
-async def test_begun_read_is_collected_or_cancelled_and_frees_its_connection(redis_server, redis_url: str) -> None:
-    """``begin_read_blocking`` sends the MGET; ``result()`` gives what ``online_read_blocking``
-    gives; ``cancel()`` drains the reply, so a pool of one connection keeps answering correctly;
-    a connection broken by a server restart is healed once."""
-    users, items = make_records(0)
-    async with make_store(redis_url, pool_size=1) as store:
-        await store.bulk_load(users, items)
-        await store.online_read("u1", ["i1"])  # adopts the version
-        pending = store.begin_read_blocking("u1", ["i2", "i4"])
-        assert pending is not None
-        got = pending.result()
-        assert got is not None
-        assert_user(got, users, 1)
-        assert_items(got, items, [2, 4])
-        pending.cancel()  # no-op once collected
-        with pytest.raises(RuntimeError, match="already collected"):
-            pending.result()
-        for _ in range(3):  # each cancelled reply leaves the socket: the next read gets its own
-            store.begin_read_blocking("u2", ["i0"]).cancel()
-        got = store.begin_read_blocking("u3", ["i5"]).result()
-        assert_user(got, users, 3)
-        assert_items(got, items, [5])
-        # two reads in flight on one thread: the second takes a connection of its own (the pool's only
-        # one is taken, so it waits its timeout and fails clearly), the first still gets its answer
-        first = store.begin_read_blocking("u1", ["i1"])
-        with pytest.raises(StoreUnavailable):
-            store.begin_read_blocking("u2", ["i2"])
-        # wait=False (the gateway's reads sent ahead): declines at once instead of waiting for the pool
-        t0 = time.perf_counter()
-        assert store.begin_read_blocking("u2", ["i2"], wait=False) is None
-        assert time.perf_counter() - t0 < 0.5  # the pool's wait is 2 s here
-        assert_user(first.result(), users, 1)
-        later = store.begin_read_blocking("u2", ["i2"], wait=False)  # the connection is free again
-        assert later is not None
-        assert_user(later.result(), users, 2)
-        assert len(store._idle) == 1  # the connection waits for the next read, not in the pool
-        with redis.Redis.from_url(redis_url) as client:
-            client.save()
-        redis_server.stop()
-        try:
-            with pytest.raises(StoreUnavailable, match="cannot reach"):
-                store.online_read_blocking("u1", ["i1"])
-        finally:
-            redis_server.start()
-        assert_user(store.online_read_blocking("u1", ["i1"]), users, 1)  # the same pool reconnects
-    assert store._idle == []  # closed: back to the pool and disconnected
 
 
 async def test_bulk_load_from_prepared_dataset(redis_url: str, tiny_prepared: Path) -> None:

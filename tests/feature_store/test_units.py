@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -116,3 +118,81 @@ def test_feature_store_imports_no_torch() -> None:
     code = ("import sys; import ctrserve.feature_store.redis_store, ctrserve.feature_store.loader, "
             "ctrserve.feature_store.cli; assert 'torch' not in sys.modules, 'torch imported'")
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def _documented_keys() -> list[str]:
+    """The key column of docs/feature_store.md's key-layout table."""
+    text = (Path(__file__).resolve().parents[2] / "docs" / "feature_store.md").read_text()
+    section = text.split("## Key layout", 1)[1].split("\n## ", 1)[0]
+    return re.findall(r"^\| `(ns:[^`]+)` \|", section, flags=re.M)
+
+
+def test_key_names_are_the_documented_layout() -> None:
+    from ctrserve.feature_store.keys import Keys, item_suffix, sequence_suffix, user_suffix
+
+    documented = _documented_keys()
+    assert len(documented) == 7, documented
+    fill = {"<v>": "7", "<user_id>": "u1", "<sequence>": "hist", "<item_id>": "i9"}
+    expected = set()
+    for template in documented:
+        for slot, value in fill.items():
+            template = template.replace(slot, value)
+        expected.add(template.replace("ns:", "ctrserve:fs:t:", 1))
+    keys = Keys("ctrserve:fs", "t")
+    v7 = keys.version(7)
+    built = {keys.active, keys.next_version, keys.loading(7), keys.meta(7), v7.user("u1"),
+             v7.sequence("hist", "u1"), v7.item("i9")}
+    assert built == expected
+    assert v7.items(["a", "b"]) == [v7.item("a"), v7.item("b")]
+    # the Lua scripts build ns + ":v" + version + ":" + suffix: the same names
+    for suffix, key in [(user_suffix("u1"), v7.user("u1")), (sequence_suffix("hist", "u1"), v7.sequence("hist", "u1")),
+                        (item_suffix("i9"), v7.item("i9"))]:
+        assert f"{keys.ns}:v7:{suffix}" == key
+    assert [keys.version_of(k) for k in (v7.item("i9"), v7.meta, keys.active, keys.loading(7))] == [7, 7, None, None]
+    assert keys.version_of(v7.user("u1").encode()) == 7
+    assert Keys("p", "a*b[1]").scan_pattern == r"p:a\*b\[1\]:v*"
+
+
+def test_key_names_are_spelled_only_in_keys_py() -> None:
+    """Every key of the layout is built by keys.py: no other module of the package spells a
+    ``"u:"``/``"s:"``/``"i:"`` prefix or a ``:v`` version segment."""
+    package = Path(__file__).resolve().parents[2] / "feature_store"
+    literal = re.compile(r"""["'][usi]:["']|["']:v["']|f["'][^"']*:v\{""")
+    offenders = [f"{p.name}:{n}" for p in sorted(package.glob("*.py")) if p.name != "keys.py"
+                 for n, line in enumerate(p.read_text().splitlines(), 1) if literal.search(line)]
+    assert not offenders, offenders
+    assert literal.search('base + "u:" + user_id') and literal.search('f"{ns}:v{version}:"')
+
+
+def test_online_store_interface_is_small() -> None:
+    """``check_version`` is part of the contract; the blocking reader is an optional capability."""
+    from ctrserve.feature_store.base import BlockingReader, OnlineStore, PendingRead
+
+    class NoVersions(OnlineStore):
+        async def online_write_batch(self, users=None, items=None, progress=None) -> None: ...
+        async def online_read(self, user_id, item_ids): ...
+        async def close(self) -> None: ...
+
+    with pytest.raises(TypeError, match="check_version"):
+        NoVersions()
+
+    class Versions(NoVersions):
+        async def check_version(self) -> int | None:
+            return None
+
+    assert Versions().blocking_reader() is None
+
+    class Answer(PendingRead):
+        def result(self):
+            return "features"
+
+        def cancel(self) -> None: ...
+
+    class Reader(BlockingReader):
+        timeout_s = 0.1
+        saturated = False
+
+        def begin(self, user_id, item_ids):
+            return None if user_id == "unadopted" else Answer()
+
+    assert Reader().read("u1", []) == "features" and Reader().read("unadopted", []) is None

@@ -1,0 +1,134 @@
+"""The key layout of one namespace and the Lua scripts that compute keys on the server.
+
+``ns`` = ``<key_prefix>:<namespace>`` (docs/feature_store.md, "Key layout")::
+
+    ns:active                  version number currently served
+    ns:next_version            INCR counter handing out version numbers
+    ns:loading:<v>             marker (with TTL) while a bulk load writes version v
+    ns:v<v>:meta               JSON: schema, counts, source; written last, before the flip
+    ns:v<v>:u:<user_id>        user profile row          (codec kind U)
+    ns:v<v>:s:<seq>:<user_id>  behaviour sequence        (codec kind S)
+    ns:v<v>:i:<item_id>        item row                  (codec kind I)
+
+Every key name is built here. The part after ``ns:v<v>:`` is a *suffix* (``user_suffix`` and
+friends): the Lua scripts receive ``ns`` and a suffix and insert the version that is active when
+they run. The keys of one request are not hash-tagged: single-node (or replicated) Redis, not Cluster.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+USER, SEQUENCE, ITEM = "u:", "s:", "i:"
+
+# Prepend one event to a sequence and keep the newest ARGV[5] events, atomically, under the
+# version that is active when the script runs (so an append never lands in a half-loaded one).
+# KEYS[1] = ns:active; ARGV = ns, key suffix, codec header, event bytes, max events.
+LUA_APPEND = """
+local ver = redis.call('GET', KEYS[1])
+if not ver then return redis.error_reply('NOACTIVE no active version') end
+local key = ARGV[1] .. ':v' .. ver .. ':' .. ARGV[2]
+local hdr, ev = ARGV[3], ARGV[4]
+local cur = redis.call('GET', key)
+local body = ''
+if cur then
+  if string.sub(cur, 1, #hdr) ~= hdr or (#cur - #hdr) % #ev ~= 0 then
+    return redis.error_reply('CORRUPT ' .. key)
+  end
+  body = string.sub(cur, #hdr + 1)
+end
+local new = ev .. body
+local cap = tonumber(ARGV[5]) * #ev
+if #new > cap then new = string.sub(new, 1, cap) end
+redis.call('SET', key, hdr .. new)
+return math.floor(#new / #ev)
+"""
+
+# SET one value under the active version. KEYS[1] = ns:active; ARGV = ns, key suffix, value.
+LUA_SET_ACTIVE = """
+local ver = redis.call('GET', KEYS[1])
+if not ver then return redis.error_reply('NOACTIVE no active version') end
+redis.call('SET', ARGV[1] .. ':v' .. ver .. ':' .. ARGV[2], ARGV[3])
+return ver
+"""
+
+# Flip the active pointer to ARGV[1] unless a newer version is already active; returns the active one.
+LUA_FLIP = """
+local cur = tonumber(redis.call('GET', KEYS[1]) or '0')
+if tonumber(ARGV[1]) > cur then
+  redis.call('SET', KEYS[1], ARGV[1])
+  return tonumber(ARGV[1])
+end
+return cur
+"""
+
+
+def user_suffix(user_id: str) -> str:
+    return USER + user_id
+
+
+def sequence_suffix(sequence: str, user_id: str) -> str:
+    return f"{SEQUENCE}{sequence}:{user_id}"
+
+
+def item_suffix(item_id: str) -> str:
+    return ITEM + item_id
+
+
+def glob_escape(text: str) -> str:
+    """``text`` as a literal inside a SCAN ``MATCH`` pattern."""
+    return "".join("\\" + c if c in "*?[]\\" else c for c in text)
+
+
+class VersionKeys:
+    """Key names of one version of a namespace (``ns:v<v>:...``)."""
+
+    __slots__ = ("_item", "_user", "base", "meta")
+
+    def __init__(self, ns: str, version: int):
+        self.base = f"{ns}:v{version}:"
+        self.meta = self.base + "meta"
+        self._user = self.base + USER
+        self._item = self.base + ITEM
+
+    def user(self, user_id: str) -> str:
+        return self._user + user_id
+
+    def sequence(self, sequence: str, user_id: str) -> str:
+        return self.base + sequence_suffix(sequence, user_id)
+
+    def item(self, item_id: str) -> str:
+        return self._item + item_id
+
+    def items(self, item_ids: Sequence[str]) -> list[str]:
+        prefix = self._item
+        return [prefix + item_id for item_id in item_ids]
+
+
+class Keys:
+    """Key names of one namespace."""
+
+    def __init__(self, prefix: str, namespace: str):
+        self.ns = f"{prefix}:{namespace}"
+        self.active = f"{self.ns}:active"
+        self.next_version = f"{self.ns}:next_version"
+        #: SCAN pattern of every versioned key (``ns:v*``), the namespace's glob characters escaped
+        self.scan_pattern = glob_escape(self.ns) + ":v*"
+        self._version_head = f"{self.ns}:v"
+
+    def version(self, version: int) -> VersionKeys:
+        return VersionKeys(self.ns, version)
+
+    def loading(self, version: int) -> str:
+        return f"{self.ns}:loading:{version}"
+
+    def meta(self, version: int) -> str:
+        return VersionKeys(self.ns, version).meta
+
+    def version_of(self, key: bytes | str) -> int | None:
+        """``ns:v<N>:...`` -> N (None for other keys of the namespace)."""
+        text = key.decode() if isinstance(key, bytes) else key
+        if not text.startswith(self._version_head):
+            return None
+        num = text[len(self._version_head):].split(":", 1)[0]
+        return int(num) if num.isdigit() else None
