@@ -11,17 +11,22 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
 
-from fastapi import FastAPI
+from fastapi import FastAPI, Request
+from starlette.responses import Response
 from starlette.types import Receive, Scope, Send
 
 from . import api
+from .errors import OrjsonResponse, error_response
 from .features import FeatureStores, StoreFactory, gateway_store_config, redis_factory
 from .gateway import Gateway
+from .http import Front
+from .metrics import Metrics
 from .registry import ModelRegistry
 from .settings import GatewaySettings
 
@@ -29,38 +34,27 @@ log = logging.getLogger("ctrserve.service")
 
 
 class GatewayApp(FastAPI):
-    """FastAPI, except that POST /v1/score enters the gateway's middleware directly, which answers
-    it on its fast path (``api.score_asgi``), instead of first passing FastAPI's and Starlette's
-    generic wrappers (server-error, exception-telemetry and body-limit middleware), which that path
-    does not use: ~8 % of the Python per scoring request (py-spy of the in-process app, docs/gateway.md
-    session 10). Other requests, and every request while FastAPI's native telemetry is on (so they
-    are traced as before), take the whole stack, the gateway middleware included."""
+    """FastAPI behind the gateway's own front (``http.Front``): every request enters the front,
+    which answers ``POST /v1/score`` directly and hands everything else to FastAPI."""
 
-    _front: api.GatewayMiddleware | None = None
+    front: Front
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        front = self._front
-        if front is None and scope["type"] == "http":
-            front = self._front = self.gateway_middleware()
-        if front is not None and front.takes(scope) and not self._native_telemetry.enabled():
-            if self.root_path:
-                scope["root_path"] = self.root_path
-            scope["app"] = self
-            await front(scope, receive, send)
-            return
-        await super().__call__(scope, receive, send)
+        await self.front(scope, receive, send)
 
-    def gateway_middleware(self) -> api.GatewayMiddleware | None:
-        """The GatewayMiddleware instance of the app's middleware stack (built here if not yet)."""
-        if self.middleware_stack is None:
-            self.middleware_stack = self.build_middleware_stack()
-        node: Any = self.middleware_stack
-        while node is not None and not isinstance(node, api.GatewayMiddleware):
-            node = getattr(node, "app", None)
-        return node
+    def telemetry_on(self) -> bool:
+        """FastAPI's OpenTelemetry instrumentation is active (a provider is configured)."""
+        telemetry = getattr(self, "_native_telemetry", None)
+        return telemetry is not None and telemetry.enabled()
+
+    def openapi(self) -> dict[str, Any]:
+        if self.openapi_schema is None:
+            schema = super().openapi()
+            schema.setdefault("components", {}).setdefault("schemas", {}).update(api.openapi_components())
+        return self.openapi_schema  # type: ignore[return-value]
 
 
-def create_app(settings: GatewaySettings | None = None, store_factory: StoreFactory | None = None) -> FastAPI:
+def create_app(settings: GatewaySettings | None = None, store_factory: StoreFactory | None = None) -> GatewayApp:
     """The gateway app. ``store_factory`` replaces the Redis store (unit tests only)."""
     settings = settings or GatewaySettings.from_env()
 
@@ -104,12 +98,22 @@ def create_app(settings: GatewaySettings | None = None, store_factory: StoreFact
         description="Click-through-rate scoring: one user, a batch of candidates, one probability per candidate. "
                     "A/B arms by salted user hash; features from the Redis feature store.",
         lifespan=lifespan,
-        default_response_class=api.OrjsonResponse,
+        default_response_class=OrjsonResponse,
     )
     api.install(app)
-    app.add_middleware(api.GatewayMiddleware, max_body_bytes=settings.api.max_body_bytes,
-                       access_log=settings.server.access_log)
+    app.add_exception_handler(Exception, _internal_error)  # a bug in a FastAPI route: JSON 500, no trace
+
+    def metrics() -> Metrics | None:
+        gw = getattr(app.state, "gateway", None)
+        return gw.metrics if gw is not None else None
+
+    app.front = Front(functools.partial(FastAPI.__call__, app), functools.partial(api.score, app), metrics,
+                      settings.api.max_body_bytes, settings.server.access_log, app.telemetry_on)
     return app
+
+
+async def _internal_error(request: Request, exc: Exception) -> Response:
+    return error_response(500, "internal", "internal error; the request id is in the gateway log")
 
 
 async def wait_ready(app: FastAPI, timeout: float = 60.0) -> None:

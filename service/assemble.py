@@ -24,6 +24,8 @@ from ctrserve.contract.transforms import apply_dense, bucket_edges, bucketise
 from ctrserve.contract.vocab import Vocabulary
 from ctrserve.feature_store.base import RequestFeatures
 
+from .request import ScoreRequest
+
 Raw = Any  # a JSON scalar, or a list of scalars for a sequence field
 _DTYPES = {"int64": np.int64, "float32": np.float32}
 
@@ -141,8 +143,11 @@ class Assembler:
         return out
 
     # -- checks ---------------------------------------------------------------------------
-    def check_keys(self, context: Mapping[str, Raw] | None, candidates: Sequence[Mapping[str, Raw] | None]) -> None:
+    def check_request(self, request: ScoreRequest) -> None:
         """Reject override names this model does not have (before any I/O)."""
+        self.check_keys(request.context, request.candidate_features)
+
+    def check_keys(self, context: Mapping[str, Raw] | None, candidates: Sequence[Mapping[str, Raw] | None]) -> None:
         if context:
             unknown = sorted(set(context) - self.context_keys)
             if unknown:
@@ -178,6 +183,10 @@ class Assembler:
                 items[name] = np.full(b, inp.default, dtype=inp.dtype)
         return RequestFeatures(user=user, sequence=seqs, timestamps={}, sequence_length={}, items=items,
                                user_missing=True, profile_missing=True, missing_items=np.arange(b), version=0)
+
+    def assemble_request(self, request: ScoreRequest, stored: RequestFeatures) -> dict[str, np.ndarray]:
+        """The model inputs of one scoring request, from its fields and the stored features."""
+        return self.assemble(request.user_id, request.item_ids, stored, request.context, request.candidate_features)
 
     def assemble(
         self,

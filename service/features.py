@@ -97,7 +97,7 @@ class FeatureStores:
         problems = []
         for (ns, _), store in list(self._stores.items()):
             try:
-                version = await asyncio.wait_for(_active_version(store), timeout)
+                version = await asyncio.wait_for(store.check_version(), timeout)
             except TimeoutError:
                 problems.append(f"{ns}: no answer within {timeout * 1000:.0f} ms")
                 continue
@@ -113,12 +113,3 @@ class FeatureStores:
         for s in stores:
             with contextlib.suppress(Exception):  # closing a dead connection must not block shutdown
                 await s.close()
-
-
-async def _active_version(store: OnlineStore) -> int | None:
-    # the Redis store's check_version also checks schema and vocabulary of a newly active version
-    fn = getattr(store, "check_version", None) or getattr(store, "active_version", None)
-    if fn is None:  # a store without versions is reachable if it answers a read
-        await store.online_read("__readyz__", [])
-        return 0
-    return await fn()

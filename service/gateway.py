@@ -1,8 +1,8 @@
 """The scoring pipeline and the gateway's mutable state (routing table, models, stores).
 
 One request: route (salted hash -> arm) -> one feature-store read -> assemble -> infer, each stage
-timed, all within the per-request deadline. The routing table is an immutable ``Router`` that a
-reload replaces with one assignment, so a request keeps the table (and model) it started with.
+timed, all within the per-request deadline. The routing table is an immutable ``Table`` that a
+reload replaces with one assignment, so a request keeps the table (and models) it started with.
 """
 
 from __future__ import annotations
@@ -11,33 +11,25 @@ import asyncio
 import hashlib
 import logging
 import time
-from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from ctrserve.feature_store.base import PendingRead
-from ctrserve.feature_store.errors import FeatureStoreError, StoreNotLoaded
-
 from .assemble import AssemblyError
 from .backends import BackendError, BackendTimeout, BackendUnavailable
+from .errors import GatewayError
+from .execution import ExecutionPolicy
 from .features import FeatureStores
 from .metrics import Metrics
+from .reader import EarlyRead, FeatureReader
 from .registry import LoadedModel, ModelLoadError, ModelRegistry, newest_model
-from .routing import NotFound, Route, Router, RoutingConfig, RoutingError, load_config, single_arm_config
+from .request import ScoreRequest, read_keys
+from .routing import NotFound, Overrides, Route, Router, RoutingConfig, RoutingError, load_config, single_arm_config
 from .settings import GatewaySettings
 
 log = logging.getLogger("ctrserve.service")
-
-
-class GatewayError(Exception):
-    """An error answered with ``status`` and a JSON body ``{"error": {"code", "message"}}``."""
-
-    def __init__(self, status: int, code: str, message: str):
-        super().__init__(message)
-        self.status, self.code, self.message = status, code, message
 
 
 @dataclass(frozen=True)
@@ -51,23 +43,17 @@ class Table:
 
 @dataclass
 class ScoreResult:
-    model: str
-    version: int
-    arm: str
-    experiment: str
+    """One scored request: the route it took (experiment, arm, model, version) and its scores."""
+
+    route: Route
     scores: np.ndarray
     flags: dict[str, Any] = field(default_factory=dict)
 
 
-@dataclass(frozen=True)
-class EarlyRead:
-    """A feature-store read sent before the request body was validated (``Gateway.begin_read``),
-    with what it was sent for; ``score`` collects it when the validated request is the same."""
-
-    table: Table
-    route: Route
-    args: tuple[str, list[str], str | None, str | None, str | None]  # user, items, model, experiment, arm
-    pending: PendingRead
+class ConfigError(RoutingError):
+    """The initial routing config cannot be formed: no routing file and a repository that does not
+    hold exactly one model, or an unreadable or invalid file. Retrying cannot fix it (unlike a
+    model still loading); ``/readyz`` reports it as ``config_error``."""
 
 
 def config_digest(config: RoutingConfig) -> str:
@@ -81,19 +67,24 @@ class Gateway:
         self.registry = registry
         self.stores = stores
         self.metrics = metrics or Metrics()
+        self.reader = FeatureReader(settings.store, self.metrics)
+        self.execution = ExecutionPolicy(settings.backend)
         self.table: Table | None = None
         self.startup_error: str | None = "starting"
+        #: the startup error is a configuration error (no retry will fix it)
+        self.config_error = False
         self._reload_lock = asyncio.Lock()
         self._file_mtime: float | None = None
-        self._scoring = 0  # requests inside score(): the `auto` execution's load signal
-        self._overlap_until = 0.0  # auto: until then, a lone request takes the thread path too
 
     # -- routing config ------------------------------------------------------------------
     def initial_config(self) -> RoutingConfig:
         path = self.settings.routing.config
-        if path is not None:
-            return load_config(path)
-        return single_arm_config(*newest_model(self.registry.repo))
+        try:
+            if path is not None:
+                return load_config(path)
+            return single_arm_config(*newest_model(self.registry.repo))
+        except (RoutingError, ModelLoadError) as exc:
+            raise ConfigError(str(exc)) from None
 
     async def apply(self, config: RoutingConfig, source: str) -> str:
         """Validate ``config`` against the models (load and warm every referenced version), then
@@ -117,7 +108,7 @@ class Gateway:
             self.metrics.routing_info.labels(digest).set(1)
             self.metrics.models_ready.set(len(self.registry.loaded))
             self.metrics.reloads.labels(source, "applied").inc()
-            self.startup_error = None
+            self.startup_error, self.config_error = None, False
             log.info("routing config applied", extra={"source": source, "digest": digest,
                                                       "replaced": config_digest(old.router.config) if old else None})
             return digest
@@ -140,8 +131,8 @@ class Gateway:
             try:
                 await self.apply(self.initial_config(), "startup")
             except (RoutingError, ModelLoadError) as exc:
-                self.startup_error = str(exc)
-                log.error("gateway not ready", extra={"reason": str(exc)})
+                self.startup_error, self.config_error = str(exc), isinstance(exc, ConfigError)
+                log.error("gateway not ready", extra={"reason": str(exc), "config_error": self.config_error})
                 await asyncio.sleep(retry_s)
         self._file_mtime = _mtime(self.settings.routing.config)
 
@@ -158,6 +149,13 @@ class Gateway:
                 await self.reload_file("watch")
             except RoutingError as exc:
                 log.error("routing file change rejected", extra={"reason": str(exc)})
+
+    def require_table(self, what: str = "the gateway is not ready") -> Table:
+        """The table in effect, or 503 (``what``: the message's start)."""
+        table = self.table
+        if table is None:
+            raise GatewayError(503, "not_ready", f"{what}: {self.startup_error}")
+        return table
 
     # -- readiness -----------------------------------------------------------------------
     async def readiness(self) -> tuple[bool, dict[str, str]]:
@@ -180,155 +178,77 @@ class Gateway:
         return ok, checks
 
     # -- scoring -------------------------------------------------------------------------
-    def begin_read(self, user_id: str, item_ids: list[str], model: str | None = None,
-                   experiment: str | None = None, arm: str | None = None) -> EarlyRead | None:
-        """Inline and auto execution: route the request and send its feature-store read now, so
-        that Redis answers while the caller validates the body (the wait for Redis, most of it the
-        wake-up of an idle server, overlaps that work). Best effort, never raises: None when the
-        execution is ``thread``, the request does not route, or the store cannot take a blocking
-        read; the caller hands the result to ``score`` and cancels it if ``score`` is not reached."""
+    def begin_read(self, body: Any, overrides: Overrides) -> EarlyRead | None:
+        """Route a decoded, not yet validated body and send its store read now, so that Redis
+        answers while the body is validated (``reader.FeatureReader``). Best effort, never
+        raises: None when reads ahead are off, the body's shape is not plain, it does not route,
+        or the store cannot take the read without waiting."""
         table = self.table
-        if table is None or self.settings.backend.execution == "thread" or not self.settings.store.early_read:
+        if table is None or not self.execution.reads_ahead or not self.reader.early_reads:
             return None
+        keys = read_keys(body, self.settings.api.max_candidates)
+        if keys is None:
+            return None
+        user_id, item_ids, model = keys
+        overrides = Overrides(model, overrides.experiment, overrides.arm)
         try:
-            route = _route(table, user_id, model, experiment, arm)
-            loaded = table.models[(route.model, route.version)]
+            route = table.router.route(user_id, overrides)
+            loaded = table.models[route.key]
             if not loaded.backend.inline:
                 return None
-            # the whole store budget: settings keep it below the request deadline, which has just begun
-            budget = self.settings.store.timeout_ms / 1000
-            pending = self.stores.for_model(loaded.manifest).begin_read_blocking(user_id, item_ids, budget,
-                                                                                 wait=False)
-        except (NotFound, FeatureStoreError, KeyError, ValueError):
-            return None  # score() meets the same condition and answers it
-        if pending is None:
-            return None
-        return EarlyRead(table, route, (user_id, item_ids, model, experiment, arm), pending)
+            pending = self.reader.begin(self.stores.for_model(loaded.manifest), user_id, item_ids)
+        except (NotFound, KeyError, ValueError):
+            return None  # scoring meets the same condition and answers it
+        return None if pending is None else EarlyRead(table, route, (user_id, item_ids, overrides), pending)
 
-    async def score(
-        self,
-        user_id: str,
-        item_ids: Sequence[str],
-        context: Mapping[str, Any] | None,
-        candidate_features: Sequence[Mapping[str, Any] | None],
-        model: str | None = None,
-        experiment: str | None = None,
-        arm: str | None = None,
-        route_label: list[str] | None = None,
-        early: EarlyRead | None = None,
-    ) -> ScoreResult:
-        """Score candidates in order. ``route_label`` receives the arm name and ``model:version`` as
-        soon as they are known (so a failed request is still counted and labelled under its arm).
-        ``early``: the read ``begin_read`` sent for this request, used when it was sent for the
-        same arguments and routing table (the caller cancels it in any case; a collected read
-        ignores that)."""
-        self._scoring += 1
-        try:
-            if self.settings.backend.execution == "auto":
-                # one loop turn: requests the server has already read get to register before this one
-                # decides (a request running inline would otherwise finish before they start)
-                await asyncio.sleep(0)
-            return await self._score(user_id, item_ids, context, candidate_features, model, experiment, arm,
-                                     route_label, early)
-        finally:
-            self._scoring -= 1
+    async def score(self, request: ScoreRequest, overrides: Overrides = Overrides(),
+                    early: EarlyRead | None = None) -> ScoreResult:
+        """Score the request's candidates in order. A GatewayError raised after routing carries
+        the route. ``early``: the read ``begin_read`` sent for this request, collected when it was
+        sent for the same ids, overrides and routing table."""
+        async with self.execution:
+            t_start = time.perf_counter()
+            table = self.require_table()
+            overrides = Overrides(request.model, overrides.experiment, overrides.arm)
+            item_ids = request.item_ids
+            if early is not None and not early.matches(table, request.user_id, item_ids, overrides):
+                early = None  # sent for something else (a reload in between, ids the validation coerced)
+            try:
+                route = early.route if early is not None else table.router.route(request.user_id, overrides)
+            except NotFound as exc:
+                raise GatewayError(404, "not_found", str(exc)) from None
+            self.metrics.child(self.metrics.stage, "route", route.arm).observe(time.perf_counter() - t_start)
+            try:
+                scores, flags = await self._score_routed(table.models[route.key], route, request, item_ids,
+                                                         t_start, early)
+            except GatewayError as exc:
+                exc.route = route
+                raise
+            return ScoreResult(route, scores, flags)
 
-    async def _score(
-        self,
-        user_id: str,
-        item_ids: Sequence[str],
-        context: Mapping[str, Any] | None,
-        candidate_features: Sequence[Mapping[str, Any] | None],
-        model: str | None,
-        experiment: str | None,
-        arm: str | None,
-        route_label: list[str] | None,
-        early: EarlyRead | None = None,
-    ) -> ScoreResult:
-        api = self.settings.api
-        t_start = time.perf_counter()
+    async def _score_routed(self, loaded: LoadedModel, route: Route, request: ScoreRequest, item_ids: list[str],
+                            t_start: float, early: EarlyRead | None) -> tuple[np.ndarray, dict[str, Any]]:
+        """Read, assemble and infer for a routed request."""
+        m, api = self.metrics, self.settings.api
         deadline = t_start + api.deadline_ms / 1000
-        table = self.table
-        if table is None:
-            raise GatewayError(503, "not_ready", f"the gateway is not ready: {self.startup_error}")
-        if early is not None and (early.table is not table or early.args != (user_id, item_ids, model, experiment,
-                                                                                 arm)):
-            early = None  # sent for something else (a reload in between, ids the validation coerced)
-        try:
-            route = early.route if early is not None else _route(table, user_id, model, experiment, arm)
-        except NotFound as exc:
-            raise GatewayError(404, "not_found", str(exc)) from None
-        if route_label is not None:
-            route_label += [route.arm, f"{route.model}:{route.version}"]
-        loaded = table.models[(route.model, route.version)]
         assembler = loaded.assembler
-        m = self.metrics
-        t = time.perf_counter()
-        m.child(m.stage, "route", route.arm).observe(t - t_start)
         try:
-            assembler.check_keys(context, candidate_features)
+            assembler.check_request(request)
         except AssemblyError as exc:
             raise GatewayError(422, "invalid_features", str(exc)) from None
-
-        flags: dict[str, Any] = {}
+        inline = self.execution.inline(loaded.backend)
+        t = time.perf_counter()
         store = self.stores.for_model(loaded.manifest)
-        # inline: the store read, assembly and inference run here without awaiting (no thread
-        # hand-offs); the first read and a read across a version flip still go through the async path.
-        # auto: inline when this is the only request being scored, else the thread path, so that
-        # under load the event loop keeps reading requests while the inference thread computes. An
-        # early read is collected either way: it was sent a validation ago, so its answer is
-        # usually there (awaiting a second read instead cost auto the early read's gain: 0.27 against
-        # 0.12 ms feature fetch, `ctrserve bench all --execution auto`, docs/gateway.md session 9)
-        execution = self.settings.backend.execution
-        # Once requests have overlapped, auto keeps even a lone one on the thread path for
-        # `auto_overlap_s`: run inline, it would hold the event loop, and a request arriving
-        # meanwhile would wait for it while an inference thread idles (bench load at half
-        # saturation, docs/gateway.md session 10); a sequential client never overlaps and stays inline
-        auto_inline = False
-        if execution == "auto":
-            now = time.perf_counter()
-            if self._scoring > 1:
-                self._overlap_until = now + self.settings.backend.auto_overlap_s
-            auto_inline = self._scoring == 1 and now >= self._overlap_until
-        inline = loaded.backend.inline and (execution == "inline" or auto_inline)
-        budget = min(self.settings.store.timeout_ms / 1000, deadline - time.perf_counter())
-        try:
-            stored = None
-            if early is not None and budget > 0:
-                stored = early.pending.result()
-            elif inline and budget > 0:
-                stored = store.online_read_blocking(user_id, item_ids, budget)
-            if stored is None:
-                # asyncio.timeout, not wait_for: on Python 3.11 wait_for runs the read in one more Task
-                async with asyncio.timeout(max(budget, 0.0)):
-                    stored = await store.online_read(user_id, item_ids)
-        except (FeatureStoreError, TimeoutError) as exc:
-            reason = str(exc) or f"no answer within {budget * 1000:.0f} ms"
-            m.store_errors.labels(type(exc).__name__).inc()
-            if self.settings.store.failure != "degrade":
-                hint = "nothing is bulk-loaded" if isinstance(exc, StoreNotLoaded) else "Redis is down or slow"
-                raise GatewayError(503, "store_unavailable", f"feature store unavailable ({hint}): {reason}") \
-                    from None
-            log.warning("store failed, scoring with cold-start features", extra={"reason": reason})
-            m.degraded.inc()
-            stored = assembler.cold_start(user_id, item_ids)
-            flags["degraded"] = True
-        else:
-            self._count_lookups(stored, len(item_ids))
-            if stored.user_missing:
-                flags["user_missing"] = True
-            if len(stored.missing_items):
-                flags["missing_items"] = [item_ids[i] for i in np.asarray(stored.missing_items).tolist()]
+        stored, flags = await self.reader.read(store, assembler, request.user_id, item_ids, deadline, inline,
+                                               early.pending if early is not None else None)
         t2 = time.perf_counter()
         m.child(m.stage, "feature_fetch", route.arm).observe(t2 - t)
-
         try:
-            inputs = assembler.assemble(user_id, item_ids, stored, context, candidate_features)
+            inputs = assembler.assemble_request(request, stored)
         except AssemblyError as exc:
             raise GatewayError(422, "invalid_features", str(exc)) from None
         t3 = time.perf_counter()
         m.child(m.stage, "assembly", route.arm).observe(t3 - t2)
-
         remaining = deadline - t3
         if remaining <= 0:
             raise GatewayError(504, "deadline_exceeded", f"request deadline of {api.deadline_ms:g} ms exceeded "
@@ -344,30 +264,11 @@ class Gateway:
                 raise GatewayError(503, "backend_unavailable", str(exc)) from None
             raise GatewayError(502, "backend_error", str(exc)) from None
         m.child(m.stage, "inference", route.arm).observe(time.perf_counter() - t3)
-        return ScoreResult(route.model, route.version, route.arm, route.experiment, scores, flags)
-
-    def _count_lookups(self, stored: Any, b: int) -> None:
-        m = self.metrics
-        m.child(m.store_lookups, "user", "miss" if stored.user_missing else "hit").inc()
-        missing = len(stored.missing_items)
-        if b - missing:
-            m.child(m.store_lookups, "item", "hit").inc(b - missing)
-        if missing:
-            m.child(m.store_lookups, "item", "miss").inc(missing)
-        hits = int(getattr(stored, "item_cache_hits", 0) or 0)
-        if hits:
-            m.child(m.item_cache, "hit").inc(hits)
-        if b - hits:
-            m.child(m.item_cache, "miss").inc(b - hits)
+        return scores, flags
 
     async def close(self) -> None:
         await self.registry.close()
         await self.stores.close()
-
-
-def _route(table: Table, user_id: str, model: str | None, experiment: str | None, arm: str | None) -> Route:
-    """The arm and model version of a request: ``model`` bypasses the split (raises NotFound)."""
-    return table.router.direct(model) if model else table.router.assign(user_id, experiment, arm)
 
 
 def _mtime(path: Path | None) -> float | None:

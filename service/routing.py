@@ -147,6 +147,21 @@ class Route:
     version: int
     bucket: int | None  # None when forced by header or chosen by the request's `model`
 
+    @property
+    def key(self) -> tuple[str, int]:
+        return self.model, self.version
+
+
+@dataclass(frozen=True)
+class Overrides:
+    """What a request says about its own route: ``model`` (the body's field, ``name`` or
+    ``name:version``) bypasses the split; ``experiment`` and ``arm`` (QA headers) pick an
+    experiment and force an arm in it."""
+
+    model: str | None = None
+    experiment: str | None = None
+    arm: str | None = None
+
 
 DIRECT_ARM = "direct"
 
@@ -188,6 +203,12 @@ class Router:
         upper, arms = self._bounds[exp]
         a = arms[bisect_right(upper, b)]
         return Route(exp, a.name, a.model, a.version, b)
+
+    def route(self, user_id: str, overrides: Overrides) -> Route:
+        """The request's route: the model it names, else its arm in the split (raises NotFound)."""
+        if overrides.model:
+            return self.direct(overrides.model)
+        return self.assign(user_id, overrides.experiment, overrides.arm)
 
     def direct(self, spec: str) -> Route:
         """Route by the request's ``model`` field: ``name`` (newest served version) or ``name:version``."""

@@ -114,23 +114,15 @@ class BackendSettings(BaseSettings):
                                                   "work (only with intra-op threads > 1; burns CPU other work "
                                                   "needs on a shared machine).")
     execution: Literal["thread", "inline", "auto"] = Field(
-        "auto", description="Embedded ONNX Runtime only. `thread`: the store read is awaited and inference runs on "
-                            "the version's own thread(s) while the event loop serves other requests. `inline`: "
-                            "store read (blocking Redis client), assembly and inference run on the event loop, "
-                            "one request at a time per worker process — no thread hand-offs; run one server "
-                            "worker per core (`CTRSERVE_SERVER_WORKERS`). Inline, the store read blocks (at most "
-                            "the Redis socket timeout, `CTRSERVE_REDIS_TIMEOUT_MS`, by default the store budget; a "
-                            "longer socket timeout sends reads through the awaited path) and the inference budget "
-                            "is not enforced during the call. `auto` (default): inline while a request is the only "
-                            "one being scored, `thread` when others are waiting or were within `auto_overlap_s` — a "
-                            "lone request's latency, and "
-                            "under load the event loop parses requests while the inference thread computes; on "
-                            "both paths the store read sent ahead (`CTRSERVE_STORE_EARLY_READ`) is collected as "
-                            "inline does.")
+        "auto", description="Embedded ONNX Runtime only: where the store read, assembly and inference run. `auto`: "
+                            "inline on the event loop while a request is the only one being scored, on the "
+                            "version's inference threads when others are scored with it or were within "
+                            "`auto_overlap_s`. `inline`: always on the event loop, one request at a time per worker "
+                            "process (run one worker per core). `thread`: the store read is awaited and inference "
+                            "runs on the inference threads (docs/gateway.md, \"Where a request runs\").")
     # 2: with `auto`, two requests that arrive together compute on both cores; 1 left the second
-    # core to the event loop, Redis and the load generator (`ctrserve bench all --pool-threads 1|2`,
-    # AMD host: 434 against 583 requests/s at saturation, the same lone-request latency;
-    # docs/gateway.md session 10)
+    # core to the event loop, Redis and the load generator (docs/decisions.md, "Two inference threads per
+    # model version")
     pool_threads: int = Field(2, ge=1, description="Threads running one model version's embedded inference off the "
                                                    "event loop (each version has its own; `thread` and `auto` "
                                                    "execution).")

@@ -15,7 +15,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from ctrserve.contract.feature_map import FeatureInfo, FeatureMap, SequenceInfo
-from ctrserve.contract.prepared import SPLITS, USER_KEY
+from ctrserve.contract.prepared import FEATURE_MAP_FILE, SPLITS, USER_KEY, VOCAB_FILE
 from ctrserve.contract.transforms import apply_dense, bucket_edges, bucketise
 from ctrserve.contract.vocab import Vocabulary
 
@@ -90,14 +90,32 @@ def prepare(
     spec = apply_overrides(load_spec(dataset), overrides)
     raw = load_raw(spec.loader, data_dir, spec, **spec.source)
     _check_raw(spec, raw)
-    train = raw["train"]
-    out = {split: {} for split in SPLITS}
+    vocabs, dense_params = _fit(spec, raw["train"])
+    out: dict[str, dict[str, np.ndarray]] = {split: {} for split in SPLITS}
     infos: list[FeatureInfo] = []
     seq_infos: list[SequenceInfo] = []
+    for f in tqdm(spec.features, desc=f"{spec.name}: encode", leave=False):
+        if isinstance(f, SequenceSpec):
+            seq_infos.append(_encode_sequence(f, raw, vocabs, out, infos))
+        else:
+            infos.append(_encode_feature(f, raw, vocabs, dense_params, out))
+    for split in SPLITS:
+        out[split][spec.label] = np.asarray(raw[split][spec.label], dtype=np.float32)
+        out[split][USER_KEY] = np.unique(np.asarray(raw[split][spec.user_id]).astype(str), return_inverse=True)[1]
+    fmap = FeatureMap(
+        dataset=spec.name, label=spec.label, user_id=spec.user_id, features=infos, sequences=seq_infos,
+        num_rows={split: len(out[split][spec.label]) for split in SPLITS},
+    )
+    _write(Path(out_dir), spec, out, fmap, vocabs)
+    return Prepared(out_dir=Path(out_dir), feature_map=fmap)
+
+
+def _fit(spec: DatasetSpec, train: dict[str, np.ndarray]
+         ) -> tuple[dict[str, Vocabulary], dict[str, dict[str, float | str]]]:
+    """Vocabularies (an owner table is fitted on its own column plus every column sharing it) and
+    the dense transforms, on the training split."""
     vocabs: dict[str, Vocabulary] = {}
     dense_params: dict[str, dict[str, float | str]] = {}
-
-    # vocabularies: an owner table is fitted on its own column plus every column sharing it
     sharers: dict[str, list[str]] = {}
     for f in spec.features:
         if isinstance(f, SparseSpec) and f.share:
@@ -115,77 +133,71 @@ def prepare(
             dense_params[f.name] = {"kind": "buckets", "edges": json.dumps(edges.tolist())}
         elif isinstance(f, DenseSpec):
             dense_params[f.name] = _dense_transform(f, train[f.name])
+    return vocabs, dense_params
 
-    for f in tqdm(spec.features, desc=f"{spec.name}: encode", leave=False):
-        if isinstance(f, SparseSpec):
-            owner = f.share or f.name
-            voc = vocabs[owner]
-            for split in SPLITS:
-                out[split][f.name] = voc.encode(raw[split][f.name])
-            card = int(np.unique(np.asarray(train[f.name])).size)
-            infos.append(FeatureInfo(
-                name=f.name, kind="sparse", side=f.side, dtype="int64", embedding=owner,
-                vocab_size=len(voc), stats=sparse_stats(out["train"][f.name], card),
-            ))
-        elif isinstance(f, DenseSpec) and f.buckets:
-            edges = bucket_edges(dense_params[f.name])
-            for split in SPLITS:
-                out[split][f.name] = bucketise(raw[split][f.name], edges)
-            infos.append(FeatureInfo(
-                name=f.name, kind="sparse", side=f.side, dtype="int64", embedding=f.name,
-                vocab_size=len(edges) + 3, transform=dense_params[f.name],
-                stats=sparse_stats(out["train"][f.name], len(edges) + 1),
-            ))
-        elif isinstance(f, DenseSpec):
-            for split in SPLITS:
-                out[split][f.name] = apply_dense(raw[split][f.name], dense_params[f.name])
-            infos.append(FeatureInfo(
-                name=f.name, kind="dense", side=f.side, dtype="float32",
-                transform=dense_params[f.name], stats=dense_stats(train[f.name]),
-            ))
-        else:
-            stats = None
-            for i, fld in enumerate(f.fields):
-                voc = vocabs[fld.share]
-                for split in SPLITS:
-                    out[split][fld.name] = voc.encode(raw[split][fld.name])
-                card = int(np.unique(np.asarray(train[fld.name])).size)
-                fstats = sequence_stats(out["train"][fld.name], card)
-                if i == 0:
-                    stats = fstats
-                infos.append(FeatureInfo(
-                    name=fld.name, kind="sequence", side="user", dtype="int64", embedding=fld.share,
-                    vocab_size=len(voc), sequence=f.name, max_len=f.max_len, stats=fstats,
-                ))
-            seq_infos.append(SequenceInfo(
-                name=f.name, max_len=f.max_len, fields=[fld.name for fld in f.fields],
-                targets=[fld.share for fld in f.fields], stats=stats,
-            ))
 
+def _encode_feature(f: SparseSpec | DenseSpec, raw: RawSplits, vocabs: dict[str, Vocabulary],
+                    dense_params: dict[str, dict[str, float | str]], out: dict[str, dict[str, np.ndarray]]
+                    ) -> FeatureInfo:
+    """Encode one sparse or dense column of every split into ``out``; its feature-map entry."""
+    train = raw["train"]
+    if isinstance(f, SparseSpec):
+        owner = f.share or f.name
+        voc = vocabs[owner]
+        for split in SPLITS:
+            out[split][f.name] = voc.encode(raw[split][f.name])
+        card = int(np.unique(np.asarray(train[f.name])).size)
+        return FeatureInfo(name=f.name, kind="sparse", side=f.side, dtype="int64", embedding=owner,
+                           vocab_size=len(voc), stats=sparse_stats(out["train"][f.name], card))
+    if f.buckets:
+        edges = bucket_edges(dense_params[f.name])
+        for split in SPLITS:
+            out[split][f.name] = bucketise(raw[split][f.name], edges)
+        return FeatureInfo(name=f.name, kind="sparse", side=f.side, dtype="int64", embedding=f.name,
+                           vocab_size=len(edges) + 3, transform=dense_params[f.name],
+                           stats=sparse_stats(out["train"][f.name], len(edges) + 1))
     for split in SPLITS:
-        out[split][spec.label] = np.asarray(raw[split][spec.label], dtype=np.float32)
-        out[split][USER_KEY] = np.unique(np.asarray(raw[split][spec.user_id]).astype(str), return_inverse=True)[1]
+        out[split][f.name] = apply_dense(raw[split][f.name], dense_params[f.name])
+    return FeatureInfo(name=f.name, kind="dense", side=f.side, dtype="float32",
+                       transform=dense_params[f.name], stats=dense_stats(train[f.name]))
 
-    fmap = FeatureMap(
-        dataset=spec.name, label=spec.label, user_id=spec.user_id, features=infos, sequences=seq_infos,
-        num_rows={split: len(out[split][spec.label]) for split in SPLITS},
-    )
+
+def _encode_sequence(f: SequenceSpec, raw: RawSplits, vocabs: dict[str, Vocabulary],
+                     out: dict[str, dict[str, np.ndarray]], infos: list[FeatureInfo]) -> SequenceInfo:
+    """Encode a behaviour sequence's fields into ``out``, their entries into ``infos``."""
+    stats = None
+    for i, fld in enumerate(f.fields):
+        voc = vocabs[fld.share]
+        for split in SPLITS:
+            out[split][fld.name] = voc.encode(raw[split][fld.name])
+        card = int(np.unique(np.asarray(raw["train"][fld.name])).size)
+        fstats = sequence_stats(out["train"][fld.name], card)
+        if i == 0:
+            stats = fstats
+        infos.append(FeatureInfo(
+            name=fld.name, kind="sequence", side="user", dtype="int64", embedding=fld.share,
+            vocab_size=len(voc), sequence=f.name, max_len=f.max_len, stats=fstats,
+        ))
+    return SequenceInfo(name=f.name, max_len=f.max_len, fields=[fld.name for fld in f.fields],
+                        targets=[fld.share for fld in f.fields], stats=stats)
+
+
+def _write(out_dir: Path, spec: DatasetSpec, out: dict[str, dict[str, np.ndarray]], fmap: FeatureMap,
+           vocabs: dict[str, Vocabulary]) -> None:
     # written beside the destination and renamed into place: a reader never sees a half-written
     # copy, and two processes preparing the same dataset at once (two training jobs started
     # together on a fresh machine) both finish instead of one failing on the other's directory
-    out_dir = Path(out_dir)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.writing-", dir=out_dir.parent))
     try:
         for split in tqdm(SPLITS, desc=f"{spec.name}: write", leave=False):
             np.savez(tmp / f"{split}.npz", **out[split])
-        fmap.save(tmp / "feature_map.json")
-        (tmp / "vocab.json").write_text(json.dumps({k: v.to_json() for k, v in vocabs.items()}))
+        fmap.save(tmp / FEATURE_MAP_FILE)
+        (tmp / VOCAB_FILE).write_text(json.dumps({k: v.to_json() for k, v in vocabs.items()}))
         (tmp / "spec.json").write_text(spec.model_dump_json(indent=2))
         _publish(tmp, out_dir)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)  # gone already once published
-    return Prepared(out_dir=out_dir, feature_map=fmap)
 
 
 def _publish(tmp: Path, out_dir: Path) -> None:

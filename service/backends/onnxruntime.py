@@ -1,8 +1,9 @@
 """Embedded ONNX Runtime: one ``InferenceSession`` per model version, run off the event loop on
 that version's own thread(s) (ORT releases the GIL while it computes), so a slow call never blocks
 the event loop and loading a new version never queues behind, or delays, another one's requests.
-One thread per version by default: a second thread sharing the session measured fewer
-requests/s on 2 cores (loadtests/bench_gateway_overhead.py)."""
+Two threads per version by default (``CTRSERVE_BACKEND_POOL_THREADS``): two requests arriving
+together compute on both cores (docs/decisions.md, "Two inference threads per model
+version")."""
 
 from __future__ import annotations
 
@@ -24,9 +25,9 @@ class Workers:
     """Threads that run calls handed over from the event loop: what ``loop.run_in_executor`` with
     a ThreadPoolExecutor does, with less work on both sides of the hand-off (no concurrent Future
     with its lock and condition, no future chaining, no idle-thread bookkeeping): a queue put, a
-    queue get, one ``call_soon_threadsafe`` with the result (``ctrserve bench gateway --sections
-    hop``). The threads hold no reference to their owner; they exit on ``close()`` or when the
-    owner is garbage collected, like a ThreadPoolExecutor's."""
+    queue get, one ``call_soon_threadsafe`` with the result (docs/decisions.md, "Scoring path in
+    the middleware beside the FastAPI route"). The threads hold no reference to their owner; they
+    exit on ``close()`` or when the owner is garbage collected, like a ThreadPoolExecutor's."""
 
     def __init__(self, owner: object, threads: int, name: str):
         self.threads = threads

@@ -169,7 +169,7 @@ class MemoryStore(OnlineStore):
     async def online_write_batch(self, users=None, items=None, progress=None) -> None:  # pragma: no cover
         raise NotImplementedError
 
-    async def active_version(self) -> int | None:
+    async def check_version(self) -> int | None:
         if self.fail:
             raise self.error
         return 1

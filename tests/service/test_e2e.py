@@ -366,35 +366,43 @@ def test_thread_and_inline_execution_give_the_same_answers(gateway, exported, st
 
 def _count_blocking_reads(monkeypatch) -> dict[str, int]:
     """Counts of the store's blocking reads: ``begin`` (asked), ``sent`` (a pending read returned),
-    ``collected`` (its ``result()``), ``plain`` (``online_read_blocking``), ``busy_max`` (the most
-    reads in flight at once)."""
-    from ctrserve.feature_store.redis_store import RedisOnlineStore
+    ``collected`` (its ``result()``), ``plain`` (``read``: begin and collect at once), ``busy_max``
+    (the most reads in flight at once)."""
+    from ctrserve.feature_store.blocking import RedisBlockingReader
 
     calls = {"begin": 0, "sent": 0, "collected": 0, "plain": 0, "busy_max": 0}
-    begin, plain = RedisOnlineStore.begin_read_blocking, RedisOnlineStore.online_read_blocking
+    begin, plain = RedisBlockingReader.begin, RedisBlockingReader.read
 
     def counting_begin(self, *a, **kw):
         calls["begin"] += 1
         pending = begin(self, *a, **kw)
         if pending is not None:
             calls["sent"] += 1
-            calls["busy_max"] = max(calls["busy_max"], self._busy)
-            result = pending.result
-
-            def counted():
-                calls["collected"] += 1
-                return result()
-
-            pending.result = counted
+            calls["busy_max"] = max(calls["busy_max"], self.pool.busy)
+            pending = _Counted(pending, calls)
         return pending
 
     def counting_plain(self, *a, **kw):
         calls["plain"] += 1
         return plain(self, *a, **kw)
 
-    monkeypatch.setattr(RedisOnlineStore, "begin_read_blocking", counting_begin)
-    monkeypatch.setattr(RedisOnlineStore, "online_read_blocking", counting_plain)
+    monkeypatch.setattr(RedisBlockingReader, "begin", counting_begin)
+    monkeypatch.setattr(RedisBlockingReader, "read", counting_plain)
     return calls
+
+
+class _Counted:
+    """A pending read whose ``result()`` is counted."""
+
+    def __init__(self, inner, calls: dict[str, int]):
+        self.inner, self.calls = inner, calls
+
+    def result(self):
+        self.calls["collected"] += 1
+        return self.inner.result()
+
+    def cancel(self) -> None:
+        self.inner.cancel()
 
 
 def test_inline_sends_the_store_read_before_validation_and_never_leaks_it(exported, store_url, routing_path,
@@ -458,18 +466,18 @@ def test_auto_collects_reads_sent_ahead_and_never_waits_for_the_pool(exported, s
     arriving together never hold more reads than the blocking pool has connections (a read that
     would wait for one is not sent ahead: that request reads the usual way), and every answer
     equals the lone request's."""
-    from ctrserve.feature_store.redis_store import RedisOnlineStore
+    from ctrserve.feature_store.blocking import BlockingPool
 
     calls = _count_blocking_reads(monkeypatch)
     waits: list[int] = []  # checkouts made while every connection was taken (they wait for one)
-    checkout = RedisOnlineStore._checkout
+    checkout = BlockingPool.checkout
 
     def watched_checkout(self):
-        if self._busy >= self.config.pool_size:
-            waits.append(self._busy)
+        if self.busy >= self.size:
+            waits.append(self.busy)
         return checkout(self)
 
-    monkeypatch.setattr(RedisOnlineStore, "_checkout", watched_checkout)
+    monkeypatch.setattr(BlockingPool, "checkout", watched_checkout)
     app = _in_process_app(exported, store_url, routing_path, 400, store={"timeout_ms": 400},
                           backend={"execution": "auto"}, pool_size=2)
     probe = probes(exported.prepared)[0]
@@ -486,11 +494,12 @@ def test_auto_collects_reads_sent_ahead_and_never_waits_for_the_pool(exported, s
             together = await asyncio.gather(*(local.post("/v1/score", json=probe.body) for _ in range(8)))
             for r in together:
                 assert r.status_code == 200 and r.json()["scores"] == first.json()["scores"], r.text
-            assert calls["begin"] == 8 and 1 <= calls["sent"] == calls["collected"] < 8, calls
+            # a read that would wait for a connection is not even asked for (the reader checks `saturated`)
+            assert 1 <= calls["begin"] == calls["sent"] == calls["collected"] < 8, calls
             assert calls["busy_max"] <= 2 and calls["plain"] == 0, calls
             assert waits == [], "a read sent ahead waited for the pool's connection"
             store = next(iter(app.state.gateway.stores._stores.values()))
-            assert store._busy == 0  # every connection back
+            assert store.blocking_reader().pool.busy == 0  # every connection back
 
     asyncio.run(run())
 

@@ -50,7 +50,8 @@ def test_service_never_imports_torch() -> None:
     import subprocess
     import sys
 
-    modules = ["app", "api", "assemble", "cli", "features", "gateway", "logs", "metrics", "registry", "routing",
+    modules = ["app", "api", "admin", "assemble", "cli", "errors", "execution", "features", "gateway", "http", "logs",
+               "metrics", "reader", "registry", "request", "routing",
                "settings", "backends", "backends.onnxruntime", "backends.triton"]
     code = ("import sys\n" + "".join(f"import ctrserve.service.{m}\n" for m in modules) +
             "bad = [m for m in ('torch', 'onnx') if m in sys.modules]\nassert not bad, bad\n")

@@ -45,6 +45,21 @@ def read_events(path: Path, max_users: int = 0) -> dict[str, np.ndarray]:
     return {c: df[c].to_numpy() for c in COLUMNS}
 
 
+def _by_user(ev: dict[str, np.ndarray]) -> tuple[dict[str, np.ndarray], np.ndarray, np.ndarray, np.ndarray,
+                                                 np.ndarray]:
+    """Events sorted by (user in order of first appearance, timestamp), stably; with each event's
+    dense user index, the users' event counts, each event's user start and position in its user."""
+    _, first, user_dense = np.unique(ev["user_id"], return_index=True, return_inverse=True)
+    user_rank = np.argsort(np.argsort(first))[user_dense]
+    order = np.lexsort((ev["timestamp"], user_rank))
+    ev = {k: v[order] for k, v in ev.items()}
+    user_of = user_rank[order]
+    counts = np.bincount(user_of, minlength=int(user_of.max()) + 1)
+    starts = np.concatenate([[0], np.cumsum(counts)[:-1]])
+    start_of = starts[user_of]
+    return ev, user_of, counts, start_of, np.arange(user_of.size) - start_of
+
+
 @register_loader("taobao")
 def load(
     data_dir: Path,
@@ -68,19 +83,8 @@ def load(
     if catalogue not in ("train", "all"):
         raise ValueError(f"taobao: catalogue must be 'train' or 'all', got {catalogue!r}")
     max_len = spec.sequences[0].max_len if spec.sequences else 200
-    ev = read_events(csv, int(max_users))
-
-    # dense user index in order of first appearance; stable sort by (user, timestamp)
-    _, first, user_dense = np.unique(ev["user_id"], return_index=True, return_inverse=True)
-    user_rank = np.argsort(np.argsort(first))[user_dense]
-    order = np.lexsort((ev["timestamp"], user_rank))
-    ev = {k: v[order] for k, v in ev.items()}
-    user_of = user_rank[order]
-    n_users = int(user_of.max()) + 1
-    counts = np.bincount(user_of, minlength=n_users)
-    starts = np.concatenate([[0], np.cumsum(counts)[:-1]])
-    start_of = starts[user_of]
-    pos_in_user = np.arange(user_of.size) - start_of
+    ev, user_of, counts, start_of, pos_in_user = _by_user(read_events(csv, int(max_users)))
+    n_users = counts.size
 
     # targets: >= min_history earlier events, the last max_targets of each user
     from_end = counts[user_of] - 1 - pos_in_user

@@ -1,0 +1,194 @@
+"""The scoring request and response: their models (which the OpenAPI schema is generated from)
+and the one decoder every ``POST /v1/score`` goes through.
+
+Decoding runs in two halves because the checks answer in a fixed order — the body is JSON (400),
+then the gateway is ready (503) and the API key is right (401, both in ``api``), then the body is
+a valid request (422). JSON is decoded only under an ``application/json`` (or ``+json``) content
+type, with the stdlib ``json`` (orjson reads integers beyond 64 bits as floats, which would change
+numeric ids coerced to strings); anything else fails validation as "not a JSON object".
+
+Adding a request field: declare it on ``ScoreRequest``, use it in ``assemble.Assembler``, test it.
+"""
+
+from __future__ import annotations
+
+import email.message
+import functools
+import json
+from collections.abc import Sequence
+from typing import Annotated, Any, NotRequired
+
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    StrictBool,
+    StrictFloat,
+    StrictInt,
+    StrictStr,
+    StringConstraints,
+    ValidationError,
+)
+from starlette.exceptions import HTTPException
+from typing_extensions import TypedDict  # pydantic needs this one before Python 3.12
+
+from .errors import GatewayError
+from .settings import ApiSettings
+
+Id = Annotated[str, StringConstraints(min_length=1, max_length=256)]
+FeatureName = Annotated[str, StringConstraints(min_length=1, max_length=128)]
+Scalar = StrictStr | StrictInt | StrictFloat | StrictBool | None
+#: a raw value as in the dataset; a list (most recent first) for a behaviour-sequence field
+FeatureValue = Scalar | Annotated[list[Scalar], Field(max_length=1000)]
+ModelSpec = Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.\-]{0,127}(:[0-9]{1,9})?$")]
+
+
+class Candidate(TypedDict):
+    """A TypedDict, not a BaseModel: the same validation and schema, but validated candidates stay
+    dicts — no model object built per candidate (docs/decisions.md, "Gateway CPU per request:
+    candidates as TypedDicts")."""
+
+    __pydantic_config__ = ConfigDict(extra="forbid", coerce_numbers_to_str=True, allow_inf_nan=False)  # type: ignore[misc]
+    item_id: Annotated[Id, Field(description="Raw item id (as in the dataset); numbers are accepted as strings.")]
+    features: NotRequired[Annotated[dict[FeatureName, FeatureValue] | None, Field(
+        description="Raw item or context feature values overriding the stored ones for this candidate.")]]
+
+
+class ScoreRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid", coerce_numbers_to_str=True, allow_inf_nan=False, json_schema_extra={
+        "examples": [{"user_id": "42", "context": {"device": 0, "hour": 20},
+                      "candidates": [{"item_id": "7"}, {"item_id": "11", "features": {"price": 19.9}}]}]})
+    request_id: Annotated[str, StringConstraints(min_length=1, max_length=128, pattern=r"^[\x21-\x7e]+$")] | None = \
+        Field(None, description="Echoed back and logged; generated when absent.")
+    user_id: Id = Field(description="Raw user id; also the A/B hashing key.")
+    context: dict[FeatureName, FeatureValue] | None = Field(
+        None, description="Raw request-time features (context side) and user-side overrides (profile values, or "
+                          "a whole behaviour sequence as lists, most recent first).")
+    candidates: list[Candidate] = Field(min_length=1, description="Items to score (at most the configured "
+                                                                   "maximum, default 1000); scores keep this order.")
+    model: ModelSpec | None = Field(
+        None, description="Bypass the A/B split: `name` (newest served version) or `name:version`.")
+
+    @property
+    def item_ids(self) -> list[str]:
+        return [c["item_id"] for c in self.candidates]
+
+    @property
+    def candidate_features(self) -> list[dict[str, Any] | None]:
+        return [c.get("features") for c in self.candidates]
+
+
+class ScoreResponse(BaseModel):
+    request_id: str
+    model: str
+    version: int
+    arm: str
+    scores: list[float] = Field(description="Click probabilities, one per candidate, in request order.")
+    flags: dict[str, Any] | None = Field(
+        None, description="Present when something is off: `degraded` (store down, cold-start features), "
+                          "`user_missing`, `missing_items` (item ids not in the store).")
+
+
+class ErrorDetail(BaseModel):
+    code: str
+    message: str
+
+
+class ErrorResponse(BaseModel):
+    error: ErrorDetail
+    request_id: str | None = None
+
+
+class _Missing:
+    """No body at all."""
+
+
+MISSING = _Missing()
+
+
+@functools.lru_cache(maxsize=64)
+def is_json_content_type(value: str) -> bool:
+    """``application/json`` or ``application/*+json`` (parameters such as charset allowed)."""
+    message = email.message.Message()
+    message["content-type"] = value
+    if message.get_content_maintype() != "application":
+        return False
+    subtype = message.get_content_subtype()
+    return subtype == "json" or subtype.endswith("+json")
+
+
+def decode_body(raw: bytes, content_type: str | None) -> Any:
+    """The body as JSON when it is declared JSON; raw bytes otherwise; ``MISSING`` when empty."""
+    if not raw:
+        return MISSING
+    if not content_type or not is_json_content_type(content_type):
+        return raw
+    try:
+        return json.loads(raw)
+    except json.JSONDecodeError:
+        raise GatewayError(400, "invalid_json", "request body is not valid JSON") from None
+    except Exception:  # not UTF-8/16/32
+        raise HTTPException(400, "There was an error parsing the body") from None
+
+
+def validate_score_request(value: Any, content_type: str | None) -> ScoreRequest:
+    """A decoded body -> the request, or 422 naming each problem (never echoing the input)."""
+    if type(value) is not dict:
+        raise GatewayError(422, "invalid_request", f"the body must be a JSON object (Content-Type: "
+                                                   f"application/json; got {content_type or 'none'})")
+    try:
+        return ScoreRequest.model_validate(value)
+    except ValidationError as exc:
+        raise GatewayError(422, "invalid_request", describe_errors(exc.errors(include_url=False))) from None
+
+
+def check_limits(request: ScoreRequest, api: ApiSettings) -> None:
+    """The configured size limits (422)."""
+    n = len(request.candidates)
+    if n > api.max_candidates:
+        raise GatewayError(422, "too_many_candidates", f"{n} candidates; at most {api.max_candidates} per request")
+    if request.context and len(request.context) > api.max_feature_keys:
+        raise GatewayError(422, "too_many_features", f"context has {len(request.context)} keys; at most "
+                                                     f"{api.max_feature_keys}")
+    for i, c in enumerate(request.candidates):
+        f = c.get("features")
+        if f and len(f) > api.max_feature_keys:
+            raise GatewayError(422, "too_many_features", f"candidates[{i}].features has {len(f)} keys; "
+                                                         f"at most {api.max_feature_keys}")
+
+
+def read_keys(value: Any, max_candidates: int) -> tuple[str, list[str], str | None] | None:
+    """The user id, item ids and model of a decoded body, when its plain shape guarantees that
+    validation will give these same values (a string user id, candidates as objects whose
+    ``item_id`` is a string or an integer, within the limit): what the early store read is sent
+    for. None for anything else, which validation then answers."""
+    if type(value) is not dict:
+        return None
+    user, candidates, model = value.get("user_id"), value.get("candidates"), value.get("model")
+    if type(user) is not str or type(candidates) is not list or (model is not None and type(model) is not str) \
+            or not 0 < len(candidates) <= max_candidates:
+        return None
+    ids = []
+    for c in candidates:
+        item = c.get("item_id") if type(c) is dict else None
+        if type(item) is str:
+            ids.append(item)
+        elif type(item) is int:
+            ids.append(str(item))
+        else:
+            return None
+    return user, ids, model
+
+
+def describe_errors(errors: Sequence[Any]) -> str:
+    """pydantic's errors as ``field.path: message; ...`` (at most ten, then a count)."""
+    msgs = [f"{_loc(tuple(e.get('loc', ())))}: {e.get('msg', 'invalid')}" for e in errors[:10]]
+    more = f" (and {len(errors) - 10} more)" if len(errors) > 10 else ""
+    return "; ".join(msgs) + more
+
+
+def _loc(loc: tuple[Any, ...]) -> str:
+    out = ""
+    for p in (str(p) for p in loc if p != "body"):
+        out += f"[{p}]" if p.isdigit() else (f".{p}" if out else p)
+    return out or "body"
