@@ -264,9 +264,9 @@ def step_serve(prepared: Path, repo: Path, routing: Path, model: str, demo_dir: 
         gateway = start_demo_gateway(launcher, repo, routing, redis_url, port, triton_url, demo_dir / "gateway.log")
         step_score(gateway.url, sample_requests(prepared, requests))
         if serve:
-            console.print(f"[bold]serving[/] {gateway.url}  (POST /v1/score, GET /readyz, /metrics, /docs); Ctrl-C or "
-                          "SIGTERM stops")
             try:
+                console.print(f"[bold]serving[/] {gateway.url}  (POST /v1/score, GET /readyz, /metrics, /docs); "
+                              "Ctrl-C or SIGTERM stops")
                 exited = launcher.wait_any()
             except Interrupted as exc:  # the way --serve ends: the launcher stops every child at once
                 console.print(f"[bold]{exc.name}[/]: stopping the gateway{', Triton' if triton else ''} and the "

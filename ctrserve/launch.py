@@ -147,20 +147,23 @@ def _terminate(children: Sequence[Child], grace: float, sig: int = signal.SIGTER
             child.proc.wait(5)
 
 
-def wait_ready(child: Child, check: Callable[[], bool], timeout: float, what: str | None = None,
+def _log_tail(child: Child | None) -> str:
+    return f"; log {child.log}:\n{child.log_tail()}" if child is not None else ""
+
+
+def wait_ready(child: Child | None, check: Callable[[], bool], timeout: float, what: str | None = None,
                interval: float = 0.1) -> None:
     """Poll ``check`` until it returns True.
 
-    Fails at once (``ChildExited``, with the log tail) when the child exits, at once when the
+    Fails at once (``ChildExited``, with the log tail) when ``child`` exits, at once when the
     check raises a ``LaunchError``, and after ``timeout`` seconds with ``NotReady`` naming the last
     reason (a ``Pending`` the check raised, or the connection error) and the log tail."""
-    what = what or child.name
+    what = what or (child.name if child else "the server")
     deadline = time.monotonic() + timeout
     last = "no answer yet"
     while True:
-        if not child.running:
-            raise ChildExited(f"{what} exited with code {child.proc.returncode} while starting; log {child.log}:\n"
-                              f"{child.log_tail()}")
+        if child is not None and not child.running:
+            raise ChildExited(f"{what} exited with code {child.proc.returncode} while starting{_log_tail(child)}")
         try:
             if check():
                 return
@@ -169,8 +172,7 @@ def wait_ready(child: Child, check: Callable[[], bool], timeout: float, what: st
         except (OSError, ValueError, http.client.HTTPException) as exc:  # refused, reset, timed out: not up yet
             last = f"{type(exc).__name__}: {exc}"
         if time.monotonic() >= deadline:
-            raise NotReady(f"{what} not ready within {timeout:.0f} s (last: {last}); log {child.log}:\n"
-                           f"{child.log_tail()}")
+            raise NotReady(f"{what} not ready within {timeout:.0f} s (last: {last}){_log_tail(child)}")
         time.sleep(interval)
 
 

@@ -105,12 +105,12 @@ def triton_cmd(
         except Interrupted:
             console.print("interrupted while starting; tritonserver stopped")
             raise typer.Exit(1) from None
-        ready = ", ".join(f"{m['name']}/{m.get('version', '-')}:{m.get('state', 'UNAVAILABLE')}"
-                          for m in server.index())
-        console.print(f"[bold green]tritonserver ready[/] http {server.http_url}  grpc {server.grpc_url}  "
-                      f"metrics {server.metrics_url} (bound to {host})\nmodels: {ready or 'none'}\n"
-                      f"log: {server.log_path}")
-        try:
+        try:  # from here on, SIGINT/SIGTERM is the way to stop
+            ready = ", ".join(f"{m['name']}/{m.get('version', '-')}:{m.get('state', 'UNAVAILABLE')}"
+                              for m in server.index())
+            console.print(f"[bold green]tritonserver ready[/] http {server.http_url}  grpc {server.grpc_url}  "
+                          f"metrics {server.metrics_url} (bound to {host})\nmodels: {ready or 'none'}\n"
+                          f"log: {server.log_path}")
             launcher.wait_any()
         except Interrupted as signal_:
             console.print(f"{signal_.name}: stopping tritonserver ...")
