@@ -78,6 +78,21 @@ def test_stop_kills_what_ignores_sigterm_and_the_rest_of_its_group(tmp_path: Pat
         assert _gone(grandchild)
 
 
+def test_stop_sends_sigterm_to_the_whole_group(tmp_path: Path) -> None:
+    """A member of the group gets SIGTERM too (its chance to clean up), not only the leader."""
+    member = ("import signal, sys, time; from pathlib import Path\n"
+              "signal.signal(signal.SIGTERM, lambda *_: (Path('got').write_text('TERM'), sys.exit(0)))\n"
+              "Path('ready').write_text('')\ntime.sleep(60)")
+    with Launcher(tmp_path) as launcher:
+        child = launcher.spawn("leader", ["sh", "-c", f'"{sys.executable}" -c "$0" & wait', member], cwd=tmp_path)
+        deadline = time.monotonic() + 20
+        while not (tmp_path / "ready").exists():
+            assert time.monotonic() < deadline and child.running, child.log_tail()
+            time.sleep(0.05)
+        launcher.stop(child)
+    assert (tmp_path / "got").read_text() == "TERM"
+
+
 def test_env_overrides_and_removes_variables(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("CTRSERVE_LAUNCH_TEST_DROP", "inherited")
     monkeypatch.setenv("CTRSERVE_LAUNCH_TEST_KEEP", "inherited")
