@@ -223,6 +223,7 @@ class Launcher:
             for sig, handler in self._previous.items():
                 signal.signal(sig, handler)
             self._previous.clear()
+            self._closing = False
             if self._own_dir:
                 shutil.rmtree(self.workdir, ignore_errors=True)
 
