@@ -59,7 +59,6 @@ def step_export(run_dir: Path, repo: Path, name: str) -> Path:
     """Export ``run_dir`` as version 1 of ``name`` in ``repo`` (ONNX, parity-gated); reused when
     version 1 already comes from this run."""
     from ctrserve.contract.manifest import Manifest
-    from ctrserve.export.exporter import export_run
 
     version_dir = repo / name / "1"
     if (version_dir / "manifest.json").exists():
@@ -68,6 +67,8 @@ def step_export(run_dir: Path, repo: Path, name: str) -> Path:
         if Path(manifest.run_dir) == run_dir.resolve() and manifest.store is not None:
             console.print(f"[bold]export[/] reusing {version_dir}")
             return repo
+    from ctrserve.export.exporter import export_run  # torch: only when there is something to export
+
     t0 = time.perf_counter()
     result = export_run(run_dir, "onnx", repo, name=name, version=1, force=True)
     p = result.manifest.parity
