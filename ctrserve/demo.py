@@ -2,32 +2,29 @@
 dataset, no files needed): prepare data, train a small model (or reuse the last demo run),
 export it to ONNX with the parity gate, bulk-load a Redis feature store (a private redis-server
 unless ``--redis-url``), start the scoring gateway (embedded ONNX Runtime unless a Triton URL is
-given, or ``--triton``: the local tritonserver started on the demo's model repository), score
-sample requests over HTTP and print them, then shut everything down. ``--serve`` keeps the
-gateway up until Ctrl-C.
+given, or ``--triton``: the local tritonserver started on the demo's model repository), route it
+to the model just trained (the repository keeps every model a demo exported), score sample
+requests over HTTP and print them, then shut everything down. ``--serve`` keeps the gateway up
+until SIGINT (Ctrl-C) or SIGTERM. The processes are children of one ``ctrserve.launch.Launcher``:
+they are stopped on every way out, a signal to the demo's pid included.
 
 Each step is a function, so tests and other commands can chain them."""
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
-import shutil
-import signal
-import socket
-import subprocess
-import sys
-import tempfile
 import time
-from collections.abc import Iterator
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 from rich.console import Console
 
-from ctrserve.net import free_port as _free_port
+from ctrserve.launch import GatewayServer, Interrupted, Launcher, start_gateway, start_redis
+
+if TYPE_CHECKING:
+    from ctrserve.export.triton_local import TritonServer
 
 console = Console()
 
@@ -62,7 +59,6 @@ def step_export(run_dir: Path, repo: Path, name: str) -> Path:
     """Export ``run_dir`` as version 1 of ``name`` in ``repo`` (ONNX, parity-gated); reused when
     version 1 already comes from this run."""
     from ctrserve.contract.manifest import Manifest
-    from ctrserve.export.exporter import export_run
 
     version_dir = repo / name / "1"
     if (version_dir / "manifest.json").exists():
@@ -71,6 +67,8 @@ def step_export(run_dir: Path, repo: Path, name: str) -> Path:
         if Path(manifest.run_dir) == run_dir.resolve() and manifest.store is not None:
             console.print(f"[bold]export[/] reusing {version_dir}")
             return repo
+    from ctrserve.export.exporter import export_run  # torch: only when there is something to export
+
     t0 = time.perf_counter()
     result = export_run(run_dir, "onnx", repo, name=name, version=1, force=True)
     p = result.manifest.parity
@@ -79,63 +77,35 @@ def step_export(run_dir: Path, repo: Path, name: str) -> Path:
     return repo
 
 
-def _wait(check, timeout: float, what: str, proc: subprocess.Popen | None = None, log: Path | None = None) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc is not None and proc.poll() is not None:
-            tail = log.read_text(errors="replace")[-2000:] if log and log.exists() else ""
-            raise RuntimeError(f"{what} exited with code {proc.returncode}\n{tail}")
-        with contextlib.suppress(Exception):  # not up yet: refused, reset, timed out
-            if check():
-                return
-        time.sleep(0.1)
-    raise RuntimeError(f"{what} not ready within {timeout:.0f} s")
+def write_routing(path: Path, model: str, version: int) -> Path:
+    """A routing config sending all traffic to ``model`` version ``version``: the demo's repository
+    keeps every model a demo exported, and the gateway serves the one just trained."""
+    import yaml
+
+    from ctrserve.service.routing import single_arm_config
+
+    config = single_arm_config(model, version).model_dump(mode="json", exclude_none=True)
+    path.write_text(yaml.safe_dump(config, sort_keys=False))
+    return path
 
 
-@contextlib.contextmanager
-def private_redis(workdir: Path) -> Iterator[str]:
-    """A throw-away redis-server on a free port (no persistence); yields its URL."""
-    binary = shutil.which("redis-server")
-    if binary is None:
-        raise RuntimeError("redis-server not found: install it (apt-get install redis-server) or pass --redis-url")
-    port = _free_port()
-    proc = subprocess.Popen([binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
-                             "--dir", str(workdir), "--protected-mode", "no"],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-
-    def ping() -> bool:
-        with socket.create_connection(("127.0.0.1", port), timeout=0.5) as s:
-            s.sendall(b"PING\r\n")
-            return s.recv(16).startswith(b"+PONG")
-
-    try:
-        _wait(ping, 10, "redis-server", proc)
-        console.print(f"[bold]redis[/] private redis-server on port {port}")
-        yield f"redis://127.0.0.1:{port}/0"
-    finally:
-        proc.terminate()
-        with contextlib.suppress(subprocess.TimeoutExpired):
-            proc.wait(10)
-
-
-@contextlib.contextmanager
-def local_triton(repo: Path, model: str, log: Path) -> Iterator[str]:
+def start_local_triton(launcher: Launcher, repo: Path, model: str, log: Path) -> TritonServer:
     """The local tritonserver (nvidia-pytriton binary, ``export/triton_local.py``) serving ``model``
-    from the demo's repository (local config flavour); yields its gRPC address, stops it after."""
+    from the demo's repository (local config flavour), a child of ``launcher``."""
     from ctrserve.export import triton_local
 
     t0 = time.perf_counter()
-    server = triton_local.start(repo, models=[model], log_path=log)
-    try:
-        console.print(f"[bold]triton[/] local tritonserver ready in {time.perf_counter() - t0:.1f} s: grpc "
-                      f"{server.grpc_url}, metrics {server.metrics_url}; log: {log}")
-        yield server.grpc_url
-        n = triton_inference_count(server.metrics_url, model)
-        console.print(f"[bold]triton[/] served {n} inference requests for {model} (nv_inference_count, warm-up "
-                      "included)")
-    finally:
-        code = server.stop()
-        console.print(f"[bold]triton[/] stopped (exit code {code})")
+    server = triton_local.start(repo, models=[model], log_path=log, launcher=launcher)
+    console.print(f"[bold]triton[/] local tritonserver ready in {time.perf_counter() - t0:.1f} s: grpc "
+                  f"{server.grpc_url}, metrics {server.metrics_url}; log: {log}")
+    return server
+
+
+def stop_local_triton(server: TritonServer, model: str) -> None:
+    n = triton_inference_count(server.metrics_url, model)
+    console.print(f"[bold]triton[/] served {n} inference requests for {model} (nv_inference_count, warm-up included)")
+    code = server.stop()
+    console.print(f"[bold]triton[/] stopped (exit code {code})")
 
 
 def triton_inference_count(metrics_url: str, model: str) -> int:
@@ -165,37 +135,21 @@ def step_load_store(prepared: Path, redis_url: str) -> None:
                   f"version {version} of namespace {prepared.name!r} in {time.perf_counter() - t0:.1f} s")
 
 
-@contextlib.contextmanager
-def gateway(repo: Path, redis_url: str, port: int, triton_url: str | None, log: Path) -> Iterator[subprocess.Popen]:
-    """``ctrserve serve`` in a subprocess; yields once ``/readyz`` answers 200."""
-    import httpx
-
-    cmd = [sys.executable, "-m", "ctrserve", "serve", "--port", str(port), "--model-repository", str(repo),
-           "--redis-url", redis_url]
-    if triton_url:
-        cmd += ["--triton-url", triton_url]
-    env = {**os.environ, "CTRSERVE_SERVER_ACCESS_LOG": "false"}
+def start_demo_gateway(launcher: Launcher, repo: Path, routing: Path, redis_url: str, port: int,
+                       triton_url: str | None, log: Path) -> GatewayServer:
+    """``ctrserve serve`` as a child of ``launcher``, routed to the demo's model; returns once
+    ``/readyz`` answers 200 (at once with the gateway's reason on a configuration error)."""
+    env = {"CTRSERVE_SERVER_ACCESS_LOG": "false"}
     if triton_url:  # the extra hop on a shared 2-core machine: roomier budgets unless the caller set them
-        env.setdefault("CTRSERVE_BACKEND_TIMEOUT_MS", "2000")
-        env.setdefault("CTRSERVE_API_DEADLINE_MS", "4000")
-    env.pop("CTRSERVE_ROUTING_CONFIG", None)  # the demo serves its one model
-    with open(log, "ab") as out:
-        proc = subprocess.Popen(cmd, env=env, stdout=out, stderr=subprocess.STDOUT)
-    try:
-        t0 = time.perf_counter()
-        _wait(lambda: httpx.get(f"http://127.0.0.1:{port}/readyz", timeout=2).status_code == 200, 120,
-              "the gateway", proc, log)
-        backend = f"Triton at {triton_url}" if triton_url else "embedded ONNX Runtime"
-        console.print(f"[bold]gateway[/] ready on http://127.0.0.1:{port} ({backend}) in "
-                      f"{time.perf_counter() - t0:.1f} s; log: {log}")
-        yield proc
-    finally:
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGTERM)
-            try:
-                proc.wait(30)
-            except subprocess.TimeoutExpired:
-                proc.kill()
+        env["CTRSERVE_BACKEND_TIMEOUT_MS"] = os.environ.get("CTRSERVE_BACKEND_TIMEOUT_MS", "2000")
+        env["CTRSERVE_API_DEADLINE_MS"] = os.environ.get("CTRSERVE_API_DEADLINE_MS", "4000")
+    t0 = time.perf_counter()
+    gateway = start_gateway(launcher, repo, redis_url, port=port, routing=routing, triton_url=triton_url, env=env,
+                            log=log, ready_timeout=120)
+    backend = f"Triton at {triton_url}" if triton_url else "embedded ONNX Runtime"
+    console.print(f"[bold]gateway[/] ready on {gateway.url} ({backend}) in {time.perf_counter() - t0:.1f} s; "
+                  f"log: {log}")
+    return gateway
 
 
 def sample_requests(prepared: Path, n: int, candidates: int = 5, seed: int = 0) -> list[dict]:
@@ -256,7 +210,7 @@ def demo_cmd(
     triton: Annotated[bool, typer.Option("--triton", help=(
         "start the local tritonserver (nvidia-pytriton) on the demo model repository and score through it; "
         "stopped at the end"))] = False,
-    serve: Annotated[bool, typer.Option("--serve", help="keep the gateway up until Ctrl-C")] = False,
+    serve: Annotated[bool, typer.Option("--serve", help="keep the gateway up until Ctrl-C or SIGTERM")] = False,
     port: Annotated[int, typer.Option(help="gateway port (0: a free one)")] = 0,
     requests: Annotated[int, typer.Option(help="sample requests to score")] = 3,
 ) -> None:
@@ -279,22 +233,12 @@ def demo_cmd(
     demo_dir.mkdir(parents=True, exist_ok=True)
     try:
         repo = step_export(run_dir, demo_dir / "model_repository", model)
-        with contextlib.ExitStack() as stack:
-            if redis_url is None:
-                tmp = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="ctrserve-redis-")))
-                redis_url = stack.enter_context(private_redis(tmp))
-            step_load_store(prepared, redis_url)
-            if triton:
-                triton_url = stack.enter_context(local_triton(repo, model, demo_dir / "tritonserver.log"))
-            gw_port = port or _free_port()
-            proc = stack.enter_context(gateway(repo, redis_url, gw_port, triton_url, demo_dir / "gateway.log"))
-            url = f"http://127.0.0.1:{gw_port}"
-            step_score(url, sample_requests(prepared, requests))
-            if serve:
-                console.print(f"[bold]serving[/] {url}  (POST /v1/score, GET /readyz, /metrics, /docs); Ctrl-C stops")
-                with contextlib.suppress(KeyboardInterrupt):
-                    proc.wait()
-            console.print(f"[bold]shutting down[/] gateway{', Triton' if triton else ''} and feature store")
+        routing = write_routing(demo_dir / f"routing-{model}.yaml", model, 1)
+        step_serve(prepared, repo, routing, model, demo_dir, redis_url=redis_url, triton=triton,
+                   triton_url=triton_url, port=port, requests=requests, serve=serve)
+    except Interrupted as exc:  # every child is stopped by now
+        console.print(f"[bold]stopped[/] by {exc.name}")
+        raise typer.Exit(128 + exc.signum) from None
     except Exception as exc:  # one clear line instead of a trace for the usual failures
         from ctrserve.export.exporter import ExportError
 
@@ -302,3 +246,36 @@ def demo_cmd(
             console.print(f"[red]demo failed:[/] {exc}")
             raise typer.Exit(1) from None
         raise
+
+
+def step_serve(prepared: Path, repo: Path, routing: Path, model: str, demo_dir: Path, *, redis_url: str | None,
+               triton: bool, triton_url: str | None, port: int, requests: int, serve: bool) -> None:
+    """Start the services as children of one launcher (a private redis-server unless ``redis_url``,
+    the local Triton with ``triton``, the gateway), load the store, score the sample requests,
+    with ``serve`` keep serving until SIGINT/SIGTERM; every child is stopped on the way out."""
+    with Launcher() as launcher:
+        if redis_url is None:
+            redis = start_redis(launcher)
+            console.print(f"[bold]redis[/] private redis-server on port {redis.port}")
+            redis_url = redis.url
+        step_load_store(prepared, redis_url)
+        server = start_local_triton(launcher, repo, model, demo_dir / "tritonserver.log") if triton else None
+        if server is not None:
+            triton_url = server.grpc_url
+        gateway = start_demo_gateway(launcher, repo, routing, redis_url, port, triton_url, demo_dir / "gateway.log")
+        step_score(gateway.url, sample_requests(prepared, requests))
+        if serve:
+            try:
+                console.print(f"[bold]serving[/] {gateway.url}  (POST /v1/score, GET /readyz, /metrics, /docs); "
+                              "Ctrl-C or SIGTERM stops")
+                exited = launcher.wait_any()
+            except Interrupted as exc:  # the way --serve ends: the launcher stops every child at once
+                console.print(f"[bold]{exc.name}[/]: stopping the gateway{', Triton' if triton else ''} and the "
+                              "feature store")
+                return
+            raise RuntimeError(f"{exited.name} exited with code {exited.proc.returncode}; log {exited.log}:\n"
+                               f"{exited.log_tail()}")
+        console.print(f"[bold]shutting down[/] gateway{', Triton' if triton else ''} and feature store")
+        launcher.stop(gateway.child)
+        if server is not None:
+            stop_local_triton(server, model)

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import signal
-import threading
 from pathlib import Path
 from typing import Annotated, Literal
 
@@ -85,30 +83,39 @@ def triton_cmd(
     http_port: Annotated[int, typer.Option(help="HTTP port")] = 8000,
     grpc_port: Annotated[int, typer.Option(help="gRPC port")] = 8001,
     metrics_port: Annotated[int, typer.Option(help="Prometheus metrics port")] = 8002,
+    host: Annotated[str, typer.Option(
+        help="address HTTP, gRPC and metrics bind to (loopback by default; 0.0.0.0 for every interface)")
+    ] = "127.0.0.1",
     model: Annotated[list[str] | None, typer.Option(help="model to load at start (repeat; default: all)")] = None,
     log_file: Annotated[Path | None, typer.Option(help="server log (default: a temp file)")] = None,
     timeout: Annotated[float, typer.Option(help="seconds to wait for readiness")] = 120,
 ) -> None:
     """Run the local tritonserver (nvidia-pytriton) with explicit model control until Ctrl-C/SIGTERM."""
+    from ctrserve.launch import Interrupted, Launcher
+
     from .triton_local import TritonError, start
 
-    stop = threading.Event()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(sig, lambda *_: stop.set())
-    try:
-        server = start(model_repo, http_port, grpc_port, metrics_port, models=model, timeout=timeout,
-                       log_path=log_file)
-    except TritonError as exc:
-        console.print(f"[red]error:[/] {exc}")
-        raise typer.Exit(2) from None
-    ready = ", ".join(f"{m['name']}/{m.get('version', '-')}:{m.get('state', 'UNAVAILABLE')}" for m in server.index())
-    console.print(f"[bold green]tritonserver ready[/] http {server.http_url}  grpc {server.grpc_url}  "
-                  f"metrics {server.metrics_url}\nmodels: {ready or 'none'}\nlog: {server.log_path}")
-    while not stop.is_set():
-        if server.process.poll() is not None:
-            console.print(f"[red]tritonserver exited with code {server.process.returncode}[/]\n{server.log_tail()}")
-            raise typer.Exit(1)
-        stop.wait(0.5)
-    console.print("stopping tritonserver ...")
-    code = server.stop()
-    console.print(f"stopped (exit code {code})")
+    with Launcher() as launcher:
+        try:
+            server = start(model_repo, http_port, grpc_port, metrics_port, models=model, timeout=timeout,
+                           log_path=log_file, host=host, launcher=launcher)
+        except TritonError as exc:
+            console.print(f"[red]error:[/] {exc}")
+            raise typer.Exit(2) from None
+        except Interrupted:
+            console.print("interrupted while starting; tritonserver stopped")
+            raise typer.Exit(1) from None
+        try:  # from here on, SIGINT/SIGTERM is the way to stop
+            ready = ", ".join(f"{m['name']}/{m.get('version', '-')}:{m.get('state', 'UNAVAILABLE')}"
+                              for m in server.index())
+            console.print(f"[bold green]tritonserver ready[/] http {server.http_url}  grpc {server.grpc_url}  "
+                          f"metrics {server.metrics_url} (bound to {host})\nmodels: {ready or 'none'}\n"
+                          f"log: {server.log_path}")
+            launcher.wait_any()
+        except Interrupted as signal_:
+            console.print(f"{signal_.name}: stopping tritonserver ...")
+            code = server.stop()
+            console.print(f"stopped (exit code {code})")
+            return
+        console.print(f"[red]tritonserver exited with code {server.process.returncode}[/]\n{server.log_tail()}")
+        raise typer.Exit(1)

@@ -19,18 +19,17 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import signal
 import subprocess
 import sys
 import sysconfig
 import tempfile
-import time
 import urllib.error
 import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ctrserve.net import free_port
+from ctrserve.launch import Child, Launcher, LaunchError, wait_ready
+from ctrserve.net import LOOPBACK, connect_host, free_port
 
 from .triton_repo import CONFIG_FILE, read_config
 
@@ -71,17 +70,6 @@ def check_numpy() -> None:
                           "1.x and returns empty outputs with numpy 2; install numpy<2")
 
 
-def _die_with_parent() -> None:
-    """Child-side: SIGTERM tritonserver if the process that started it dies (even by SIGKILL),
-    so a crashed ``ctrserve triton`` or test run leaves no orphan server (Linux prctl)."""
-    try:
-        import ctypes
-
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # 1 = PR_SET_PDEATHSIG
-    except (OSError, AttributeError):
-        pass
-
-
 def _backend_dir(install: TritonInstall, dest: Path) -> Path:
     """A backend directory with the Python backend and this Python's stub side by side."""
     py = dest / "python"
@@ -92,28 +80,37 @@ def _backend_dir(install: TritonInstall, dest: Path) -> Path:
 
 @dataclass
 class TritonServer:
-    """A running local tritonserver; stop it with ``stop()`` (or use it as a context manager)."""
+    """A running local tritonserver, a child of ``launcher``; stop it with ``stop()`` (or use it as
+    a context manager), or let the launcher stop it with its other children."""
 
-    process: subprocess.Popen
+    child: Child
+    launcher: Launcher
     model_repo: Path
     http_port: int
     grpc_port: int
     metrics_port: int
     workdir: Path
     log_path: Path
+    host: str = LOOPBACK
+    #: the launcher was made for this server alone (``start`` without one): closed with the server
+    own_launcher: bool = False
     _stopped: bool = field(default=False, repr=False)
 
     @property
+    def process(self) -> subprocess.Popen:
+        return self.child.proc
+
+    @property
     def http_url(self) -> str:
-        return f"http://127.0.0.1:{self.http_port}"
+        return f"http://{connect_host(self.host)}:{self.http_port}"
 
     @property
     def grpc_url(self) -> str:
-        return f"127.0.0.1:{self.grpc_port}"
+        return f"{connect_host(self.host)}:{self.grpc_port}"
 
     @property
     def metrics_url(self) -> str:
-        return f"http://127.0.0.1:{self.metrics_port}/metrics"
+        return f"http://{connect_host(self.host)}:{self.metrics_port}/metrics"
 
     # -- HTTP control plane (stdlib only) ------------------------------------------------
     def _request(self, method: str, path: str, body: dict | None = None, timeout: float = 120) -> tuple[int, bytes]:
@@ -175,17 +172,13 @@ class TritonServer:
 
     # -- lifecycle -----------------------------------------------------------------------
     def stop(self, timeout: float = 30) -> int:
-        """SIGTERM (Triton drains in-flight requests), SIGKILL after ``timeout``."""
+        """SIGTERM (Triton drains in-flight requests), SIGKILL after ``timeout``; returns the exit code."""
         if self._stopped:
             return self.process.returncode or 0
         self._stopped = True
-        if self.process.poll() is None:
-            self.process.send_signal(signal.SIGTERM)
-            try:
-                self.process.wait(timeout)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
+        self.launcher.stop(self.child, grace=timeout)
+        if self.own_launcher:
+            self.launcher.close()
         # the private work dir goes after a clean exit; otherwise its log (if the default one) stays
         # as evidence and only the copied backends are removed
         clean = self.process.returncode == 0
@@ -208,50 +201,51 @@ def start(
     timeout: float = 120,
     log_path: Path | None = None,
     log_verbose: int = 0,
+    host: str = LOOPBACK,
+    launcher: Launcher | None = None,
 ) -> TritonServer:
     """Start tritonserver on ``model_repo`` and wait until it and the models are ready.
 
-    Ports 0 pick free ports. ``models`` lists the models loaded at start (default: every model
-    in the repository); more can be loaded later with ``load``.
+    Ports 0 pick free ports; HTTP, gRPC and metrics bind ``host`` (loopback unless told
+    otherwise). ``models`` lists the models loaded at start (default: every model in the
+    repository); more can be loaded later with ``load``. The server is a child of ``launcher``
+    (stopped with its other children); without one it gets a launcher of its own that leaves
+    signal handling to the caller (the child still dies with us, by PDEATHSIG).
     """
     model_repo = Path(model_repo).resolve()
     if not model_repo.is_dir():
         raise TritonError(f"model repository {model_repo} does not exist")
     install = find_install()
     check_numpy()
-    http_port, grpc_port, metrics_port = (p or free_port() for p in (http_port, grpc_port, metrics_port))
+    http_port, grpc_port, metrics_port = (p or free_port(host) for p in (http_port, grpc_port, metrics_port))
     workdir = Path(tempfile.mkdtemp(prefix="ctrserve-triton-"))
     backends = _backend_dir(install, workdir / "backends")
     log_path = Path(log_path) if log_path else workdir / "tritonserver.log"
 
-    env = dict(os.environ)
-    env["LD_LIBRARY_PATH"] = os.pathsep.join(p for p in (str(install.libs), env.get("LD_LIBRARY_PATH", "")) if p)
-    site = sysconfig.get_paths()["purelib"]
-    env["PYTHONPATH"] = os.pathsep.join(p for p in (site, env.get("PYTHONPATH", "")) if p)
-    env.setdefault("OMP_NUM_THREADS", "1")
+    def prepend(var: str, path: str) -> str:
+        return os.pathsep.join(p for p in (path, os.environ.get(var, "")) if p)
+
+    env = {"LD_LIBRARY_PATH": prepend("LD_LIBRARY_PATH", str(install.libs)),
+           "PYTHONPATH": prepend("PYTHONPATH", sysconfig.get_paths()["purelib"]),
+           "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
     cmd = [
         str(install.binary), f"--model-repository={model_repo}", f"--backend-directory={backends}",
-        "--model-control-mode=explicit", f"--http-port={http_port}", f"--grpc-port={grpc_port}",
+        "--model-control-mode=explicit", f"--http-address={host}", f"--http-port={http_port}",
+        f"--grpc-address={host}", f"--grpc-port={grpc_port}", f"--metrics-address={host}",
         f"--metrics-port={metrics_port}", "--allow-metrics=true", f"--log-verbose={log_verbose}",
         "--exit-timeout-secs=5", "--strict-readiness=true",
     ]
     cmd += [f"--load-model={m}" for m in (models if models is not None else ["*"])]
-    log = open(log_path, "ab")  # noqa: SIM115 - owned by the child process for its lifetime
+    own = launcher is None
+    launcher = launcher or Launcher(workdir, handle_signals=False)
+    child = launcher.spawn("tritonserver", cmd, env=env, log=log_path)
+    server = TritonServer(child, launcher, model_repo, http_port, grpc_port, metrics_port, workdir, log_path, host,
+                          own_launcher=own)
     try:
-        proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
-                                preexec_fn=_die_with_parent)
-    finally:
-        log.close()
-    server = TritonServer(proc, model_repo, http_port, grpc_port, metrics_port, workdir, log_path)
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            tail = server.log_tail()
-            server.stop()
-            raise TritonError(f"tritonserver exited with code {proc.returncode} during start-up:\n{tail}")
-        if server.is_ready():
-            return server
-        time.sleep(0.2)
-    tail = server.log_tail()
-    server.stop()
-    raise TritonError(f"tritonserver not ready after {timeout:.0f}s:\n{tail}")
+        wait_ready(child, server.is_ready, timeout, "tritonserver", interval=0.2)
+    except BaseException as exc:  # not ready, or interrupted: nothing of it stays behind
+        server.stop()
+        if isinstance(exc, LaunchError):
+            raise TritonError(str(exc)) from None
+        raise
+    return server

@@ -1,8 +1,9 @@
 """Processes of a benchmark run: redis-server, the gateway (or the eager baseline), Locust.
 
-Every child runs in its own process group with PDEATHSIG set (it gets SIGTERM if the runner
-dies, even by SIGKILL), and ``Stack`` stops all of them on exit, error or Ctrl-C: SIGTERM to
-the group, SIGKILL after a grace period. Everything binds to 127.0.0.1.
+``Stack`` is a thin user of ``ctrserve.launch.Launcher``: every child runs in its own process
+group with PDEATHSIG set (it gets SIGTERM if the runner dies, even by SIGKILL), and all of them
+are stopped on exit, error, SIGTERM or SIGINT: SIGTERM to the groups, SIGKILL after a grace
+period. Everything binds to 127.0.0.1.
 """
 
 from __future__ import annotations
@@ -14,35 +15,19 @@ import signal
 import socket
 import subprocess
 import sys
-import tempfile
 import time
-import urllib.error
-import urllib.request
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ctrserve.net import free_port
+from ctrserve.launch import Child, Launcher, start_gateway, start_redis, wait_ready
+from ctrserve.launch import child_setup as _child_setup
+from ctrserve.net import free_port, http_get
+
+__all__ = ["free_port", "http_get"]  # re-exported: the benchmark modules import them from here
 
 LOCUSTFILE = Path(__file__).resolve().parent / "locustfile.py"
-
-
-def _child_setup() -> None:
-    """In the child: own process group, SIGTERM when the parent dies (Linux prctl)."""
-    os.setsid()
-    with contextlib.suppress(OSError, AttributeError):
-        import ctypes
-
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
-
-
-def http_get(url: str, timeout: float = 2.0) -> tuple[int, bytes]:
-    try:
-        with urllib.request.urlopen(url, timeout=timeout) as r:  # loopback only
-            return r.status, r.read()
-    except urllib.error.HTTPError as exc:
-        return exc.code, exc.read()
 
 
 class KeepAliveClient:
@@ -94,90 +79,56 @@ class KeepAliveClient:
 
 @dataclass
 class Stack:
-    """Owns the child processes of one run; a context manager that always cleans up."""
+    """Owns the child processes of one run (through a ``Launcher``); a context manager that always
+    cleans up."""
 
     workdir: Path
-    procs: list[tuple[str, subprocess.Popen]] = field(default_factory=list)
+    launcher: Launcher = field(init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        self.launcher = Launcher(self.workdir)
+
+    @property
+    def procs(self) -> list[tuple[str, subprocess.Popen]]:
+        return [(c.name, c.proc) for c in self.launcher.children]
 
     def __enter__(self) -> Stack:
-        self.workdir.mkdir(parents=True, exist_ok=True)
-        self._old = signal.signal(signal.SIGTERM, _raise_interrupt)
+        self.launcher.__enter__()
         return self
 
     def __exit__(self, *exc: object) -> None:
-        self.stop_all()
-        signal.signal(signal.SIGTERM, self._old)
+        self.launcher.__exit__(*exc)
 
     def spawn(self, name: str, cmd: list[str], env: dict[str, str] | None = None, log: Path | None = None,
               ) -> subprocess.Popen:
-        log = log or self.workdir / f"{name}.log"
-        with open(log, "ab") as out:
-            proc = subprocess.Popen(cmd, env={**os.environ, **(env or {})}, stdout=out, stderr=subprocess.STDOUT,
-                                    stdin=subprocess.DEVNULL, preexec_fn=_child_setup, cwd=self.workdir)
-        self.procs.append((name, proc))
-        return proc
+        return self.launcher.spawn(name, cmd, env=env, log=log, cwd=self.workdir).proc
 
     def stop(self, proc: subprocess.Popen, grace: float = 15.0) -> int | None:
         """SIGTERM the process group, SIGKILL after ``grace`` seconds."""
-        if proc.poll() is None:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(proc.pid, signal.SIGTERM)
-            try:
-                proc.wait(grace)
-            except subprocess.TimeoutExpired:
-                with contextlib.suppress(ProcessLookupError):
-                    os.killpg(proc.pid, signal.SIGKILL)
-                proc.wait(5)
-        else:  # the leader is gone; make sure nothing of its group lingers
-            with contextlib.suppress(ProcessLookupError, PermissionError):
-                os.killpg(proc.pid, signal.SIGKILL)
-        self.procs = [(n, p) for n, p in self.procs if p is not proc]
-        return proc.returncode
+        for child in self.launcher.children:
+            if child.proc is proc:
+                return self.launcher.stop(child, grace)
+        return proc.poll()
 
     def stop_all(self) -> None:
-        for _, proc in reversed(list(self.procs)):
-            self.stop(proc)
+        self.launcher.stop_all()
 
     # -- the pieces ----------------------------------------------------------------------
     def redis(self) -> str:
-        binary = shutil.which("redis-server")
-        if binary is None:
-            raise RuntimeError("redis-server not found on PATH (install it, e.g. `apt-get install redis-server`)")
-        port = free_port()
-        data = Path(tempfile.mkdtemp(prefix="redis-", dir=self.workdir))
-        proc = self.spawn("redis", [binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "",
-                                    "--appendonly", "no", "--dir", str(data)])
-
-        def ping() -> bool:
-            with socket.create_connection(("127.0.0.1", port), timeout=0.5) as s:
-                s.sendall(b"PING\r\n")
-                return s.recv(16).startswith(b"+PONG")
-
-        wait_for(ping, 15, "redis-server", proc, self.workdir / "redis.log")
-        return f"redis://127.0.0.1:{port}/0"
+        return start_redis(self.launcher, timeout=15).url
 
     def gateway(self, repo: Path, redis_url: str, port: int, workers: int = 1, pool_threads: int = 2,
                 intra_op_threads: int = 1, routing: Path | None = None, triton_url: str | None = None,
                 access_log: bool = False, timeout: float = 180, name: str = "gateway",
                 execution: str = "auto") -> subprocess.Popen:
         """The scoring gateway through its production entry point, ``ctrserve serve --workers N``."""
-        env = {"CTRSERVE_BACKEND_MODEL_REPOSITORY": str(repo), "CTRSERVE_REDIS_URL": redis_url,
-               "CTRSERVE_SERVER_PORT": str(port), "CTRSERVE_SERVER_HOST": "127.0.0.1",
-               "CTRSERVE_SERVER_ACCESS_LOG": str(access_log).lower(), "CTRSERVE_SERVER_LOG_LEVEL": "warning",
+        env = {"CTRSERVE_SERVER_ACCESS_LOG": str(access_log).lower(), "CTRSERVE_SERVER_LOG_LEVEL": "warning",
                "CTRSERVE_BACKEND_POOL_THREADS": str(pool_threads), "CTRSERVE_BACKEND_EXECUTION": execution,
                "CTRSERVE_BACKEND_ORT_INTRA_OP_THREADS": str(intra_op_threads),
                "CTRSERVE_BACKEND_ORT_INTER_OP_THREADS": "1"}
-        if routing is not None:
-            env["CTRSERVE_ROUTING_CONFIG"] = str(routing)
-        if triton_url:
-            env["CTRSERVE_BACKEND_TRITON_URL"] = triton_url
-        cmd = [sys.executable, "-m", "ctrserve", "serve", "--workers", str(max(1, workers))]
-        clean = {k: v for k, v in os.environ.items() if not k.startswith("CTRSERVE_ROUTING_")}
-        proc = self.spawn(name, cmd, env={**clean, **env})
-        url = f"http://127.0.0.1:{port}"
-        wait_for(lambda: http_get(url + "/readyz")[0] == 200, timeout, "the gateway", proc,
-                 self.workdir / f"{name}.log")
-        return proc
+        return start_gateway(self.launcher, repo, redis_url, port=port, routing=routing, triton_url=triton_url,
+                             env=env, args=["--workers", str(max(1, workers))], name=name,
+                             ready_timeout=timeout).proc
 
     def baseline(self, run_dir: Path, port: int, timeout: float = 180) -> subprocess.Popen:
         proc = self.spawn("baseline", [sys.executable, "-m", "ctrserve.loadtests.eager_baseline", "--run",
@@ -187,22 +138,12 @@ class Stack:
         return proc
 
 
-def _raise_interrupt(signum: int, frame: Any) -> None:
-    raise KeyboardInterrupt(f"signal {signum}")
-
-
 def wait_for(check: Callable[[], bool], timeout: float, what: str, proc: subprocess.Popen | None = None,
              log: Path | None = None) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc is not None and proc.poll() is not None:
-            tail = log.read_text(errors="replace")[-3000:] if log and log.exists() else ""
-            raise RuntimeError(f"{what} exited with code {proc.returncode} while starting; log tail:\n{tail}")
-        with contextlib.suppress(OSError, ValueError):  # refused, reset, timed out: not up yet
-            if check():
-                return
-        time.sleep(0.2)
-    raise RuntimeError(f"{what} not ready within {timeout:.0f} s")
+    """``ctrserve.launch.wait_ready`` for a bare ``Popen``: fails at once when it exits (with the
+    tail of ``log``), else after ``timeout`` seconds."""
+    child = Child(what, proc, log or Path(os.devnull)) if proc is not None else None
+    wait_ready(child, check, timeout, what, interval=0.2)
 
 
 # -- Locust ----------------------------------------------------------------------------------

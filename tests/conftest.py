@@ -10,6 +10,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from ctrserve import launch
+
 SHARED_DATA = Path(__file__).resolve().parent.parent.parent / "shared" / "data"
 
 
@@ -64,71 +66,13 @@ def tiny_batch(tiny_prepared: Path, tiny_fmap):
 
 
 # --- redis-server fixture (feature store) ---
-# A private redis-server per test session on a free port (no persistence: --save "" --appendonly no),
-# in a temp dir. Tests that stop it must start it again (RedisServer.start keeps the same port).
+# A private redis-server per test session (``ctrserve.launch.RedisServer``: a free port, no
+# persistence, loopback, in a temp dir). Tests that stop it must start it again (``start()``
+# keeps the port); data survives a restart only if a test ran ``SAVE`` before stopping.
 
 
-class RedisServer:
-    """One redis-server process; ``stop()``/``start()``/``restart()`` keep the same port and data dir.
-    Data survives a restart only if a test ran ``SAVE`` before stopping (the RDB is read at start)."""
-
-    def __init__(self, binary: str, workdir: Path):
-        import socket
-
-        self.binary, self.workdir = binary, workdir
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            self.port = s.getsockname()[1]
-        self.url = f"redis://127.0.0.1:{self.port}/0"
-        self.proc = None
-
-    @property
-    def running(self) -> bool:
-        return self.proc is not None and self.proc.poll() is None
-
-    def start(self, timeout: float = 10.0) -> None:
-        import socket
-        import subprocess
-        import time
-
-        if self.running:
-            return
-        self.proc = subprocess.Popen(
-            [self.binary, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
-             "--dir", str(self.workdir), "--logfile", str(self.workdir / "redis.log"), "--protected-mode", "no"],
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-        )
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                log = (self.workdir / "redis.log").read_text() if (self.workdir / "redis.log").exists() else ""
-                raise RuntimeError(f"redis-server exited with {self.proc.returncode}: {log[-2000:]}")
-            try:
-                with socket.create_connection(("127.0.0.1", self.port), timeout=0.5) as s:
-                    s.sendall(b"PING\r\n")
-                    if s.recv(64).startswith(b"+PONG"):
-                        return
-            except OSError:
-                pass
-            time.sleep(0.05)
-        self.stop()
-        raise RuntimeError(f"redis-server did not answer on port {self.port} within {timeout} s")
-
-    def stop(self) -> None:
-        import subprocess
-
-        if self.proc is not None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-            self.proc = None
-
-    def restart(self) -> None:
-        self.stop()
-        self.start()
+class RedisServer(launch.RedisServer):
+    """The launcher's redis-server, plus ``flushall()`` for tests that need it empty."""
 
     def flushall(self) -> None:
         import redis
@@ -142,13 +86,13 @@ def redis_server(tmp_path_factory: pytest.TempPathFactory):
     """A running private redis-server (session scope); skips when the binary is not on PATH."""
     import shutil
 
-    binary = shutil.which("redis-server")
-    if binary is None:
+    if shutil.which("redis-server") is None:
         pytest.skip("redis-server not found on PATH (install it, e.g. `apt-get install redis-server`)")
-    server = RedisServer(binary, tmp_path_factory.mktemp("redis"))
+    launcher = launch.Launcher(tmp_path_factory.mktemp("redis"), handle_signals=False)  # pytest keeps its own
+    server = RedisServer(launcher, data_dir=launcher.workdir)
     server.start()
     yield server
-    server.stop()
+    launcher.close()
 
 
 @pytest.fixture()

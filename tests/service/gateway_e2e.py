@@ -4,18 +4,13 @@ PyTorch model on the same rows."""
 
 from __future__ import annotations
 
-import os
 import signal
-import subprocess
-import sys
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
-import httpx
 import numpy as np
 
-from ctrserve.net import free_port
+from ctrserve.launch import Launcher, start_gateway
 
 ROUTING_E2E = """
 experiments:
@@ -55,53 +50,29 @@ def train_and_export(prepared: Path, work: Path) -> Exported:
 
 
 class GatewayProcess:
-    """``ctrserve serve`` in a subprocess on a free port; ``env`` adds CTRSERVE_* settings."""
+    """``ctrserve serve`` in a subprocess on a free port (``ctrserve.launch.start_gateway``, not yet
+    waited for: call ``wait_ready``); ``env`` adds CTRSERVE_* settings, ``args`` command-line options."""
 
     def __init__(self, repo: Path, redis_url: str, log: Path, env: dict[str, str] | None = None,
                  args: list[str] | None = None):
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
         self.log_path = log
         # generous store budgets: the test machine's 2 cores are shared, and a 50 ms Redis read
         # budget is a production setting, not a property under test (outages use SIGSTOP/stop)
-        full_env = {**os.environ, "CTRSERVE_REDIS_URL": redis_url, "OMP_NUM_THREADS": "1",
-                    "CTRSERVE_SERVER_ACCESS_LOG": "false", "CTRSERVE_REDIS_TIMEOUT_MS": "1000",
+        settings = {"OMP_NUM_THREADS": "1", "CTRSERVE_SERVER_ACCESS_LOG": "false", "CTRSERVE_REDIS_TIMEOUT_MS": "1000",
                     "CTRSERVE_STORE_TIMEOUT_MS": "500", **(env or {})}
-        cmd = [sys.executable, "-m", "ctrserve", "serve", "--port", str(self.port),
-               "--model-repository", str(repo), *(args or [])]
-        with open(log, "ab") as out:
-            self.proc = subprocess.Popen(cmd, env=full_env, stdout=out, stderr=subprocess.STDOUT)
+        self.launcher = Launcher(log.parent, handle_signals=False)  # pytest handles its own signals
+        self.server = start_gateway(self.launcher, repo, redis_url, env=settings, args=args or [], log=log,
+                                    ready_timeout=None)
+        self.port, self.url, self.proc = self.server.port, self.server.url, self.server.proc
 
     def wait_ready(self, timeout: float = 60) -> None:
-        deadline = time.monotonic() + timeout
-        last = ""
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"gateway exited with {self.proc.returncode}:\n{self.log_tail()}")
-            try:
-                r = httpx.get(self.url + "/readyz", timeout=2)
-                if r.status_code == 200:
-                    return
-                last = r.text
-            except httpx.HTTPError as exc:
-                last = repr(exc)
-            time.sleep(0.1)
-        raise RuntimeError(f"gateway not ready after {timeout} s ({last}):\n{self.log_tail()}")
+        self.server.wait_ready(timeout)
 
     def log_tail(self, n: int = 30) -> str:
-        try:
-            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-n:])
-        except OSError:
-            return ""
+        return self.server.child.log_tail(n)
 
     def stop(self, sig: int = signal.SIGTERM, timeout: float = 20) -> int:
-        if self.proc.poll() is None:
-            self.proc.send_signal(sig)
-            try:
-                self.proc.wait(timeout)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+        self.launcher.stop(self.server.child, grace=timeout, sig=sig)
         return self.proc.returncode
 
 

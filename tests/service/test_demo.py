@@ -1,52 +1,80 @@
-"""``ctrserve demo --triton`` end to end: the demo's own steps (export, private redis-server, the
-gateway subprocess) with the local tritonserver started on the demo's model repository, the
-sample requests routed through it, and everything stopped at the end; then the default demo
-(embedded ONNX Runtime) on the same work directory, which must not start Triton.
+"""``ctrserve demo`` end to end with the real processes (redis-server, the gateway, tritonserver):
 
-Bounded: a one-epoch DeepFM of the tiny dataset stands in for the demo's training (copied in as a
-finished demo run, so the demo reuses it instead of training for minutes)."""
+- ``--triton``: the local tritonserver on the demo's model repository, the sample requests routed
+  through it, everything stopped at the end; then the default demo (embedded ONNX Runtime) on the
+  same work directory, which must not start Triton;
+- a second demo of another model on a work directory already holding the first one's export: the
+  gateway routes to the model just trained (the repository now holds two);
+- ``--serve`` stopped by SIGTERM or SIGINT sent to the demo's pid alone: it exits within 10 s and
+  its redis-server and gateway are gone.
+
+Bounded: tiny models stand in for the demo's training (copied in as finished demo runs, so the
+demo reuses them instead of training for minutes)."""
 
 from __future__ import annotations
 
 import os
 import re
 import shutil
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
 
-pytestmark = [pytest.mark.e2e, pytest.mark.triton, pytest.mark.redis, pytest.mark.slow]
+pytestmark = [pytest.mark.e2e, pytest.mark.redis, pytest.mark.slow]
 
 SEED = 1
+OTHER = "mgdin"  # the second demo's model
+TINY_OTHER = {"embedding_dim": 8, "windows": [2], "model_dim": 8, "layers": 2, "ratios": [0.5, 1.0], "hidden": [16]}
 
 
 @pytest.fixture(scope="module")
 def demo_work(exported, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from ctrserve.export import triton_local
+    """A work dir holding finished demo runs of deepfm (the gateway tests' run) and of a tiny mgdin."""
+    from ctrserve.models.train.config import resolve_config
+    from ctrserve.models.train.trainer import train
 
     if shutil.which("redis-server") is None:
         pytest.skip("redis-server not found on PATH")
+    work = tmp_path_factory.mktemp("demo_work")
+    shutil.copytree(exported.runs[1], work / "runs" / "synthetic" / "deepfm" / f"demo-s{SEED}-test")
+    cfg = resolve_config(OTHER, "synthetic", seed=SEED, variant="demo", overrides={
+        "train": {"max_epochs": 1, "batch_size": 256, "threads": 1}, "model": TINY_OTHER})
+    train(cfg, exported.prepared, work / "runs", progress=False)
+    return work
+
+
+@pytest.fixture()
+def triton_installed() -> None:
+    from ctrserve.export import triton_local
+
     try:
         triton_local.find_install()
     except triton_local.TritonError as exc:
         pytest.skip(str(exc))
-    work = tmp_path_factory.mktemp("demo_work")
-    shutil.copytree(exported.runs[1], work / "runs" / "synthetic" / "deepfm" / f"demo-s{SEED}-test")
-    return work
+
+
+def _env(work: Path) -> dict[str, str]:
+    return {**os.environ, "CTRSERVE_WORK_DIR": str(work), "OMP_NUM_THREADS": "1", "COLUMNS": "200"}
 
 
 def _demo(work: Path, *args: str) -> str:
-    env = {**os.environ, "CTRSERVE_WORK_DIR": str(work), "OMP_NUM_THREADS": "1", "COLUMNS": "200"}
     r = subprocess.run([sys.executable, "-m", "ctrserve", "demo", "--seed", str(SEED), "--requests", "2", *args],
-                       env=env, capture_output=True, text=True, timeout=600)
+                       env=_env(work), capture_output=True, text=True, timeout=600)
     out = r.stdout + r.stderr
     assert r.returncode == 0, out
     return out
 
 
-def test_demo_with_local_triton_then_default(demo_work: Path) -> None:
+def _repo_models(work: Path) -> list[str]:
+    return sorted(d.name for d in (work / "demo" / "model_repository").iterdir() if (d / "1").is_dir())
+
+
+@pytest.mark.triton
+def test_demo_with_local_triton_then_default(demo_work: Path, triton_installed: None) -> None:
     out = _demo(demo_work, "--triton")
     assert "reusing" in out and "tritonserver ready" in out, out
     assert re.search(r"gateway\s+ready on .*\(Triton at 127\.0\.0\.1:\d+\)", out), out
@@ -63,8 +91,66 @@ def test_demo_with_local_triton_then_default(demo_work: Path) -> None:
     assert default.count("POST /v1/score") == 2, default
 
 
+@pytest.mark.triton
+def test_second_demo_routes_to_its_own_model_through_triton(demo_work: Path, triton_installed: None) -> None:
+    """The repository already holds the first demo's export; the gateway must not wait for a
+    routing config (120 s, then "gateway not ready", before the launcher routed the demo)."""
+    if "deepfm" not in _repo_models(demo_work):
+        _demo(demo_work)
+    out = _demo(demo_work, "--triton", "--model", OTHER)
+    assert _repo_models(demo_work) == ["deepfm", OTHER]
+    assert re.search(r"gateway\s+ready on .*\(Triton at 127\.0\.0\.1:\d+\)", out), out
+    assert out.count(f"({OTHER} v1)") == 2, out  # both sample requests scored by the model just trained
+    served = re.search(rf"served (\d+) inference requests for {OTHER}", out)
+    assert served and int(served.group(1)) >= 3, out
+    assert "stopped (exit code 0)" in out, out
+
+
+def _descendants(pid: int) -> dict[int, str]:
+    import psutil
+
+    return {p.pid: p.name() for p in psutil.Process(pid).children(recursive=True)}
+
+
+def _running(pid: int) -> bool:
+    import psutil
+
+    try:
+        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
+def test_serve_stops_its_children_on_a_signal_to_its_pid(demo_work: Path, sig: int, tmp_path: Path) -> None:
+    log = tmp_path / "demo.out"
+    with open(log, "w") as out:  # its own session: the signal reaches the demo's pid and nothing else
+        demo = subprocess.Popen([sys.executable, "-m", "ctrserve", "demo", "--seed", str(SEED), "--requests", "1",
+                                 "--serve"], env=_env(demo_work), stdout=out, stderr=subprocess.STDOUT,
+                                start_new_session=True)
+    try:
+        deadline = time.monotonic() + 300
+        while "serving" not in log.read_text():
+            assert demo.poll() is None and time.monotonic() < deadline, log.read_text()
+            time.sleep(0.2)
+        children = _descendants(demo.pid)
+        assert "redis-server" in children.values() and len(children) >= 2, children
+        t0 = time.monotonic()
+        demo.send_signal(sig)
+        demo.wait(10)
+        stopped_in = time.monotonic() - t0
+        alive = {pid: name for pid, name in children.items() if _running(pid)}
+        assert not alive, f"still running after the demo exited: {alive}"
+        assert demo.returncode == 0, log.read_text()
+        assert f"{signal.Signals(sig).name}: stopping" in log.read_text()
+        print(f"{signal.Signals(sig).name}: the demo and its {len(children)} children stopped in {stopped_in:.1f} s")
+    finally:
+        if demo.poll() is None:
+            demo.kill()
+            demo.wait()
+
+
 def test_triton_and_triton_url_are_exclusive(demo_work: Path) -> None:
-    env = {**os.environ, "CTRSERVE_WORK_DIR": str(demo_work)}
     r = subprocess.run([sys.executable, "-m", "ctrserve", "demo", "--triton", "--triton-url", "localhost:8001"],
-                       env=env, capture_output=True, text=True, timeout=120)
+                       env=_env(demo_work), capture_output=True, text=True, timeout=120)
     assert r.returncode == 2 and "pick one" in r.stdout + r.stderr
