@@ -18,7 +18,7 @@ from typing import Annotated, Any
 import numpy as np
 import typer
 
-from .harness import console_log, interleave, ort_session
+from .harness import console_log, failing_as_exit, interleave, ort_options, ort_session, print_table
 from .workload import bench_dir, build_requests, ensure_run, prepared_of
 
 
@@ -34,10 +34,7 @@ def optimized_ops(path: Path) -> Counter[str]:
     import onnxruntime as ort
 
     with tempfile.TemporaryDirectory() as tmp:
-        opts = ort.SessionOptions()
-        opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        opts.intra_op_num_threads = 1
-        opts.log_severity_level = 3
+        opts = ort_options()
         opts.optimized_model_filepath = str(Path(tmp) / "optimized.onnx")
         ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
         return graph_ops(Path(opts.optimized_model_filepath))
@@ -127,31 +124,20 @@ def graph_cmd(
 ) -> None:
     """Op counts, FLOPs, ORT p50 and GFLOP/s over the fp32 matmul peak of the benchmark model's graph."""
     from rich.console import Console
-    from rich.table import Table
 
     console = Console()
     if candidates < 1 or rounds < 1 or per_round < 1 or profile_runs < 1:
         console.print("[red]error:[/] --candidates, --rounds, --per-round and --profile-runs must be >= 1")
         raise typer.Exit(2)
-    try:
+    with failing_as_exit(console):
         out = run(onnx, compare, candidates, rounds, per_round, profile_runs, run_dir, log=console_log(console))
-    except (RuntimeError, ValueError, FileNotFoundError) as exc:
-        console.print(f"[red]error:[/] {exc}")
-        raise typer.Exit(1) from None
-    table = Table(title=f"B={out['candidates']}, 1 ORT thread; fp32 matmul peak {out['peak_gflops']:.1f} GFLOP/s")
-    for col in ("graph", "nodes", "ORT nodes", "MFLOP", "p50 ms", "round p50s", "GFLOP/s", "/ peak"):
-        table.add_column(col)
-    for label, g in out["graphs"].items():
-        table.add_row(label, str(g["nodes"]), str(g["ort_nodes"]), f"{g['flops'] / 1e6:.1f}", f"{g['p50_ms']:.3f}",
-                      " ".join(f"{x:.2f}" for x in g["round_p50_ms"]), f"{g['gflops']:.1f}",
-                      f"{g['gflops_over_peak']:.3f}")
-    console.print(table)
+    print_table(console, f"B={out['candidates']}, 1 ORT thread; fp32 matmul peak {out['peak_gflops']:.1f} GFLOP/s",
+                ("graph", "nodes", "ORT nodes", "MFLOP", "p50 ms", "round p50s", "GFLOP/s", "/ peak"),
+                ((label, str(g["nodes"]), str(g["ort_nodes"]), f"{g['flops'] / 1e6:.1f}", f"{g['p50_ms']:.3f}",
+                  " ".join(f"{x:.2f}" for x in g["round_p50_ms"]), f"{g['gflops']:.1f}", f"{g['gflops_over_peak']:.3f}")
+                 for label, g in out["graphs"].items()))
     for label, g in out["graphs"].items():
         console.print(f"{label}: graph ops {g['ops']}")
         console.print(f"{label}: ORT ops {g['ort_ops']}")
-    prof = Table(title="ORT per-op kernel time of the first graph (profiler on)")
-    for col in ("op", "ms / run", "share"):
-        prof.add_column(col)
-    for op, ms, share in out["profile"]:
-        prof.add_row(op, f"{ms:.4f}", f"{share:.1%}")
-    console.print(prof)
+    print_table(console, "ORT per-op kernel time of the first graph (profiler on)", ("op", "ms / run", "share"),
+                ((op, f"{ms:.4f}", f"{share:.1%}") for op, ms, share in out["profile"]))

@@ -13,15 +13,15 @@ from __future__ import annotations
 import asyncio
 import shutil
 import subprocess
-import tempfile
-from pathlib import Path
-from typing import Any
+from typing import Annotated, Any
 
 import numpy as np
+import typer
 
 from ctrserve.feature_store import ItemRecords, RedisStoreConfig, SequenceSchema, StoreSchema, UserRecords
+from ctrserve.launch import Launcher, start_redis
 
-from .harness import Figures, interleave_async, latency_stats, machine_facts
+from .harness import Figures, failing_as_exit, interleave_async, latency_stats, machine_facts, print_table
 
 SECTION = "store"
 
@@ -146,10 +146,9 @@ def store_figures(res: dict[str, Any], max_len: int, candidates: int) -> Figures
 def run(n_users: int = 1000, n_items: int = 5000, max_len: int = 600, candidates: int = 100, rounds: int = 4,
         per_round: int = 500, record: bool = True) -> dict[str, Any]:
     """Run the benchmark; with ``record`` merge the figures into docs/benchmarks.json and .md."""
-    from .stack import Stack
-
-    with tempfile.TemporaryDirectory() as tmp, Stack(Path(tmp)) as stack:
-        res = asyncio.run(_bench(stack.redis(), n_users, n_items, max_len, candidates, rounds, per_round))
+    with Launcher() as launcher:
+        url = start_redis(launcher, timeout=15).url
+        res = asyncio.run(_bench(url, n_users, n_items, max_len, candidates, rounds, per_round))
     fig = store_figures(res, max_len, candidates)
     if record:
         notes = [f"{res['n']} requests per variant in {rounds} interleaved rounds (plus one warm-up round), "
@@ -161,3 +160,24 @@ def run(n_users: int = 1000, n_items: int = 5000, max_len: int = 600, candidates
         fig.record(SECTION, "Feature store: one request's fetch", "ctrserve bench store", notes,
                    machine_facts(redis_server=redis_version()))
     return {"figures": fig.values(), "latency_ms": res["lat"], **res}
+
+
+def store_cmd(
+    users: Annotated[int, typer.Option(help="users loaded (each with a full sequence)")] = 1000,
+    items: Annotated[int, typer.Option(help="items loaded")] = 5000,
+    max_len: Annotated[int, typer.Option(help="sequence length L")] = 600,
+    candidates: Annotated[int, typer.Option(help="candidate items per request")] = 100,
+    rounds: Annotated[int, typer.Option(help="interleaved measuring rounds")] = 4,
+    per_round: Annotated[int, typer.Option(help="requests per variant per round")] = 500,
+    record: Annotated[bool, typer.Option(help="write docs/benchmarks.json and .md")] = True,
+) -> None:
+    """p50/p99 of one request's feature fetch (user + candidates) against a private redis-server."""
+    from rich.console import Console
+
+    console = Console()
+    with failing_as_exit(console):
+        out = run(users, items, max_len, candidates, rounds, per_round, record)
+    print_table(console, f"one request: user L={max_len} + {candidates} items ({out['n']} requests per variant)",
+                ("variant", "p50 ms", "p99 ms", "mean ms"),
+                ((name, *(f"{lat[k]:.3f}" for k in ("p50", "p99", "mean"))) for name, lat in out["latency_ms"].items()))
+    console.print(out["figures"])

@@ -9,9 +9,8 @@ from __future__ import annotations
 import heapq
 import math
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 
@@ -33,9 +32,6 @@ class Summary:
     candidates_per_s: float
     mean_candidates: float
     duration_s: float
-
-    def as_dict(self) -> dict[str, Any]:
-        return asdict(self)
 
 
 def percentiles(ms: np.ndarray, qs: Sequence[float] = (50, 95, 99)) -> list[float]:
@@ -136,35 +132,20 @@ def parse_prometheus(text: str) -> Sample:
     return out
 
 
-@dataclass(frozen=True)
-class HistogramDelta:
-    count: float
-    total: float
-
-    @property
-    def mean(self) -> float:
-        return self.total / self.count if self.count else math.nan
-
-
-def histogram_delta(before: Sample, after: Sample, name: str, **labels: str) -> HistogramDelta:
-    """``after - before`` of histogram ``name``'s count and sum over the series matching ``labels``."""
+def histogram_delta(before: Sample, after: Sample, name: str, **labels: str) -> tuple[float, float]:
+    """``after - before`` of histogram ``name``'s (count, sum) over the series matching ``labels``."""
 
     def total(suffix: str) -> float:
         return sum(v - before.get((n, lbl), 0.0) for (n, lbl), v in after.items()
                    if n == name + suffix and all(dict(lbl).get(k) == x for k, x in labels.items()))
 
-    return HistogramDelta(total("_count"), total("_sum"))
+    return total("_count"), total("_sum")
 
 
 def stage_breakdown(before: Sample, after: Sample, route: str = "/v1/score") -> dict[str, dict[str, float]]:
     """Per-stage mean (ms) and count of the gateway's ``ctrserve_stage_seconds`` over a window, and
     of the whole request inside the app (``ctrserve_request_seconds``, status 200)."""
-    from_stages = {}
-    for stage in ("route", "feature_fetch", "assembly", "inference"):
-        h = histogram_delta(before, after, "ctrserve_stage_seconds", stage=stage)
-        if h.count:
-            from_stages[stage] = {"mean_ms": h.mean * 1e3, "count": h.count}
-    req = histogram_delta(before, after, "ctrserve_request_seconds", route=route, status="200")
-    if req.count:
-        from_stages["request_in_app"] = {"mean_ms": req.mean * 1e3, "count": req.count}
-    return from_stages
+    windows = {stage: histogram_delta(before, after, "ctrserve_stage_seconds", stage=stage)
+               for stage in ("route", "feature_fetch", "assembly", "inference")}
+    windows["request_in_app"] = histogram_delta(before, after, "ctrserve_request_seconds", route=route, status="200")
+    return {key: {"mean_ms": total / count * 1e3, "count": count} for key, (count, total) in windows.items() if count}

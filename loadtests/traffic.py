@@ -35,27 +35,18 @@ class CandidateDist:
     @classmethod
     def parse(cls, spec: str) -> CandidateDist:
         text = spec.strip().lower()
-        head, _, rest = text.partition(":")
+        kind, colon, rest = text.partition(":")
+        if not colon:  # a bare count
+            kind, rest = "fixed", text
+        parts = {"fixed": [rest], "uniform": rest.split(":"), "choice": rest.split(",")}.get(kind)
+        if parts is None:
+            raise TrafficError(f"candidate distribution {spec!r}: use uniform:LO:HI, fixed:N or choice:A,B,...")
         try:
-            if head.isdigit() and not rest:
-                return cls._checked("fixed", (int(head),), spec)
-            if head == "fixed":
-                return cls._checked("fixed", (int(rest),), spec)
-            if head == "uniform":
-                lo, hi = (int(x) for x in rest.split(":"))
-                if lo > hi:
-                    raise TrafficError(f"candidate distribution {spec!r}: LO {lo} > HI {hi}")
-                return cls._checked("uniform", (lo, hi), spec)
-            if head == "choice":
-                return cls._checked("choice", tuple(int(x) for x in rest.split(",")), spec)
+            values = tuple(int(x) for x in parts)
         except ValueError as exc:
-            if isinstance(exc, TrafficError):
-                raise
             raise TrafficError(f"candidate distribution {spec!r}: numbers expected ({exc})") from None
-        raise TrafficError(f"candidate distribution {spec!r}: use uniform:LO:HI, fixed:N or choice:A,B,...")
-
-    @classmethod
-    def _checked(cls, kind: str, values: tuple[int, ...], spec: str) -> CandidateDist:
+        if kind == "uniform" and (len(values) != 2 or values[0] > values[1]):
+            raise TrafficError(f"candidate distribution {spec!r}: uniform takes LO:HI with LO <= HI")
         if not values or min(values) < 1:
             raise TrafficError(f"candidate distribution {spec!r}: counts must be >= 1")
         return cls(kind, values)
@@ -71,18 +62,8 @@ class CandidateDist:
     def max(self) -> int:
         return max(self.values)
 
-    @property
-    def mean(self) -> float:
-        if self.kind == "uniform":
-            return (self.values[0] + self.values[1]) / 2
-        return float(np.mean(self.values))
-
     def __str__(self) -> str:
-        if self.kind == "fixed":
-            return f"fixed:{self.values[0]}"
-        if self.kind == "uniform":
-            return f"uniform:{self.values[0]}:{self.values[1]}"
-        return "choice:" + ",".join(map(str, self.values))
+        return f"{self.kind}:" + (":" if self.kind == "uniform" else ",").join(map(str, self.values))
 
 
 # -- users -----------------------------------------------------------------------------------
@@ -175,10 +156,6 @@ class Pool:
             raise TrafficError(f"pool file {p}: {len(pool.contexts)} contexts for {len(pool.users)} users")
         return pool
 
-    @property
-    def has_baseline(self) -> bool:
-        return self.encoded_users is not None and self.encoded_items is not None
-
 
 class Bodies:
     """Request bodies, built once per (user, candidate count) and kept in a bounded LRU cache.
@@ -192,7 +169,7 @@ class Bodies:
                  cache_size: int = 4096):
         if mode not in ("gateway", "baseline"):
             raise TrafficError(f"mode must be gateway or baseline, got {mode!r}")
-        if mode == "baseline" and not pool.has_baseline:
+        if mode == "baseline" and (pool.encoded_users is None or pool.encoded_items is None):
             raise TrafficError("the pool has no encoded features: rebuild it with the baseline enabled")
         if max_candidates > len(pool.items):
             raise TrafficError(f"{max_candidates} candidates asked but the pool has {len(pool.items)} items")

@@ -20,16 +20,17 @@ from ctrserve.loadtests.traffic import (
 pytestmark = pytest.mark.quick
 
 
-@pytest.mark.parametrize(("spec", "kind", "values", "mean"), [
-    ("uniform:50:500", "uniform", (50, 500), 275.0), ("fixed:100", "fixed", (100,), 100.0),
-    ("100", "fixed", (100,), 100.0), ("choice:1,10,100", "choice", (1, 10, 100), 37.0)])
-def test_candidate_dist_parse(spec: str, kind: str, values: tuple, mean: float) -> None:
+@pytest.mark.parametrize(("spec", "kind", "values", "text"), [
+    ("uniform:50:500", "uniform", (50, 500), "uniform:50:500"), ("fixed:100", "fixed", (100,), "fixed:100"),
+    (" 100", "fixed", (100,), "fixed:100"), ("Choice:1,10,100", "choice", (1, 10, 100), "choice:1,10,100")])
+def test_candidate_dist_parse(spec: str, kind: str, values: tuple, text: str) -> None:
     d = CandidateDist.parse(spec)
-    assert (d.kind, d.values, d.mean, d.max) == (kind, values, mean, max(values))
+    assert (d.kind, d.values, d.max, str(d)) == (kind, values, max(values), text)
     assert CandidateDist.parse(str(d)) == d
 
 
-@pytest.mark.parametrize("spec", ["uniform:500:50", "uniform:5", "fixed:0", "normal:3:4", "choice:a,b", ""])
+@pytest.mark.parametrize("spec", ["uniform:500:50", "uniform:5", "uniform:1:2:3", "fixed:0", "fixed:1,2", "normal:3:4",
+                                  "choice:a,b", "choice:3,0", ""])
 def test_candidate_dist_rejects(spec: str) -> None:
     with pytest.raises(TrafficError, match="candidate distribution"):
         CandidateDist.parse(spec)
