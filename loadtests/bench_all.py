@@ -1,16 +1,11 @@
 """``ctrserve bench all``: every serving figure in one run, so the ratios compare like with like.
 
-Steps, in one process (machine facts incl. the load average at start go into every section):
-1. ``bench store`` -> section ``store``; 2. the benchmark model (tiny MGDIN, synthetic, L = 600)
-exported to ONNX, a private Redis bulk-loaded with its dataset, a traffic pool and ONE fixed
-request (the most active user, B candidates) assembled by the gateway's own code from the store;
-3. ``bench models`` on those inputs -> section ``models``; 4. FLOPs of the 100-candidate request,
-fp32 matmul peak, ORT per-operator profile, raw ORT throughput; 5. the gateway (subprocess):
-sequential requests interleaved with raw ORT on the same inputs, per-layer cost from /metrics;
-6. Locust: users stepped up to saturation, a soak at half that rate; 7. the eager FastAPI
-baseline under the same load (bench_all_load.py) -> section ``serving``, plots in docs/img/
-(``--no-record``: nothing written to docs/, the plots go beside the raw files).
-Each step is a method of ``ServingRun`` adding (name, value, meaning) rows to one ``Figures``.
+One process runs the steps listed in ``ServingRun.run`` (the Locust ones are in bench_all_load.py),
+each adding (name, value, meaning) rows to one ``Figures``, on the benchmark model (tiny MGDIN,
+synthetic, L = 600) and one fixed request (the most active pool user, B candidates) assembled by
+the gateway's own code from the store. ``bench store`` and ``bench models`` record their sections
+from here; this run records ``serving`` and its plots in docs/img/ (``--no-record``: nothing is
+written to docs/, the plots go beside the raw files). Machine facts go into every section.
 """
 
 from __future__ import annotations

@@ -103,12 +103,12 @@ def run(onnx_file: Path | None = None, compare: list[Path] | None = None, candid
     for label, g in graphs.items():
         g.update(lat[label])
         g["gflops"] = g["flops"] / (g["p50_ms"] / 1e3) / 1e9
-        g["gflops_over_peak"] = g["gflops"] / peak["peak_gflops"]
+        g["gflops_over_peak"] = g["gflops"] / peak
     log(f"[bench graph] ORT profile of {onnx_file} ({profile_runs} runs)")
     events = flops.ort_profile_events(onnx_file, feed, runs=profile_runs)
     profile = flops.aggregate_profile(events, profile_runs)
-    return {"run_dir": str(run_dir), "candidates": candidates, "peak_gflops": peak["peak_gflops"], "peak": peak,
-            "graphs": graphs, "profile": profile}
+    return {"run_dir": str(run_dir), "candidates": candidates, "peak_gflops": peak, "graphs": graphs,
+            "profile": profile}
 
 
 def graph_cmd(

@@ -11,8 +11,6 @@ non-transactional pipeline GET (sequence) + MGET (100 items), sync hiredis and
 from __future__ import annotations
 
 import asyncio
-import shutil
-import subprocess
 from typing import Annotated, Any
 
 import numpy as np
@@ -53,11 +51,6 @@ def bench_records(n_users: int, n_items: int, max_len: int, seed: int = 0) -> tu
     return users, items
 
 
-def redis_version() -> str:
-    binary = shutil.which("redis-server") or "redis-server"
-    return subprocess.run([binary, "--version"], capture_output=True, text=True).stdout.split()[2].split("=")[1]
-
-
 async def _bench(url: str, n_users: int, n_items: int, max_len: int, candidates: int, rounds: int,
                  per_round: int) -> dict[str, Any]:
     import redis
@@ -69,10 +62,9 @@ async def _bench(url: str, n_users: int, n_items: int, max_len: int, candidates:
     schema = bench_schema(max_len)
     users, items = bench_records(n_users, n_items, max_len)
     base_cfg = {"url": url, "timeout_ms": 2000, "cleanup_grace_s": 0, "pool_size": 4}
-    loader = RedisOnlineStore(schema, RedisStoreConfig(**base_cfg), "bench")
-    version = await loader.bulk_load(users, items)
-    sizes = await loader.value_sizes(users.ids[0])
-    await loader.close()
+    async with RedisOnlineStore(schema, RedisStoreConfig(**base_cfg), "bench") as loader:
+        version = await loader.bulk_load(users, items)
+        sizes = await loader.value_sizes(users.ids[0])
     plain = RedisOnlineStore(schema, RedisStoreConfig(**base_cfg, item_cache_size=0), "bench")
     cached = RedisOnlineStore(schema, RedisStoreConfig(**base_cfg, item_cache_size=100_000), "bench")
     for start in range(0, n_items, candidates):  # warm the cache with every item
@@ -88,7 +80,6 @@ async def _bench(url: str, n_users: int, n_items: int, max_len: int, candidates:
 
     sync_client = redis.Redis.from_url(url)
     async_client = aioredis.Redis.from_url(url)
-    seq_bytes = len(sync_client.get(seq_keys[0]))
     with sync_client.pipeline(transaction=False) as warm:  # connect and check the keys exist
         warm.get(seq_keys[0]).mget(item_keys[0])
         got = warm.execute()
@@ -116,12 +107,13 @@ async def _bench(url: str, n_users: int, n_items: int, max_len: int, candidates:
     hits = cached.item_cache.hits - hits_before[0]
     misses = cached.item_cache.misses - hits_before[1]
     mem = sum(sync_client.memory_usage(k) or 0 for k in (keys.user(users.ids[0]), seq_keys[0]))
+    server_version = sync_client.info("server")["redis_version"]
     sync_client.close()
     await async_client.aclose()
     await plain.close()
     await cached.close()
     return {"lat": {name: latency_stats(s) for name, s in samples.items()}, "sizes": sizes, "memory": mem,
-            "hit_rate": hits / max(1, hits + misses), "n": rounds * per_round, "seq_bytes": seq_bytes}
+            "hit_rate": hits / max(1, hits + misses), "n": rounds * per_round, "redis_version": server_version}
 
 
 def store_figures(res: dict[str, Any], max_len: int, candidates: int) -> Figures:
@@ -158,7 +150,7 @@ def run(n_users: int = 1000, n_items: int = 5000, max_len: int = 600, candidates
                  "redis.asyncio; the baselines above are re-measured in the same run for a fair ratio.",
                  "p99 mostly reflects other work on the shared machine (see load_avg_1m)."]
         fig.record(SECTION, "Feature store: one request's fetch", "ctrserve bench store", notes,
-                   machine_facts(redis_server=redis_version()))
+                   machine_facts(redis_server=res["redis_version"]))
     return {"figures": fig.values(), "latency_ms": res["lat"], **res}
 
 

@@ -41,9 +41,6 @@ class Figures:
     def __getitem__(self, name: str) -> Any:
         return self.table[name][0]
 
-    def __contains__(self, name: str) -> bool:
-        return name in self.table
-
     def values(self) -> dict[str, Any]:
         return {k: v for k, (v, _) in self.table.items()}
 

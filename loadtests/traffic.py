@@ -9,8 +9,9 @@ fetches features) and the eager baseline (already-encoded features in the body).
 
 from __future__ import annotations
 
+import functools
 import json
-from collections import OrderedDict
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -174,8 +175,8 @@ class Bodies:
         if max_candidates > len(pool.items):
             raise TrafficError(f"{max_candidates} candidates asked but the pool has {len(pool.items)} items")
         self.pool, self.mode, self.seed, self.max_candidates = pool, mode, seed, max_candidates
-        self.cache: OrderedDict[tuple[int, int], bytes] = OrderedDict()
-        self.cache_size = cache_size
+        #: ``get(user, n)``: the body, built once and then served from a bounded LRU cache
+        self.get: Callable[[int, int], bytes] = functools.lru_cache(maxsize=cache_size)(self.build)
         self._frags = [orjson.dumps({"item_id": i}) for i in pool.items] if mode == "gateway" else []
         self._orders: dict[int, np.ndarray] = {}
         self._items_np = ({k: np.asarray(v) for k, v in pool.encoded_items.items()}
@@ -188,18 +189,6 @@ class Bodies:
             rng = np.random.default_rng((self.seed, user))
             o = self._orders[user] = rng.choice(len(self.pool.items), self.max_candidates, replace=False)
         return o
-
-    def get(self, user: int, n: int) -> bytes:
-        key = (user, n)
-        body = self.cache.get(key)
-        if body is not None:
-            self.cache.move_to_end(key)
-            return body
-        body = self.build(user, n)
-        self.cache[key] = body
-        if len(self.cache) > self.cache_size:
-            self.cache.popitem(last=False)
-        return body
 
     def build(self, user: int, n: int) -> bytes:
         self.built += 1
