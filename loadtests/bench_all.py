@@ -77,7 +77,7 @@ def ort_throughput(sess: Any, full: dict[str, np.ndarray], user_names: set[str],
                    threads: int, seconds: float) -> dict[str, float]:
     """Raw ORT candidates/s with ``threads`` Python threads sharing one session (the gateway's
     setup), requests sized by ``dist`` (candidate-side inputs sliced from ``full``)."""
-    from .harness import run_threads
+    from concurrent.futures import ThreadPoolExecutor
 
     stop = time.monotonic() + seconds
     counts = [[0, 0] for _ in range(threads)]
@@ -90,7 +90,10 @@ def ort_throughput(sess: Any, full: dict[str, np.ndarray], user_names: set[str],
             counts[k][0] += 1
             counts[k][1] += n
 
-    wall = run_threads(work, threads)
+    t0 = time.monotonic()
+    with ThreadPoolExecutor(threads) as pool:
+        list(pool.map(work, range(threads)))
+    wall = time.monotonic() - t0
     return {"rps": sum(c[0] for c in counts) / wall, "candidates_per_s": sum(c[1] for c in counts) / wall}
 
 

@@ -1,7 +1,7 @@
-"""The Locust steps of ``ctrserve bench all`` (6 and 7) and the figures that combine steps: the
-saturation search, the soak at half its rate with the queueing bound of ideal servers on the
-soak's own send times, the eager FastAPI baseline under the same load, the plots, the verdicts
-on the targets and the notes."""
+"""The Locust steps of ``ctrserve bench all`` and the figures that combine steps: the saturation
+search, the soak at half its rate with the queueing bound of ideal servers on the soak's own send
+times, the eager FastAPI baseline under the same load, the plots, the verdicts on the targets and
+the notes."""
 
 from __future__ import annotations
 
@@ -45,12 +45,7 @@ def ladder(steps: tuple[int, ...]) -> list[int]:
 
 
 class LoadSteps:
-    """Steps 6 and 7 of ``ServingRun`` (bench_all.py), whose state they share."""
-
-    plan: Any
-    opts: Any
-    fig: Any
-    notes: list[str]
+    """The Locust steps of ``ServingRun`` (bench_all.py), whose state they share."""
 
     def _measure(self, name: str, users: int, seconds: float, **kw: Any) -> LoadResult:
         host = kw.pop("host", self.gw.url)
@@ -135,13 +130,13 @@ class LoadSteps:
                           f"servers {ideal[2][0]:.2f}/{ideal[2][1]:.2f} ms (ratio {ideal[2][1] / ideal[2][0]:.2f}).")
 
     def load_gateway(self) -> None:
-        """Step 6: saturation, then the soak at half of it; then the gateway stops."""
+        """Saturation, then the soak at half of it; then the gateway stops."""
         self.saturation_search()
         self.soak()
         self.launcher.stop(self.gw.child)
 
     def baseline(self) -> None:
-        """Step 7: the eager FastAPI baseline under the knee's load, same traffic."""
+        """The eager FastAPI baseline under the knee's load, same traffic."""
         users = int(self.sat["users"])
         server, host = start_baseline(self.launcher, self.run_dir)
         self._measure("baseline-warmup", users, self.plan.warmup_s, host=host, mode="baseline", skip_s=0)

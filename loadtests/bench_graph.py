@@ -116,19 +116,16 @@ def graph_cmd(
                                               "default: export the benchmark run with the current code)")] = None,
     compare: Annotated[list[Path] | None, typer.Option(help="other ONNX file(s) of the same model, timed "
                                                        "interleaved with the first (repeat)")] = None,
-    candidates: Annotated[int, typer.Option(help="candidates per request")] = 100,
-    rounds: Annotated[int, typer.Option(help="interleaved rounds")] = 6,
-    per_round: Annotated[int, typer.Option(help="calls per graph per round")] = 200,
-    profile_runs: Annotated[int, typer.Option(help="runs under ORT's profiler")] = 50,
+    candidates: Annotated[int, typer.Option(min=1, help="candidates per request")] = 100,
+    rounds: Annotated[int, typer.Option(min=1, help="interleaved rounds")] = 6,
+    per_round: Annotated[int, typer.Option(min=1, help="calls per graph per round")] = 200,
+    profile_runs: Annotated[int, typer.Option(min=1, help="runs under ORT's profiler")] = 50,
     run_dir: Annotated[Path | None, typer.Option("--run", help="run directory (default: the benchmark run)")] = None,
 ) -> None:
     """Op counts, FLOPs, ORT p50 and GFLOP/s over the fp32 matmul peak of the benchmark model's graph."""
     from rich.console import Console
 
     console = Console()
-    if candidates < 1 or rounds < 1 or per_round < 1 or profile_runs < 1:
-        console.print("[red]error:[/] --candidates, --rounds, --per-round and --profile-runs must be >= 1")
-        raise typer.Exit(2)
     with failing_as_exit(console):
         out = run(onnx, compare, candidates, rounds, per_round, profile_runs, run_dir, log=console_log(console))
     print_table(console, f"B={out['candidates']}, 1 ORT thread; fp32 matmul peak {out['peak_gflops']:.1f} GFLOP/s",

@@ -11,7 +11,6 @@ import inspect
 import os
 import platform
 import sys
-import threading
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager, suppress
@@ -136,17 +135,6 @@ def interleave(variants: Mapping[str, Callable[[int], object]], rounds: int, per
                alternate: bool = False, warmup: int = 0) -> dict[str, list[float]]:
     """``interleave_async`` for plain functions, from code outside an event loop."""
     return asyncio.run(interleave_async(variants, rounds, per_round, alternate, warmup))
-
-
-def run_threads(work: Callable[[int], None], n: int) -> float:
-    """Run ``work(k)`` for k = 0..n-1 on n threads at once; the wall-clock seconds until all return."""
-    t0 = time.monotonic()
-    pool = [threading.Thread(target=work, args=(k,)) for k in range(n)]
-    for t in pool:
-        t.start()
-    for t in pool:
-        t.join()
-    return time.monotonic() - t0
 
 
 def ort_options(threads: int = 1, optimize: bool = True, spinning: bool = True) -> Any:

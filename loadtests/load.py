@@ -45,7 +45,7 @@ def _cpu_seconds(proc: Any) -> float:
 
 def measure(launcher: Launcher, host: str, name: str, pool_file: Path, users: int, duration_s: float,
             candidates: str, mode: str = "gateway", target_rps: float = 0.0, server_pid: int | None = None,
-            skip_s: float = 2.0, seed: int = 0) -> LoadResult:
+            skip_s: float = 2.0) -> LoadResult:
     """Locust headless against ``host`` for ``duration_s`` (bounded: duration + 60 s), its files in
     ``launcher.workdir / name``; the summary drops the first ``skip_s`` seconds (spawning)."""
     import psutil
@@ -57,8 +57,7 @@ def measure(launcher: Launcher, host: str, name: str, pool_file: Path, users: in
     cmd = [sys.executable, "-m", "locust", "-f", str(LOCUSTFILE), "--headless", "-u", str(users), "-r", str(users),
            "-t", f"{max(1, round(duration_s))}s", "--host", host, "--csv", str(prefix), "--csv-full-history",
            "--only-summary", "--loglevel", "WARNING", "--stop-timeout", "10", "--pool", str(pool_file),
-           "--candidates", candidates, "--mode", mode, "--target-rps", str(target_rps), "--traffic-seed", str(seed),
-           "--samples-out", str(samples)]
+           "--candidates", candidates, "--mode", mode, "--target-rps", str(target_rps), "--samples-out", str(samples)]
     server = psutil.Process(server_pid) if server_pid is not None else None
     server_before = _cpu_seconds(server) if server else 0.0
     psutil.cpu_percent(None)

@@ -151,10 +151,6 @@ class Pool:
             pool = cls(**doc)
         except (ValueError, TypeError) as exc:
             raise TrafficError(f"pool file {p} is not a valid pool: {exc}") from None
-        if not pool.users or not pool.items:
-            raise TrafficError(f"pool file {p} has no users or no items")
-        if len(pool.contexts) != len(pool.users):
-            raise TrafficError(f"pool file {p}: {len(pool.contexts)} contexts for {len(pool.users)} users")
         return pool
 
 
