@@ -68,7 +68,6 @@ class Options:
     model: str = "mgdin"
     candidates: str = "fixed:100"
     gateway: GatewaySetup = field(default_factory=GatewaySetup)
-    pool_users: int = 1000
     with_triton: bool = True
     record: bool = True
 
@@ -168,7 +167,7 @@ class ServingRun(LoadSteps):
         version_dir = ensure_export(self.run_dir, self.repo, self.opts.model)
         self.model_file = version_dir / "model.onnx"
         self.redis_url = start_redis(self.launcher, timeout=15).url
-        self.pool = build_pool(self.run_dir, version_dir, self.redis_url, self.opts.pool_users, baseline=True)
+        self.pool = build_pool(self.run_dir, version_dir, self.redis_url, baseline=True)
         self.pool_file = self.work / "pool.json"
         self.pool.save(self.pool_file)
         max_b = max(1000, self.dist.max)

@@ -83,9 +83,6 @@ def run(onnx_file: Path | None = None, compare: list[Path] | None = None, candid
         manifest = Manifest.load(onnx_file.parent)
     feed = build_requests(manifest, prepared_of(run_dir), [candidates])[candidates]
     paths = {"current": onnx_file, **{f"compare:{p}": Path(p) for p in compare or []}}
-    missing = [str(p) for p in paths.values() if not p.exists()]
-    if missing:
-        raise FileNotFoundError(f"no such ONNX file(s): {missing}")
 
     log("[bench graph] op counts, FLOPs")
     graphs = {}
@@ -112,10 +109,11 @@ def run(onnx_file: Path | None = None, compare: list[Path] | None = None, candid
 
 
 def graph_cmd(
-    onnx: Annotated[Path | None, typer.Option(help="ONNX file to measure (its directory must hold the manifest; "
-                                              "default: export the benchmark run with the current code)")] = None,
-    compare: Annotated[list[Path] | None, typer.Option(help="other ONNX file(s) of the same model, timed "
-                                                       "interleaved with the first (repeat)")] = None,
+    onnx: Annotated[Path | None, typer.Option(exists=True, dir_okay=False, help="ONNX file to measure (its directory "
+                                              "must hold the manifest; default: export the benchmark run with the "
+                                              "current code)")] = None,
+    compare: Annotated[list[Path] | None, typer.Option(exists=True, dir_okay=False, help="other ONNX file(s) of the "
+                                                       "same model, timed interleaved with the first (repeat)")] = None,
     candidates: Annotated[int, typer.Option(min=1, help="candidates per request")] = 100,
     rounds: Annotated[int, typer.Option(min=1, help="interleaved rounds")] = 6,
     per_round: Annotated[int, typer.Option(min=1, help="calls per graph per round")] = 200,

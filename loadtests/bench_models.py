@@ -1,12 +1,10 @@
 """``ctrserve bench models``: per-request latency of one exported model by runtime and batch size.
 
 One request = one user (batch-1 user tensors incl. the behaviour sequence) and B candidates
-(B = 1, 100, 1000; test-split rows, or the requests ``bench all`` assembles). Runtimes, each on one
-compute thread: ``eager`` (PyTorch eval, the serving wrapper, export/runtimes.py), ``torchscript``
-(the frozen export, warmed up), ``ort`` (ONNX Runtime in-process, as the gateway's embedded
-backend), ``triton_grpc`` / ``triton_http`` (the same ONNX file through the local tritonserver's
-Python backend). The Triton hop: ``triton_hop_ms_batchB`` (gRPC p50 - ORT p50) and
-``triton_hop_ratio_bB``. Variants run interleaved in rounds so machine noise hits them alike.
+(B = 1, 100, 1000; test-split rows, or the requests ``bench all`` assembles). The runtimes (``WHAT``;
+eager through export/runtimes.py, Triton the local tritonserver's Python backend on the same ONNX
+file) run on one compute thread each, interleaved in rounds so machine noise hits them alike; the
+Triton hop is Triton gRPC's p50 over (and minus) in-process ONNX Runtime's.
 """
 
 from __future__ import annotations
@@ -23,23 +21,13 @@ import typer
 from ctrserve.launch import Launcher
 
 from .harness import Figures, failing_as_exit, interleave, latency_stats, machine_facts, print_table
-from .workload import build_requests, prepared_of
+from .workload import build_requests, ensure_run, prepared_of
 
 SECTION = "models"
 Runner = Callable[[dict[str, np.ndarray]], np.ndarray]
 WHAT = {"eager": "PyTorch eager (eval, no_grad)", "torchscript": "TorchScript (traced, frozen)",
         "ort": "ONNX Runtime in-process", "triton_grpc": "local Triton over gRPC (Python backend + ORT)",
         "triton_http": "local Triton over HTTP"}
-
-
-def default_run() -> Path:
-    """The newest synthetic-dataset DNN run (a sequence model the size served here)."""
-    from ctrserve.paths import settings
-
-    runs = sorted((settings().runs_dir / "synthetic" / "dnn").glob("*/model.pt"), key=lambda p: p.stat().st_mtime)
-    if not runs:
-        raise RuntimeError("no run found: train one (`ctrserve train --model dnn --dataset synthetic`) or pass --run")
-    return runs[-1].parent
 
 
 def _triton_runners(server: Any, manifest: Any, name: str, closing: contextlib.ExitStack) -> dict[str, Runner]:
@@ -124,7 +112,7 @@ def run_bench(run_dir: Path | None = None, batches: list[int] | None = None, rou
     from ctrserve.export.runtimes import torch_facts
 
     batches = sorted(requests) if requests else (batches or [1, 100, 1000])
-    run_dir = Path(run_dir) if run_dir else default_run()
+    run_dir = Path(run_dir) if run_dir else ensure_run()
     source = "the given requests" if requests else "test-split rows"
     with runtimes(run_dir, threads, parity_rows) as (runners, onnx_m):
         requests = requests or build_requests(onnx_m, prepared_of(run_dir), batches)
@@ -157,7 +145,7 @@ def run_bench(run_dir: Path | None = None, batches: list[int] | None = None, rou
 
 
 def models_cmd(
-    run: Annotated[Path | None, typer.Option(help="run directory (default: newest synthetic dnn run)")] = None,
+    run: Annotated[Path | None, typer.Option(help="run directory (default: the benchmark run)")] = None,
     batch: Annotated[list[int] | None, typer.Option(help="candidates per request (repeat)")] = None,
     rounds: Annotated[int, typer.Option(help="interleaved measuring rounds")] = 3,
     per_round: Annotated[int, typer.Option(help="requests per runtime, batch size and round")] = 100,

@@ -13,8 +13,6 @@ from .bench_store import store_cmd
 
 bench_app = typer.Typer(help="Benchmarks (figures go to docs/benchmarks.json and docs/benchmarks.md).",
                         no_args_is_help=True)
-bench_app.command("store")(store_cmd)
-bench_app.command("models")(models_cmd)
-bench_app.command("load")(load_cmd)
-bench_app.command("all")(all_cmd)
-bench_app.command("graph")(graph_cmd)
+for name, command in {"store": store_cmd, "models": models_cmd, "load": load_cmd, "all": all_cmd,
+                      "graph": graph_cmd}.items():
+    bench_app.command(name)(command)

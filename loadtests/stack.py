@@ -15,15 +15,6 @@ from ctrserve.launch import Child, GatewayServer, Launcher, start_gateway, wait_
 from ctrserve.net import free_port, http_get
 
 
-def check_execution(execution: str) -> None:
-    """Raise ``ValueError`` unless ``execution`` is one the gateway knows (its settings' own list)."""
-    from ctrserve.service.settings import BackendSettings
-
-    executions = get_args(BackendSettings.model_fields["execution"].annotation)
-    if execution not in executions:
-        raise ValueError(f"execution must be one of {', '.join(executions)}, got {execution!r}")
-
-
 @dataclass(frozen=True)
 class GatewaySetup:
     """How the benchmarked gateway runs (checked when made, before anything starts): worker
@@ -35,7 +26,11 @@ class GatewaySetup:
     execution: str = "auto"
 
     def __post_init__(self) -> None:
-        check_execution(self.execution)
+        from ctrserve.service.settings import BackendSettings
+
+        executions = get_args(BackendSettings.model_fields["execution"].annotation)  # the gateway's own list
+        if self.execution not in executions:
+            raise ValueError(f"execution must be one of {', '.join(executions)}, got {self.execution!r}")
 
     def describe(self) -> str:
         pool = "" if self.execution == "inline" else f", {self.pool_threads} inference threads"
@@ -56,8 +51,10 @@ def start_baseline(launcher: Launcher, run_dir: Path) -> tuple[Child, str]:
     """The eager FastAPI baseline on ``run_dir``, ready: (its child, its URL)."""
     port = free_port()
     url = f"http://127.0.0.1:{port}"
-    child = launcher.spawn("baseline", [sys.executable, "-m", "ctrserve.loadtests.eager_baseline", "--run",
-                                        str(run_dir), "--port", str(port)])
+    child = launcher.spawn("baseline", [sys.executable, "-m", "uvicorn", "--factory", "--host", "127.0.0.1", "--port",
+                                        str(port), "--log-level", "warning", "--no-access-log",
+                                        "ctrserve.loadtests.eager_baseline:app_from_env"],
+                           env={"CTRSERVE_BASELINE_RUN": str(run_dir)})
     wait_ready(child, lambda: http_get(url + "/healthz")[0] == 200, 180, "the eager baseline", interval=0.2)
     return child, url
 

@@ -58,8 +58,7 @@ def summarize(t: np.ndarray, ms: np.ndarray, candidates: np.ndarray, ok: np.ndar
         raise ValueError(f"no requests after skipping the first {skip_s:g} s")
     # n completions span n-1 inter-arrival gaps; with one sample the rate is undefined
     duration = float(t.max() - t.min())
-    rate_n = n - 1
-    rps = rate_n / duration if duration > 0 else math.nan
+    rps = (n - 1) / duration if duration > 0 else math.nan
     p50, p95, p99 = percentiles(ms)
     errors = int((~ok).sum())
     return Summary(requests=n, errors=errors, error_rate=errors / n, p50_ms=p50, p95_ms=p95, p99_ms=p99,

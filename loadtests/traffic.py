@@ -147,11 +147,9 @@ class Pool:
         if not p.is_file():
             raise TrafficError(f"pool file {p} not found (the runner writes it; see `ctrserve bench load --help`)")
         try:
-            doc = json.loads(p.read_bytes())
-            pool = cls(**doc)
+            return cls(**json.loads(p.read_bytes()))
         except (ValueError, TypeError) as exc:
             raise TrafficError(f"pool file {p} is not a valid pool: {exc}") from None
-        return pool
 
 
 class Bodies:
@@ -174,20 +172,16 @@ class Bodies:
         #: ``get(user, n)``: the body, built once and then served from a bounded LRU cache
         self.get: Callable[[int, int], bytes] = functools.lru_cache(maxsize=cache_size)(self.build)
         self._frags = [orjson.dumps({"item_id": i}) for i in pool.items] if mode == "gateway" else []
-        self._orders: dict[int, np.ndarray] = {}
+        #: ``order(user)``: the user's fixed candidate order, drawn once
+        self.order: Callable[[int], np.ndarray] = functools.cache(self._order)
         self._items_np = ({k: np.asarray(v) for k, v in pool.encoded_items.items()}
                           if mode == "baseline" and pool.encoded_items else {})
-        self.built = 0
 
-    def order(self, user: int) -> np.ndarray:
-        o = self._orders.get(user)
-        if o is None:
-            rng = np.random.default_rng((self.seed, user))
-            o = self._orders[user] = rng.choice(len(self.pool.items), self.max_candidates, replace=False)
-        return o
+    def _order(self, user: int) -> np.ndarray:
+        rng = np.random.default_rng((self.seed, user))
+        return rng.choice(len(self.pool.items), self.max_candidates, replace=False)
 
     def build(self, user: int, n: int) -> bytes:
-        self.built += 1
         idx = self.order(user)[:n]
         if self.mode == "gateway":
             head = orjson.dumps({"user_id": self.pool.users[user], "context": self.pool.contexts[user]})[:-1]
