@@ -2,10 +2,9 @@
 cheap enough to run after every graph change (``bench all`` reports the same ratio among others).
 
 The benchmark run exported with the current code (or ``--onnx FILE``): op counts of the graph and
-of ONNX Runtime's optimised graph, FLOPs of one request, the fp32 matmul peak, ORT's p50 (sessions
-as the gateway's backend, ``harness.ort_session``) and GFLOP/s over the peak; ``--compare FILE``
-times other exports of the same model interleaved with it; ORT's per-operator profile of the first
-graph. Nothing is recorded in docs/: the figures of record come from ``bench all``.
+of ONNX Runtime's optimised graph, FLOPs of one request, ORT's p50 (as the gateway's backend runs
+it) over the fp32 matmul peak, ORT's per-operator profile; ``--compare FILE`` times other exports
+of the same model interleaved with it. Nothing is recorded: the figures of record are bench all's.
 """
 
 from __future__ import annotations

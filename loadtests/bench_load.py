@@ -8,6 +8,7 @@ candidates/s, errors, CPU of Locust and the gateway) and a plot. Every child is 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import time
 from dataclasses import asdict
@@ -60,7 +61,8 @@ def run(run_dir: Path | None = None, model: str = "mgdin", users: int = 8, durat
     run_dir = Path(run_dir) if run_dir else ensure_run(model)
     repo = bench_dir() / "model_repository"
     version_dir = ensure_export(run_dir, repo, model)
-    with Launcher(out_dir) as launcher:
+    # the server's own stop (which also removes its scratch files) before the launcher's
+    with Launcher(out_dir) as launcher, contextlib.ExitStack() as servers:
         redis_url = start_redis(launcher, timeout=15).url
         pool_file = out_dir / "pool.json"
         build_pool(run_dir, version_dir, redis_url, pool_users).save(pool_file)
@@ -68,8 +70,8 @@ def run(run_dir: Path | None = None, model: str = "mgdin", users: int = 8, durat
         if backend == "triton":
             from ctrserve.export import triton_local
 
-            triton_url = triton_local.start(repo, models=[model], log_path=out_dir / "tritonserver.log",
-                                            launcher=launcher).grpc_url
+            triton_url = servers.enter_context(triton_local.start(
+                repo, models=[model], log_path=out_dir / "tritonserver.log", launcher=launcher)).grpc_url
         gw = gateway.start(launcher, repo, redis_url, triton_url)
         if warmup_s > 0:
             measure(launcher, gw.url, "warmup", pool_file, users, warmup_s, candidates, skip_s=0)

@@ -1,8 +1,5 @@
-"""Summary math of the load tests: percentiles, rates, saturation, the queueing bound of
-ideal servers, Prometheus histogram deltas.
-
-Pure functions over numpy arrays and text, unit-tested in tests/loadtests/test_stats.py.
-"""
+"""Summary math of the load tests (pure functions over numpy arrays and text): percentiles,
+rates, saturation, the queueing bound of ideal servers, Prometheus histogram deltas."""
 
 from __future__ import annotations
 
