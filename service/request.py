@@ -69,11 +69,12 @@ class ScoreRequest(BaseModel):
     model: ModelSpec | None = Field(
         None, description="Bypass the A/B split: `name` (newest served version) or `name:version`.")
 
-    @property
+    # computed once per request (the validation, the checks and the assembly each read them)
+    @functools.cached_property
     def item_ids(self) -> list[str]:
         return [c["item_id"] for c in self.candidates]
 
-    @property
+    @functools.cached_property
     def candidate_features(self) -> list[dict[str, Any] | None]:
         return [c.get("features") for c in self.candidates]
 
@@ -150,8 +151,7 @@ def check_limits(request: ScoreRequest, api: ApiSettings) -> None:
     if request.context and len(request.context) > api.max_feature_keys:
         raise GatewayError(422, "too_many_features", f"context has {len(request.context)} keys; at most "
                                                      f"{api.max_feature_keys}")
-    for i, c in enumerate(request.candidates):
-        f = c.get("features")
+    for i, f in enumerate(request.candidate_features):
         if f and len(f) > api.max_feature_keys:
             raise GatewayError(422, "too_many_features", f"candidates[{i}].features has {len(f)} keys; "
                                                          f"at most {api.max_feature_keys}")

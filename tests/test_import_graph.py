@@ -6,6 +6,7 @@ module, function-level ones included), not by convention:
   contract and the feature store; never ``ctrserve.models`` or ``ctrserve.export``;
 - none of them reaches torch or pandas, however indirectly (the serving image has neither);
 - only ``models/``, ``export/`` and the command line import torch themselves.
+- only ``models/``, ``export/`` and the command line import torch themselves.
 
 Besides these packages, the online path may use the torch-free top-level helpers in ``LEAVES``.
 """
@@ -112,6 +113,15 @@ def test_online_path_imports_only_the_contract(package: str, allowed: set[str]) 
     assert not stray, f"{package} reaches {stray}"
     assert not external & OFFLINE_ONLY, f"{package} reaches {sorted(external & OFFLINE_ONLY)}"
     assert _package(package), f"no modules found for {package}"
+
+
+def test_only_the_offline_path_and_the_cli_import_torch() -> None:
+    """The benchmarks and the online path reach the models through ``ctrserve.export`` (e.g.
+    ``export.runtimes``), never by importing torch themselves."""
+    cli = {"ctrserve.cli", "ctrserve.demo"}
+    direct = sorted(m for m in MODULES if "torch" in {t.split(".")[0] for t in _imports(m)}
+                    and not m.startswith(("ctrserve.models", "ctrserve.export")) and m not in cli)
+    assert not direct, f"modules outside models/, export/ and the command line import torch: {direct}"
 
 
 def test_the_checker_sees_a_forbidden_import(tmp_path: Path) -> None:

@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
+MAX_FILE_LINES, MAX_FUNCTION_LINES = 450, 80
 PACKAGE_DIRS = {"ctrserve": "ctrserve", "ctrserve.models": "models", "ctrserve.service": "service",
                 "ctrserve.export": "export", "ctrserve.feature_store": "feature_store",
                 "ctrserve.loadtests": "loadtests"}
@@ -43,3 +44,27 @@ def test_cli_starts_without_torch() -> None:
     """The serving image has no torch: importing the CLI must not import it."""
     code = "import sys, ctrserve.cli; assert 'torch' not in sys.modules, 'torch imported by the CLI'"
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def _sources() -> list[Path]:
+    return sorted(p for folder in PACKAGE_DIRS.values() for p in (ROOT / folder).rglob("*.py"))
+
+
+def test_modules_and_functions_stay_short() -> None:
+    """No module over 450 lines and no function over 80 outside tests (readable units)."""
+    import ast
+
+    long_files, long_functions = [], []
+    for path in _sources():
+        text = path.read_text()
+        rel = path.relative_to(ROOT)
+        if text.count("\n") > MAX_FILE_LINES:
+            long_files.append(f"{rel} ({text.count(chr(10))} lines)")
+        for node in ast.walk(ast.parse(text)):
+            if isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef):
+                n = node.end_lineno - node.lineno + 1
+                if n > MAX_FUNCTION_LINES:
+                    long_functions.append(f"{rel}:{node.lineno} {node.name} ({n} lines)")
+    assert not long_files, f"modules over {MAX_FILE_LINES} lines: {long_files}"
+    assert not long_functions, f"functions over {MAX_FUNCTION_LINES} lines: {long_functions}"
+
