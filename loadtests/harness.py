@@ -1,7 +1,7 @@
 """What every benchmark shares: a table of figures, steps that log and time themselves, the
-machine facts, percentiles, the interleaved timing loop, raw ONNX Runtime set up as the
-gateway's backend runs it, and how the commands report errors and print tables. The benchmark modules import
-from here, never from each other's private helpers."""
+machine facts, percentiles, the interleaved timing loop, raw ONNX Runtime set up as the gateway's
+backend runs it, and how the commands report errors and print tables. The benchmark modules
+import from here, never from each other's private helpers."""
 
 from __future__ import annotations
 
