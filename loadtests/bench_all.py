@@ -1,16 +1,11 @@
 """``ctrserve bench all``: every serving figure in one run, so the ratios compare like with like.
 
-Steps, in one process (machine facts incl. the load average at start go into every section):
-1. ``bench store`` -> section ``store``; 2. the benchmark model (tiny MGDIN, synthetic, L = 600)
-exported to ONNX, a private Redis bulk-loaded with its dataset, a traffic pool and ONE fixed
-request (the most active user, B candidates) assembled by the gateway's own code from the store;
-3. ``bench models`` on those inputs -> section ``models``; 4. FLOPs of the 100-candidate request,
-fp32 matmul peak, ORT per-operator profile, raw ORT throughput; 5. the gateway (subprocess):
-sequential requests interleaved with raw ORT on the same inputs, per-layer cost from /metrics;
-6. Locust: users stepped up to saturation, a soak at half that rate; 7. the eager FastAPI
-baseline under the same load (bench_all_load.py) -> section ``serving``, plots in docs/img/
-(``--no-record``: nothing written to docs/, the plots go beside the raw files).
-Each step is a method of ``ServingRun`` adding (name, value, meaning) rows to one ``Figures``.
+One process runs the steps listed in ``ServingRun.run`` (the Locust ones are in bench_all_load.py),
+each adding (name, value, meaning) rows to one ``Figures``, on the benchmark model (tiny MGDIN,
+synthetic, L = 600) and one fixed request (the most active pool user, B candidates) assembled by
+the gateway's own code from the store. ``bench store`` and ``bench models`` record their sections
+from here; this run records ``serving`` and its plots in docs/img/ (``--no-record``: nothing is
+written to docs/, the plots go beside the raw files). Machine facts go into every section.
 """
 
 from __future__ import annotations
@@ -19,7 +14,7 @@ import asyncio
 import math
 import os
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from importlib.metadata import version
 from pathlib import Path
 from typing import Annotated, Any
@@ -27,11 +22,14 @@ from typing import Annotated, Any
 import numpy as np
 import typer
 
+from ctrserve.launch import Launcher, start_redis
+
 from .bench_all_load import LoadSteps
-from .harness import Figures, Log, console_log, machine_facts, ort_session, p50, run_steps
+from .harness import Figures, Log, console_log, failing_as_exit, machine_facts, ort_session, p50, run_steps
+from .stack import GatewaySetup
 from .stats import percentiles, stage_breakdown
 from .traffic import Bodies, CandidateDist
-from .workload import assemble_request, bench_dir, build_pool, check_execution, ensure_export, ensure_run, prepared_of
+from .workload import assemble_request, bench_dir, build_pool, ensure_export, ensure_run, prepared_of
 
 SECTION = "serving"
 BATCHES = [1, 100, 1000]
@@ -69,10 +67,7 @@ class Options:
 
     model: str = "mgdin"
     candidates: str = "fixed:100"
-    workers: int = 1
-    pool_threads: int = 2
-    pool_users: int = 1000
-    execution: str = "auto"
+    gateway: GatewaySetup = field(default_factory=GatewaySetup)
     with_triton: bool = True
     record: bool = True
 
@@ -81,7 +76,7 @@ def ort_throughput(sess: Any, full: dict[str, np.ndarray], user_names: set[str],
                    threads: int, seconds: float) -> dict[str, float]:
     """Raw ORT candidates/s with ``threads`` Python threads sharing one session (the gateway's
     setup), requests sized by ``dist`` (candidate-side inputs sliced from ``full``)."""
-    from .harness import run_threads
+    from concurrent.futures import ThreadPoolExecutor
 
     stop = time.monotonic() + seconds
     counts = [[0, 0] for _ in range(threads)]
@@ -94,13 +89,17 @@ def ort_throughput(sess: Any, full: dict[str, np.ndarray], user_names: set[str],
             counts[k][0] += 1
             counts[k][1] += n
 
-    wall = run_threads(work, threads)
+    t0 = time.monotonic()
+    with ThreadPoolExecutor(threads) as pool:
+        list(pool.map(work, range(threads)))
+    wall = time.monotonic() - t0
     return {"rps": sum(c[0] for c in counts) / wall, "candidates_per_s": sum(c[1] for c in counts) / wall}
 
 
 def gateway_metrics(port: int) -> dict:
     """The gateway's /metrics, parsed."""
-    from .stack import http_get
+    from ctrserve.net import http_get
+
     from .stats import parse_prometheus
 
     status, text = http_get(f"http://127.0.0.1:{port}/metrics", timeout=10)
@@ -167,8 +166,8 @@ class ServingRun(LoadSteps):
         self.repo = bench_dir() / "model_repository"
         version_dir = ensure_export(self.run_dir, self.repo, self.opts.model)
         self.model_file = version_dir / "model.onnx"
-        self.redis_url = self.stack.redis()
-        self.pool = build_pool(self.run_dir, version_dir, self.redis_url, self.opts.pool_users, baseline=True)
+        self.redis_url = start_redis(self.launcher, timeout=15).url
+        self.pool = build_pool(self.run_dir, version_dir, self.redis_url, baseline=True)
         self.pool_file = self.work / "pool.json"
         self.pool.save(self.pool_file)
         max_b = max(1000, self.dist.max)
@@ -233,8 +232,8 @@ class ServingRun(LoadSteps):
         # the best of 1 thread, the gateway's inference threads (inline: one per worker; thread: the
         # pools of all workers) and one per core: the target compares with the best raw rate on the
         # machine's cores, which the gateway uses all of (event loop, inference thread, Redis, Locust)
-        opts = self.opts
-        infer_threads = opts.workers * (1 if opts.execution == "inline" else opts.pool_threads)
+        gateway = self.opts.gateway
+        infer_threads = gateway.workers * (1 if gateway.execution == "inline" else gateway.pool_threads)
         self.sess = ort_session(self.model_file)
         self.thr_by = {k: ort_throughput(self.sess, self.full, self.user_names, self.dist, k, self.plan.throughput_s)
                        for k in sorted({1, infer_threads, self.cores})}
@@ -245,13 +244,9 @@ class ServingRun(LoadSteps):
 
     # -- 5. gateway end to end, interleaved with raw ORT ---------------------------------------
     def e2e(self) -> None:
-        from .stack import free_port
-
-        opts, fig = self.opts, self.fig
-        self.port = free_port()
-        self.gw = self.stack.gateway(self.repo, self.redis_url, self.port, opts.workers, opts.pool_threads,
-                                     execution=opts.execution)
-        e2e = e2e_interleaved(self.port, self.body100, self.sess, self.inputs[100], self.plan.e2e_rounds,
+        gateway, fig = self.opts.gateway, self.fig
+        self.gw = gateway.start(self.launcher, self.repo, self.redis_url)
+        e2e = e2e_interleaved(self.gw.port, self.body100, self.sess, self.inputs[100], self.plan.e2e_rounds,
                               self.plan.e2e_per_round)
         self.e2e_ms = e2e["e2e_ms"]
         e2e_p50, ort_p50 = p50(e2e["e2e_ms"]), p50(e2e["ort_ms"])
@@ -268,7 +263,7 @@ class ServingRun(LoadSteps):
         fig.add("e2e_minus_ort_p50_ms", round(e2e_p50 - ort_p50, 3), "what the service adds on top of the model, p50")
         for key, label in (("feature_fetch", "feature fetch (one Redis round trip + decode)"),
                            ("assembly", "assembly (feature map -> tensors)"),
-                           ("inference", f"inference (ORT, {opts.execution} execution)"), ("route", "A/B routing")):
+                           ("inference", f"inference (ORT, {gateway.execution} execution)"), ("route", "A/B routing")):
             if key in mean:
                 fig.add(f"layer_{key}_mean_ms", round(mean[key], 3), f"gateway stage mean over the e2e requests: "
                         f"{label}")
@@ -291,15 +286,12 @@ class ServingRun(LoadSteps):
     def run(self) -> dict[str, Any]:
         from ctrserve.paths import REPO_ROOT
 
-        from .stack import Stack
-
-        check_execution(self.opts.execution)  # before the model sections, not when the gateway starts
         t_start, opts = time.time(), self.opts
         self.cores = os.cpu_count() or 1
         facts = machine_facts(**self.versions())
         self.log(f"[bench all] start, load average {facts.get('load_avg_1m')}")
         self.img_dir = REPO_ROOT / "docs" / "img" if opts.record else self.work
-        with Stack(self.work) as self.stack:
+        with Launcher(self.work) as self.launcher:
             run_steps("bench all", [
                 ("feature store fetch", self.store), ("model, export, Redis, traffic pool", self.workload),
                 *([("runtimes: eager, TorchScript, ORT, Triton at B = 1, 100, 1000", self.models)]
@@ -319,14 +311,11 @@ class ServingRun(LoadSteps):
 
         from ctrserve.export.runtimes import torch_facts
 
-        opts = self.opts  # never import locust here: it monkey-patches threads (gevent)
-        torch = torch_facts()
-        pool = "" if opts.execution == "inline" else f", {opts.pool_threads} inference threads"
+        torch = torch_facts()  # never import locust here: it monkey-patches threads (gevent)
         return {"torch": torch["torch"], "onnxruntime": onnxruntime.__version__, "locust": version("locust"),
                 "fastapi": version("fastapi"), "uvicorn": version("uvicorn"),
-                "threads": f"gateway: {opts.workers} worker(s), {opts.execution} execution, ORT intra-op 1 / "
-                           f"inter-op 1{pool}; raw ORT: intra-op 1; torch: {torch['torch_threads']} (eager "
-                           "baseline: torch default)"}
+                "threads": f"{self.opts.gateway.describe()}; raw ORT: intra-op 1; torch: {torch['torch_threads']} "
+                           "(eager baseline: torch default)"}
 
 
 def all_cmd(
@@ -350,13 +339,10 @@ def all_cmd(
 
     console = Console()
     plan = Plan.quick(soak) if quick else Plan(soak_s=soak if soak is not None else 300)
-    opts = Options(model, candidates, workers, pool_threads, execution=execution,
-                   with_triton=triton, record=record)
-    try:
+    with failing_as_exit(console):
+        opts = Options(model, candidates, GatewaySetup(workers, pool_threads, execution), with_triton=triton,
+                       record=record)
         out = ServingRun(plan, opts, run_dir, console_log(console)).run()
-    except (RuntimeError, ValueError, FileNotFoundError) as exc:
-        console.print(f"[red]error:[/] {exc}")
-        raise typer.Exit(1) from None
     console.print(out["figures"])
     for line in out["notes"][:5]:
         console.print(line)

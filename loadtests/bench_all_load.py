@@ -1,7 +1,7 @@
-"""The Locust steps of ``ctrserve bench all`` (6 and 7) and the figures that combine steps: the
-saturation search, the soak at half its rate with the queueing bound of ideal servers on the
-soak's own send times, the eager FastAPI baseline under the same load, the plots, the verdicts
-on the targets and the notes."""
+"""The Locust steps of ``ctrserve bench all`` and the figures that combine steps: the saturation
+search, the soak at half its rate with the queueing bound of ideal servers on the soak's own send
+times, the eager FastAPI baseline under the same load, the plots, the verdicts on the targets and
+the notes."""
 
 from __future__ import annotations
 
@@ -13,6 +13,7 @@ import numpy as np
 
 from .harness import load_average
 from .load import LoadResult, measure, plot_run, plot_saturation
+from .stack import start_baseline
 from .stats import fifo_responses, load_samples, percentiles, saturation
 
 MAX_USERS = 64
@@ -44,23 +45,18 @@ def ladder(steps: tuple[int, ...]) -> list[int]:
 
 
 class LoadSteps:
-    """Steps 6 and 7 of ``ServingRun`` (bench_all.py), whose state they share."""
-
-    plan: Any
-    opts: Any
-    fig: Any
-    notes: list[str]
+    """The Locust steps of ``ServingRun`` (bench_all.py), whose state they share."""
 
     def _measure(self, name: str, users: int, seconds: float, **kw: Any) -> LoadResult:
-        host = kw.pop("host", f"http://127.0.0.1:{self.port}")
-        return measure(self.stack, host, name, self.pool_file, users, seconds, self.opts.candidates, **kw)
+        host = kw.pop("host", self.gw.url)
+        return measure(self.launcher, host, name, self.pool_file, users, seconds, self.opts.candidates, **kw)
 
     def saturation_search(self) -> None:
         """Closed-loop Locust users stepped up until requests/s stop growing."""
         self._measure("warmup", self.plan.steps[0], self.plan.warmup_s, skip_s=0)
         self.steps: list[dict[str, float]] = []
         for users in ladder(self.plan.steps):
-            r = self._measure(f"step-{users}", users, self.plan.step_s, server=self.gw)
+            r = self._measure(f"step-{users}", users, self.plan.step_s, server_pid=self.gw.proc.pid)
             s = r.summary
             self.steps.append({"users": users, "rps": s.rps, "candidates_per_s": s.candidates_per_s,
                                "p50_ms": s.p50_ms, "p99_ms": s.p99_ms, "error_rate": s.error_rate,
@@ -101,7 +97,7 @@ class LoadSteps:
         half_rps, users = self.sat["rps"] / 2, max(2, int(self.sat["users"]))
         self.log(f"    saturation {self.sat['rps']:.1f} req/s, knee at {self.sat['users']:.0f} users (seen: "
                  f"{self.saturated}); soak {self.plan.soak_s:g} s at {half_rps:.1f} req/s")
-        soak = self._measure("soak", users, self.plan.soak_s, target_rps=half_rps, server=self.gw)
+        soak = self._measure("soak", users, self.plan.soak_s, target_rps=half_rps, server_pid=self.gw.proc.pid)
         s, fig = soak.summary, self.fig
         fig.add("half_saturation_rps", round(s.rps, 2), f"achieved rate of the soak, paced to {half_rps:.1f} req/s "
                 f"with {users} users")
@@ -134,19 +130,18 @@ class LoadSteps:
                           f"servers {ideal[2][0]:.2f}/{ideal[2][1]:.2f} ms (ratio {ideal[2][1] / ideal[2][0]:.2f}).")
 
     def load_gateway(self) -> None:
-        """Step 6: saturation, then the soak at half of it; then the gateway stops."""
+        """Saturation, then the soak at half of it; then the gateway stops."""
         self.saturation_search()
         self.soak()
-        self.stack.stop(self.gw)
+        self.launcher.stop(self.gw.child)
 
     def baseline(self) -> None:
-        """Step 7: the eager FastAPI baseline under the knee's load, same traffic."""
-        from .stack import free_port
-
-        port, users = free_port(), int(self.sat["users"])
-        server, host = self.stack.baseline(self.run_dir, port), f"http://127.0.0.1:{port}"
+        """The eager FastAPI baseline under the knee's load, same traffic."""
+        users = int(self.sat["users"])
+        server, host = start_baseline(self.launcher, self.run_dir)
         self._measure("baseline-warmup", users, self.plan.warmup_s, host=host, mode="baseline", skip_s=0)
-        bs = self._measure("baseline", users, self.plan.baseline_s, host=host, mode="baseline", server=server).summary
+        bs = self._measure("baseline", users, self.plan.baseline_s, host=host, mode="baseline",
+                           server_pid=server.pid).summary
         self.fig.add("eager_fastapi_rps", round(bs.rps, 2), f"eager FastAPI baseline, {users} users, same traffic")
         self.fig.add("eager_fastapi_p50_ms", round(bs.p50_ms, 3), "its p50")
         self.fig.add("eager_fastapi_errors", bs.errors, "its failed requests")
@@ -175,11 +170,11 @@ class LoadSteps:
         self.notes.append(
             f"Method: one `ctrserve bench all` process; the fixed request is the most active pool user with B "
             f"candidates, its inputs assembled by the gateway's own code from the store; gateway with "
-            f"{opts.workers} worker(s); Locust closed-loop users stepped {list(plan.steps)} for {plan.step_s:g} s "
-            f"each (saturation = the step after which requests/s grew < 5 %); the soak runs at half that rate "
-            f"(paced users: each sends one request at a random moment of every period, traffic.Pacer) and gives "
-            f"both p99/p50 and soak_errors; the first 2 s of each Locust run are dropped. Plots: {shown}. Raw "
-            f"files: `{self.work}`.")
+            f"{opts.gateway.workers} worker(s); Locust closed-loop users stepped {list(plan.steps)} for "
+            f"{plan.step_s:g} s each (saturation = the step after which requests/s grew < 5 %); the soak runs at "
+            f"half that rate (paced users: each sends one request at a random moment of every period, "
+            f"traffic.Pacer) and gives both p99/p50 and soak_errors; the first 2 s of each Locust run are dropped. "
+            f"Plots: {shown}. Raw files: `{self.work}`.")
         self.notes.append(f"store_fetch_p50_ms ({self.store_out['figures']['store_fetch_p50_ms']:.3f} ms) and "
                           "triton_hop_ms_batch1 come from the `store` and `models` sections, written by this same run.")
         facts["load_avg_1m_end"] = load_average()

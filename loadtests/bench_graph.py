@@ -2,10 +2,9 @@
 cheap enough to run after every graph change (``bench all`` reports the same ratio among others).
 
 The benchmark run exported with the current code (or ``--onnx FILE``): op counts of the graph and
-of ONNX Runtime's optimised graph, FLOPs of one request, the fp32 matmul peak, ORT's p50 (sessions
-as the gateway's backend, ``harness.ort_session``) and GFLOP/s over the peak; ``--compare FILE``
-times other exports of the same model interleaved with it; ORT's per-operator profile of the first
-graph. Nothing is recorded in docs/: the figures of record come from ``bench all``.
+of ONNX Runtime's optimised graph, FLOPs of one request, ORT's p50 (as the gateway's backend runs
+it) over the fp32 matmul peak, ORT's per-operator profile; ``--compare FILE`` times other exports
+of the same model interleaved with it. Nothing is recorded: the figures of record are bench all's.
 """
 
 from __future__ import annotations
@@ -18,7 +17,7 @@ from typing import Annotated, Any
 import numpy as np
 import typer
 
-from .harness import console_log, interleave, ort_session
+from .harness import console_log, failing_as_exit, interleave, ort_options, ort_session, print_table
 from .workload import bench_dir, build_requests, ensure_run, prepared_of
 
 
@@ -34,10 +33,7 @@ def optimized_ops(path: Path) -> Counter[str]:
     import onnxruntime as ort
 
     with tempfile.TemporaryDirectory() as tmp:
-        opts = ort.SessionOptions()
-        opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        opts.intra_op_num_threads = 1
-        opts.log_severity_level = 3
+        opts = ort_options()
         opts.optimized_model_filepath = str(Path(tmp) / "optimized.onnx")
         ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
         return graph_ops(Path(opts.optimized_model_filepath))
@@ -86,9 +82,6 @@ def run(onnx_file: Path | None = None, compare: list[Path] | None = None, candid
         manifest = Manifest.load(onnx_file.parent)
     feed = build_requests(manifest, prepared_of(run_dir), [candidates])[candidates]
     paths = {"current": onnx_file, **{f"compare:{p}": Path(p) for p in compare or []}}
-    missing = [str(p) for p in paths.values() if not p.exists()]
-    if missing:
-        raise FileNotFoundError(f"no such ONNX file(s): {missing}")
 
     log("[bench graph] op counts, FLOPs")
     graphs = {}
@@ -106,52 +99,39 @@ def run(onnx_file: Path | None = None, compare: list[Path] | None = None, candid
     for label, g in graphs.items():
         g.update(lat[label])
         g["gflops"] = g["flops"] / (g["p50_ms"] / 1e3) / 1e9
-        g["gflops_over_peak"] = g["gflops"] / peak["peak_gflops"]
+        g["gflops_over_peak"] = g["gflops"] / peak
     log(f"[bench graph] ORT profile of {onnx_file} ({profile_runs} runs)")
     events = flops.ort_profile_events(onnx_file, feed, runs=profile_runs)
     profile = flops.aggregate_profile(events, profile_runs)
-    return {"run_dir": str(run_dir), "candidates": candidates, "peak_gflops": peak["peak_gflops"], "peak": peak,
-            "graphs": graphs, "profile": profile}
+    return {"run_dir": str(run_dir), "candidates": candidates, "peak_gflops": peak, "graphs": graphs,
+            "profile": profile}
 
 
 def graph_cmd(
-    onnx: Annotated[Path | None, typer.Option(help="ONNX file to measure (its directory must hold the manifest; "
-                                              "default: export the benchmark run with the current code)")] = None,
-    compare: Annotated[list[Path] | None, typer.Option(help="other ONNX file(s) of the same model, timed "
-                                                       "interleaved with the first (repeat)")] = None,
-    candidates: Annotated[int, typer.Option(help="candidates per request")] = 100,
-    rounds: Annotated[int, typer.Option(help="interleaved rounds")] = 6,
-    per_round: Annotated[int, typer.Option(help="calls per graph per round")] = 200,
-    profile_runs: Annotated[int, typer.Option(help="runs under ORT's profiler")] = 50,
+    onnx: Annotated[Path | None, typer.Option(exists=True, dir_okay=False, help="ONNX file to measure (its directory "
+                                              "must hold the manifest; default: export the benchmark run with the "
+                                              "current code)")] = None,
+    compare: Annotated[list[Path] | None, typer.Option(exists=True, dir_okay=False, help="other ONNX file(s) of the "
+                                                       "same model, timed interleaved with the first (repeat)")] = None,
+    candidates: Annotated[int, typer.Option(min=1, help="candidates per request")] = 100,
+    rounds: Annotated[int, typer.Option(min=1, help="interleaved rounds")] = 6,
+    per_round: Annotated[int, typer.Option(min=1, help="calls per graph per round")] = 200,
+    profile_runs: Annotated[int, typer.Option(min=1, help="runs under ORT's profiler")] = 50,
     run_dir: Annotated[Path | None, typer.Option("--run", help="run directory (default: the benchmark run)")] = None,
 ) -> None:
     """Op counts, FLOPs, ORT p50 and GFLOP/s over the fp32 matmul peak of the benchmark model's graph."""
     from rich.console import Console
-    from rich.table import Table
 
     console = Console()
-    if candidates < 1 or rounds < 1 or per_round < 1 or profile_runs < 1:
-        console.print("[red]error:[/] --candidates, --rounds, --per-round and --profile-runs must be >= 1")
-        raise typer.Exit(2)
-    try:
+    with failing_as_exit(console):
         out = run(onnx, compare, candidates, rounds, per_round, profile_runs, run_dir, log=console_log(console))
-    except (RuntimeError, ValueError, FileNotFoundError) as exc:
-        console.print(f"[red]error:[/] {exc}")
-        raise typer.Exit(1) from None
-    table = Table(title=f"B={out['candidates']}, 1 ORT thread; fp32 matmul peak {out['peak_gflops']:.1f} GFLOP/s")
-    for col in ("graph", "nodes", "ORT nodes", "MFLOP", "p50 ms", "round p50s", "GFLOP/s", "/ peak"):
-        table.add_column(col)
-    for label, g in out["graphs"].items():
-        table.add_row(label, str(g["nodes"]), str(g["ort_nodes"]), f"{g['flops'] / 1e6:.1f}", f"{g['p50_ms']:.3f}",
-                      " ".join(f"{x:.2f}" for x in g["round_p50_ms"]), f"{g['gflops']:.1f}",
-                      f"{g['gflops_over_peak']:.3f}")
-    console.print(table)
+    print_table(console, f"B={out['candidates']}, 1 ORT thread; fp32 matmul peak {out['peak_gflops']:.1f} GFLOP/s",
+                ("graph", "nodes", "ORT nodes", "MFLOP", "p50 ms", "round p50s", "GFLOP/s", "/ peak"),
+                ((label, str(g["nodes"]), str(g["ort_nodes"]), f"{g['flops'] / 1e6:.1f}", f"{g['p50_ms']:.3f}",
+                  " ".join(f"{x:.2f}" for x in g["round_p50_ms"]), f"{g['gflops']:.1f}", f"{g['gflops_over_peak']:.3f}")
+                 for label, g in out["graphs"].items()))
     for label, g in out["graphs"].items():
         console.print(f"{label}: graph ops {g['ops']}")
         console.print(f"{label}: ORT ops {g['ort_ops']}")
-    prof = Table(title="ORT per-op kernel time of the first graph (profiler on)")
-    for col in ("op", "ms / run", "share"):
-        prof.add_column(col)
-    for op, ms, share in out["profile"]:
-        prof.add_row(op, f"{ms:.4f}", f"{share:.1%}")
-    console.print(prof)
+    print_table(console, "ORT per-op kernel time of the first graph (profiler on)", ("op", "ms / run", "share"),
+                ((op, f"{ms:.4f}", f"{share:.1%}") for op, ms, share in out["profile"]))

@@ -11,16 +11,20 @@ from __future__ import annotations
 import contextlib
 import json
 import time
+from dataclasses import asdict
 from pathlib import Path
 from typing import Annotated, Any
 
 import typer
 
-from .harness import Figures, machine_facts
+from ctrserve.launch import Launcher, start_redis
+
+from .harness import Figures, failing_as_exit, machine_facts
 from .load import LoadResult, measure, plot_run
+from .stack import GatewaySetup
 from .stats import load_samples
 from .traffic import CandidateDist
-from .workload import bench_dir, build_pool, check_execution, ensure_export, ensure_run
+from .workload import bench_dir, build_pool, ensure_export, ensure_run
 
 SECTION = "load"
 
@@ -42,58 +46,52 @@ def load_figures(res: LoadResult, what: str) -> Figures:
 
 
 def run(run_dir: Path | None = None, model: str = "mgdin", users: int = 8, duration_s: float = 30,
-        candidates: str = "uniform:50:500", workers: int = 1, pool_threads: int = 2, intra_op_threads: int = 1,
-        backend: str = "onnxruntime", warmup_s: float = 5, pool_users: int = 1000, target_rps: float = 0.0,
-        out_dir: Path | None = None, record: bool = True, img_dir: Path | None = None,
-        execution: str = "auto") -> dict[str, Any]:
+        candidates: str = "uniform:50:500", gateway: GatewaySetup | None = None, backend: str = "onnxruntime",
+        warmup_s: float = 5, pool_users: int = 1000, target_rps: float = 0.0, out_dir: Path | None = None,
+        record: bool = True, img_dir: Path | None = None) -> dict[str, Any]:
     from ctrserve.paths import REPO_ROOT
 
-    from .stack import Stack, free_port
-
+    gateway = gateway or GatewaySetup()
     CandidateDist.parse(candidates)  # fail early on a bad spec
     if backend not in ("onnxruntime", "triton"):
         raise ValueError(f"backend must be onnxruntime or triton, got {backend!r}")
-    check_execution(execution)
     started = time.time()
-    facts = machine_facts(gateway_workers=str(workers), ort_threads=f"intra {intra_op_threads}, inter 1, pool "
-                          f"{pool_threads}", backend=backend)
+    facts = machine_facts(threads=gateway.describe(), backend=backend)
     out_dir = out_dir or bench_dir() / "load"
     run_dir = Path(run_dir) if run_dir else ensure_run(model)
     repo = bench_dir() / "model_repository"
     version_dir = ensure_export(run_dir, repo, model)
-    with Stack(out_dir) as stack, contextlib.ExitStack() as extra:
-        redis_url = stack.redis()
+    # the server's own stop (which also removes its scratch files) before the launcher's
+    with Launcher(out_dir) as launcher, contextlib.ExitStack() as servers:
+        redis_url = start_redis(launcher, timeout=15).url
         pool_file = out_dir / "pool.json"
         build_pool(run_dir, version_dir, redis_url, pool_users).save(pool_file)
         triton_url = None
         if backend == "triton":
             from ctrserve.export import triton_local
 
-            server = triton_local.start(repo, models=[model], log_path=out_dir / "tritonserver.log")
-            extra.callback(server.stop)
-            triton_url = server.grpc_url
-        port = free_port()
-        gw = stack.gateway(repo, redis_url, port, workers, pool_threads, intra_op_threads, triton_url=triton_url,
-                           execution=execution)
-        host = f"http://127.0.0.1:{port}"
+            triton_url = servers.enter_context(triton_local.start(
+                repo, models=[model], log_path=out_dir / "tritonserver.log", launcher=launcher)).grpc_url
+        gw = gateway.start(launcher, repo, redis_url, triton_url)
         if warmup_s > 0:
-            measure(stack, host, "warmup", pool_file, users, warmup_s, candidates, skip_s=0)
-        res = measure(stack, host, "run", pool_file, users, duration_s, candidates, target_rps=target_rps, server=gw)
+            measure(launcher, gw.url, "warmup", pool_file, users, warmup_s, candidates, skip_s=0)
+        res = measure(launcher, gw.url, "run", pool_file, users, duration_s, candidates, target_rps=target_rps,
+                      server_pid=gw.proc.pid)
     # --no-record leaves docs/ alone: the plot goes beside the run's other files
     img_dir = img_dir or (REPO_ROOT / "docs" / "img" if record else out_dir)
     img = plot_run(load_samples(res.samples), img_dir / "load_latency.png",
-                   f"{model}, {users} users, {candidates} candidates, {workers} worker(s), {backend}; "
+                   f"{model}, {users} users, {candidates} candidates, {gateway.workers} worker(s), {backend}; "
                    f"load avg {facts.get('load_avg_1m', '?')}")
-    out = {"summary": res.summary.as_dict(), "locust_cpu_cores": res.locust_cpu_cores,
+    out = {"summary": asdict(res.summary), "locust_cpu_cores": res.locust_cpu_cores,
            "gateway_cpu_cores": res.gateway_cpu_cores, "machine_util": res.machine_util,
            "csv": str(res.csv_prefix) + "_stats.csv", "samples": str(res.samples), "plot": str(img),
            "run_dir": str(run_dir), "seconds": time.time() - started, "users": users, "candidates": candidates,
-           "workers": workers, "backend": backend, "execution": execution, "machine": facts}
+           "gateway": gateway.describe(), "backend": backend, "machine": facts}
     (out_dir / "summary.json").write_text(json.dumps(out, indent=1, default=str))
     if record:
         what = f"{users} Locust users (closed loop{'' if not target_rps else f', paced to {target_rps:g} req/s'}), " \
                f"{candidates} candidates"
-        notes = [f"Model {model} (run `{run_dir.name}`), gateway with {workers} worker(s), backend {backend}; "
+        notes = [f"Model {model} (run `{run_dir.name}`), gateway with {gateway.workers} worker(s), backend {backend}; "
                  f"{duration_s:g} s measured after a {warmup_s:g} s warm-up run, first "
                  f"{min(2.0, duration_s / 4):g} s (spawning) excluded; users drawn Zipf(1.1) from {pool_users} "
                  "loaded users.",
@@ -125,10 +123,7 @@ def load_cmd(
     from rich.console import Console
 
     console = Console()
-    try:
-        out = run(run_dir, model, users, duration, candidates, workers, pool_threads, 1, backend, warmup,
-                  target_rps=target_rps, record=record, execution=execution)
-    except (RuntimeError, ValueError, FileNotFoundError) as exc:
-        console.print(f"[red]error:[/] {exc}")
-        raise typer.Exit(1) from None
+    with failing_as_exit(console):
+        out = run(run_dir, model, users, duration, candidates, GatewaySetup(workers, pool_threads, execution),
+                  backend, warmup, target_rps=target_rps, record=record)
     console.print(out)

@@ -1,18 +1,15 @@
 """``ctrserve bench models``: per-request latency of one exported model by runtime and batch size.
 
 One request = one user (batch-1 user tensors incl. the behaviour sequence) and B candidates
-(B = 1, 100, 1000; test-split rows, or the requests ``bench all`` assembles). Runtimes, each on one
-compute thread: ``eager`` (PyTorch eval, the serving wrapper, export/runtimes.py), ``torchscript``
-(the frozen export, warmed up), ``ort`` (ONNX Runtime in-process, as the gateway's embedded
-backend), ``triton_grpc`` / ``triton_http`` (the same ONNX file through the local tritonserver's
-Python backend). The Triton hop: ``triton_hop_ms_batchB`` (gRPC p50 - ORT p50) and
-``triton_hop_ratio_bB``. Variants run interleaved in rounds so machine noise hits them alike.
+(B = 1, 100, 1000; test-split rows, or the requests ``bench all`` assembles). The runtimes (``WHAT``;
+eager through export/runtimes.py, Triton the local tritonserver's Python backend on the same ONNX
+file) run on one compute thread each, interleaved in rounds so machine noise hits them alike; the
+Triton hop is Triton gRPC's p50 over (and minus) in-process ONNX Runtime's.
 """
 
 from __future__ import annotations
 
 import contextlib
-import shutil
 import tempfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -21,8 +18,10 @@ from typing import Annotated, Any
 import numpy as np
 import typer
 
-from .harness import Figures, interleave, latency_stats, machine_facts
-from .workload import build_requests, prepared_of
+from ctrserve.launch import Launcher
+
+from .harness import Figures, failing_as_exit, interleave, latency_stats, machine_facts, print_table
+from .workload import build_requests, ensure_run, prepared_of
 
 SECTION = "models"
 Runner = Callable[[dict[str, np.ndarray]], np.ndarray]
@@ -31,25 +30,16 @@ WHAT = {"eager": "PyTorch eager (eval, no_grad)", "torchscript": "TorchScript (t
         "triton_http": "local Triton over HTTP"}
 
 
-def default_run() -> Path:
-    """The newest synthetic-dataset DNN run (a sequence model the size served here)."""
-    from ctrserve.paths import settings
-
-    runs = sorted((settings().runs_dir / "synthetic" / "dnn").glob("*/model.pt"), key=lambda p: p.stat().st_mtime)
-    if not runs:
-        raise RuntimeError("no run found: train one (`ctrserve train --model dnn --dataset synthetic`) or pass --run")
-    return runs[-1].parent
-
-
-def _triton_runners(server: Any, manifest: Any, name: str) -> tuple[dict[str, Runner], Callable[[], None]]:
+def _triton_runners(server: Any, manifest: Any, name: str, closing: contextlib.ExitStack) -> dict[str, Runner]:
+    """Runners of model ``name`` on ``server`` over gRPC and HTTP; their clients close with ``closing``."""
     import tritonclient.grpc as tg
     import tritonclient.http as th
 
     types = {"int64": "INT64", "float32": "FP32"}
-    grpc = tg.InferenceServerClient(server.grpc_url)
-    http = th.InferenceServerClient(server.http_url.removeprefix("http://"))
 
     def make(mod: Any, client: Any) -> Runner:
+        closing.callback(client.close)
+
         def run(req: dict[str, np.ndarray]) -> np.ndarray:
             inputs = []
             for t in manifest.inputs:
@@ -59,11 +49,8 @@ def _triton_runners(server: Any, manifest: Any, name: str) -> tuple[dict[str, Ru
             return client.infer(name, inputs).as_numpy(manifest.output.name)
         return run
 
-    def close() -> None:
-        grpc.close()
-        http.close()
-
-    return {"triton_grpc": make(tg, grpc), "triton_http": make(th, http)}, close
+    return {"triton_grpc": make(tg, tg.InferenceServerClient(server.grpc_url)),
+            "triton_http": make(th, th.InferenceServerClient(server.http_url.removeprefix("http://")))}
 
 
 @contextlib.contextmanager
@@ -76,26 +63,19 @@ def runtimes(run_dir: Path, threads: int, parity_rows: int | None) -> Iterator[t
     from ctrserve.export.parity import onnx_runner, torchscript_runner
 
     torch_runtimes.set_threads(threads)
-    repo = Path(tempfile.mkdtemp(prefix="ctrserve-bench-repo-"))
     parity = {} if parity_rows is None else {"parity_rows": parity_rows}
-    server = close = None
-    try:
+    with contextlib.ExitStack() as closing:
+        repo = Path(closing.enter_context(tempfile.TemporaryDirectory(prefix="ctrserve-bench-repo-")))
+        launcher = closing.enter_context(Launcher())
         onnx_m = export_run(run_dir, "onnx", repo, name="bench", **parity).manifest
         ts_m = export_run(run_dir, "torchscript", repo, name="bench_ts", **parity).manifest
         eager = torch_runtimes.EagerModel(run_dir)
-        runners: dict[str, Runner] = {
-            "eager": eager, "torchscript": torchscript_runner(repo / "bench_ts" / "1" / ts_m.file,
-                                                              eager.user_inputs + eager.candidate_inputs),
-            "ort": onnx_runner(repo / "bench" / "1" / onnx_m.file, threads)}
-        server = triton_local.start(repo, models=["bench"])
-        triton, close = _triton_runners(server, onnx_m, "bench")
-        yield {**runners, **triton}, onnx_m
-    finally:
-        if close is not None:
-            close()
-        if server is not None:
-            server.stop()
-        shutil.rmtree(repo, ignore_errors=True)
+        server = closing.enter_context(triton_local.start(repo, models=["bench"], launcher=launcher))
+        yield {"eager": eager,
+               "torchscript": torchscript_runner(repo / "bench_ts" / "1" / ts_m.file,
+                                                 eager.user_inputs + eager.candidate_inputs),
+               "ort": onnx_runner(repo / "bench" / "1" / onnx_m.file, threads),
+               **_triton_runners(server, onnx_m, "bench", closing)}, onnx_m
 
 
 def _check_agree(runners: dict[str, Runner], requests: dict[int, dict[str, np.ndarray]]) -> None:
@@ -132,7 +112,7 @@ def run_bench(run_dir: Path | None = None, batches: list[int] | None = None, rou
     from ctrserve.export.runtimes import torch_facts
 
     batches = sorted(requests) if requests else (batches or [1, 100, 1000])
-    run_dir = Path(run_dir) if run_dir else default_run()
+    run_dir = Path(run_dir) if run_dir else ensure_run()
     source = "the given requests" if requests else "test-split rows"
     with runtimes(run_dir, threads, parity_rows) as (runners, onnx_m):
         requests = requests or build_requests(onnx_m, prepared_of(run_dir), batches)
@@ -165,7 +145,7 @@ def run_bench(run_dir: Path | None = None, batches: list[int] | None = None, rou
 
 
 def models_cmd(
-    run: Annotated[Path | None, typer.Option(help="run directory (default: newest synthetic dnn run)")] = None,
+    run: Annotated[Path | None, typer.Option(help="run directory (default: the benchmark run)")] = None,
     batch: Annotated[list[int] | None, typer.Option(help="candidates per request (repeat)")] = None,
     rounds: Annotated[int, typer.Option(help="interleaved measuring rounds")] = 3,
     per_round: Annotated[int, typer.Option(help="requests per runtime, batch size and round")] = 100,
@@ -174,19 +154,12 @@ def models_cmd(
 ) -> None:
     """Latency per request of eager / TorchScript / ONNX Runtime / local Triton at B = 1, 100, 1000."""
     from rich.console import Console
-    from rich.table import Table
 
     console = Console()
-    try:
+    with failing_as_exit(console):
         out = run_bench(run, batch, rounds, per_round, threads, record)
-    except (RuntimeError, FileNotFoundError) as exc:
-        console.print(f"[red]error:[/] {exc}")
-        raise typer.Exit(1) from None
-    table = Table(title=f"{out['model']} on {out['dataset']}: ms per request ({out['n']} requests each)")
-    for col in ("runtime", "B", "p50", "p99", "mean"):
-        table.add_column(col)
-    for key, s in out["latency_ms"].items():
-        name, b = key.rsplit("_b", 1)
-        table.add_row(name, b, f"{s['p50']:.3f}", f"{s['p99']:.3f}", f"{s['mean']:.3f}")
-    console.print(table)
+    print_table(console, f"{out['model']} on {out['dataset']}: ms per request ({out['n']} requests each)",
+                ("runtime", "B", "p50", "p99", "mean"),
+                ((*key.rsplit("_b", 1), *(f"{s[k]:.3f}" for k in ("p50", "p99", "mean")))
+                 for key, s in out["latency_ms"].items()))
     console.print({k: v for k, v in out["figures"].items() if k.startswith("triton_hop")})

@@ -11,17 +11,15 @@ non-transactional pipeline GET (sequence) + MGET (100 items), sync hiredis and
 from __future__ import annotations
 
 import asyncio
-import shutil
-import subprocess
-import tempfile
-from pathlib import Path
-from typing import Any
+from typing import Annotated, Any
 
 import numpy as np
+import typer
 
 from ctrserve.feature_store import ItemRecords, RedisStoreConfig, SequenceSchema, StoreSchema, UserRecords
+from ctrserve.launch import Launcher, start_redis
 
-from .harness import Figures, interleave_async, latency_stats, machine_facts
+from .harness import Figures, failing_as_exit, interleave_async, latency_stats, machine_facts, print_table
 
 SECTION = "store"
 
@@ -53,11 +51,6 @@ def bench_records(n_users: int, n_items: int, max_len: int, seed: int = 0) -> tu
     return users, items
 
 
-def redis_version() -> str:
-    binary = shutil.which("redis-server") or "redis-server"
-    return subprocess.run([binary, "--version"], capture_output=True, text=True).stdout.split()[2].split("=")[1]
-
-
 async def _bench(url: str, n_users: int, n_items: int, max_len: int, candidates: int, rounds: int,
                  per_round: int) -> dict[str, Any]:
     import redis
@@ -69,10 +62,9 @@ async def _bench(url: str, n_users: int, n_items: int, max_len: int, candidates:
     schema = bench_schema(max_len)
     users, items = bench_records(n_users, n_items, max_len)
     base_cfg = {"url": url, "timeout_ms": 2000, "cleanup_grace_s": 0, "pool_size": 4}
-    loader = RedisOnlineStore(schema, RedisStoreConfig(**base_cfg), "bench")
-    version = await loader.bulk_load(users, items)
-    sizes = await loader.value_sizes(users.ids[0])
-    await loader.close()
+    async with RedisOnlineStore(schema, RedisStoreConfig(**base_cfg), "bench") as loader:
+        version = await loader.bulk_load(users, items)
+        sizes = await loader.value_sizes(users.ids[0])
     plain = RedisOnlineStore(schema, RedisStoreConfig(**base_cfg, item_cache_size=0), "bench")
     cached = RedisOnlineStore(schema, RedisStoreConfig(**base_cfg, item_cache_size=100_000), "bench")
     for start in range(0, n_items, candidates):  # warm the cache with every item
@@ -88,7 +80,6 @@ async def _bench(url: str, n_users: int, n_items: int, max_len: int, candidates:
 
     sync_client = redis.Redis.from_url(url)
     async_client = aioredis.Redis.from_url(url)
-    seq_bytes = len(sync_client.get(seq_keys[0]))
     with sync_client.pipeline(transaction=False) as warm:  # connect and check the keys exist
         warm.get(seq_keys[0]).mget(item_keys[0])
         got = warm.execute()
@@ -116,12 +107,13 @@ async def _bench(url: str, n_users: int, n_items: int, max_len: int, candidates:
     hits = cached.item_cache.hits - hits_before[0]
     misses = cached.item_cache.misses - hits_before[1]
     mem = sum(sync_client.memory_usage(k) or 0 for k in (keys.user(users.ids[0]), seq_keys[0]))
+    server_version = sync_client.info("server")["redis_version"]
     sync_client.close()
     await async_client.aclose()
     await plain.close()
     await cached.close()
     return {"lat": {name: latency_stats(s) for name, s in samples.items()}, "sizes": sizes, "memory": mem,
-            "hit_rate": hits / max(1, hits + misses), "n": rounds * per_round, "seq_bytes": seq_bytes}
+            "hit_rate": hits / max(1, hits + misses), "n": rounds * per_round, "redis_version": server_version}
 
 
 def store_figures(res: dict[str, Any], max_len: int, candidates: int) -> Figures:
@@ -146,10 +138,9 @@ def store_figures(res: dict[str, Any], max_len: int, candidates: int) -> Figures
 def run(n_users: int = 1000, n_items: int = 5000, max_len: int = 600, candidates: int = 100, rounds: int = 4,
         per_round: int = 500, record: bool = True) -> dict[str, Any]:
     """Run the benchmark; with ``record`` merge the figures into docs/benchmarks.json and .md."""
-    from .stack import Stack
-
-    with tempfile.TemporaryDirectory() as tmp, Stack(Path(tmp)) as stack:
-        res = asyncio.run(_bench(stack.redis(), n_users, n_items, max_len, candidates, rounds, per_round))
+    with Launcher() as launcher:
+        url = start_redis(launcher, timeout=15).url
+        res = asyncio.run(_bench(url, n_users, n_items, max_len, candidates, rounds, per_round))
     fig = store_figures(res, max_len, candidates)
     if record:
         notes = [f"{res['n']} requests per variant in {rounds} interleaved rounds (plus one warm-up round), "
@@ -159,5 +150,26 @@ def run(n_users: int = 1000, n_items: int = 5000, max_len: int = 600, candidates
                  "redis.asyncio; the baselines above are re-measured in the same run for a fair ratio.",
                  "p99 mostly reflects other work on the shared machine (see load_avg_1m)."]
         fig.record(SECTION, "Feature store: one request's fetch", "ctrserve bench store", notes,
-                   machine_facts(redis_server=redis_version()))
+                   machine_facts(redis_server=res["redis_version"]))
     return {"figures": fig.values(), "latency_ms": res["lat"], **res}
+
+
+def store_cmd(
+    users: Annotated[int, typer.Option(help="users loaded (each with a full sequence)")] = 1000,
+    items: Annotated[int, typer.Option(help="items loaded")] = 5000,
+    max_len: Annotated[int, typer.Option(help="sequence length L")] = 600,
+    candidates: Annotated[int, typer.Option(help="candidate items per request")] = 100,
+    rounds: Annotated[int, typer.Option(help="interleaved measuring rounds")] = 4,
+    per_round: Annotated[int, typer.Option(help="requests per variant per round")] = 500,
+    record: Annotated[bool, typer.Option(help="write docs/benchmarks.json and .md")] = True,
+) -> None:
+    """p50/p99 of one request's feature fetch (user + candidates) against a private redis-server."""
+    from rich.console import Console
+
+    console = Console()
+    with failing_as_exit(console):
+        out = run(users, items, max_len, candidates, rounds, per_round, record)
+    print_table(console, f"one request: user L={max_len} + {candidates} items ({out['n']} requests per variant)",
+                ("variant", "p50 ms", "p99 ms", "mean ms"),
+                ((name, *(f"{lat[k]:.3f}" for k in ("p50", "p99", "mean"))) for name, lat in out["latency_ms"].items()))
+    console.print(out["figures"])

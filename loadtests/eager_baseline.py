@@ -5,12 +5,12 @@ input); a plain ``def`` endpoint (FastAPI's thread pool) validates the body with
 the trained model (export/runtimes.py ``EagerModel``) with torch's default threads. Measured
 under the same Locust load as the gateway (``--mode baseline``).
 
-    python -m ctrserve.loadtests.eager_baseline --run work/runs/... --port 8100
+    CTRSERVE_BASELINE_RUN=work/runs/... uvicorn --factory ctrserve.loadtests.eager_baseline:app_from_env
 """
 
 from __future__ import annotations
 
-import argparse
+import os
 from pathlib import Path
 
 import numpy as np
@@ -58,17 +58,6 @@ def create_app(run_dir: Path) -> FastAPI:
     return app
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--run", type=Path, required=True, help="run directory written by `ctrserve train`")
-    parser.add_argument("--port", type=int, default=8100)
-    args = parser.parse_args()
-    if not (args.run / "model.pt").exists():
-        parser.error(f"{args.run} is not a run directory (no model.pt)")
-    import uvicorn
-
-    uvicorn.run(create_app(args.run), host="127.0.0.1", port=args.port, log_level="warning", access_log=False)
-
-
-if __name__ == "__main__":
-    main()
+def app_from_env() -> FastAPI:
+    """The app on the run directory in ``CTRSERVE_BASELINE_RUN``, for ``uvicorn --factory``."""
+    return create_app(Path(os.environ["CTRSERVE_BASELINE_RUN"]))

@@ -23,6 +23,8 @@ from typing import Any
 
 import numpy as np
 
+from .harness import ort_options, ort_session
+
 COUNTED = ("MatMul", "Gemm", "Conv", "Einsum")
 
 
@@ -39,18 +41,6 @@ def _attr(node: Any, name: str, default: Any) -> Any:
     from onnx import helper
 
     return next((helper.get_attribute_value(a) for a in node.attribute if a.name == name), default)
-
-
-def _options(threads: int = 1, optimize: bool = True, spinning: bool = True) -> Any:
-    import onnxruntime as ort
-
-    opts = ort.SessionOptions()
-    opts.intra_op_num_threads, opts.inter_op_num_threads, opts.log_severity_level = threads, 1, 3
-    if not optimize:
-        opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-    if not spinning:
-        opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
-    return opts
 
 
 def matmul_flops(a: tuple[int, ...], b: tuple[int, ...]) -> int:
@@ -92,7 +82,6 @@ def einsum_flops(equation: str, shapes: list[tuple[int, ...]]) -> int:
 def _shapes(model: Any, nodes: list[Any], inputs: dict[str, np.ndarray]) -> dict[str, tuple[int, ...]]:
     """Shapes of the counted nodes' inputs and outputs: weights from the file, the rest from one run."""
     import onnx
-    import onnxruntime as ort
     from onnx import helper, numpy_helper, shape_inference
 
     graph = model.graph
@@ -110,8 +99,7 @@ def _shapes(model: Any, nodes: list[Any], inputs: dict[str, np.ndarray]) -> dict
             graph.output.append(helper.make_tensor_value_info(name, types[name], None))
     with tempfile.TemporaryDirectory() as tmp:
         onnx.save(model, str(Path(tmp) / "exposed.onnx"))
-        sess = ort.InferenceSession(str(Path(tmp) / "exposed.onnx"), _options(optimize=False),
-                                    providers=["CPUExecutionProvider"])
+        sess = ort_session(Path(tmp) / "exposed.onnx", optimize=False)
         names = [o.name for o in sess.get_outputs()]
         values = sess.run(names, {i.name: inputs[i.name] for i in sess.get_inputs()})
     return {**known, **{n: tuple(np.shape(v)) for n, v in zip(names, values, strict=True)}}
@@ -170,24 +158,21 @@ def _best_median(fn: Any, reps: int, rounds: int = 3) -> float:
     return best
 
 
-def sgemm_peak(threads: int = 1, sizes: tuple[int, ...] = (256, 512, 1024), reps: int = 5) -> dict[str, Any]:
-    """Plain fp32 ``n x n`` matrix multiply, GFLOP/s by size, with ONNX Runtime's MatMul
+def sgemm_peak(threads: int = 1, sizes: tuple[int, ...] = (256, 512, 1024), reps: int = 5) -> float:
+    """Plain fp32 ``n x n`` matrix multiply: the best GFLOP/s over ``sizes`` of ONNX Runtime's MatMul
     (``threads`` intra-op threads) and numpy's BLAS (limited to ``threads`` via threadpoolctl)."""
-    import onnxruntime as ort
     from threadpoolctl import threadpool_limits  # comes with scikit-learn
 
     rng = np.random.default_rng(0)
-    out: dict[str, Any] = {"ort": {}, "numpy": {}}
+    best = 0.0
     for n in sizes:
         a, b = (rng.standard_normal((n, n), dtype=np.float32) for _ in range(2))
-        sess = ort.InferenceSession(_matmul_model(n), _options(threads, spinning=False),
-                                    providers=["CPUExecutionProvider"])
-        out["ort"][n] = 2 * n**3 / _best_median(lambda s=sess, a=a, b=b: s.run(None, {"a": a, "b": b}), reps) / 1e9
+        sess = ort_session(_matmul_model(n), threads, spinning=False)
+        seconds = _best_median(lambda s=sess, a=a, b=b: s.run(None, {"a": a, "b": b}), reps)
         with threadpool_limits(limits=threads):
-            out["numpy"][n] = 2 * n**3 / _best_median(lambda a=a, b=b: a @ b, reps) / 1e9
-    out["peak_gflops"] = max(v for d in (out["ort"], out["numpy"]) for v in d.values())
-    out["threads"] = threads
-    return out
+            seconds = min(seconds, _best_median(lambda a=a, b=b: a @ b, reps))
+        best = max(best, 2 * n**3 / seconds / 1e9)
+    return best
 
 
 def efficiency(sess: Any, feed: dict[str, np.ndarray], flop_count: int, rounds: int = 5, reps: int = 100,
@@ -199,7 +184,7 @@ def efficiency(sess: Any, feed: dict[str, np.ndarray], flop_count: int, rounds: 
     peaks: list[float] = []
     sess.run(None, feed)
     for _ in range(rounds):
-        peaks.append(sgemm_peak(threads=threads)["peak_gflops"])
+        peaks.append(sgemm_peak(threads=threads))
         for _ in range(reps):
             t0 = time.perf_counter()
             sess.run(None, feed)
@@ -216,7 +201,7 @@ def ort_profile_events(model_path: Path, inputs: dict[str, np.ndarray], runs: in
     """ORT's profiler events for ``runs`` runs of one request (graph optimisations on, as served)."""
     import onnxruntime as ort
 
-    opts = _options(threads, spinning=False)
+    opts = ort_options(threads, spinning=False)
     with tempfile.TemporaryDirectory() as tmp:
         opts.enable_profiling = True
         opts.profile_file_prefix = str(Path(tmp) / "ort")

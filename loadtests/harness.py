@@ -1,24 +1,25 @@
 """What every benchmark shares: a table of figures, steps that log and time themselves, the
-machine facts, percentiles, the interleaved timing loop and raw ONNX Runtime set up as the
-gateway's backend runs it. The benchmark modules import from here, never from each other's
-private helpers."""
+machine facts, percentiles, the interleaved timing loop, raw ONNX Runtime set up as the gateway's
+backend runs it, and how the commands report errors and print tables. The benchmark modules
+import from here, never from each other's private helpers."""
 
 from __future__ import annotations
 
+import asyncio
 import gc
 import inspect
 import os
 import platform
 import sys
-import threading
 import time
-from collections.abc import Callable, Iterator, Mapping, Sequence
-from contextlib import suppress
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from contextlib import contextmanager, suppress
 from importlib import metadata
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+import typer
 
 from .stats import percentiles
 
@@ -38,9 +39,6 @@ class Figures:
 
     def __getitem__(self, name: str) -> Any:
         return self.table[name][0]
-
-    def __contains__(self, name: str) -> bool:
-        return name in self.table
 
     def values(self) -> dict[str, Any]:
         return {k: v for k, (v, _) in self.table.items()}
@@ -113,27 +111,14 @@ def _schedule(names: list[str], rounds: int, per_round: int | Mapping[str, int],
             yield r >= warmup, name, range(r * n, (r + 1) * n)
 
 
-def interleave(variants: Mapping[str, Callable[[int], object]], rounds: int, per_round: int | Mapping[str, int],
-               alternate: bool = False, warmup: int = 0) -> dict[str, list[float]]:
+async def interleave_async(variants: Mapping[str, Callable[[int], object]], rounds: int,
+                           per_round: int | Mapping[str, int], alternate: bool = False, warmup: int = 0,
+                           ) -> dict[str, list[float]]:
     """Per-call latency (ms) of each variant, timed interleaved in rounds so that machine noise
-    hits them alike. A variant is called with the running call index (to pick its request)."""
+    hits them alike. A variant is called with the running call index (to pick its request); a
+    coroutine it returns is awaited inside the timing."""
     samples: dict[str, list[float]] = {name: [] for name in variants}
     for kept, name, calls in _schedule(list(variants), rounds, per_round, alternate, warmup):
-        fn, out = variants[name], samples[name]
-        gc.collect()
-        for i in calls:
-            t0 = time.perf_counter()
-            fn(i)
-            if kept:
-                out.append((time.perf_counter() - t0) * 1e3)
-    return samples
-
-
-async def interleave_async(variants: Mapping[str, Callable[[int], object]], rounds: int, per_round: int,
-                           warmup: int = 0) -> dict[str, list[float]]:
-    """``interleave`` for variants of which some are coroutines (awaited inside the timing)."""
-    samples: dict[str, list[float]] = {name: [] for name in variants}
-    for kept, name, calls in _schedule(list(variants), rounds, per_round, False, warmup):
         fn, out = variants[name], samples[name]
         gc.collect()
         for i in calls:
@@ -146,25 +131,53 @@ async def interleave_async(variants: Mapping[str, Callable[[int], object]], roun
     return samples
 
 
-def run_threads(work: Callable[[int], None], n: int) -> float:
-    """Run ``work(k)`` for k = 0..n-1 on n threads at once; the wall-clock seconds until all return."""
-    t0 = time.monotonic()
-    pool = [threading.Thread(target=work, args=(k,)) for k in range(n)]
-    for t in pool:
-        t.start()
-    for t in pool:
-        t.join()
-    return time.monotonic() - t0
+def interleave(variants: Mapping[str, Callable[[int], object]], rounds: int, per_round: int | Mapping[str, int],
+               alternate: bool = False, warmup: int = 0) -> dict[str, list[float]]:
+    """``interleave_async`` for plain functions, from code outside an event loop."""
+    return asyncio.run(interleave_async(variants, rounds, per_round, alternate, warmup))
 
 
-def ort_session(path: Path, threads: int = 1) -> Any:
-    """An ONNX Runtime session set up as the gateway's backend: sequential, full graph optimisation."""
+def ort_options(threads: int = 1, optimize: bool = True, spinning: bool = True) -> Any:
+    """ONNX Runtime session options as the gateway's backend sets them: ``threads`` intra-op
+    threads, one inter-op thread, sequential execution, full graph optimisation (``optimize``)."""
     import onnxruntime as ort
 
     opts = ort.SessionOptions()
-    opts.intra_op_num_threads = threads
-    opts.inter_op_num_threads = 1
+    opts.intra_op_num_threads, opts.inter_op_num_threads, opts.log_severity_level = threads, 1, 3
     opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
-    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    opts.log_severity_level = 3
-    return ort.InferenceSession(str(path), sess_options=opts, providers=["CPUExecutionProvider"])
+    opts.graph_optimization_level = (ort.GraphOptimizationLevel.ORT_ENABLE_ALL if optimize
+                                     else ort.GraphOptimizationLevel.ORT_DISABLE_ALL)
+    if not spinning:
+        opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    return opts
+
+
+def ort_session(path: Path | bytes, threads: int = 1, **options: bool) -> Any:
+    """An ONNX Runtime session on the CPU with ``ort_options``."""
+    import onnxruntime as ort
+
+    model = str(path) if isinstance(path, Path) else path
+    return ort.InferenceSession(model, sess_options=ort_options(threads, **options), providers=["CPUExecutionProvider"])
+
+
+# -- the command line ------------------------------------------------------------------------
+@contextmanager
+def failing_as_exit(console: Any) -> Iterator[None]:
+    """A benchmark that cannot run (bad option, missing run or binary, a server that fails) ends
+    with one red line and exit code 1 instead of a traceback."""
+    try:
+        yield
+    except (RuntimeError, ValueError, FileNotFoundError) as exc:
+        console.print(f"[red]error:[/] {exc}")
+        raise typer.Exit(1) from None
+
+
+def print_table(console: Any, title: str, columns: Sequence[str], rows: Iterable[Sequence[str]]) -> None:
+    from rich.table import Table
+
+    table = Table(title=title)
+    for col in columns:
+        table.add_column(col)
+    for row in rows:
+        table.add_row(*row)
+    console.print(table)

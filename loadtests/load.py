@@ -2,40 +2,86 @@
 
 from __future__ import annotations
 
+import contextlib
+import sys
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from ctrserve.launch import Launcher
+
 from .stats import Summary, load_samples, summarize
+
+LOCUSTFILE = Path(__file__).resolve().parent / "locustfile.py"
 
 
 @dataclass
 class LoadResult:
     summary: Summary
-    locust_cpu_cores: float
-    gateway_cpu_cores: float
-    machine_util: float
+    locust_cpu_cores: float  # CPU seconds of the Locust process / wall seconds (1.0 = one core busy)
+    gateway_cpu_cores: float  # the same for the measured server and its children (NaN when not watched)
+    machine_util: float  # the whole machine's CPU utilisation during the run (0..1 of all cores)
     csv_prefix: Path
     samples: Path
     skip_s: float  # the ramp-up the summary dropped (seconds from the first completion)
 
 
-def measure(stack: Any, host: str, name: str, pool_file: Path, users: int, duration_s: float, candidates: str,
-            mode: str = "gateway", target_rps: float = 0.0, server: Any = None, skip_s: float = 2.0,
-            seed: int = 0) -> LoadResult:
-    """One Locust run against ``host``; its summary drops the first ``skip_s`` seconds (spawning)."""
-    from .stack import run_locust
+def _cpu_seconds(proc: Any) -> float:
+    """User + system CPU seconds of a ``psutil.Process`` and its children (0 for what has gone)."""
+    total = 0.0
+    try:
+        family = [proc, *proc.children(recursive=True)]
+    except Exception:  # psutil.NoSuchProcess etc.: it has gone
+        return total
+    for p in family:
+        with contextlib.suppress(Exception):
+            t = p.cpu_times()
+            total += t.user + t.system
+    return total
 
-    watch = {"server": server} if server is not None else None
-    run = run_locust(stack, host, users, duration_s, name, pool_file, candidates, mode, target_rps, seed=seed,
-                     watch=watch)
-    s = load_samples(run.samples)
+
+def measure(launcher: Launcher, host: str, name: str, pool_file: Path, users: int, duration_s: float,
+            candidates: str, mode: str = "gateway", target_rps: float = 0.0, server_pid: int | None = None,
+            skip_s: float = 2.0) -> LoadResult:
+    """Locust headless against ``host`` for ``duration_s`` (bounded: duration + 60 s), its files in
+    ``launcher.workdir / name``; the summary drops the first ``skip_s`` seconds (spawning)."""
+    import psutil
+
+    out = launcher.workdir / name
+    out.mkdir(parents=True, exist_ok=True)
+    prefix, samples, log = out / "locust", out / "samples.npz", out / "locust.log"
+    samples.unlink(missing_ok=True)
+    cmd = [sys.executable, "-m", "locust", "-f", str(LOCUSTFILE), "--headless", "-u", str(users), "-r", str(users),
+           "-t", f"{max(1, round(duration_s))}s", "--host", host, "--csv", str(prefix), "--csv-full-history",
+           "--only-summary", "--loglevel", "WARNING", "--stop-timeout", "10", "--pool", str(pool_file),
+           "--candidates", candidates, "--mode", mode, "--target-rps", str(target_rps), "--samples-out", str(samples)]
+    server = psutil.Process(server_pid) if server_pid is not None else None
+    server_before = _cpu_seconds(server) if server else 0.0
+    psutil.cpu_percent(None)
+    t0 = time.monotonic()
+    locust = launcher.spawn(f"locust-{name}", cmd, log=log)
+    me, cpu = psutil.Process(locust.pid), 0.0
+    try:
+        while locust.running:
+            cpu = max(cpu, _cpu_seconds(me))  # the last reading before it exits
+            if time.monotonic() - t0 > duration_s + 60:
+                raise RuntimeError(f"locust ({name}) did not stop within {duration_s + 60:.0f} s")
+            time.sleep(0.2)
+    finally:
+        launcher.stop(locust, grace=15)
+    wall = time.monotonic() - t0
+    util = psutil.cpu_percent(None) / 100
+    server_cores = (_cpu_seconds(server) - server_before) / wall if server else float("nan")
+    if not samples.exists():
+        raise RuntimeError(f"locust ({name}) wrote no samples (exit code {locust.proc.returncode}); log tail:\n"
+                           f"{locust.log_tail(60)}")
+    s = load_samples(samples)
     skip = min(skip_s, duration_s / 4)
     summary = summarize(s["t"], s["ms"], s["candidates"], s["ok"], skip_s=skip)
-    return LoadResult(summary, run.cpu_cores, run.others_cores.get("server", float("nan")), run.machine_util,
-                      run.csv_prefix, run.samples, skip)
+    return LoadResult(summary, cpu / wall, server_cores, util, prefix, samples, skip)
 
 
 # -- plots -----------------------------------------------------------------------------------

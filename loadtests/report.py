@@ -10,9 +10,7 @@ Markdown (between ``<!-- bench:NAME -->`` markers) so hand-written text around i
 from __future__ import annotations
 
 import fcntl
-import hashlib
 import json
-import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
 from datetime import UTC, datetime
@@ -29,20 +27,18 @@ MD_HEADER = ("# Benchmarks\n\nGenerated from `docs/benchmarks.json` by `loadtest
 
 @contextmanager
 def _locked(path: Path) -> Iterator[None]:
-    """Serialise read-modify-write of ``path`` across processes (lock file in the temp dir, not in docs/)."""
+    """Serialise read-modify-write of ``path`` across processes: an exclusive flock on the file itself
+    (created empty if absent; closing it releases the lock)."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    lock = Path(tempfile.gettempdir()) / f"ctrserve-{hashlib.sha1(str(path.resolve()).encode()).hexdigest()[:12]}.lock"
-    with open(lock, "w") as fh:
+    with open(path, "a") as fh:
         fcntl.flock(fh, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(fh, fcntl.LOCK_UN)
+        yield
 
 
 def load(path: Path | None = None) -> dict[str, Any]:
     path = path or BENCH_JSON
-    return json.loads(path.read_text()) if path.exists() else {}
+    text = path.read_text() if path.exists() else ""
+    return json.loads(text) if text.strip() else {}  # empty: just created by _locked
 
 
 def record_section(name: str, title: str, command: str, figures: dict[str, tuple[float, str]],
@@ -94,7 +90,7 @@ def write_markdown(name: str, data: dict[str, Any] | None = None, json_path: Pat
     start, end = f"<!-- bench:{name} -->", f"<!-- /bench:{name} -->"
     block = f"{start}\n{render_section(data, name)}{end}"
     with _locked(md_path):
-        text = md_path.read_text() if md_path.exists() else MD_HEADER
+        text = md_path.read_text() or MD_HEADER  # _locked created it if absent
         if start in text and end in text:
             head, rest = text.split(start, 1)
             text = head + block + rest.split(end, 1)[1]

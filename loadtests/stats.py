@@ -1,17 +1,13 @@
-"""Summary math of the load tests: percentiles, rates, saturation, the queueing bound of
-ideal servers, Prometheus histogram deltas.
-
-Pure functions over numpy arrays and text, unit-tested in tests/loadtests/test_stats.py.
-"""
+"""Summary math of the load tests (pure functions over numpy arrays and text): percentiles,
+rates, saturation, the queueing bound of ideal servers, Prometheus histogram deltas."""
 
 from __future__ import annotations
 
 import heapq
 import math
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 
@@ -33,9 +29,6 @@ class Summary:
     candidates_per_s: float
     mean_candidates: float
     duration_s: float
-
-    def as_dict(self) -> dict[str, Any]:
-        return asdict(self)
 
 
 def percentiles(ms: np.ndarray, qs: Sequence[float] = (50, 95, 99)) -> list[float]:
@@ -62,8 +55,7 @@ def summarize(t: np.ndarray, ms: np.ndarray, candidates: np.ndarray, ok: np.ndar
         raise ValueError(f"no requests after skipping the first {skip_s:g} s")
     # n completions span n-1 inter-arrival gaps; with one sample the rate is undefined
     duration = float(t.max() - t.min())
-    rate_n = n - 1
-    rps = rate_n / duration if duration > 0 else math.nan
+    rps = (n - 1) / duration if duration > 0 else math.nan
     p50, p95, p99 = percentiles(ms)
     errors = int((~ok).sum())
     return Summary(requests=n, errors=errors, error_rate=errors / n, p50_ms=p50, p95_ms=p95, p99_ms=p99,
@@ -136,35 +128,20 @@ def parse_prometheus(text: str) -> Sample:
     return out
 
 
-@dataclass(frozen=True)
-class HistogramDelta:
-    count: float
-    total: float
-
-    @property
-    def mean(self) -> float:
-        return self.total / self.count if self.count else math.nan
-
-
-def histogram_delta(before: Sample, after: Sample, name: str, **labels: str) -> HistogramDelta:
-    """``after - before`` of histogram ``name``'s count and sum over the series matching ``labels``."""
+def histogram_delta(before: Sample, after: Sample, name: str, **labels: str) -> tuple[float, float]:
+    """``after - before`` of histogram ``name``'s (count, sum) over the series matching ``labels``."""
 
     def total(suffix: str) -> float:
         return sum(v - before.get((n, lbl), 0.0) for (n, lbl), v in after.items()
                    if n == name + suffix and all(dict(lbl).get(k) == x for k, x in labels.items()))
 
-    return HistogramDelta(total("_count"), total("_sum"))
+    return total("_count"), total("_sum")
 
 
 def stage_breakdown(before: Sample, after: Sample, route: str = "/v1/score") -> dict[str, dict[str, float]]:
     """Per-stage mean (ms) and count of the gateway's ``ctrserve_stage_seconds`` over a window, and
     of the whole request inside the app (``ctrserve_request_seconds``, status 200)."""
-    from_stages = {}
-    for stage in ("route", "feature_fetch", "assembly", "inference"):
-        h = histogram_delta(before, after, "ctrserve_stage_seconds", stage=stage)
-        if h.count:
-            from_stages[stage] = {"mean_ms": h.mean * 1e3, "count": h.count}
-    req = histogram_delta(before, after, "ctrserve_request_seconds", route=route, status="200")
-    if req.count:
-        from_stages["request_in_app"] = {"mean_ms": req.mean * 1e3, "count": req.count}
-    return from_stages
+    windows = {stage: histogram_delta(before, after, "ctrserve_stage_seconds", stage=stage)
+               for stage in ("route", "feature_fetch", "assembly", "inference")}
+    windows["request_in_app"] = histogram_delta(before, after, "ctrserve_request_seconds", route=route, status="200")
+    return {key: {"mean_ms": total / count * 1e3, "count": count} for key, (count, total) in windows.items() if count}

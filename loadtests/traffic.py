@@ -9,8 +9,9 @@ fetches features) and the eager baseline (already-encoded features in the body).
 
 from __future__ import annotations
 
+import functools
 import json
-from collections import OrderedDict
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -35,27 +36,18 @@ class CandidateDist:
     @classmethod
     def parse(cls, spec: str) -> CandidateDist:
         text = spec.strip().lower()
-        head, _, rest = text.partition(":")
+        kind, colon, rest = text.partition(":")
+        if not colon:  # a bare count
+            kind, rest = "fixed", text
+        parts = {"fixed": [rest], "uniform": rest.split(":"), "choice": rest.split(",")}.get(kind)
+        if parts is None:
+            raise TrafficError(f"candidate distribution {spec!r}: use uniform:LO:HI, fixed:N or choice:A,B,...")
         try:
-            if head.isdigit() and not rest:
-                return cls._checked("fixed", (int(head),), spec)
-            if head == "fixed":
-                return cls._checked("fixed", (int(rest),), spec)
-            if head == "uniform":
-                lo, hi = (int(x) for x in rest.split(":"))
-                if lo > hi:
-                    raise TrafficError(f"candidate distribution {spec!r}: LO {lo} > HI {hi}")
-                return cls._checked("uniform", (lo, hi), spec)
-            if head == "choice":
-                return cls._checked("choice", tuple(int(x) for x in rest.split(",")), spec)
+            values = tuple(int(x) for x in parts)
         except ValueError as exc:
-            if isinstance(exc, TrafficError):
-                raise
             raise TrafficError(f"candidate distribution {spec!r}: numbers expected ({exc})") from None
-        raise TrafficError(f"candidate distribution {spec!r}: use uniform:LO:HI, fixed:N or choice:A,B,...")
-
-    @classmethod
-    def _checked(cls, kind: str, values: tuple[int, ...], spec: str) -> CandidateDist:
+        if kind == "uniform" and (len(values) != 2 or values[0] > values[1]):
+            raise TrafficError(f"candidate distribution {spec!r}: uniform takes LO:HI with LO <= HI")
         if not values or min(values) < 1:
             raise TrafficError(f"candidate distribution {spec!r}: counts must be >= 1")
         return cls(kind, values)
@@ -71,18 +63,8 @@ class CandidateDist:
     def max(self) -> int:
         return max(self.values)
 
-    @property
-    def mean(self) -> float:
-        if self.kind == "uniform":
-            return (self.values[0] + self.values[1]) / 2
-        return float(np.mean(self.values))
-
     def __str__(self) -> str:
-        if self.kind == "fixed":
-            return f"fixed:{self.values[0]}"
-        if self.kind == "uniform":
-            return f"uniform:{self.values[0]}:{self.values[1]}"
-        return "choice:" + ",".join(map(str, self.values))
+        return f"{self.kind}:" + (":" if self.kind == "uniform" else ",").join(map(str, self.values))
 
 
 # -- users -----------------------------------------------------------------------------------
@@ -165,19 +147,9 @@ class Pool:
         if not p.is_file():
             raise TrafficError(f"pool file {p} not found (the runner writes it; see `ctrserve bench load --help`)")
         try:
-            doc = json.loads(p.read_bytes())
-            pool = cls(**doc)
+            return cls(**json.loads(p.read_bytes()))
         except (ValueError, TypeError) as exc:
             raise TrafficError(f"pool file {p} is not a valid pool: {exc}") from None
-        if not pool.users or not pool.items:
-            raise TrafficError(f"pool file {p} has no users or no items")
-        if len(pool.contexts) != len(pool.users):
-            raise TrafficError(f"pool file {p}: {len(pool.contexts)} contexts for {len(pool.users)} users")
-        return pool
-
-    @property
-    def has_baseline(self) -> bool:
-        return self.encoded_users is not None and self.encoded_items is not None
 
 
 class Bodies:
@@ -192,40 +164,24 @@ class Bodies:
                  cache_size: int = 4096):
         if mode not in ("gateway", "baseline"):
             raise TrafficError(f"mode must be gateway or baseline, got {mode!r}")
-        if mode == "baseline" and not pool.has_baseline:
+        if mode == "baseline" and (pool.encoded_users is None or pool.encoded_items is None):
             raise TrafficError("the pool has no encoded features: rebuild it with the baseline enabled")
         if max_candidates > len(pool.items):
             raise TrafficError(f"{max_candidates} candidates asked but the pool has {len(pool.items)} items")
         self.pool, self.mode, self.seed, self.max_candidates = pool, mode, seed, max_candidates
-        self.cache: OrderedDict[tuple[int, int], bytes] = OrderedDict()
-        self.cache_size = cache_size
+        #: ``get(user, n)``: the body, built once and then served from a bounded LRU cache
+        self.get: Callable[[int, int], bytes] = functools.lru_cache(maxsize=cache_size)(self.build)
         self._frags = [orjson.dumps({"item_id": i}) for i in pool.items] if mode == "gateway" else []
-        self._orders: dict[int, np.ndarray] = {}
+        #: ``order(user)``: the user's fixed candidate order, drawn once
+        self.order: Callable[[int], np.ndarray] = functools.cache(self._order)
         self._items_np = ({k: np.asarray(v) for k, v in pool.encoded_items.items()}
                           if mode == "baseline" and pool.encoded_items else {})
-        self.built = 0
 
-    def order(self, user: int) -> np.ndarray:
-        o = self._orders.get(user)
-        if o is None:
-            rng = np.random.default_rng((self.seed, user))
-            o = self._orders[user] = rng.choice(len(self.pool.items), self.max_candidates, replace=False)
-        return o
-
-    def get(self, user: int, n: int) -> bytes:
-        key = (user, n)
-        body = self.cache.get(key)
-        if body is not None:
-            self.cache.move_to_end(key)
-            return body
-        body = self.build(user, n)
-        self.cache[key] = body
-        if len(self.cache) > self.cache_size:
-            self.cache.popitem(last=False)
-        return body
+    def _order(self, user: int) -> np.ndarray:
+        rng = np.random.default_rng((self.seed, user))
+        return rng.choice(len(self.pool.items), self.max_candidates, replace=False)
 
     def build(self, user: int, n: int) -> bytes:
-        self.built += 1
         idx = self.order(user)[:n]
         if self.mode == "gateway":
             head = orjson.dumps({"user_id": self.pool.users[user], "context": self.pool.contexts[user]})[:-1]

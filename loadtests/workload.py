@@ -15,7 +15,7 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, get_args
+from typing import Any
 
 import numpy as np
 
@@ -24,6 +24,7 @@ from .traffic import Pool
 #: the benchmark dataset: synthetic, user sequence L = 600; tiny, the benchmark measures latency
 BENCH_DATA = {"max_len": 600, "n_rows": 20000, "n_users": 2000, "n_items": 5000}
 BENCH_TRAIN = {"train": {"max_epochs": 1}}
+BENCH_SEED = 2026
 
 
 def bench_dir() -> Path:
@@ -32,17 +33,8 @@ def bench_dir() -> Path:
     return settings().work_dir / "bench"
 
 
-def check_execution(execution: str) -> None:
-    """Raise ``ValueError`` unless ``execution`` is one the gateway knows (its settings' own list)."""
-    from ctrserve.service.settings import BackendSettings
-
-    executions = get_args(BackendSettings.model_fields["execution"].annotation)
-    if execution not in executions:
-        raise ValueError(f"execution must be one of {', '.join(executions)}, got {execution!r}")
-
-
 # -- model -----------------------------------------------------------------------------------
-def ensure_run(model: str = "mgdin", retrain: bool = False, seed: int = 2026) -> Path:
+def ensure_run(model: str = "mgdin") -> Path:
     """The newest finished benchmark run of ``model`` on the benchmark data, trained if absent.
 
     A model with calibrated masks (MGDIN) is benchmarked as it ships: the static-mask run that
@@ -54,9 +46,9 @@ def ensure_run(model: str = "mgdin", retrain: bool = False, seed: int = 2026) ->
 
     prepared = ensure_prepared("synthetic", BENCH_DATA)
     runs_dir = settings().runs_dir
-    run = None if retrain else _newest_bench_run(runs_dir / "synthetic" / model, prepared)
+    run = _newest_bench_run(runs_dir / "synthetic" / model, prepared)
     if run is None:
-        cfg = resolve_config(model, "synthetic", overrides=BENCH_TRAIN, seed=seed, variant="bench")
+        cfg = resolve_config(model, "synthetic", overrides=BENCH_TRAIN, seed=BENCH_SEED, variant="bench")
         run = train(cfg, prepared, runs_dir, command="ctrserve bench", progress=False).run_dir
     return _static_masks_of(run) if model == "mgdin" else run
 

@@ -93,7 +93,7 @@ def test_efficiency_times_the_model_like_the_peak(monkeypatch) -> None:
     import onnxruntime as ort
 
     peaks = iter([50.0, 80.0, 60.0])
-    monkeypatch.setattr(flops, "sgemm_peak", lambda threads=1: {"peak_gflops": next(peaks)})
+    monkeypatch.setattr(flops, "sgemm_peak", lambda threads=1: next(peaks))
     sess = ort.InferenceSession(flops._matmul_model(64), providers=["CPUExecutionProvider"])
     feed = {"a": np.ones((64, 64), np.float32), "b": np.ones((64, 64), np.float32)}
     out = flops.efficiency(sess, feed, 2 * 64**3, rounds=3, reps=5)

@@ -20,16 +20,17 @@ from ctrserve.loadtests.traffic import (
 pytestmark = pytest.mark.quick
 
 
-@pytest.mark.parametrize(("spec", "kind", "values", "mean"), [
-    ("uniform:50:500", "uniform", (50, 500), 275.0), ("fixed:100", "fixed", (100,), 100.0),
-    ("100", "fixed", (100,), 100.0), ("choice:1,10,100", "choice", (1, 10, 100), 37.0)])
-def test_candidate_dist_parse(spec: str, kind: str, values: tuple, mean: float) -> None:
+@pytest.mark.parametrize(("spec", "kind", "values", "text"), [
+    ("uniform:50:500", "uniform", (50, 500), "uniform:50:500"), ("fixed:100", "fixed", (100,), "fixed:100"),
+    (" 100", "fixed", (100,), "fixed:100"), ("Choice:1,10,100", "choice", (1, 10, 100), "choice:1,10,100")])
+def test_candidate_dist_parse(spec: str, kind: str, values: tuple, text: str) -> None:
     d = CandidateDist.parse(spec)
-    assert (d.kind, d.values, d.mean, d.max) == (kind, values, mean, max(values))
+    assert (d.kind, d.values, d.max, str(d)) == (kind, values, max(values), text)
     assert CandidateDist.parse(str(d)) == d
 
 
-@pytest.mark.parametrize("spec", ["uniform:500:50", "uniform:5", "fixed:0", "normal:3:4", "choice:a,b", ""])
+@pytest.mark.parametrize("spec", ["uniform:500:50", "uniform:5", "uniform:1:2:3", "fixed:0", "fixed:1,2", "normal:3:4",
+                                  "choice:a,b", "choice:3,0", ""])
 def test_candidate_dist_rejects(spec: str) -> None:
     with pytest.raises(TrafficError, match="candidate distribution"):
         CandidateDist.parse(spec)
@@ -72,7 +73,7 @@ def test_gateway_bodies_are_valid_cached_and_distinct() -> None:
     assert doc["user_id"] == "u1" and doc["context"] == {"hour": "7"}
     ids = [c["item_id"] for c in doc["candidates"]]
     assert len(ids) == 7 and len(set(ids)) == 7
-    assert bodies.get(0, 7) is b and bodies.built == 1  # built once per (user, count)
+    assert bodies.get(0, 7) is b and bodies.get.cache_info().misses == 1  # built once per (user, count)
     assert [c["item_id"] for c in orjson.loads(bodies.get(0, 3))["candidates"]] == ids[:3]
     assert orjson.loads(bodies.get(1, 7))["user_id"] == "u2"
 
@@ -81,7 +82,7 @@ def test_cache_is_bounded() -> None:
     bodies = Bodies(_pool(), max_candidates=10, cache_size=2)
     for n in range(1, 6):
         bodies.get(0, n)
-    assert len(bodies.cache) == 2
+    assert bodies.get.cache_info().currsize == 2 and bodies.get.cache_info().misses == 5
 
 
 def test_baseline_bodies_carry_encoded_features() -> None:
