@@ -68,3 +68,10 @@ def test_modules_and_functions_stay_short() -> None:
     assert not long_files, f"modules over {MAX_FILE_LINES} lines: {long_files}"
     assert not long_functions, f"functions over {MAX_FUNCTION_LINES} lines: {long_functions}"
 
+
+def test_the_benchmarks_are_no_larger_than_the_product() -> None:
+    """loadtests/ holds the benchmarks users run, not finished experiments: no larger than service/."""
+    def lines(folder: str) -> int:
+        return sum(p.read_text().count("\n") for p in (ROOT / folder).rglob("*.py"))
+
+    assert lines("loadtests") <= lines("service"), (lines("loadtests"), lines("service"))

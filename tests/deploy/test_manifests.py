@@ -424,6 +424,7 @@ def test_compose_locust_targets_the_gateway(compose: dict) -> None:
     cmd = loc["command"]
     assert "--headless" in cmd
     assert cmd[cmd.index("--host") + 1] == f"http://gateway:{default_port()}"
+    assert cmd[cmd.index("--pool") + 1].startswith("/work/")  # the locustfile needs a pool, under the work mount
     locustfile = Path(cmd[cmd.index("-f") + 1])
     host_dir = binds(loc)[str(locustfile.parent)]
     assert host_dir / locustfile.name == REPO / "loadtests" / "locustfile.py"
