@@ -339,22 +339,13 @@ def start_redis(launcher: Launcher, port: int = 0, data_dir: Path | None = None,
 
 
 # -- the gateway -----------------------------------------------------------------------------
-#: what service/registry.py says when the repository holds several models and no routing config
-#: is given: a configuration error the gateway's start-up retries cannot fix
-NO_ROUTING_REASON = "no routing config given"
-
-
 def readyz_config_error(answer: object) -> str | None:
-    """The configuration error a /readyz answer reports, or None: the answer's ``config_error``
-    field when the gateway sets one, else the routing check's reason when it says no routing
-    config was given for a repository of several models."""
-    if not isinstance(answer, dict):
-        return None
-    if answer.get("config_error"):
+    """The configuration error a /readyz answer reports (its ``config_error``: a start-up failure
+    the gateway's retries cannot fix, such as a repository of several models and no routing
+    config), or None."""
+    if isinstance(answer, dict) and answer.get("config_error"):
         return str(answer["config_error"])
-    checks = answer.get("checks")
-    routing = str(checks.get("routing", "")) if isinstance(checks, dict) else ""
-    return routing if NO_ROUTING_REASON in routing else None
+    return None
 
 
 def gateway_ready(url: str) -> bool:

@@ -140,9 +140,9 @@ def test_a_launch_error_from_the_check_fails_at_once(tmp_path: Path) -> None:
 
 @pytest.mark.quick
 @pytest.mark.parametrize(("answer", "reason"), [
-    ({"status": "not ready", "checks": {"routing": "no config in effect: no routing config given and the model "
-                                                   "repository /r holds models ['a', 'b']", "store": "ok"}},
-     "no config in effect: no routing config given and the model repository /r holds models ['a', 'b']"),
+    ({"status": "not ready", "config_error": "no routing config given and the model repository /r holds models "
+                                             "['a', 'b']", "checks": {"routing": "no config in effect: ..."}},
+     "no routing config given and the model repository /r holds models ['a', 'b']"),
     ({"status": "not ready", "config_error": "bad routing file", "checks": {}}, "bad routing file"),
     ({"status": "not ready", "checks": {"routing": "no config in effect: starting", "store": "ok"}}, None),
     ({"status": "not ready", "checks": {"routing": "ok (abc)", "models": "ctr v1 loading"}}, None),

@@ -283,8 +283,36 @@ async def test_not_ready_until_a_config_applies(toy_repo, tmp_path) -> None:
         await asyncio.sleep(0.3)
         r = await client.get("/readyz")
         assert r.status_code == 503 and "version 5 is not in" in r.json()["checks"]["routing"]
+        assert "config_error" not in r.json()  # a model that may still appear: retried, not a config error
         r = await client.post("/v1/score", json=BODY)
         assert r.status_code == 503 and r.json()["error"]["code"] == "not_ready"
+
+
+@pytest.mark.parametrize("case", ["unreadable file", "invalid file", "two models, no file"])
+async def test_readyz_names_configuration_errors(toy_repo, tmp_path, case: str) -> None:
+    """A start-up failure no retry can fix is reported as `config_error` (launchers stop waiting)."""
+    import shutil
+
+    import httpx
+
+    from ctrserve.service.app import create_app
+
+    routing, repo = tmp_path / "r.yaml", toy_repo
+    if case == "invalid file":
+        routing.write_text("experiments: [{name: x}]")
+    elif case == "two models, no file":
+        repo = tmp_path / "repo"
+        shutil.copytree(toy_repo, repo)
+        shutil.copytree(toy_repo / "toy", repo / "other")
+        routing = None
+    app = create_app(toy_settings(repo, routing), store_factory=lambda s, n, v: MemoryStore(s))
+    transport = httpx.ASGITransport(app=app)
+    async with app.router.lifespan_context(app), httpx.AsyncClient(transport=transport, base_url="http://g") as client:
+        await asyncio.sleep(0.3)
+        r = await client.get("/readyz")
+    expected = {"unreadable file": "cannot read routing config", "invalid file": "routing",
+                "two models, no file": "no routing config given"}[case]
+    assert r.status_code == 503 and expected in r.json()["config_error"], r.json()
 
 
 async def test_an_unexpected_bug_is_a_json_500_without_a_trace(make_settings, monkeypatch) -> None:
