@@ -1,7 +1,8 @@
 """``ctrserve.launch`` with real processes: each child in its own process group with PDEATHSIG,
 stdin /dev/null and a log; stopped on exit, on an exception and on SIGTERM/SIGINT sent to the
-owning process alone (the benchmarks' ``Stack`` too); readiness waits that fail at once when the
-child exits or reports an error retrying cannot fix; redis-server restartable on its port.
+owning process alone (also while its main thread is busy, as a benchmark's is); readiness waits
+that fail at once when the child exits or reports an error retrying cannot fix; redis-server
+restartable on its port.
 
 The children are ``sleep`` and small Python scripts, so the module takes a few seconds."""
 
