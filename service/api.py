@@ -36,6 +36,7 @@ from .request import (
     check_limits,
     decode_body,
     describe_errors,
+    not_an_object,
     validate_score_request,
 )
 from .routing import Overrides
@@ -93,16 +94,16 @@ async def score(app: FastAPI, scope: Scope, receive: Receive) -> Response:
         gw = started(app)
         check_api_key(gw, _header(headers, b"x-api-key") or "")
         rs = gw.settings.routing
-        overrides = Overrides(None, _header(headers, rs.experiment_header.lower().encode("latin-1")) or None,
-                              _header(headers, rs.arm_header.lower().encode("latin-1")) or None)
-        early = gw.begin_read(value, overrides)
+        qa = Overrides(experiment=_header(headers, rs.experiment_header.lower().encode("latin-1")) or None,
+                       arm=_header(headers, rs.arm_header.lower().encode("latin-1")) or None)
+        early = gw.begin_read(value, qa)
         try:
             request = validate_score_request(value, content_type)
             if request.request_id:
                 request_id_var.set(request.request_id)
             check_limits(request, gw.settings.api)
             gw.metrics.candidates.observe(len(request.candidates))
-            return score_response(await gw.score(request, overrides, early))
+            return score_response(await gw.score(request, qa, early))
         finally:
             if early is not None:
                 early.cancel()  # a no-op when scoring collected it
@@ -183,9 +184,7 @@ async def _on_validation_error(request: Request, exc: Exception) -> Response:
     if any(e.get("type") == "json_invalid" for e in errors):
         return error_response(400, "invalid_json", "request body is not valid JSON")
     if len(errors) == 1 and tuple(errors[0].get("loc", ())) == ("body",):
-        ctype = request.headers.get("content-type") or "none"
-        return error_response(422, "invalid_request", f"the body must be a JSON object (Content-Type: "
-                                                      f"application/json; got {ctype})")
+        return gateway_error_response(not_an_object(request.headers.get("content-type")))
     return error_response(422, "invalid_request", describe_errors(errors))
 
 

@@ -11,7 +11,7 @@ import asyncio
 import hashlib
 import logging
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -178,11 +178,12 @@ class Gateway:
         return ok, checks
 
     # -- scoring -------------------------------------------------------------------------
-    def begin_read(self, body: Any, overrides: Overrides) -> EarlyRead | None:
+    def begin_read(self, body: Any, qa: Overrides) -> EarlyRead | None:
         """Route a decoded, not yet validated body and send its store read now, so that Redis
         answers while the body is validated (``reader.FeatureReader``). Best effort, never
         raises: None when reads ahead are off, the body's shape is not plain, it does not route,
-        or the store cannot take the read without waiting."""
+        or the store cannot take the read without waiting. ``qa``: the experiment and arm the QA
+        headers ask for; the model override is the body's own."""
         table = self.table
         if table is None or not self.execution.reads_ahead or not self.reader.early_reads:
             return None
@@ -190,7 +191,7 @@ class Gateway:
         if keys is None:
             return None
         user_id, item_ids, model = keys
-        overrides = Overrides(model, overrides.experiment, overrides.arm)
+        overrides = replace(qa, model=model)
         try:
             route = table.router.route(user_id, overrides)
             loaded = table.models[route.key]
@@ -201,15 +202,16 @@ class Gateway:
             return None  # scoring meets the same condition and answers it
         return None if pending is None else EarlyRead(table, route, (user_id, item_ids, overrides), pending)
 
-    async def score(self, request: ScoreRequest, overrides: Overrides = Overrides(),
+    async def score(self, request: ScoreRequest, qa: Overrides = Overrides(),
                     early: EarlyRead | None = None) -> ScoreResult:
         """Score the request's candidates in order. A GatewayError raised after routing carries
-        the route. ``early``: the read ``begin_read`` sent for this request, collected when it was
-        sent for the same ids, overrides and routing table."""
+        the route. ``qa``: the experiment and arm the QA headers ask for (the model override is the
+        request's own field). ``early``: the read ``begin_read`` sent for this request, collected
+        when it was sent for the same ids, overrides and routing table."""
         async with self.execution:
             t_start = time.perf_counter()
             table = self.require_table()
-            overrides = Overrides(request.model, overrides.experiment, overrides.arm)
+            overrides = replace(qa, model=request.model)
             item_ids = request.item_ids
             if early is not None and not early.matches(table, request.user_id, item_ids, overrides):
                 early = None  # sent for something else (a reload in between, ids the validation coerced)

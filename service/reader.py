@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from ctrserve.feature_store.base import OnlineStore, PendingRead, RequestFeatures
+from ctrserve.feature_store.base import BlockingReader, OnlineStore, PendingRead, RequestFeatures
 from ctrserve.feature_store.errors import FeatureStoreError, StoreNotLoaded
 
 from .assemble import Assembler
@@ -67,9 +67,8 @@ class FeatureReader:
 
     def begin(self, store: OnlineStore, user_id: str, item_ids: list[str]) -> PendingRead | None:
         """Send an early read, best effort: None when it cannot be sent without waiting."""
-        blocking = store.blocking_reader()
-        # a socket timeout longer than the budget would let a blocking read overrun it
-        if blocking is None or blocking.saturated or self.budget_s < blocking.timeout_s - 1e-6:
+        blocking = _blocking_within(store, self.budget_s)
+        if blocking is None or blocking.saturated:
             return None
         try:
             return blocking.begin(user_id, item_ids)
@@ -84,10 +83,8 @@ class FeatureReader:
             stored = None
             if early is not None and budget > 0:
                 stored = early.result()
-            elif inline and budget > 0:
-                blocking = store.blocking_reader()
-                if blocking is not None and budget >= blocking.timeout_s - 1e-6:
-                    stored = blocking.read(user_id, item_ids)
+            elif inline and budget > 0 and (blocking := _blocking_within(store, budget)) is not None:
+                stored = blocking.read(user_id, item_ids)
             if stored is None:
                 # asyncio.timeout, not wait_for: on Python 3.11 wait_for runs the read in one more Task
                 async with asyncio.timeout(max(budget, 0.0)):
@@ -126,3 +123,10 @@ class FeatureReader:
         if missing:
             flags["missing_items"] = [item_ids[i] for i in np.asarray(stored.missing_items).tolist()]
         return flags
+
+
+def _blocking_within(store: OnlineStore, budget: float) -> BlockingReader | None:
+    """The store's blocking reader, when its socket timeout fits ``budget`` (a longer one would
+    let a blocking read overrun the budget: such a read is awaited under the budget instead)."""
+    blocking = store.blocking_reader()
+    return blocking if blocking is not None and budget >= blocking.timeout_s - 1e-6 else None

@@ -135,12 +135,17 @@ def decode_body(raw: bytes, content_type: str | None) -> Any:
 def validate_score_request(value: Any, content_type: str | None) -> ScoreRequest:
     """A decoded body -> the request, or 422 naming each problem (never echoing the input)."""
     if type(value) is not dict:
-        raise GatewayError(422, "invalid_request", f"the body must be a JSON object (Content-Type: "
-                                                   f"application/json; got {content_type or 'none'})")
+        raise not_an_object(content_type)
     try:
         return ScoreRequest.model_validate(value)
     except ValidationError as exc:
         raise GatewayError(422, "invalid_request", describe_errors(exc.errors(include_url=False))) from None
+
+
+def not_an_object(content_type: str | None) -> GatewayError:
+    """The 422 for a body that is not a JSON object (absent, not JSON by its type, a list...)."""
+    return GatewayError(422, "invalid_request", f"the body must be a JSON object (Content-Type: "
+                                                f"application/json; got {content_type or 'none'})")
 
 
 def check_limits(request: ScoreRequest, api: ApiSettings) -> None:
