@@ -32,7 +32,9 @@ def _parse_data_overrides(items: list[str] | None) -> dict:
 def prepared_dir_for(dataset: str, overrides: dict | None = None) -> Path:
     from ctrserve.paths import settings
 
-    tag = "" if not overrides else "-" + "-".join(f"{k}{v}" for k, v in sorted(overrides.items()))
+    flat = {f"{k}.{sub}" if isinstance(v, dict) else k: (v[sub] if isinstance(v, dict) else v)
+            for k, v in (overrides or {}).items() for sub in (v if isinstance(v, dict) else [None])}
+    tag = "" if not flat else "-" + "-".join(f"{k}{v}" for k, v in sorted(flat.items()))
     return settings().processed_dir / f"{Path(dataset).stem}{tag}"
 
 
@@ -110,6 +112,13 @@ def _print_density(prepared: Path) -> None:
                       f"{s.oov_rate:.4f}" if s else "-", f"{s.density:.2f}" if s else "-")
     console.print(table)
     console.print("density order: " + ", ".join(fmap.density_order()))
+    if fmap.semantic_ids:
+        sid = fmap.semantic_ids
+        console.print(f"semantic IDs: {sid['levels']} levels x {sid['codebook']} codes; residual share after each "
+                      f"level {sid['residual_share']}; warm items {sid['warm_items']}, cold {sid['cold_items']} "
+                      f"({sid['cold_by_neighbour']} by content neighbour, {sid['cold_unknown']} unknown); "
+                      f"full-code collisions {sid['collision_rate']:.1%}"
+                      + (f"; item key {fmap.item_key.name} (not a model input)" if fmap.item_key else ""))
 
 
 def train_cmd(

@@ -67,10 +67,15 @@ class FeatureMap(BaseModel):
     features: list[FeatureInfo]
     sequences: list[SequenceInfo] = []
     num_rows: dict[str, int] = {}
+    #: the raw item id when it keys the store's items but is no model input (semantic IDs replace it)
+    item_key: FeatureInfo | None = None
+    #: how the semantic IDs were made (levels, codebook, residual share per level, cold items)
+    semantic_ids: dict[str, int | float | list[int] | list[float]] | None = None
 
     # -- lookups -------------------------------------------------------------------------
     def feature(self, name: str) -> FeatureInfo:
-        for f in self.features:
+        """A model input by name, or the item key."""
+        for f in [*self.features, *([self.item_key] if self.item_key else [])]:
             if f.name == name:
                 return f
         raise KeyError(f"feature {name!r} not in the feature map of {self.dataset!r}")

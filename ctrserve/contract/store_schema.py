@@ -10,6 +10,7 @@ normalised numbers), so the gateway only assembles tensors.
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 
 import numpy as np
 from pydantic import BaseModel, ConfigDict
@@ -46,6 +47,8 @@ class StoreSchema(BaseModel):
             return [f.name for f in fmap.features if f.side == side and f.kind == kind]
 
         item_sparse = names("item", "sparse")
+        if item_id_feature is None and fmap.item_key is not None:
+            return cls._build(fmap, fmap.item_key.name, item_sparse, names)
         if item_id_feature is None:
             # the sequence's item-id field names the item id; else the first item-side sparse feature
             first_target = fmap.sequences[0].targets[0] if fmap.sequences else None
@@ -55,6 +58,11 @@ class StoreSchema(BaseModel):
                 f"feature map {fmap.dataset!r}: no item-side sparse feature {item_id_feature!r} to key items by; "
                 f"item-side sparse features are {item_sparse}"
             )
+        return cls._build(fmap, item_id_feature, item_sparse, names)
+
+    @classmethod
+    def _build(cls, fmap: FeatureMap, item_id_feature: str, item_sparse: list[str],
+               names: Callable[[str, str], list[str]]) -> StoreSchema:
         user_sparse = names("user", "sparse")
         return cls(
             dataset=fmap.dataset,

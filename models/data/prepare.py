@@ -7,20 +7,23 @@ import contextlib
 import json
 import shutil
 import tempfile
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+from pydantic import ValidationError
 from tqdm.auto import tqdm
 
 from ctrserve.contract.feature_map import FeatureInfo, FeatureMap, SequenceInfo
 from ctrserve.contract.prepared import FEATURE_MAP_FILE, SPLITS, USER_KEY, VOCAB_FILE
 from ctrserve.contract.transforms import apply_dense, bucket_edges, bucketise
 from ctrserve.contract.vocab import Vocabulary
+from ctrserve.validation import describe
 
 from .datasets import RawSplits, load_raw
 from .density import dense_stats, sequence_stats, sparse_stats
+from .semantic_ids import add_semantic_ids
 from .spec import DatasetSpec, DenseSpec, SequenceSpec, SparseSpec, SpecError, load_spec
 
 
@@ -31,7 +34,8 @@ class Prepared:
 
 
 def apply_overrides(spec: DatasetSpec, overrides: dict[str, Any] | None) -> DatasetSpec:
-    """``max_len`` resizes every sequence; any other key is a loader source option."""
+    """``max_len`` resizes every sequence; ``semantic_ids.<option>`` sets an option of the spec's
+    semantic-ID block (e.g. ``semantic_ids.mode=replace``); any other key is a loader source option."""
     if not overrides:
         return spec
     overrides = dict(overrides)
@@ -41,8 +45,17 @@ def apply_overrides(spec: DatasetSpec, overrides: dict[str, Any] | None) -> Data
         for f in data["features"]:
             if f["type"] == "sequence":
                 f["max_len"] = max_len
+    sid = dict(overrides.pop("semantic_ids", None) or {})  # from --set semantic_ids.mode=... (nested)
+    sid.update({k.split(".", 1)[1]: overrides.pop(k) for k in list(overrides) if k.startswith("semantic_ids.")})
+    if sid:
+        if data.get("semantic_ids") is None:
+            raise SpecError(f"{spec.name}: the spec has no semantic_ids block to set {sorted(sid)} in")
+        data["semantic_ids"] = {**data["semantic_ids"], **sid}
     data["source"] = {**data["source"], **overrides}
-    return DatasetSpec.model_validate(data)
+    try:
+        return DatasetSpec.model_validate(data)
+    except ValidationError as exc:
+        raise SpecError(f"{spec.name}: invalid override: {describe(exc)}") from None
 
 
 def _check_raw(spec: DatasetSpec, raw: RawSplits) -> None:
@@ -90,6 +103,10 @@ def prepare(
     spec = apply_overrides(load_spec(dataset), overrides)
     raw = load_raw(spec.loader, data_dir, spec, **spec.source)
     _check_raw(spec, raw)
+    sid, sid_report = spec.semantic_ids, None
+    if sid is not None and sid.mode != "off":
+        spec, raw, sid_report = add_semantic_ids(spec, raw)
+        _check_raw(spec, raw)
     vocabs, dense_params = _fit(spec, raw["train"])
     out: dict[str, dict[str, np.ndarray]] = {split: {} for split in SPLITS}
     infos: list[FeatureInfo] = []
@@ -102,9 +119,13 @@ def prepare(
     for split in SPLITS:
         out[split][spec.label] = np.asarray(raw[split][spec.label], dtype=np.float32)
         out[split][USER_KEY] = np.unique(np.asarray(raw[split][spec.user_id]).astype(str), return_inverse=True)[1]
+    item_key = None
+    if sid is not None and sid.mode == "replace":
+        item_key = _encode_key(sid.item, raw, vocabs, out)
     fmap = FeatureMap(
         dataset=spec.name, label=spec.label, user_id=spec.user_id, features=infos, sequences=seq_infos,
-        num_rows={split: len(out[split][spec.label]) for split in SPLITS},
+        num_rows={split: len(out[split][spec.label]) for split in SPLITS}, item_key=item_key,
+        semantic_ids=asdict(sid_report) if sid_report else None,
     )
     _write(Path(out_dir), spec, out, fmap, vocabs)
     return Prepared(out_dir=Path(out_dir), feature_map=fmap)
@@ -160,6 +181,16 @@ def _encode_feature(f: SparseSpec | DenseSpec, raw: RawSplits, vocabs: dict[str,
         out[split][f.name] = apply_dense(raw[split][f.name], dense_params[f.name])
     return FeatureInfo(name=f.name, kind="dense", side=f.side, dtype="float32",
                        transform=dense_params[f.name], stats=dense_stats(train[f.name]))
+
+
+def _encode_key(name: str, raw: RawSplits, vocabs: dict[str, Vocabulary],
+                out: dict[str, dict[str, np.ndarray]]) -> FeatureInfo:
+    """The raw item id as the store's item key only (no model reads it): its vocabulary spans every
+    split, so items first seen after training are still keyed and served their semantic IDs."""
+    vocabs[name] = Vocabulary.fit([raw[split][name] for split in SPLITS])
+    for split in SPLITS:
+        out[split][name] = vocabs[name].encode(raw[split][name])
+    return FeatureInfo(name=name, kind="sparse", side="item", dtype="int64", vocab_size=len(vocabs[name]))
 
 
 def _encode_sequence(f: SequenceSpec, raw: RawSplits, vocabs: dict[str, Vocabulary],

@@ -66,6 +66,28 @@ class SequenceSpec(_Strict):
 FeatureSpec = SparseSpec | DenseSpec | SequenceSpec
 
 
+class SemanticIdSpec(_Strict):
+    """Hierarchical item codes made by ``data prepare`` (models/data/semantic_ids.py)."""
+
+    #: the item-side sparse feature holding the raw item ids
+    item: str
+    #: ``off``: item ids only; ``add``: codes beside the item id; ``replace``: codes instead of it
+    #: (the paper's setting; the raw id stays the store's item key, not a model input)
+    mode: Literal["off", "add", "replace"] = "off"
+    levels: int = Field(3, ge=1, le=8)
+    codebook: int = Field(32, ge=2)
+    #: size of the behaviour (PPMI-SVD) vectors
+    dim: int = Field(32, ge=2)
+    #: item-side sparse features whose values place items by content (and place cold items)
+    attributes: list[str] = Field(default_factory=list)
+    content_dim: int = Field(16, ge=1)
+    #: weight of the content part beside the behaviour part (both unit length)
+    content_weight: float = Field(0.5, ge=0.0)
+    #: cold items (no co-occurrence in training): nearest warm item by content, or one unknown code
+    cold: Literal["neighbour", "unknown"] = "neighbour"
+    seed: int = 2026
+
+
 class DatasetSpec(_Strict):
     name: str
     #: the loader registered in models.data.datasets that yields the raw splits
@@ -76,6 +98,7 @@ class DatasetSpec(_Strict):
     #: the raw column used to group rows for GAUC (need not be a model input)
     user_id: str
     features: list[FeatureSpec] = Field(..., min_length=1)
+    semantic_ids: SemanticIdSpec | None = None
 
     @model_validator(mode="after")
     def _check_names(self) -> DatasetSpec:
@@ -97,6 +120,11 @@ class DatasetSpec(_Strict):
                     raise ValueError(f"feature {f.name!r} shares {s!r}, which itself shares another")
         if self.label in names:
             raise ValueError(f"label {self.label!r} must not also be a feature")
+        sid = self.semantic_ids
+        if sid is not None:
+            bad = [n for n in [sid.item, *sid.attributes] if n not in sparse or sparse[n].side != "item"]
+            if bad:
+                raise ValueError(f"semantic_ids: {bad} are not item-side sparse features")
         return self
 
     @property
