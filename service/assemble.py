@@ -80,7 +80,9 @@ class Assembler:
         item_sparse = [f.name for f in fmap.features if f.side == "item" and f.kind == "sparse"]
         first = fmap.sequences[0].targets[0] if fmap.sequences else None
         item_id = first if first in item_sparse else (item_sparse or [None])[0]
-        self.item_id_feature = item_id if item_id in by_side else None
+        # semantic IDs in place of the item id: no input holds raw item ids, so none is encoded
+        # from them (a raw id looked up in a code vocabulary would be a silent wrong answer)
+        self.item_id_feature = item_id if item_id in by_side and fmap.item_key is None else None
 
     @classmethod
     def from_dir(cls, version_dir: Path) -> Assembler:

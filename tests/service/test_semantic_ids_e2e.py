@@ -64,3 +64,17 @@ def test_semantic_id_model_scores_equal_pytorch_over_http(sid_gateway, sid_expor
         assert diff <= 1e-4, f"user {probe.body['user_id']}: gateway differs from PyTorch by {diff:.2e}"
         checked += len(probe.rows)
     assert checked >= 50
+
+
+def test_missing_items_never_read_a_raw_id_as_a_code(sid_exported) -> None:
+    """An item the store does not answer for falls back to OOV codes, even when its raw id ("3")
+    spells a valid code: no input holds raw item ids in a semantic-ID model."""
+    from ctrserve.contract.feature_map import OOV_ID
+    from ctrserve.service.assemble import Assembler
+
+    asm = Assembler.from_dir(sid_exported.repo / "ctr" / "1")
+    assert asm.item_id_feature is None
+    assert "3" in json.loads((sid_exported.prepared / "vocab.json").read_text())["sid_1"]
+    stored = asm.cold_start("someone", ["3", "4"])
+    inputs = asm.assemble("someone", ["3", "4"], stored)
+    assert inputs["sid_1"].tolist() == [OOV_ID, OOV_ID]

@@ -20,6 +20,7 @@ sequence loaders (taobao).
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -89,36 +90,69 @@ def read_sequences(path: Path, max_users: int = 0) -> tuple[np.ndarray, np.ndarr
     return np.asarray(users), np.asarray(items, dtype=np.int64), np.asarray(offsets, dtype=np.int64)
 
 
-def read_attributes(path: Path, item_ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Brand (first attribute) and category (last attribute) per item in ``item_ids``; -1 if absent."""
+def read_attribute_table(path: Path) -> dict[str, list[int]]:
+    """``<Category>_item2attributes.json``: raw item id -> attribute ids (brand first, then the
+    category path from the root to the most specific category)."""
     try:
         table = json.loads(path.read_text())
     except json.JSONDecodeError as exc:
         raise ValueError(f"{path}: not valid JSON: {exc}") from None
     if not isinstance(table, dict):
         raise ValueError(f"{path}: expected a JSON object item -> [attribute ids]")
-    brand = np.full(item_ids.size, MISSING, dtype=np.int64)
-    cate = np.full(item_ids.size, MISSING, dtype=np.int64)
+    return table
+
+
+def attribute_column(table: dict[str, list[int]], item_ids: np.ndarray, position: int, min_len: int) -> np.ndarray:
+    """Per item in ``item_ids``: its attribute at ``position`` (negative counts from the end) when it
+    has at least ``min_len`` attributes, else -1."""
+    out = np.full(item_ids.size, MISSING, dtype=np.int64)
     for i, item in enumerate(item_ids.tolist()):
         attrs = table.get(str(item))
-        if not attrs:
-            continue
-        brand[i] = int(attrs[0])
-        if len(attrs) >= 2:
-            cate[i] = int(attrs[-1])
-    return brand, cate
+        if attrs and len(attrs) >= min_len:
+            out[i] = int(attrs[position])
+    return out
 
 
-@register_loader("amazon")
-def load(
-    data_dir: Path,
-    spec: Any,
-    path: str = "amazon",
-    category: str = "Sports_and_Outdoors",
-    seed: int = 2026,
-    max_users: int = 0,
-    **_: Any,
-) -> RawSplits:
+def read_attributes(table: dict[str, list[int]], item_ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Brand (first attribute) and category (last attribute) per item in ``item_ids``; -1 if absent."""
+    return attribute_column(table, item_ids, 0, 1), attribute_column(table, item_ids, -1, 2)
+
+
+@dataclass
+class Samples:
+    """The DIN-style rows before their columns are chosen: per row, the candidate (catalogue index),
+    the history (indices into the flat event array, ``-1`` past the user's first event), the user
+    and the split (0 train, 1 valid, 2 test)."""
+
+    users: np.ndarray  # raw user ids
+    catalogue: np.ndarray  # catalogue index -> raw item id
+    flat: np.ndarray  # the users' events as catalogue indices, per user in time order
+    attributes: dict[str, list[int]]
+    candidate: np.ndarray
+    history: np.ndarray  # [rows, max_len] indices into ``flat``
+    user: np.ndarray  # index into ``users``
+    label: np.ndarray
+    split: np.ndarray
+
+    def columns(self, brand: np.ndarray, cate: np.ndarray) -> dict[str, np.ndarray]:
+        hist_item = gather(self.flat, self.history)
+        return {
+            "label": self.label,
+            "user_id": self.users[self.user],
+            "item_id": self.catalogue[self.candidate],
+            "brand": brand[self.candidate],
+            "cate": cate[self.candidate],
+            "hist_item_id": gather(self.catalogue, hist_item),
+            "hist_brand": gather(brand, hist_item),
+            "hist_cate": gather(cate, hist_item),
+        }
+
+    def split_columns(self, cols: dict[str, np.ndarray]) -> RawSplits:
+        return {name: {k: v[self.split == code] for k, v in cols.items()}
+                for code, name in enumerate(("train", "valid", "test"))}
+
+
+def build_samples(data_dir: Path, spec: Any, path: str, category: str, seed: int, max_users: int) -> Samples:
     root = Path(data_dir) / path
     seq_file = root / f"{category}.txt"
     attr_file = root / f"{category}_item2attributes.json"
@@ -128,9 +162,9 @@ def load(
     max_len = spec.sequences[0].max_len if spec.sequences else 50
 
     users, flat_raw, offsets = read_sequences(seq_file, int(max_users))
+    attributes = read_attribute_table(attr_file)
     catalogue, flat = np.unique(flat_raw, return_inverse=True)  # dense item index 0..n_items-1
     n_items = catalogue.size
-    brand, cate = read_attributes(attr_file, catalogue)
 
     lengths = np.diff(offsets)
     user_of = np.repeat(np.arange(users.size), lengths)
@@ -150,21 +184,21 @@ def load(
     n = targets.size
     cand = np.empty(2 * n, dtype=np.int64)
     cand[0::2], cand[1::2] = flat[targets], neg
-    label = np.tile(np.array([1.0, 0.0], dtype=np.float32), n)
-    rows_hist = np.repeat(hist, 2, axis=0)
-    hist_item = gather(flat, rows_hist)
-    cols = {
-        "label": label,
-        "user_id": np.repeat(users[t_user], 2),
-        "item_id": catalogue[cand],
-        "brand": brand[cand],
-        "cate": cate[cand],
-        "hist_item_id": gather(catalogue, hist_item),
-        "hist_brand": gather(brand, hist_item),
-        "hist_cate": gather(cate, hist_item),
-    }
-    row_split = np.repeat(split_of, 2)
-    return {
-        name: {k: v[row_split == code] for k, v in cols.items()}
-        for code, name in enumerate(("train", "valid", "test"))
-    }
+    return Samples(users=users, catalogue=catalogue, flat=flat, attributes=attributes, candidate=cand,
+                   history=np.repeat(hist, 2, axis=0), user=np.repeat(t_user, 2),
+                   label=np.tile(np.array([1.0, 0.0], dtype=np.float32), n), split=np.repeat(split_of, 2))
+
+
+@register_loader("amazon")
+def load(
+    data_dir: Path,
+    spec: Any,
+    path: str = "amazon",
+    category: str = "Sports_and_Outdoors",
+    seed: int = 2026,
+    max_users: int = 0,
+    **_: Any,
+) -> RawSplits:
+    samples = build_samples(data_dir, spec, path, category, seed, max_users)
+    brand, cate = read_attributes(samples.attributes, samples.catalogue)
+    return samples.split_columns(samples.columns(brand, cate))
