@@ -157,6 +157,33 @@ def train_cmd(
         write_markdown()
 
 
+def tune_cmd(
+    model: Annotated[str, typer.Option(help="registered model name (ctrserve models)")],
+    dataset: Annotated[str, typer.Option(help="dataset name")],
+    trials: Annotated[int, typer.Option(min=1, help="finished trials to reach (a resumed study counts its own)")] = 20,
+    seed: Annotated[int, typer.Option(help="sampler seed and training seed of every trial")] = 1,
+    set_: SetOpt = None,
+    data_set: Annotated[list[str] | None, typer.Option("--data-set", help="dataset override, e.g. n_rows=5000")] = None,
+) -> None:
+    """Search the model's settings on the validation split (Optuna, models/configs/search.yaml): the
+    same budget for every model. Writes docs/tuning/<dataset>/<model>.json and a config for train."""
+    from ctrserve.paths import settings
+
+    from .train.config import parse_set
+    from .tune import tune
+
+    prepared = ensure_prepared(dataset, _parse_data_overrides(data_set))
+    try:
+        record = tune(model, dataset, prepared, settings().work_dir, trials, seed=seed,
+                      fixed=parse_set(set_ or []), command=invoked_command())
+    except ValueError as exc:
+        console.print(f"[red]error:[/] {exc}")
+        raise typer.Exit(2) from None
+    best = record["best"]
+    console.print(f"[bold green]{model}[/] on {dataset}: best valid AUC {best['valid_auc']:.4f} "
+                  f"(trial {best['number']} of {len(record['trials'])}): {best['values']}")
+
+
 def eval_cmd(
     run: Annotated[Path, typer.Option(help="run directory written by ctrserve train")],
     split: Annotated[str, typer.Option(help="valid or test")] = "test",

@@ -111,11 +111,14 @@ def train(
     command: str = "",
     model_hook: Callable[[nn.Module, dict[str, np.ndarray]], None] | None = None,
     progress: bool = True,
+    on_epoch: Callable[[int, dict[str, float]], None] | None = None,
 ) -> TrainResult:
     """Train ``cfg.model`` on a prepared dataset and write a run directory.
 
     ``model_hook(model, train_arrays)`` runs after training (best weights restored) and before
     the test evaluation; models use it for post-training steps such as mask calibration.
+    ``on_epoch(epoch, valid_metrics)`` runs after each epoch's validation (a tuner's pruning hook:
+    an exception it raises stops the run before anything is written).
     """
     t = cfg.train
     if t.threads:
@@ -152,6 +155,8 @@ def train(
         if progress:
             print(f"epoch {epoch}: train_loss={total / max(n, 1):.4f} valid_auc={valid['auc']:.4f} "
                   f"valid_logloss={valid['logloss']:.4f} lr={lr:g} ({epoch_seconds[-1]:.1f}s)", flush=True)
+        if on_epoch is not None:
+            on_epoch(epoch, valid)
         if valid["auc"] > best_auc:
             best_auc, best_epoch, bad_epochs = valid["auc"], epoch, 0
             best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}

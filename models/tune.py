@@ -1,0 +1,135 @@
+"""``ctrserve tune``: one search budget for every model, chosen on the validation split (Optuna).
+
+A fair contest gives each model the same number of trials from the same search procedure: a TPE
+sampler with a fixed seed over the space in ``models/configs/search.yaml`` (a ``Base`` block shared
+by every model plus the model's own block), and a median pruner on the per-epoch validation AUC.
+Each trial trains with the model's dataset defaults plus the sampled values; the objective is the
+best validation AUC (the test split is never looked at). Written:
+
+- ``docs/tuning/<dataset>/<model>.json``: the command, the search space and every trial (values,
+  validation AUC, epochs, state): the record of the search;
+- ``models/configs/tuned/<dataset>/<model>.yaml``: the best values as a ``Base`` block, used with
+  ``ctrserve train --config`` for the seeded runs.
+
+The study lives in ``work/tuning/<dataset>/<model>.db`` (SQLite), so an interrupted search resumes.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import optuna
+import yaml
+
+from .train.config import resolve_config
+from .train.trainer import train
+
+SEARCH_FILE = Path(__file__).resolve().parent / "configs" / "search.yaml"
+REPO = Path(__file__).resolve().parents[1]
+
+
+def search_space(model: str, path: Path = SEARCH_FILE) -> dict[str, dict[str, Any]]:
+    """The Base block merged with the model's block: ``"train.lr" -> {low, high, log} | {choice}``."""
+    doc = yaml.safe_load(path.read_text()) or {}
+    space = {**(doc.get("Base") or {}), **(doc.get(model) or {})}
+    for key, spec in space.items():
+        if key.split(".", 1)[0] not in ("train", "model") or "." not in key:
+            raise ValueError(f"{path}: search key {key!r} must be train.X or model.X")
+        if "choice" not in spec and not {"low", "high"} <= set(spec):
+            raise ValueError(f"{path}: {key!r} needs `choice` or `low` and `high`")
+    return space
+
+
+def suggest(trial: optuna.Trial, space: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    """One value per key; list-valued choices travel as their JSON text (Optuna stores scalars)."""
+    values: dict[str, Any] = {}
+    for key, spec in space.items():
+        if "choice" in spec:
+            options = [json.dumps(c) if isinstance(c, list) else c for c in spec["choice"]]
+            picked = trial.suggest_categorical(key, options)
+            values[key] = json.loads(picked) if isinstance(picked, str) and picked.startswith("[") else picked
+        else:
+            values[key] = trial.suggest_float(key, float(spec["low"]), float(spec["high"]), log=bool(spec.get("log")))
+    return values
+
+
+def as_overrides(values: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """``{"train.lr": 1e-3, "model.x": 2}`` -> ``{"train": {"lr": 1e-3}, "model": {"x": 2}}``."""
+    out: dict[str, dict[str, Any]] = {"train": {}, "model": {}}
+    for key, value in values.items():
+        block, name = key.split(".", 1)
+        out[block][name] = value
+    return out
+
+
+def objective(model: str, dataset: str, prepared: Path, runs_dir: Path, space: dict[str, dict[str, Any]],
+              seed: int, fixed: dict[str, Any] | None = None) -> Callable[[optuna.Trial], float]:
+    def run(trial: optuna.Trial) -> float:
+        values = suggest(trial, space)
+        overrides = as_overrides(values)
+        for block, settings in (fixed or {}).items():
+            overrides[block] = {**overrides.get(block, {}), **settings}
+        cfg = resolve_config(model, dataset, overrides=overrides, seed=seed, variant=f"tune-{trial.number}")
+
+        def report(epoch: int, valid: dict[str, float]) -> None:
+            trial.report(valid["auc"], epoch)
+            if trial.should_prune():
+                raise optuna.TrialPruned(f"valid AUC {valid['auc']:.4f} at epoch {epoch}")
+
+        result = train(cfg, prepared, runs_dir, progress=False, on_epoch=report)
+        trial.set_user_attr("epochs", result.metrics["epochs"])
+        trial.set_user_attr("best_epoch", result.metrics["best_epoch"])
+        return float(result.metrics["best_valid_auc"])
+
+    return run
+
+
+def tune(model: str, dataset: str, prepared: Path, work: Path, trials: int, seed: int = 1,
+         fixed: dict[str, Any] | None = None, command: str = "", out_root: Path = REPO) -> dict[str, Any]:
+    """Run (or resume) the study up to ``trials`` finished trials; write the record and the config.
+    ``fixed`` (``{"train": {...}, "model": {...}}``) holds settings out of the search for every trial."""
+    held = {f"{block}.{name}" for block, settings in (fixed or {}).items() for name in settings}
+    space = {key: spec for key, spec in search_space(model).items() if key not in held}
+    db = work / "tuning" / dataset / f"{model}.db"
+    db.parent.mkdir(parents=True, exist_ok=True)
+    study = optuna.create_study(
+        study_name=f"{dataset}-{model}", storage=f"sqlite:///{db}", load_if_exists=True, direction="maximize",
+        sampler=optuna.samplers.TPESampler(seed=seed),
+        pruner=optuna.pruners.MedianPruner(n_startup_trials=3, n_warmup_steps=2),
+    )
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    done = [t for t in study.trials if t.state.is_finished()]
+    if len(done) < trials:
+        study.optimize(objective(model, dataset, prepared, db.parent / "runs", space, seed, fixed),
+                       n_trials=trials - len(done))
+    record = write_record(study, model, dataset, space, fixed, command, out_root)
+    return record
+
+
+def write_record(study: optuna.Study, model: str, dataset: str, space: dict[str, Any], fixed: dict[str, Any] | None,
+                 command: str, out_root: Path) -> dict[str, Any]:
+    trials = [{"number": t.number, "state": t.state.name, "valid_auc": t.value, "params": t.params,
+               "epochs": t.user_attrs.get("epochs")} for t in study.trials]
+    complete = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
+    if not complete:
+        raise RuntimeError(f"{dataset}/{model}: no trial finished")
+    best = max(complete, key=lambda t: t.value)
+    best_values = suggest(optuna.trial.FixedTrial(best.params), space)
+    record = {"model": model, "dataset": dataset, "command": command, "search_space": space, "fixed": fixed or {},
+              "trials": trials, "best": {"number": best.number, "valid_auc": best.value, "values": best_values}}
+    out = out_root / "docs" / "tuning" / dataset / f"{model}.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(record, indent=1) + "\n")
+    cfg = out_root / "models" / "configs" / "tuned" / dataset / f"{model}.yaml"
+    cfg.parent.mkdir(parents=True, exist_ok=True)
+    header = (f"# Chosen by `{command}` (trial {best.number} of {len(trials)}: valid AUC {best.value:.4f});\n"
+              f"# every trial: docs/tuning/{dataset}/{model}.json. "
+              f"Use: ctrserve train --config {cfg.relative_to(out_root)}\n")
+    overrides = as_overrides(best_values)
+    for block, settings in (fixed or {}).items():
+        overrides[block] = {**overrides.get(block, {}), **settings}
+    cfg.write_text(header + yaml.safe_dump({"Base": overrides}, sort_keys=True))
+    return record

@@ -1,0 +1,73 @@
+"""``ctrserve tune``: one study on the tiny synthetic data — the record, the config it hands to
+``train``, resuming, and a pruned trial that stops training."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import optuna
+import pytest
+
+from ctrserve.models.train.config import resolve_config
+from ctrserve.models.tune import as_overrides, search_space, suggest, tune
+
+pytestmark = pytest.mark.slow
+
+FIXED = {"train": {"max_epochs": 2, "batch_size": 512, "threads": 1}, "model": {"embedding_dim": 4, "hidden": [8]}}
+
+
+def test_search_space_merges_base_and_model_blocks_and_names_bad_keys(tmp_path: Path) -> None:
+    space = search_space("mgdin")
+    assert {"train.lr", "train.embedding_reg", "model.head_embeddings", "model.windows"} <= set(space)
+    assert "model.cross_layers" not in space
+    bad = tmp_path / "search.yaml"
+    bad.write_text("Base:\n  lr: {low: 1, high: 2}\n")
+    with pytest.raises(ValueError, match="train.X or model.X"):
+        search_space("dnn", bad)
+
+
+def test_list_choices_come_back_as_lists() -> None:
+    space = {"model.hidden": {"choice": [[8, 4], [16]]}, "train.lr": {"low": 1e-3, "high": 1e-2, "log": True}}
+    values = suggest(optuna.trial.FixedTrial({"model.hidden": "[16]", "train.lr": 2e-3}), space)
+    assert values == {"model.hidden": [16], "train.lr": 2e-3}
+    assert as_overrides(values) == {"train": {"lr": 2e-3}, "model": {"hidden": [16]}}
+
+
+def test_a_study_records_every_trial_and_hands_its_best_to_train(tiny_prepared: Path, tmp_path: Path) -> None:
+    record = tune("dnn", "synthetic", tiny_prepared, tmp_path / "work", trials=2, fixed=FIXED,
+                  command="ctrserve tune --model dnn --dataset synthetic", out_root=tmp_path)
+    saved = json.loads((tmp_path / "docs" / "tuning" / "synthetic" / "dnn.json").read_text())
+    assert saved == json.loads(json.dumps(record))
+    assert len(saved["trials"]) == 2 and all(t["state"] == "COMPLETE" for t in saved["trials"])
+    aucs = [t["valid_auc"] for t in saved["trials"]]
+    assert saved["best"]["valid_auc"] == max(aucs) and 0.5 < max(aucs) <= 1.0
+    # the two trials sampled different settings
+    assert saved["trials"][0]["params"] != saved["trials"][1]["params"]
+    cfg_file = tmp_path / "models" / "configs" / "tuned" / "synthetic" / "dnn.yaml"
+    cfg = resolve_config("dnn", "synthetic", config_file=cfg_file)
+    best = saved["best"]["values"]
+    assert cfg.train.lr == pytest.approx(best["train.lr"]) and cfg.params["dropout"] == best["model.dropout"]
+    # settings held fixed are not searched, and travel with the chosen ones
+    assert "model.hidden" not in saved["search_space"] and "model.hidden" not in best
+    assert cfg.train.max_epochs == 2 and cfg.params["hidden"] == [8]
+    assert "valid AUC" in cfg_file.read_text().splitlines()[0]
+    # resuming with the same budget trains nothing more
+    again = tune("dnn", "synthetic", tiny_prepared, tmp_path / "work", trials=2, fixed=FIXED, out_root=tmp_path)
+    assert [t["valid_auc"] for t in again["trials"]] == aucs
+
+
+def test_on_epoch_can_stop_a_run_before_it_writes(tiny_prepared: Path, tmp_path: Path) -> None:
+    from ctrserve.models.train.trainer import train
+
+    seen = []
+
+    def stop(epoch: int, valid: dict[str, float]) -> None:
+        seen.append((epoch, valid["auc"]))
+        raise optuna.TrialPruned("enough")
+
+    cfg = resolve_config("dnn", "synthetic", overrides=FIXED, seed=1)
+    with pytest.raises(optuna.TrialPruned):
+        train(cfg, tiny_prepared, tmp_path / "runs", progress=False, on_epoch=stop)
+    assert len(seen) == 1 and seen[0][0] == 1
+    assert not (tmp_path / "runs").exists()
