@@ -20,7 +20,7 @@ import numpy as np
 
 from ctrserve.contract.feature_map import OOV_ID, PAD_ID, FeatureInfo, FeatureMap
 from ctrserve.contract.manifest import Manifest, TensorSpec
-from ctrserve.contract.transforms import apply_dense, bucket_edges, bucketise
+from ctrserve.contract.transforms import apply_dense, bucket_edges, bucketise, history_match
 from ctrserve.contract.vocab import Vocabulary
 from ctrserve.feature_store.base import RequestFeatures
 
@@ -69,10 +69,18 @@ class Assembler:
         if not any(i.spec.side == "candidate" for i in self.inputs):
             raise ValueError(f"manifest {manifest.name} v{manifest.version} has no candidate-side input")
         by_side = {i.spec.name: i for i in self.inputs}
+        #: candidate–history match features, computed from two other inputs after those are built
+        self.derived = [i for i in self.inputs if i.info.derived is not None]
+        for inp in self.derived:
+            need = {inp.info.derived.field, inp.info.derived.target} - set(by_side)
+            if need:
+                raise ValueError(f"manifest input {inp.spec.name!r} is computed from {sorted(need)}, "
+                                 "which are not inputs of the model")
+        settable = {n: i for n, i in by_side.items() if i.info.derived is None}
         #: names a request's ``context`` may set: user profile, history fields, context features
-        self.context_keys = frozenset(n for n, i in by_side.items() if i.info.side in ("user", "context"))
+        self.context_keys = frozenset(n for n, i in settable.items() if i.info.side in ("user", "context"))
         #: names one candidate's ``features`` may set: item and context features
-        self.candidate_keys = frozenset(n for n, i in by_side.items() if i.info.side in ("item", "context"))
+        self.candidate_keys = frozenset(n for n, i in settable.items() if i.info.side in ("item", "context"))
         self._sequences = {s.name: [f for f in s.fields if f in by_side] for s in fmap.sequences}
         # raw ids are encoded directly for cold-start users/items (the vocabulary knows them)
         user_sparse = [f.name for f in fmap.features if f.side == "user" and f.kind == "sparse"]
@@ -209,6 +217,8 @@ class Assembler:
         out: dict[str, np.ndarray] = {}
         for inp in self.inputs:
             spec, info, name = inp.spec, inp.info, inp.spec.name
+            if info.derived is not None:
+                continue
             if spec.side == "user":
                 if info.kind == "sequence":
                     length = int(spec.shape[-1]) if spec.shape[-1] > 0 else int(info.max_len or 0)
@@ -244,6 +254,12 @@ class Assembler:
                 if name in feats:
                     col[i] = inp.encode(feats[name])
             out[name] = col
+        for inp in self.derived:
+            d = inp.info.derived
+            match = history_match(out[d.field].reshape(-1, out[d.field].shape[-1]), out[d.target], d.op)
+            out[inp.spec.name] = match.reshape(b, *inp.spec.shape[1:]).astype(inp.dtype)
+        if self.derived:  # back to manifest order, as the backends expect
+            return {i.spec.name: out[i.spec.name] for i in self.inputs}
         return out
 
     def warmup_inputs(self, candidates: int) -> dict[str, np.ndarray]:

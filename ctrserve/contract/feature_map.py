@@ -30,6 +30,18 @@ class DensityStats(BaseModel):
     density: float
 
 
+class Derived(BaseModel):
+    """A feature computed from other inputs, offline and online alike
+    (``ctrserve.contract.transforms.history_match``): never stored, never sent by a client."""
+
+    model_config = ConfigDict(extra="forbid")
+    op: Literal["share", "recency"]
+    #: the behaviour-sequence field compared with the candidate
+    field: str
+    #: the candidate's sparse feature that field shares its vocabulary with
+    target: str
+
+
 class FeatureInfo(BaseModel):
     model_config = ConfigDict(extra="forbid")
     name: str
@@ -46,6 +58,8 @@ class FeatureInfo(BaseModel):
     stats: DensityStats | None = None
     #: dense normalisation parameters, applied the same way online
     transform: dict[str, float | str] | None = None
+    #: set for a candidate–history match feature (dense, item side), computed from two other inputs
+    derived: Derived | None = None
 
 
 class SequenceInfo(BaseModel):

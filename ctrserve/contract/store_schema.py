@@ -44,7 +44,8 @@ class StoreSchema(BaseModel):
     @classmethod
     def from_feature_map(cls, fmap: FeatureMap, item_id_feature: str | None = None) -> StoreSchema:
         def names(side: str, kind: str) -> list[str]:
-            return [f.name for f in fmap.features if f.side == side and f.kind == kind]
+            # derived features are computed from the others at assembly time, never stored
+            return [f.name for f in fmap.features if f.side == side and f.kind == kind and f.derived is None]
 
         item_sparse = names("item", "sparse")
         if item_id_feature is None and fmap.item_key is not None:

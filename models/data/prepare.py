@@ -15,16 +15,16 @@ import numpy as np
 from pydantic import ValidationError
 from tqdm.auto import tqdm
 
-from ctrserve.contract.feature_map import FeatureInfo, FeatureMap, SequenceInfo
+from ctrserve.contract.feature_map import Derived, FeatureInfo, FeatureMap, SequenceInfo
 from ctrserve.contract.prepared import FEATURE_MAP_FILE, SPLITS, USER_KEY, VOCAB_FILE
-from ctrserve.contract.transforms import apply_dense, bucket_edges, bucketise
+from ctrserve.contract.transforms import apply_dense, bucket_edges, bucketise, history_match
 from ctrserve.contract.vocab import Vocabulary
 from ctrserve.validation import describe
 
 from .datasets import RawSplits, load_raw
 from .density import dense_stats, sequence_stats, sparse_stats
 from .semantic_ids import add_semantic_ids
-from .spec import DatasetSpec, DenseSpec, SequenceSpec, SparseSpec, SpecError, load_spec
+from .spec import DatasetSpec, DenseSpec, MatchSpec, SequenceSpec, SparseSpec, SpecError, load_spec
 
 
 @dataclass
@@ -65,6 +65,8 @@ def _check_raw(spec: DatasetSpec, raw: RawSplits) -> None:
         cols = raw[split]
         need = [spec.label, spec.user_id]
         for f in spec.features:
+            if isinstance(f, MatchSpec):
+                continue  # computed from the encoded columns
             need += [fld.name for fld in f.fields] if isinstance(f, SequenceSpec) else [f.name]
         missing = [c for c in need if c not in cols]
         if missing:
@@ -114,8 +116,9 @@ def prepare(
     for f in tqdm(spec.features, desc=f"{spec.name}: encode", leave=False):
         if isinstance(f, SequenceSpec):
             seq_infos.append(_encode_sequence(f, raw, vocabs, out, infos))
-        else:
+        elif not isinstance(f, MatchSpec):
             infos.append(_encode_feature(f, raw, vocabs, dense_params, out))
+    infos += [_encode_match(f, spec, out) for f in spec.features if isinstance(f, MatchSpec)]
     for split in SPLITS:
         out[split][spec.label] = np.asarray(raw[split][spec.label], dtype=np.float32)
         out[split][USER_KEY] = np.unique(np.asarray(raw[split][spec.user_id]).astype(str), return_inverse=True)[1]
@@ -181,6 +184,17 @@ def _encode_feature(f: SparseSpec | DenseSpec, raw: RawSplits, vocabs: dict[str,
         out[split][f.name] = apply_dense(raw[split][f.name], dense_params[f.name])
     return FeatureInfo(name=f.name, kind="dense", side=f.side, dtype="float32",
                        transform=dense_params[f.name], stats=dense_stats(train[f.name]))
+
+
+def _encode_match(f: MatchSpec, spec: DatasetSpec, out: dict[str, dict[str, np.ndarray]]) -> FeatureInfo:
+    """A candidate–history match column from the encoded history field and candidate feature, with
+    the same function the gateway applies online."""
+    target = next(fld.share for seq in spec.sequences for fld in seq.fields if fld.name == f.field)
+    for split in SPLITS:
+        out[split][f.name] = history_match(out[split][f.field], out[split][target], f.op)
+    return FeatureInfo(name=f.name, kind="dense", side="item", dtype="float32", transform={"kind": "none"},
+                       derived=Derived(op=f.op, field=f.field, target=target),
+                       stats=dense_stats(out["train"][f.name]))
 
 
 def _encode_key(name: str, raw: RawSplits, vocabs: dict[str, Vocabulary],

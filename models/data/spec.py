@@ -63,7 +63,18 @@ class SequenceSpec(_Strict):
     fields: list[SequenceField] = Field(..., min_length=1)
 
 
-FeatureSpec = SparseSpec | DenseSpec | SequenceSpec
+class MatchSpec(_Strict):
+    """A candidate–history match feature: how the candidate's value of the sparse feature that
+    ``field`` shares relates to that history field (``share`` of the events with it, or the
+    ``recency`` of the latest one). Computed from the encoded inputs offline and in the gateway."""
+
+    name: str
+    type: Literal["match"] = "match"
+    field: str
+    op: Literal["share", "recency"]
+
+
+FeatureSpec = SparseSpec | DenseSpec | SequenceSpec | MatchSpec
 
 
 class SemanticIdSpec(_Strict):
@@ -120,6 +131,10 @@ class DatasetSpec(_Strict):
                     raise ValueError(f"feature {f.name!r} shares {s!r}, which itself shares another")
         if self.label in names:
             raise ValueError(f"label {self.label!r} must not also be a feature")
+        fields = {fld.name: fld.share for f in self.sequences for fld in f.fields}
+        for f in self.features:
+            if isinstance(f, MatchSpec) and f.field not in fields:
+                raise ValueError(f"match feature {f.name!r}: {f.field!r} is not a sequence field ({sorted(fields)})")
         sid = self.semantic_ids
         if sid is not None:
             bad = [n for n in [sid.item, *sid.attributes] if n not in sparse or sparse[n].side != "item"]

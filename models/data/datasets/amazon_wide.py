@@ -11,6 +11,10 @@ Same rows, labels, negatives and splits as ``amazon`` (one ``build_samples``). A
   future): length, distinct leaf categories, the most frequent leaf category and second level,
   and the share of the history in its most frequent brand.
 
+The spec adds three candidate–history match features (share of the history in the candidate's
+brand and category, recency of the last same-category event): ``data prepare`` and the gateway
+compute them from the encoded inputs with one function, so they are not loader columns.
+
 At serving time the user aggregates are profile features of the user's latest row (the bulk load
 takes each user's latest row), so they describe the same history the stored sequence holds.
 """
