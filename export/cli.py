@@ -27,6 +27,8 @@ def export_cmd(
     tolerance: Annotated[float, typer.Option(help="max abs difference of probabilities")] = 1e-4,
     opset: Annotated[int | None, typer.Option(help="ONNX opset (default: the exporter's)")] = None,
     force: Annotated[bool, typer.Option(help="replace an existing version directory")] = False,
+    grouped: Annotated[bool, typer.Option(
+        help="also export the multi-user graph (user inputs [R, ...], user_index [B]) behind its own gate")] = False,
     config_only: Annotated[bool, typer.Option(
         help="only regenerate --out/--name/config.pbtxt (e.g. another --flavour) from the exported manifests")] = False,
 ) -> None:
@@ -62,7 +64,7 @@ def export_cmd(
         console.print(f"[yellow]warning:[/] --parity-rows {parity_rows} is below the 1,000 rows the gate is meant for")
     try:
         result = export_run(run, format, out, name=name, version=version, options=options, parity_rows=parity_rows,
-                            tolerance=tolerance, opset=opset, force=force)
+                            tolerance=tolerance, opset=opset, force=force, grouped=grouped)
     except ParityError as exc:
         console.print(f"[red]export failed the parity gate; nothing was written[/]\n{exc}")
         raise typer.Exit(1) from None
@@ -71,6 +73,10 @@ def export_cmd(
         raise typer.Exit(2) from None
     m = result.manifest
     console.print(m.parity.report())
+    if m.grouped is not None:
+        console.print(f"multi-user graph {m.grouped.file}: {m.grouped.parity.report()}")
+    elif grouped:
+        console.print(f"[yellow]no multi-user graph:[/] {m.grouped_reason}")
     console.print(f"[bold green]{m.name}[/] version {m.version} ({m.format}, {m.exporter.tool}"
                   f"{f', opset {m.exporter.opset}' if m.exporter.opset else ''}) -> {result.version_dir}\n"
                   f"config ({flavour}): {result.config_path}")

@@ -38,6 +38,7 @@ from ctrserve.contract.manifest import (
     list_versions,
 )
 
+from .grouped import export_grouped
 from .parity import (
     DEFAULT_ROWS,
     DEFAULT_TOLERANCE,
@@ -236,9 +237,11 @@ def export_run(
     tolerance: float = DEFAULT_TOLERANCE,
     opset: int | None = None,
     force: bool = False,
+    grouped: bool = False,
 ) -> ExportResult:
     """Export one run as version ``version`` (default: next free) of model ``name`` (default: the
-    registry name). Raises ``ParityError`` (nothing written) when the gate fails."""
+    registry name). Raises ``ParityError`` (nothing written) when the gate fails. ``grouped`` adds
+    the multi-user graph (``export/grouped.py``) behind its own gate."""
     if fmt not in MODEL_FILES:
         raise ExportError(f"unknown format {fmt!r}; choose one of {sorted(MODEL_FILES)}")
     options = options or RepoOptions()
@@ -280,6 +283,8 @@ def export_run(
         file = stage / MODEL_FILES[fmt]
         user_side, user_side_reason, exporter, parity = _build_and_check(model, fmap, fmt, file, opset, rows,
                                                                          splits, tolerance)
+        multi, multi_reason = (export_grouped(model, fmap, fmt, stage, opset, rows, tolerance, parity.runtime)
+                               if grouped else (None, ""))
 
         vocab = run_dir / "vocab.json"
         if vocab.exists():
@@ -292,7 +297,7 @@ def export_run(
                           or None),
             store=store_info(prepared),
             parity=parity, exporter=exporter, exported_at=datetime.now(UTC),
-            user_side=user_side, user_side_reason=user_side_reason,
+            user_side=user_side, user_side_reason=user_side_reason, grouped=multi, grouped_reason=multi_reason,
         )
         manifest.save(stage / MANIFEST_FILE)
         write_model_py(stage / MODEL_PY)

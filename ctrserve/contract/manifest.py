@@ -116,6 +116,17 @@ class StoreInfo(BaseModel):
     prepared_dir: str | None = None
 
 
+class GroupedSignature(BaseModel):
+    """The multi-user graph beside the single-user one (``export/grouped.py``): user-side inputs
+    ``[R, ...]``, candidate-side inputs ``[B, ...]`` and ``index_input`` ``[B]`` (each candidate's
+    user row), for running several requests in one call."""
+
+    model_config = ConfigDict(extra="forbid")
+    file: str
+    index_input: str
+    parity: ParityResult
+
+
 class Manifest(BaseModel):
     model_config = ConfigDict(extra="forbid", protected_namespaces=())
     schema_version: int = SCHEMA_VERSION
@@ -151,6 +162,10 @@ class Manifest(BaseModel):
     user_side: Literal["shared", "expanded"] = "expanded"
     #: why ``expanded`` shipped (the shared form failed to export or failed parity); empty if shared
     user_side_reason: str = ""
+    #: the multi-user graph, when exported (``ctrserve export --grouped``) and through its gate
+    grouped: GroupedSignature | None = None
+    #: why it is absent although asked for (export or parity failure); empty otherwise
+    grouped_reason: str = ""
 
     @property
     def user_inputs(self) -> list[TensorSpec]:
