@@ -72,6 +72,13 @@ class ModelRegistry:
             raise ModelLoadError(f"{manifest.name} v{manifest.version} is {manifest.format}; the embedded backend "
                                  "runs ONNX only (serve TorchScript through Triton)")
         s = self.settings
+        if s.batch_max_candidates and manifest.grouped is not None:
+            from .backends.batching import BatchingBackend
+
+            grouped = OnnxRuntimeBackend(manifest.name, manifest.version, version_dir / manifest.grouped.file,
+                                         manifest.output.name, s.pool_threads, s.ort_intra_op_threads,
+                                         s.ort_inter_op_threads, s.ort_spinning)
+            return BatchingBackend(manifest, grouped, s.batch_max_candidates, s.batch_max_wait_ms / 1000)
         return OnnxRuntimeBackend(manifest.name, manifest.version, version_dir / manifest.file, manifest.output.name,
                                   s.pool_threads, s.ort_intra_op_threads, s.ort_inter_op_threads, s.ort_spinning)
 

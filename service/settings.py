@@ -129,6 +129,13 @@ class BackendSettings(BaseSettings):
     auto_overlap_s: float = Field(0.5, ge=0, description="`auto` execution: after requests overlapped, even a lone "
                                                          "request takes the thread path for this long (0: only "
                                                          "requests scored together do).")
+    batch_max_candidates: int = Field(0, ge=0, description="Embedded ONNX Runtime: run concurrent requests for one "
+                                                            "model version as one call of its multi-user graph "
+                                                            "(`ctrserve export --grouped`) holding up to this many "
+                                                            "candidates; 0: off (docs/gateway.md, \"Batching requests together\").")
+    batch_max_wait_ms: float = Field(0.2, ge=0, description="Batching: how long the oldest queued request may wait "
+                                                             "for batch-mates while another call of the version "
+                                                             "runs (a lone request never waits).")
     warmup_candidates: int = Field(16, ge=1, description="Candidates in the warm-up request run at model load.")
     load_timeout_s: float = Field(60.0, gt=0, description="Budget to load and warm one model (and wait for Triton).")
 
