@@ -152,7 +152,9 @@ class Samples:
                 for code, name in enumerate(("train", "valid", "test"))}
 
 
-def build_samples(data_dir: Path, spec: Any, path: str, category: str, seed: int, max_users: int) -> Samples:
+def build_samples(data_dir: Path, spec: Any, path: str = "amazon", category: str = "Sports_and_Outdoors",
+                  seed: int = 2026, max_users: int = 0, **_: Any) -> Samples:
+    """The rows of one category (the spec's ``source`` options; any other option is ignored)."""
     root = Path(data_dir) / path
     seq_file = root / f"{category}.txt"
     attr_file = root / f"{category}_item2attributes.json"
@@ -190,15 +192,7 @@ def build_samples(data_dir: Path, spec: Any, path: str, category: str, seed: int
 
 
 @register_loader("amazon")
-def load(
-    data_dir: Path,
-    spec: Any,
-    path: str = "amazon",
-    category: str = "Sports_and_Outdoors",
-    seed: int = 2026,
-    max_users: int = 0,
-    **_: Any,
-) -> RawSplits:
-    samples = build_samples(data_dir, spec, path, category, seed, max_users)
+def load(data_dir: Path, spec: Any, **source: Any) -> RawSplits:
+    samples = build_samples(data_dir, spec, **source)
     brand, cate = read_attributes(samples.attributes, samples.catalogue)
     return samples.split_columns(samples.columns(brand, cate))

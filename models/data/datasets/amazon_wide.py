@@ -69,16 +69,8 @@ def history_aggregates(hist_item: np.ndarray, brand: np.ndarray, cate: np.ndarra
 
 
 @register_loader("amazon_wide")
-def load(
-    data_dir: Path,
-    spec: Any,
-    path: str = "amazon",
-    category: str = "Sports_and_Outdoors",
-    seed: int = 2026,
-    max_users: int = 0,
-    **_: Any,
-) -> RawSplits:
-    samples = build_samples(data_dir, spec, path, category, seed, max_users)
+def load(data_dir: Path, spec: Any, **source: Any) -> RawSplits:
+    samples = build_samples(data_dir, spec, **source)
     table, catalogue = samples.attributes, samples.catalogue
     brand, cate = read_attributes(table, catalogue)
     # attributes: brand, then the category path from the category itself down to the leaf

@@ -24,7 +24,7 @@ import numpy as np
 import pandas as pd
 
 from . import RawSplits, register_loader
-from .frappe import read_libsvm
+from .frappe import load as load_libsvm
 
 META_SPARSE = ["category", "downloads", "developer", "language"]
 MISSING = "unknown"
@@ -74,10 +74,7 @@ def join_meta(split: dict[str, np.ndarray], meta: pd.DataFrame, item_pop: pd.Ser
 
 @register_loader("frappe_meta")
 def load(data_dir: Path, spec: Any, path: str = "frappe", **_: Any) -> RawSplits:
-    root = Path(data_dir) / path
-    if not root.exists():
-        raise FileNotFoundError(f"Frappe data not found at {root} (set CTRSERVE_DATA_DIR)")
-    splits = {split: read_libsvm(root / f"{split}.libsvm") for split in ("train", "valid", "test")}
-    meta = read_meta(root / "raw" / "meta.csv")
+    splits = load_libsvm(data_dir, spec, path=path)
+    meta = read_meta(Path(data_dir) / path / "raw" / "meta.csv")
     item_pop, users = _aggregates(splits["train"], meta)
     return {name: join_meta(cols, meta, item_pop, users) for name, cols in splits.items()}
