@@ -15,7 +15,8 @@ and 100 users, so its AUC spreads wider: over 10 models x 20 initial seeds, untr
 mean 0.498, std 0.071, range 0.36-0.68; the bar is 3.1 of those std above 0.5. Trained (3
 epochs, seeds 0-2) the models reached 0.748-0.791 (LR lowest). The second test runs the same
 training with every gradient zeroed (what a detached or disconnected path does) and checks that
-the model then stays under the bar, so this file fails CI when a model stops learning. The figures above: ``python tests/models/test_learns.py`` (~1 min).
+the model then stays under the bar, so this file fails CI when a model stops learning.
+The figures above: ``python tests/models/test_learns.py`` (~1 min).
 """
 
 from __future__ import annotations
