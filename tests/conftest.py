@@ -5,6 +5,7 @@ Area-specific fixtures live in ``tests/<area>/conftest.py``; fixtures that sever
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import numpy as np
@@ -101,3 +102,46 @@ def redis_url(redis_server: RedisServer) -> str:
     redis_server.start()
     redis_server.flushall()
     return redis_server.url
+
+
+# --- tritonserver (nvidia-pytriton) ---
+# Every test that needs the local tritonserver is marked ``triton`` and asks for ``triton_install``
+# (directly or through ``tritonserver``): without the install they all skip with the same message,
+# before any costly fixture runs (session scope comes first); an installed server that fails to
+# start fails the test. ``pytest_collection_modifyitems`` keeps the marker and the fixture together.
+
+
+@pytest.fixture(scope="session")
+def triton_install():
+    """The local tritonserver from nvidia-pytriton; skips the test with the reason when absent."""
+    from ctrserve.export import triton_local
+
+    try:
+        return triton_local.find_install()
+    except triton_local.TritonError as exc:
+        pytest.skip(str(exc))
+
+
+@pytest.fixture()
+def tritonserver(triton_install) -> Iterator[Callable[..., object]]:
+    """``start(model_repo, **kw)`` -> a running local TritonServer, stopped after the test."""
+    from ctrserve.export import triton_local
+
+    servers = []
+
+    def start(model_repo: Path, **kw):
+        server = triton_local.start(model_repo, **kw)
+        servers.append(server)
+        return server
+
+    yield start
+    for s in servers:
+        s.stop()
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    wrong = [item.nodeid for item in items
+             if (item.get_closest_marker("triton") is None) == ("triton_install" in getattr(item, "fixturenames", ()))]
+    if wrong:
+        raise pytest.UsageError("tests marked `triton` take the `triton_install` fixture (tests/conftest.py) and "
+                                f"only they do: {wrong}")

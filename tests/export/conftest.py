@@ -1,10 +1,10 @@
-"""Export fixtures: seeded run directories for every model with tiny parameters, and a real
-``tritonserver`` process (the nvidia-pytriton binary) on a model repository."""
+"""Export fixtures: seeded run directories for every model with tiny parameters (the real
+``tritonserver`` fixture is shared: tests/conftest.py)."""
 
 from __future__ import annotations
 
 import json
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -92,24 +92,3 @@ def run_factory(tiny_prepared: Path, tmp_path_factory: pytest.TempPathFactory) -
         return cache[key]
 
     return factory
-
-
-@pytest.fixture()
-def tritonserver() -> Iterator[Callable[..., object]]:
-    """``start(model_repo, **kw)`` -> a running local TritonServer, stopped after the test."""
-    from ctrserve.export import triton_local
-
-    try:
-        triton_local.find_install()
-    except triton_local.TritonError as exc:
-        pytest.skip(str(exc))
-    servers = []
-
-    def start(model_repo: Path, **kw):
-        server = triton_local.start(model_repo, **kw)
-        servers.append(server)
-        return server
-
-    yield start
-    for s in servers:
-        s.stop()

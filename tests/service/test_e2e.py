@@ -218,10 +218,10 @@ def test_failure_modes_over_http(gateway) -> None:
 
 # -- Triton ----------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
-def triton(exported):
+def triton(triton_install, exported):
     from ctrserve.export import triton_local
 
-    try:
+    try:  # installed (else triton_install skipped) but not starting: a failure
         server = triton_local.start(exported.repo)
     except triton_local.TritonError as exc:
         pytest.fail(f"local tritonserver did not start: {exc}")
