@@ -66,6 +66,29 @@ def tiny_batch(tiny_prepared: Path, tiny_fmap):
     return batch, labels
 
 
+#: tiny parameters per registered model; the export tests (tests/export) and the learning tests
+#: (tests/models/test_learns.py) build every registered model with them; a model without an
+#: entry fails test_every_registered_model_has_tiny_params.
+SMALL_DEEP = {"embedding_dim": 8, "hidden": [16, 16]}
+TINY_PARAMS: dict[str, dict] = {
+    "lr": {},
+    "fm": {"embedding_dim": 8},
+    "dnn": SMALL_DEEP,
+    "wide_deep": SMALL_DEEP,
+    "deepfm": SMALL_DEEP,
+    "dcnv2": {**SMALL_DEEP, "cross_layers": 2},
+    "autoint": {"embedding_dim": 8, "attention_layers": 2, "attention_dim": 8, "heads": 2, "hidden": [16]},
+    "mgdin": {"embedding_dim": 8, "windows": [2], "model_dim": 8, "layers": 2, "ratios": [0.5, 1.0], "hidden": [16]},
+    "dlf": {"embedding_dim": 8, "num_layers": 2, "attention_layers": 1, "rank": 2},
+    "cdnet": {"embedding_dim": 8, "k": 4, "num_layers": 1, "heads": 2, "hidden": [16]},
+}
+
+
+@pytest.fixture(scope="session")
+def tiny_params() -> dict[str, dict]:
+    return TINY_PARAMS
+
+
 # --- redis-server fixture (feature store) ---
 # A private redis-server per test session (``ctrserve.launch.RedisServer``: a free port, no
 # persistence, loopback, in a temp dir). Tests that stop it must start it again (``start()``

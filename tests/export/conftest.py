@@ -9,22 +9,6 @@ from pathlib import Path
 
 import pytest
 
-#: tiny parameters per registered model; a model without an entry fails the export tests
-#: (test_every_registered_model_has_tiny_params).
-SMALL_DEEP = {"embedding_dim": 8, "hidden": [16, 16]}
-TINY_PARAMS: dict[str, dict] = {
-    "lr": {},
-    "fm": {"embedding_dim": 8},
-    "dnn": SMALL_DEEP,
-    "wide_deep": SMALL_DEEP,
-    "deepfm": SMALL_DEEP,
-    "dcnv2": {**SMALL_DEEP, "cross_layers": 2},
-    "autoint": {"embedding_dim": 8, "attention_layers": 2, "attention_dim": 8, "heads": 2, "hidden": [16]},
-    "mgdin": {"embedding_dim": 8, "windows": [2], "model_dim": 8, "layers": 2, "ratios": [0.5, 1.0], "hidden": [16]},
-    "dlf": {"embedding_dim": 8, "num_layers": 2, "attention_layers": 1, "rank": 2},
-    "cdnet": {"embedding_dim": 8, "k": 4, "num_layers": 1, "heads": 2, "hidden": [16]},
-}
-
 
 def make_run(prepared: Path, dest: Path, model_name: str, params: dict, seed: int = 0) -> Path:
     """A run directory like ``ctrserve train`` writes, with seeded random weights instead of
@@ -67,28 +51,23 @@ def make_run(prepared: Path, dest: Path, model_name: str, params: dict, seed: in
 
 
 @pytest.fixture(scope="session")
-def tiny_params() -> dict[str, dict]:
-    return TINY_PARAMS
-
-
-@pytest.fixture(scope="session")
 def make_run_dir(tiny_prepared: Path) -> Callable[..., Path]:
     """``make_run_dir(dest, model_name, params, seed=0)`` on the tiny prepared dataset."""
     return lambda dest, model_name, params, seed=0: make_run(tiny_prepared, dest, model_name, params, seed)
 
 
 @pytest.fixture(scope="session")
-def run_factory(tiny_prepared: Path, tmp_path_factory: pytest.TempPathFactory) -> Callable[..., Path]:
+def run_factory(tiny_prepared: Path, tiny_params: dict[str, dict],
+                tmp_path_factory: pytest.TempPathFactory) -> Callable[..., Path]:
     cache: dict[tuple, Path] = {}
 
     def factory(model_name: str, seed: int = 0) -> Path:
-        if model_name not in TINY_PARAMS:
-            pytest.fail(f"no tiny parameters for model {model_name!r}: add it to TINY_PARAMS in "
-                        "tests/export/conftest.py")
+        if model_name not in tiny_params:
+            pytest.fail(f"no tiny parameters for model {model_name!r}: add it to TINY_PARAMS in tests/conftest.py")
         key = (model_name, seed)
         if key not in cache:
             dest = tmp_path_factory.mktemp("runs") / f"{model_name}-s{seed}"
-            cache[key] = make_run(tiny_prepared, dest, model_name, TINY_PARAMS[model_name], seed)
+            cache[key] = make_run(tiny_prepared, dest, model_name, tiny_params[model_name], seed)
         return cache[key]
 
     return factory

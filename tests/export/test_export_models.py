@@ -62,7 +62,7 @@ def test_model_exports_and_passes_parity(model_name: str, fmt: str, run_factory,
 def test_every_registered_model_has_tiny_params(tiny_params: dict) -> None:
     """The export tests cover every registered model: a new one needs a TINY_PARAMS line."""
     missing = sorted(set(list_models()) - set(tiny_params))
-    assert not missing, f"registered models without TINY_PARAMS in tests/export/conftest.py: {missing}"
+    assert not missing, f"registered models without TINY_PARAMS in tests/conftest.py: {missing}"
 
 
 def test_parity_failure_fails_the_export(run_factory, tmp_path: Path, monkeypatch) -> None:
