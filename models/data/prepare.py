@@ -35,7 +35,10 @@ def dataset_identity(dataset: str | Path, overrides: dict[str, Any] | None = Non
     ``-<key><value>`` per override in key order (``amazon_sports-categoryBeauty-pathamazon_beauty``).
     It names the prepared folder, the run folder and the results records, so runs on differently
     prepared data never share a name. Without overrides it is the plain dataset name."""
-    tag = "".join(f"-{k}{v}" for k, v in sorted((overrides or {}).items()))
+    flat: dict[str, Any] = {}
+    for key, value in (overrides or {}).items():  # a nested override (a.b=1) reads as key "a.b"
+        flat.update({f"{key}.{sub}": v for sub, v in value.items()} if isinstance(value, dict) else {key: value})
+    tag = "".join(f"-{k}{v}" for k, v in sorted(flat.items()))
     return f"{Path(dataset).stem}{tag}".replace("/", "_")  # a path value must not nest folders
 
 

@@ -24,6 +24,8 @@ def test_identity_is_the_prepared_folder_name() -> None:
     assert dataset_identity("amazon_sports", {"path": "amazon_beauty", "category": "Beauty"}) == \
         "amazon_sports-categoryBeauty-pathamazon_beauty"
     assert dataset_identity("specs/my.yaml", {"path": "/data/x"}) == "my-path_data_x"  # no nested folders
+    nested = {"semantic_ids": {"levels": 3}, "max_len": 9}  # --data-set semantic_ids.levels=3
+    assert dataset_identity("frappe", nested) == "frappe-max_len9-semantic_ids.levels3"
 
 
 def test_two_override_sets_are_two_datasets(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
