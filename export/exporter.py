@@ -285,7 +285,7 @@ def export_run(
         if vocab.exists():
             shutil.copyfile(vocab, stage / "vocab.json")
         manifest = Manifest(
-            name=name, version=version, model=cfg.model, dataset=cfg.dataset, variant=cfg.variant, seed=cfg.seed,
+            name=name, version=version, model=cfg.model, dataset=cfg.dataset_id, variant=cfg.variant, seed=cfg.seed,
             run_dir=str(run_dir.resolve()), format=fmt, file=file.name, inputs=inputs, feature_map=fmap,
             vocab_file="vocab.json" if vocab.exists() else None, metrics=_read_json(run_dir / "metrics.json"),
             mask=MaskInfo(mode=cfg.params.get("mask_mode"), calibration=_read_json(run_dir / "calibration.json")
