@@ -93,6 +93,21 @@ def test_learns_the_planted_signal(name: str, tiny_params: dict, planted) -> Non
 
 
 @pytest.mark.parametrize("name", list_models())
+def test_every_parameter_gets_a_gradient(name: str, tiny_params: dict, planted) -> None:
+    """The complement of the bar: cutting the embeddings' gradients sinks most models under it, but
+    a cut elsewhere while the embeddings still learn can pass it (with every non-embedding gradient
+    zeroed most models still reach it; docs/decisions.md); such a cut leaves parameters whose
+    gradient is missing or all zeros, which this finds."""
+    fmap, train, _ = planted
+    torch.manual_seed(0)
+    model = build_model(name, fmap, tiny_params[name])
+    batch, labels = next(iter(BatchIterator(train, fmap, 256, shuffle=True, seed=0)))
+    torch.nn.functional.binary_cross_entropy_with_logits(model(batch), labels).backward()
+    dead = [n for n, p in model.named_parameters() if p.grad is None or not p.grad.abs().sum() > 0]
+    assert not dead, f"parameters without gradient: {dead}"
+
+
+@pytest.mark.parametrize("name", list_models())
 def test_a_broken_gradient_path_stays_under_the_bar(name: str, tiny_params: dict, planted) -> None:
     # one epoch: with zero gradients Adam moves nothing, so more epochs would give the same model
     assert fit(name, tiny_params[name], planted, epochs=1, zero_grads=True) < BAR
