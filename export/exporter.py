@@ -268,11 +268,7 @@ def export_run(
     inputs = manifest_inputs(wrapper, fmap)
     _check_compatible({v: m for v, m in existing.items() if v != version}, inputs, fmt, name)
 
-    prepared = Path((run_dir / "prepared_dir.txt").read_text().strip()) if (run_dir / "prepared_dir.txt").exists() \
-        else None
-    if prepared is None or not (prepared / "test.npz").exists():
-        raise ExportError(f"the prepared data of {run_dir} ({prepared}) is missing: the parity gate needs its test "
-                          "split; re-run `ctrserve data prepare`")
+    prepared = _prepared_dir(run_dir)
     rows, splits = load_rows(prepared, fmap, parity_rows)
 
     model_dir.mkdir(parents=True, exist_ok=True)
@@ -290,7 +286,7 @@ def export_run(
         if vocab.exists():
             shutil.copyfile(vocab, stage / "vocab.json")
         manifest = Manifest(
-            name=name, version=version, model=cfg.model, dataset=cfg.dataset, variant=cfg.variant, seed=cfg.seed,
+            name=name, version=version, model=cfg.model, dataset=cfg.dataset_id, variant=cfg.variant, seed=cfg.seed,
             run_dir=str(run_dir.resolve()), format=fmt, file=file.name, inputs=inputs, feature_map=fmap,
             vocab_file="vocab.json" if vocab.exists() else None, metrics=_read_json(run_dir / "metrics.json"),
             mask=MaskInfo(mode=cfg.params.get("mask_mode"), calibration=_read_json(run_dir / "calibration.json")
@@ -310,6 +306,16 @@ def export_run(
             shutil.rmtree(stage, ignore_errors=True)
     config = write_config(model_dir, options)
     return ExportResult(version_dir=final, manifest=manifest, config_path=config)
+
+
+def _prepared_dir(run_dir: Path) -> Path:
+    """The run's prepared data, which the parity gate reads its rows from."""
+    marker = run_dir / "prepared_dir.txt"
+    prepared = Path(marker.read_text().strip()) if marker.exists() else None
+    if prepared is None or not (prepared / "test.npz").exists():
+        raise ExportError(f"the prepared data of {run_dir} ({prepared}) is missing: the parity gate needs its test "
+                          "split; re-run `ctrserve data prepare`")
+    return prepared
 
 
 def store_info(prepared: Path) -> StoreInfo:

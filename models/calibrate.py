@@ -123,7 +123,7 @@ def calibrate_run(run_dir: Path, rows: int = 10_000, seed: int | None = None,
     history = json.loads((run_dir / "history.json").read_text()) if (run_dir / "history.json").exists() else []
     delta = static_test["auc"] - dynamic_test["auc"]
     metrics = {
-        "model": cfg.model, "dataset": cfg.dataset, "variant": "static_masks", "seed": cfg.seed, **static_test,
+        "model": cfg.model, **cfg.dataset_record(), "variant": "static_masks", "seed": cfg.seed, **static_test,
         "best_epoch": source.get("best_epoch", 0), "best_valid_auc": source.get("best_valid_auc", float("nan")),
         "params": count_params(model), "epoch_seconds": source.get("epoch_seconds", 0.0),
         "epochs": source.get("epochs", 0), "command": command,

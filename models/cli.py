@@ -32,10 +32,9 @@ def _parse_data_overrides(items: list[str] | None) -> dict:
 def prepared_dir_for(dataset: str, overrides: dict | None = None) -> Path:
     from ctrserve.paths import settings
 
-    flat = {f"{k}.{sub}" if isinstance(v, dict) else k: (v[sub] if isinstance(v, dict) else v)
-            for k, v in (overrides or {}).items() for sub in (v if isinstance(v, dict) else [None])}
-    tag = "" if not flat else "-" + "-".join(f"{k}{v}" for k, v in sorted(flat.items()))
-    return settings().processed_dir / f"{Path(dataset).stem}{tag}"
+    from .data.prepare import dataset_identity
+
+    return settings().processed_dir / dataset_identity(dataset, overrides)
 
 
 def ensure_prepared(dataset: str, overrides: dict | None = None, force: bool = False) -> Path:
@@ -134,27 +133,28 @@ def train_cmd(
     """Train a model, evaluate it on the test split, write a run directory."""
     from ctrserve.paths import settings
 
+    from .train import results
     from .train.config import parse_set, resolve_config
-    from .train.results import record_result, write_markdown
     from .train.trainer import train
 
-    prepared = ensure_prepared(dataset, _parse_data_overrides(data_set))
+    data = _parse_data_overrides(data_set)
+    prepared = ensure_prepared(dataset, data)
     for s in seed or [2026]:
         try:
-            cfg = resolve_config(model, dataset, config, parse_set(set_ or []), seed=s, variant=variant)
+            cfg = resolve_config(model, dataset, config, parse_set(set_ or []), seed=s, variant=variant, data=data)
         except ValueError as exc:
             console.print(f"[red]error:[/] {exc}")
             raise typer.Exit(2) from None
         result = train(cfg, prepared, settings().runs_dir, command=invoked_command())
         m = result.metrics
         console.print(
-            f"[bold green]{model}[/] on {dataset} seed {s}: test AUC {m['auc']:.4f} GAUC {m['gauc']:.4f} "
+            f"[bold green]{model}[/] on {cfg.dataset_id} seed {s}: test AUC {m['auc']:.4f} GAUC {m['gauc']:.4f} "
             f"LogLoss {m['logloss']:.4f} ({m['epochs']} epochs, {m['epoch_seconds']:.1f}s/epoch) -> {result.run_dir}"
         )
         if record:
-            record_result(m)
+            results.record_result(m, results.RESULTS_JSON)
     if record:
-        write_markdown()
+        results.write_markdown(results.RESULTS_JSON, results.RESULTS_MD)
 
 
 def tune_cmd(
@@ -172,10 +172,11 @@ def tune_cmd(
     from .train.config import parse_set
     from .tune import tune
 
-    prepared = ensure_prepared(dataset, _parse_data_overrides(data_set))
+    data = _parse_data_overrides(data_set)
+    prepared = ensure_prepared(dataset, data)
     try:
         record = tune(model, dataset, prepared, settings().work_dir, trials, seed=seed,
-                      fixed=parse_set(set_ or []), command=invoked_command())
+                      fixed=parse_set(set_ or []), command=invoked_command(), data=data)
     except ValueError as exc:
         console.print(f"[red]error:[/] {exc}")
         raise typer.Exit(2) from None

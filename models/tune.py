@@ -24,6 +24,7 @@ from typing import Any
 import optuna
 import yaml
 
+from .data.prepare import dataset_identity
 from .train.config import resolve_config
 from .train.trainer import train
 
@@ -66,13 +67,14 @@ def as_overrides(values: dict[str, Any]) -> dict[str, dict[str, Any]]:
 
 
 def objective(model: str, dataset: str, prepared: Path, runs_dir: Path, space: dict[str, dict[str, Any]],
-              seed: int, fixed: dict[str, Any] | None = None) -> Callable[[optuna.Trial], float]:
+              seed: int, fixed: dict[str, Any] | None = None, data: dict[str, Any] | None = None
+              ) -> Callable[[optuna.Trial], float]:
     def run(trial: optuna.Trial) -> float:
         values = suggest(trial, space)
         overrides = as_overrides(values)
         for block, settings in (fixed or {}).items():
             overrides[block] = {**overrides.get(block, {}), **settings}
-        cfg = resolve_config(model, dataset, overrides=overrides, seed=seed, variant=f"tune-{trial.number}")
+        cfg = resolve_config(model, dataset, overrides=overrides, seed=seed, variant=f"tune-{trial.number}", data=data)
 
         def report(epoch: int, valid: dict[str, float]) -> None:
             trial.report(valid["auc"], epoch)
@@ -88,24 +90,27 @@ def objective(model: str, dataset: str, prepared: Path, runs_dir: Path, space: d
 
 
 def tune(model: str, dataset: str, prepared: Path, work: Path, trials: int, seed: int = 1,
-         fixed: dict[str, Any] | None = None, command: str = "", out_root: Path = REPO) -> dict[str, Any]:
+         fixed: dict[str, Any] | None = None, command: str = "", out_root: Path = REPO,
+         data: dict[str, Any] | None = None) -> dict[str, Any]:
     """Run (or resume) the study up to ``trials`` finished trials; write the record and the config.
-    ``fixed`` (``{"train": {...}, "model": {...}}``) holds settings out of the search for every trial."""
+    ``fixed`` (``{"train": {...}, "model": {...}}``) holds settings out of the search for every trial;
+    ``data`` (loader overrides) names the study, its record and its config like the prepared data."""
     held = {f"{block}.{name}" for block, settings in (fixed or {}).items() for name in settings}
     space = {key: spec for key, spec in search_space(model).items() if key not in held}
-    db = work / "tuning" / dataset / f"{model}.db"
+    name = dataset_identity(dataset, data)
+    db = work / "tuning" / name / f"{model}.db"
     db.parent.mkdir(parents=True, exist_ok=True)
     study = optuna.create_study(
-        study_name=f"{dataset}-{model}", storage=f"sqlite:///{db}", load_if_exists=True, direction="maximize",
+        study_name=f"{name}-{model}", storage=f"sqlite:///{db}", load_if_exists=True, direction="maximize",
         sampler=optuna.samplers.TPESampler(seed=seed),
         pruner=optuna.pruners.MedianPruner(n_startup_trials=3, n_warmup_steps=2),
     )
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     done = [t for t in study.trials if t.state.is_finished()]
     if len(done) < trials:
-        study.optimize(objective(model, dataset, prepared, db.parent / "runs", space, seed, fixed),
+        study.optimize(objective(model, dataset, prepared, db.parent / "runs", space, seed, fixed, data),
                        n_trials=trials - len(done))
-    record = write_record(study, model, dataset, space, fixed, command, out_root)
+    record = write_record(study, model, name, space, fixed, command, out_root)
     return record
 
 

@@ -132,7 +132,8 @@ class BackendSettings(BaseSettings):
     batch_max_candidates: int = Field(0, ge=0, description="Embedded ONNX Runtime: run concurrent requests for one "
                                                             "model version as one call of its multi-user graph "
                                                             "(`ctrserve export --grouped`) holding up to this many "
-                                                            "candidates; 0: off (docs/gateway.md, \"Batching requests together\").")
+                                                            "candidates; 0: off (docs/gateway.md, \"Batching "
+                                                            "requests together\").")
     batch_max_wait_ms: float = Field(0.2, ge=0, description="Batching: how long the oldest queued request may wait "
                                                              "for batch-mates while another call of the version "
                                                              "runs (a lone request never waits).")

@@ -5,6 +5,7 @@ Area-specific fixtures live in ``tests/<area>/conftest.py``; fixtures that sever
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import numpy as np
@@ -65,6 +66,29 @@ def tiny_batch(tiny_prepared: Path, tiny_fmap):
     return batch, labels
 
 
+#: tiny parameters per registered model; the export tests (tests/export) and the learning tests
+#: (tests/models/test_learns.py) build every registered model with them; a model without an
+#: entry fails test_every_registered_model_has_tiny_params.
+SMALL_DEEP = {"embedding_dim": 8, "hidden": [16, 16]}
+TINY_PARAMS: dict[str, dict] = {
+    "lr": {},
+    "fm": {"embedding_dim": 8},
+    "dnn": SMALL_DEEP,
+    "wide_deep": SMALL_DEEP,
+    "deepfm": SMALL_DEEP,
+    "dcnv2": {**SMALL_DEEP, "cross_layers": 2},
+    "autoint": {"embedding_dim": 8, "attention_layers": 2, "attention_dim": 8, "heads": 2, "hidden": [16]},
+    "mgdin": {"embedding_dim": 8, "windows": [2], "model_dim": 8, "layers": 2, "ratios": [0.5, 1.0], "hidden": [16]},
+    "dlf": {"embedding_dim": 8, "num_layers": 2, "attention_layers": 1, "rank": 2},
+    "cdnet": {"embedding_dim": 8, "k": 4, "num_layers": 1, "heads": 2, "hidden": [16]},
+}
+
+
+@pytest.fixture(scope="session")
+def tiny_params() -> dict[str, dict]:
+    return TINY_PARAMS
+
+
 # --- redis-server fixture (feature store) ---
 # A private redis-server per test session (``ctrserve.launch.RedisServer``: a free port, no
 # persistence, loopback, in a temp dir). Tests that stop it must start it again (``start()``
@@ -101,3 +125,46 @@ def redis_url(redis_server: RedisServer) -> str:
     redis_server.start()
     redis_server.flushall()
     return redis_server.url
+
+
+# --- tritonserver (nvidia-pytriton) ---
+# Every test that needs the local tritonserver is marked ``triton`` and asks for ``triton_install``
+# (directly or through ``tritonserver``): without the install they all skip with the same message,
+# before any costly fixture runs (session scope comes first); an installed server that fails to
+# start fails the test. ``pytest_collection_modifyitems`` keeps the marker and the fixture together.
+
+
+@pytest.fixture(scope="session")
+def triton_install():
+    """The local tritonserver from nvidia-pytriton; skips the test with the reason when absent."""
+    from ctrserve.export import triton_local
+
+    try:
+        return triton_local.find_install()
+    except triton_local.TritonError as exc:
+        pytest.skip(str(exc))
+
+
+@pytest.fixture()
+def tritonserver(triton_install) -> Iterator[Callable[..., object]]:
+    """``start(model_repo, **kw)`` -> a running local TritonServer, stopped after the test."""
+    from ctrserve.export import triton_local
+
+    servers = []
+
+    def start(model_repo: Path, **kw):
+        server = triton_local.start(model_repo, **kw)
+        servers.append(server)
+        return server
+
+    yield start
+    for s in servers:
+        s.stop()
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    wrong = [item.nodeid for item in items
+             if (item.get_closest_marker("triton") is None) == ("triton_install" in getattr(item, "fixturenames", ()))]
+    if wrong:
+        raise pytest.UsageError("tests marked `triton` take the `triton_install` fixture (tests/conftest.py) and "
+                                f"only they do: {wrong}")

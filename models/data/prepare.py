@@ -33,6 +33,18 @@ class Prepared:
     feature_map: FeatureMap
 
 
+def dataset_identity(dataset: str | Path, overrides: dict[str, Any] | None = None) -> str:
+    """The name of ``dataset`` as prepared with loader ``overrides``: the spec's file stem, then
+    ``-<key><value>`` per override in key order (``amazon_sports-categoryBeauty-pathamazon_beauty``).
+    It names the prepared folder, the run folder and the results records, so runs on differently
+    prepared data never share a name. Without overrides it is the plain dataset name."""
+    flat: dict[str, Any] = {}
+    for key, value in (overrides or {}).items():  # a nested override (a.b=1) reads as key "a.b"
+        flat.update({f"{key}.{sub}": v for sub, v in value.items()} if isinstance(value, dict) else {key: value})
+    tag = "".join(f"-{k}{v}" for k, v in sorted(flat.items()))
+    return f"{Path(dataset).stem}{tag}".replace("/", "_")  # a path value must not nest folders
+
+
 def apply_overrides(spec: DatasetSpec, overrides: dict[str, Any] | None) -> DatasetSpec:
     """``max_len`` resizes every sequence; ``semantic_ids.<option>`` sets an option of the spec's
     semantic-ID block (e.g. ``semantic_ids.mode=replace``); any other key is a loader source option."""

@@ -40,11 +40,26 @@ class TrainSettings(BaseModel):
 class RunConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
     model: str
+    #: the dataset's name (spec), which also picks the per-dataset config blocks
     dataset: str
     variant: str = "default"
     seed: int = 2026
     train: TrainSettings = TrainSettings()
     params: dict[str, Any] = {}
+    #: the loader overrides the data was prepared with (``--data-set``); part of the dataset identity
+    data: dict[str, Any] = {}
+
+    @property
+    def dataset_id(self) -> str:
+        """The dataset as prepared: ``amazon_sports-categoryBeauty`` (the prepared folder's name);
+        the plain name without overrides. Run folders, plots and result records carry it."""
+        from ..data.prepare import dataset_identity
+
+        return dataset_identity(self.dataset, self.data)
+
+    def dataset_record(self) -> dict[str, Any]:
+        """The dataset fields of a metrics record: its identity, and the overrides when there are any."""
+        return {"dataset": self.dataset_id, **({"data_overrides": dict(self.data)} if self.data else {})}
 
 
 def _deep_merge(a: dict[str, Any], b: dict[str, Any]) -> dict[str, Any]:
@@ -83,6 +98,7 @@ def resolve_config(
     overrides: dict[str, Any] | None = None,
     seed: int | None = None,
     variant: str | None = None,
+    data: dict[str, Any] | None = None,
 ) -> RunConfig:
     merged: dict[str, Any] = {}
     blocks = _blocks(CONFIG_DIR / "base.yaml", dataset) + _blocks(CONFIG_DIR / f"{model}.yaml", dataset)
@@ -99,5 +115,5 @@ def resolve_config(
         raise ValueError(f"config blocks take only 'train' and 'model' keys, got {sorted(extra)}")
     return RunConfig(
         model=model, dataset=dataset, train=TrainSettings(**train), params=params,
-        seed=2026 if seed is None else seed, variant=variant or "default",
+        seed=2026 if seed is None else seed, variant=variant or "default", data=data or {},
     )

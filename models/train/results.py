@@ -16,6 +16,9 @@ from ctrserve.paths import REPO_ROOT
 RESULTS_JSON = REPO_ROOT / "docs" / "results.json"
 RESULTS_MD = REPO_ROOT / "docs" / "results.md"
 KEYS = ("model", "dataset", "variant", "seed", "auc", "gauc", "logloss", "params", "epoch_seconds", "command")
+#: ``dataset`` is the dataset identity (models/data/prepare.py ``dataset_identity``): the plain name,
+#: or with the loader overrides the data was prepared with (``amazon_sports-categoryBeauty``), which
+#: records also list under ``data_overrides``. Records older than that field read as the plain dataset.
 IDENTITY = ("model", "dataset", "variant", "seed")
 
 
@@ -46,7 +49,8 @@ def _record(metrics: dict[str, Any], path: Path) -> dict[str, Any]:
     if missing:
         raise ValueError(f"result record lacks {missing}")
     record = {k: metrics[k] for k in KEYS}
-    extra = {k: metrics[k] for k in ("best_epoch", "epochs", "best_valid_auc", "notes") if k in metrics}
+    extra = {k: metrics[k] for k in ("data_overrides", "best_epoch", "epochs", "best_valid_auc", "notes")
+             if k in metrics}
     record.update(extra)
     rows = [r for r in load_results(path) if any(r[k] != record[k] for k in IDENTITY)]
     rows.append(record)
@@ -73,8 +77,11 @@ def render_markdown(rows: list[dict[str, Any]]) -> str:
         "",
     ]
     for dataset in sorted({k[0] for k in groups}):
-        lines += [f"## {dataset}", "",
-                  "| model | variant | seeds | test AUC | test GAUC | test LogLoss | params | s/epoch |",
+        overrides = next((r["data_overrides"] for r in rows if r["dataset"] == dataset and r.get("data_overrides")), {})
+        lines += [f"## {dataset}", ""]
+        if overrides:
+            lines += ["Loader overrides: " + ", ".join(f"`{k}={v}`" for k, v in sorted(overrides.items())), ""]
+        lines += ["| model | variant | seeds | test AUC | test GAUC | test LogLoss | params | s/epoch |",
                   "|---|---|---|---|---|---|---|---|"]
         keys = sorted(
             (k for k in groups if k[0] == dataset), key=lambda k: -_mean_std([r["auc"] for r in groups[k]])[0]

@@ -99,7 +99,7 @@ class TrainResult:
 
 def make_run_dir(runs_dir: Path, cfg: RunConfig) -> Path:
     stamp = datetime.now(UTC).strftime("%Y%m%d-%H%M%S-%f")
-    run_dir = runs_dir / cfg.dataset / cfg.model / f"{cfg.variant}-s{cfg.seed}-{stamp}"
+    run_dir = runs_dir / cfg.dataset_id / cfg.model / f"{cfg.variant}-s{cfg.seed}-{stamp}"
     run_dir.mkdir(parents=True)
     return run_dir
 
@@ -174,7 +174,7 @@ def train(
     test = evaluate(model, test_arrays, fmap, t.eval_batch_size)
     run_dir = make_run_dir(runs_dir, cfg)
     metrics = {
-        "model": cfg.model, "dataset": cfg.dataset, "variant": cfg.variant, "seed": cfg.seed,
+        "model": cfg.model, **cfg.dataset_record(), "variant": cfg.variant, "seed": cfg.seed,
         **test, "best_epoch": best_epoch, "best_valid_auc": best_auc,
         "params": count_params(model), "epoch_seconds": float(np.mean(epoch_seconds)),
         "epochs": len(history), "command": command,
@@ -198,7 +198,7 @@ def write_run(
     torch.save(model.state_dict(), run_dir / "model.pt")
     (run_dir / "metrics.json").write_text(json.dumps(metrics, indent=2))
     (run_dir / "history.json").write_text(json.dumps(history, indent=2))
-    plot_curve(history, run_dir / "curve.png", title=f"{cfg.model} on {cfg.dataset} (seed {cfg.seed})")
+    plot_curve(history, run_dir / "curve.png", title=f"{cfg.model} on {cfg.dataset_id} (seed {cfg.seed})")
 
 
 def load_run(run_dir: Path) -> tuple[RunConfig, FeatureMap, nn.Module]:

@@ -1,29 +1,13 @@
-"""Export fixtures: seeded run directories for every model with tiny parameters, and a real
-``tritonserver`` process (the nvidia-pytriton binary) on a model repository."""
+"""Export fixtures: seeded run directories for every model with tiny parameters (the real
+``tritonserver`` fixture is shared: tests/conftest.py)."""
 
 from __future__ import annotations
 
 import json
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
-
-#: tiny parameters per registered model; models without an entry are skipped with a reason.
-#: New models (mgdin, dlf, cdnet, ...) become covered by adding a line here.
-SMALL_DEEP = {"embedding_dim": 8, "hidden": [16, 16]}
-TINY_PARAMS: dict[str, dict] = {
-    "lr": {},
-    "fm": {"embedding_dim": 8},
-    "dnn": SMALL_DEEP,
-    "wide_deep": SMALL_DEEP,
-    "deepfm": SMALL_DEEP,
-    "dcnv2": {**SMALL_DEEP, "cross_layers": 2},
-    "autoint": {"embedding_dim": 8, "attention_layers": 2, "attention_dim": 8, "heads": 2, "hidden": [16]},
-    "mgdin": {"embedding_dim": 8, "windows": [2], "model_dim": 8, "layers": 2, "ratios": [0.5, 1.0], "hidden": [16]},
-    "dlf": {"embedding_dim": 8, "num_layers": 2, "attention_layers": 1, "rank": 2},
-    "cdnet": {"embedding_dim": 8, "k": 4, "num_layers": 1, "heads": 2, "hidden": [16]},
-}
 
 
 def make_run(prepared: Path, dest: Path, model_name: str, params: dict, seed: int = 0) -> Path:
@@ -67,49 +51,23 @@ def make_run(prepared: Path, dest: Path, model_name: str, params: dict, seed: in
 
 
 @pytest.fixture(scope="session")
-def tiny_params() -> dict[str, dict]:
-    return TINY_PARAMS
-
-
-@pytest.fixture(scope="session")
 def make_run_dir(tiny_prepared: Path) -> Callable[..., Path]:
     """``make_run_dir(dest, model_name, params, seed=0)`` on the tiny prepared dataset."""
     return lambda dest, model_name, params, seed=0: make_run(tiny_prepared, dest, model_name, params, seed)
 
 
 @pytest.fixture(scope="session")
-def run_factory(tiny_prepared: Path, tmp_path_factory: pytest.TempPathFactory) -> Callable[..., Path]:
+def run_factory(tiny_prepared: Path, tiny_params: dict[str, dict],
+                tmp_path_factory: pytest.TempPathFactory) -> Callable[..., Path]:
     cache: dict[tuple, Path] = {}
 
     def factory(model_name: str, seed: int = 0) -> Path:
-        if model_name not in TINY_PARAMS:
-            pytest.skip(f"no tiny parameters for model {model_name!r}: add it to TINY_PARAMS in "
-                        "tests/export/conftest.py")
+        if model_name not in tiny_params:
+            pytest.fail(f"no tiny parameters for model {model_name!r}: add it to TINY_PARAMS in tests/conftest.py")
         key = (model_name, seed)
         if key not in cache:
             dest = tmp_path_factory.mktemp("runs") / f"{model_name}-s{seed}"
-            cache[key] = make_run(tiny_prepared, dest, model_name, TINY_PARAMS[model_name], seed)
+            cache[key] = make_run(tiny_prepared, dest, model_name, tiny_params[model_name], seed)
         return cache[key]
 
     return factory
-
-
-@pytest.fixture()
-def tritonserver() -> Iterator[Callable[..., object]]:
-    """``start(model_repo, **kw)`` -> a running local TritonServer, stopped after the test."""
-    from ctrserve.export import triton_local
-
-    try:
-        triton_local.find_install()
-    except triton_local.TritonError as exc:
-        pytest.skip(str(exc))
-    servers = []
-
-    def start(model_repo: Path, **kw):
-        server = triton_local.start(model_repo, **kw)
-        servers.append(server)
-        return server
-
-    yield start
-    for s in servers:
-        s.stop()

@@ -59,11 +59,10 @@ def test_model_exports_and_passes_parity(model_name: str, fmt: str, run_factory,
             assert (dims[t.name][0] == 1) == (t.side == "user")
 
 
-def test_models_without_tiny_params_are_reported(tiny_params: dict) -> None:
-    """Not a failure: tells the reader which registered models the export tests do not cover yet."""
+def test_every_registered_model_has_tiny_params(tiny_params: dict) -> None:
+    """The export tests cover every registered model: a new one needs a TINY_PARAMS line."""
     missing = sorted(set(list_models()) - set(tiny_params))
-    if missing:
-        pytest.skip(f"registered models without TINY_PARAMS (not export-tested): {missing}")
+    assert not missing, f"registered models without TINY_PARAMS in tests/conftest.py: {missing}"
 
 
 def test_parity_failure_fails_the_export(run_factory, tmp_path: Path, monkeypatch) -> None:
@@ -120,8 +119,6 @@ def _fake_version_with_other_inputs(model_dir: Path, version: int) -> None:
 def test_static_mask_mgdin_exports_with_its_calibration(make_run_dir, tiny_params: dict, tmp_path: Path) -> None:
     """MGDIN with calibrated static masks (state-dict buffers): exported as loaded, the
     calibration and mask mode recorded in the manifest."""
-    if "mgdin" not in tiny_params:
-        pytest.skip("no tiny parameters for mgdin")
     run = make_run_dir(tmp_path / "run", "mgdin", {**tiny_params["mgdin"], "mask_mode": "static"})
     m = export_run(run, "onnx", tmp_path / "repo", name="mgdin_static").manifest
     assert m.parity.passed
@@ -197,8 +194,6 @@ def test_softmax_inputs_stay_within_the_floor(model_name: str, extra: dict, make
     from ctrserve.export.parity import _request, group_requests, load_rows
     from ctrserve.models.layers.softmax import SOFTMAX_FLOOR
 
-    if model_name not in tiny_params:
-        pytest.skip(f"no tiny parameters for {model_name}")
     run = make_run_dir(tmp_path / "run", model_name, {**tiny_params[model_name], **extra})
     res = export_run(run, "onnx", tmp_path / "repo", name=model_name)
     model = onnx.load(str(res.version_dir / res.manifest.file))

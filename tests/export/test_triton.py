@@ -167,13 +167,9 @@ def test_version_swap_under_concurrent_requests_fails_none(repo: Path, requests_
         assert min(np.max(np.abs(o - refs[1])), np.max(np.abs(o - refs[2]))) <= 1e-4
 
 
-def test_cli_serves_and_stops_on_sigint(repo: Path, tmp_path: Path) -> None:
-    from ctrserve.export.triton_local import TritonError, find_install, free_port
+def test_cli_serves_and_stops_on_sigint(triton_install, repo: Path, tmp_path: Path) -> None:
+    from ctrserve.export.triton_local import free_port
 
-    try:
-        find_install()
-    except TritonError as exc:
-        pytest.skip(str(exc))
     ports = [free_port() for _ in range(3)]
     cmd = [sys.executable, "-m", "ctrserve", "triton", "--model-repo", str(repo), "--http-port", str(ports[0]),
            "--grpc-port", str(ports[1]), "--metrics-port", str(ports[2]), "--log-file", str(tmp_path / "t.log")]

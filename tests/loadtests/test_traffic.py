@@ -51,8 +51,9 @@ def test_zipf_probs_and_sampler() -> None:
     assert np.allclose(zipf_probs(5, 0.0), 0.2)
     s = ZipfSampler(100, 1.0, np.random.default_rng(1))
     counts = np.bincount([s.sample() for _ in range(50_000)], minlength=100)
-    assert counts.sum() == 50_000 and counts.min() >= 0
-    assert counts[0] / 50_000 == pytest.approx(p[0], abs=0.01)
+    assert counts.sum() == 50_000
+    # every id's share near its probability (the largest binomial std here is 0.0018)
+    assert np.abs(counts / 50_000 - p).max() < 0.01
     with pytest.raises(TrafficError):
         zipf_probs(0, 1.0)
     with pytest.raises(TrafficError):

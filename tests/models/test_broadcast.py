@@ -1,6 +1,6 @@
 """Batch broadcasting: a model fed one user's user-side inputs with batch 1 and B candidates
 gives what it gives on the same rows fully expanded to batch B (the training form), and the
-training form itself is unchanged (the target-attention path equals its reference formula)."""
+training form itself is the target-attention formula written row by row."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from ctrserve.export.serving_module import split_inputs
-from ctrserve.models.layers.sequence import SequencePooling, masked_softmax, padding_mask
+from ctrserve.models.layers.sequence import SequencePooling
 from ctrserve.models.registry import build_model
 
 pytestmark = pytest.mark.quick
@@ -81,20 +81,26 @@ def test_shared_user_side_equals_expanded(case: str, tiny_fmap, tiny_batch) -> N
                 torch.testing.assert_close(model(one), ref[:1], rtol=1e-6, atol=ATOL)
 
 
-def test_training_form_of_target_pooling_is_unchanged(tiny_fmap, tiny_batch) -> None:
-    """Equal batches take the original einsum path: bitwise the reference formula."""
+def test_training_form_of_target_pooling_is_the_attention_formula(tiny_fmap, tiny_batch) -> None:
+    """Equal batches (training): each row's pooled field is sum_l w_l e_l with w the softmax, over
+    the row's present events, of key_l · query / sqrt(D); a row without events pools to zeros.
+    Written row by row, not with the layer's batched path."""
     batch, _ = tiny_batch
     seq = tiny_fmap.sequences[0]
     torch.manual_seed(0)
     pool = SequencePooling(seq, 4, "target")
     emb = {n: torch.randn(*batch[n].shape, 4) for n in {*seq.fields, *seq.targets}}
-    got = pool(emb, batch[seq.fields[0]])
-    keys = torch.cat([emb[f] for f in seq.fields], dim=-1)
-    query = pool.query(torch.cat([emb[t] for t in seq.targets], dim=-1))
-    scores = torch.einsum("bld,bd->bl", keys, query) * (1.0 / math.sqrt(4 * len(seq.fields)))
-    w = masked_softmax(scores, padding_mask(batch[seq.fields[0]])).unsqueeze(-1)
-    for f in seq.fields:
-        assert torch.equal(got[f], (emb[f] * w).sum(dim=1))
+    with torch.no_grad():
+        got = pool(emb, batch[seq.fields[0]])
+        query = pool.query(torch.cat([emb[t] for t in seq.targets], dim=-1))
+    present = batch[seq.fields[0]] != 0  # PAD_ID 0: no event
+    assert not present[0].any() and present.any(dim=1).sum() > 1, "need an empty history and non-empty ones"
+    for b in range(len(query)):
+        keys = torch.cat([emb[f][b] for f in seq.fields], dim=-1)[present[b]]  # [events, D]
+        w = torch.softmax(keys @ query[b] / math.sqrt(keys.shape[-1]), dim=0) if len(keys) else None
+        for f in seq.fields:
+            want = w @ emb[f][b][present[b]] if w is not None else torch.zeros(4)
+            torch.testing.assert_close(got[f][b], want, rtol=1e-5, atol=1e-6)
 
 
 @pytest.mark.parametrize("mode", ["target", "mean", "sum"])

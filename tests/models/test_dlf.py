@@ -86,7 +86,8 @@ def test_forward_backward_reaches_every_parameter(over: dict, tiny_fmap, tiny_ba
     logits = model(batch)
     assert logits.shape == labels.shape and torch.isfinite(logits).all()
     torch.nn.functional.binary_cross_entropy_with_logits(logits, labels).backward()
-    assert not [n for n, p in model.named_parameters() if p.grad is None]
+    dead = [n for n, p in model.named_parameters() if p.grad is None or not p.grad.abs().sum() > 0]
+    assert not dead, f"parameters without gradient: {dead}"
 
 
 BLOCK_OF_FLAG = {"gate": ".residual.gate.", "rli": ".blocks.low.", "naf": ".naf."}

@@ -1,10 +1,13 @@
-"""The layers' export-friendly formulations compute what the plain ones computed.
+"""The layers' export-friendly formulations compute what the plain definitions compute.
 
 MGDIN's layers are written for the graph ONNX Runtime runs (batched matmuls instead of einsum,
 single-head attention without head reshapes, token-major per-token FFN, LayerNorm on 2-D rows, a
 three-op masked softmax for masks without gradient, one GEMM with a bias for the shared-history
-target attention). Each test below keeps the plain formulation as a reference and checks that the
-layer gives the same outputs (and gradients), in train and eval mode, with the same weights.
+target attention). Each test below writes the definition plainly as the reference (a softmax over
+the kept entries, "fewer than k entries are larger" for top-k, einsum for the per-token map; none
+reuses the layer's own algorithm) and checks that the layer gives the same outputs (and gradients),
+in train and eval mode, with the same weights. The paper's equations, entry by entry:
+test_mgdin_equations.py.
 """
 
 from __future__ import annotations
@@ -17,21 +20,22 @@ from torch import Tensor
 
 from ctrserve.models.layers.deferred import DeferredLayer, hierarchical_masks, masked_attention_weights
 from ctrserve.models.layers.grouping import TokenwiseLinear
-from ctrserve.models.layers.sequence import SequencePooling, masked_softmax, padding_mask
+from ctrserve.models.layers.sequence import SequencePooling
 
 ATOL = 1e-5
 
 
-# -- the plain formulations (as the layers were written before) --------------------------------------
+# -- the plain definitions --------------------------------------------------------------------------------
 def ref_tokenwise(lin: TokenwiseLinear, x: Tensor) -> Tensor:
     return torch.einsum("bmi,mio->bmo", x, lin.weight) + lin.bias
 
 
 def ref_masked_weights(scores: Tensor, mask: Tensor) -> Tensor:
+    """The softmax over the kept entries of each row (the others weigh 0); a row with nothing kept is 0."""
     keep = mask > 0
-    row_max = scores.detach().masked_fill(~keep, -1e9).amax(dim=-1, keepdim=True)
-    e = torch.exp((scores - row_max).clamp(max=0.0)) * mask
-    return e / e.sum(dim=-1, keepdim=True).clamp_min(1e-12)
+    any_kept = keep.any(dim=-1, keepdim=True)
+    kept_only = scores.masked_fill(~keep, float("-inf")).masked_fill(~any_kept, 0.0)
+    return torch.softmax(kept_only, dim=-1) * any_kept
 
 
 def ref_layer(layer: DeferredLayer, x: Tensor, mask: Tensor | None) -> Tensor:
@@ -52,12 +56,10 @@ def ref_layer(layer: DeferredLayer, x: Tensor, mask: Tensor | None) -> Tensor:
 
 
 def ref_hierarchical_masks(a0: Tensor, ks: list[int]) -> Tensor:
-    m = a0.shape[-1]
-    pairs = m * m
-    _, order = a0.flatten(-2).detach().topk(pairs, dim=-1)
-    positions = torch.arange(pairs).expand_as(order)
-    rank = torch.zeros_like(order).scatter(-1, order, positions)
-    return torch.stack([rank < k for k in ks], dim=-2).to(a0.dtype).unflatten(-1, (m, m))
+    """Layer l keeps entry (i, j) iff fewer than k_l entries of A0 are larger (no ties in random scores)."""
+    flat = a0.flatten(-2)
+    larger = (flat.unsqueeze(-2) > flat.unsqueeze(-1)).sum(-1)  # [..., m²]: entries above each entry
+    return torch.stack([larger < k for k in ks], dim=-2).to(a0.dtype).unflatten(-1, a0.shape[-2:])
 
 
 # -- tests ---------------------------------------------------------------------------------------------------
@@ -166,8 +168,8 @@ def test_shared_history_target_pooling_is_unchanged(tiny_fmap, tiny_batch) -> No
         got = pool(emb, item_ids)
         keys = torch.cat([emb[f] for f in seq.fields], dim=-1).expand(b, -1, -1)
         query = pool.query(torch.cat([emb[t] for t in seq.targets], dim=-1))
-        scores = torch.einsum("bld,bd->bl", keys, query) * pool.scale
-        weights = masked_softmax(scores, padding_mask(item_ids).expand(b, -1)).unsqueeze(-1)
+        scores = torch.einsum("bld,bd->bl", keys, query) / math.sqrt(keys.shape[-1])
+        weights = ref_masked_weights(scores, (item_ids != 0).expand(b, -1).float()).unsqueeze(-1)
         for f in seq.fields:
             torch.testing.assert_close(got[f], (emb[f].expand(b, -1, -1) * weights).sum(dim=1), rtol=0, atol=ATOL)
 

@@ -47,16 +47,6 @@ def demo_work(exported, tmp_path_factory: pytest.TempPathFactory) -> Path:
     return work
 
 
-@pytest.fixture()
-def triton_installed() -> None:
-    from ctrserve.export import triton_local
-
-    try:
-        triton_local.find_install()
-    except triton_local.TritonError as exc:
-        pytest.skip(str(exc))
-
-
 def _env(work: Path) -> dict[str, str]:
     return {**os.environ, "CTRSERVE_WORK_DIR": str(work), "OMP_NUM_THREADS": "1", "COLUMNS": "200"}
 
@@ -74,7 +64,7 @@ def _repo_models(work: Path) -> list[str]:
 
 
 @pytest.mark.triton
-def test_demo_with_local_triton_then_default(demo_work: Path, triton_installed: None) -> None:
+def test_demo_with_local_triton_then_default(demo_work: Path, triton_install) -> None:
     out = _demo(demo_work, "--triton")
     assert "reusing" in out and "tritonserver ready" in out, out
     assert re.search(r"gateway\s+ready on .*\(Triton at 127\.0\.0\.1:\d+\)", out), out
@@ -92,7 +82,7 @@ def test_demo_with_local_triton_then_default(demo_work: Path, triton_installed: 
 
 
 @pytest.mark.triton
-def test_second_demo_routes_to_its_own_model_through_triton(demo_work: Path, triton_installed: None) -> None:
+def test_second_demo_routes_to_its_own_model_through_triton(demo_work: Path, triton_install) -> None:
     """The repository already holds the first demo's export; the gateway must not wait for a
     routing config (120 s, then "gateway not ready", before the launcher routed the demo)."""
     if "deepfm" not in _repo_models(demo_work):

@@ -64,15 +64,10 @@ def _listening(pid: int) -> dict[int, ipaddress.IPv4Address | ipaddress.IPv6Addr
 
 @pytest.mark.triton
 @pytest.mark.parametrize("host", [None, "0.0.0.0"], ids=["default", "host-all"])
-def test_triton_cli_binds_loopback_and_stops_on_sigterm(exported, host: str | None, tmp_path: Path) -> None:
+def test_triton_cli_binds_loopback_and_stops_on_sigterm(triton_install, exported, host: str | None,
+                                                        tmp_path: Path) -> None:
     import psutil
 
-    from ctrserve.export.triton_local import TritonError, find_install
-
-    try:
-        find_install()
-    except TritonError as exc:
-        pytest.skip(str(exc))
     ports = [free_port() for _ in range(3)]
     cmd = [sys.executable, "-m", "ctrserve", "triton", "--model-repo", str(exported.repo), "--http-port",
            str(ports[0]), "--grpc-port", str(ports[1]), "--metrics-port", str(ports[2]), "--log-file",

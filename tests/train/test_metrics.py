@@ -38,4 +38,5 @@ def test_gauc_without_any_two_class_user_is_nan() -> None:
 
 def test_logloss_is_clipped_and_hand_checked() -> None:
     assert logloss(np.array([1, 0]), np.array([0.8, 0.4])) == pytest.approx(-(math.log(0.8) + math.log(0.6)) / 2)
-    assert math.isfinite(logloss(np.array([1, 0]), np.array([0.0, 1.0])))
+    # certain and wrong: clipped to 1e-7 instead of log(0)
+    assert logloss(np.array([1, 0]), np.array([0.0, 1.0])) == pytest.approx(-math.log(1e-7), rel=1e-6)
