@@ -13,7 +13,8 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 class RedisStoreConfig(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="CTRSERVE_REDIS_", extra="forbid")
 
-    #: ``redis://`` or ``rediss://`` (TLS); credentials may also be given in the URL
+    #: ``redis://`` or ``rediss://`` (TLS); ``redis+cluster://host:port`` (or ``rediss+cluster://``) selects
+    #: Redis Cluster, the host one node to discover it from; credentials may also be given in the URL
     url: str = "redis://localhost:6379/0"
     username: str | None = None
     password: SecretStr | None = None
@@ -43,11 +44,28 @@ class RedisStoreConfig(BaseSettings):
     #: wait after flipping ``active`` before deleting the previous version, so reads in flight finish
     cleanup_grace_s: float = Field(2.0, ge=0)
 
+    @property
+    def cluster(self) -> bool:
+        """The URL names a Redis Cluster (``redis+cluster://``, ``rediss+cluster://``)."""
+        return self.url.split("://", 1)[0].endswith("+cluster")
+
     def effective_url(self) -> str:
-        """The URL with the ``rediss://`` scheme when ``tls`` is set (that scheme selects TLS connections)."""
-        if self.tls and self.url.startswith("redis://"):
-            return "rediss://" + self.url[len("redis://"):]
-        return self.url
+        """The URL redis-py connects with: ``rediss://`` when ``tls`` is set (that scheme selects TLS
+        connections); for a cluster, the seed node's URL (without ``+cluster``)."""
+        if "://" not in self.url:
+            return self.url
+        scheme, _, rest = self.url.partition("://")
+        scheme = scheme.removesuffix("+cluster")
+        if self.tls and scheme == "redis":
+            scheme = "rediss"
+        return f"{scheme}://{rest}"
+
+    def cluster_kwargs(self) -> dict[str, Any]:
+        """Keyword arguments for ``RedisCluster.from_url`` beyond the URL: ``client_kwargs`` without the
+        pool wait (a cluster client keeps one pool per node and fails at once when it is full)."""
+        kwargs = self.client_kwargs()
+        del kwargs["timeout"]
+        return kwargs
 
     def client_kwargs(self) -> dict[str, Any]:
         """Keyword arguments for a ``BlockingConnectionPool.from_url`` (``redis`` or ``redis.asyncio``)

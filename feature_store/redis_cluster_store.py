@@ -1,0 +1,123 @@
+"""Redis Cluster backend: the Redis store (redis_store.py) on redis-py's asyncio cluster client.
+
+Selected by a ``redis+cluster://host:port`` URL (``backends.open_store``). What differs from one node:
+
+- **Keys** are hash-tagged (keys.py): a user's profile and sequences share the slot of
+  ``{u:<user_id>}``; items spread, each in the slot of ``{i:<item_id>}``.
+- **A read** is ``GET`` of the active pointer, one ``MGET`` of the user's keys (one slot) and a
+  ``GET`` per uncached item, grouped by the node redis-py's slot map names and sent as one
+  pipeline per node, all nodes in parallel, on the client's own node connections. Any error reply
+  (MOVED/ASK during a slot migration, TRYAGAIN) or connection error sends the whole read again
+  through redis-py's cluster pipeline, which follows the redirects and re-reads the slot map. (That
+  pipeline alone costs about 10x the client CPU per command: ``ctrserve bench store --cluster``.)
+  The pointer still comes back with the values, so a flip is noticed at once, as on one node.
+- **Online writes** read the pointer, then write the versioned key in the user's (or item's) slot:
+  the append is one Lua script on that slot (atomic per user). A write that races a flip (one round
+  trip wide) lands in the outgoing version and goes with it, as do events appended between a bulk
+  snapshot and its flip.
+- **Garbage collection** scans every master.
+- **No blocking reader** (``blocking_reader()`` is None): the gateway awaits ``online_read``.
+
+``require_full_coverage=False``: while a dead master's replica is not yet promoted, reads of the
+other masters' slots go on (docs/deploy.md, "Redis Cluster").
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from typing import Any, ClassVar
+
+from redis.asyncio.cluster import ClusterNode, RedisCluster
+from redis.asyncio.retry import Retry
+from redis.backoff import NoBackoff
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import ResponseError
+from redis.exceptions import TimeoutError as RedisTimeoutError
+
+from .keys import LUA_APPEND_AT, LUA_FLIP
+from .reads import ReadPlan
+from .redis_store import SCAN_BATCH, RedisOnlineStore
+
+
+async def _node_pipeline(node: ClusterNode, commands: list[tuple[str, ...]], positions: list[int],
+                         replies: list[Any]) -> bool:
+    """Send ``commands[positions]`` to ``node`` as one pipeline and put the replies in
+    ``replies[positions]``; True when one of them (or the connection) failed. Every reply is read
+    before the connection goes back; one left unread (a cancelled call) closes it."""
+    conn = node.acquire_connection()
+    clean = False
+    try:
+        await conn.send_packed_command(conn.pack_commands([commands[p] for p in positions]))
+        failed = False
+        for p in positions:
+            try:
+                replies[p] = await conn.read_response()
+            except ResponseError:  # MOVED, ASK, TRYAGAIN: the cluster pipeline retries the read
+                failed = True
+        clean = True
+        return failed
+    except (RedisConnectionError, RedisTimeoutError, OSError):
+        return True
+    finally:
+        if not clean:
+            await conn.disconnect()
+        node.release(conn)
+
+
+class RedisClusterOnlineStore(RedisOnlineStore):
+    """The Redis store on a Redis Cluster. Create one per process and reuse it."""
+
+    tagged = True
+    SCRIPTS: ClassVar[dict[str, str]] = {"append": LUA_APPEND_AT, "flip": LUA_FLIP}
+
+    def _connect(self) -> Any:
+        cfg = self.config
+        # one immediate retry, after redis-py re-reads the slot map (a failed-over master); the
+        # request budget (asyncio.timeout) bounds the whole call
+        return RedisCluster.from_url(cfg.effective_url(), require_full_coverage=False, retry=Retry(NoBackoff(), 1),
+                                     **cfg.cluster_kwargs())
+
+    async def close(self) -> None:
+        await self._client.aclose()
+
+    def blocking_reader(self) -> None:  # type: ignore[override]
+        """None: reads on a cluster go through ``online_read``."""
+        return None
+
+    async def _fetch(self, plan: ReadPlan) -> list[bytes | None]:
+        """Pointer, user keys (one MGET, one slot) and items in one pipeline per node, in parallel."""
+        keys, n_user = plan.keys, plan.user_key_count
+        commands = [("GET", keys[0]), ("MGET", *keys[1:1 + n_user]), *(("GET", k) for k in keys[1 + n_user:])]
+        client = await self._client.initialize()  # a no-op once the slot map is known
+        by_node: dict[str, tuple[Any, list[int]]] = {}
+        for pos, command in enumerate(commands):
+            node = client.get_node_from_key(command[1])
+            by_node.setdefault(node.name, (node, []))[1].append(pos)
+        replies: list[Any] = [None] * len(commands)
+        failed = await asyncio.gather(*(_node_pipeline(node, commands, positions, replies)
+                                        for node, positions in by_node.values()))
+        if any(failed):
+            pipe = client.pipeline()
+            for command in commands:
+                pipe.execute_command(*command)
+            replies = await pipe.execute()
+        return [replies[0], *replies[1], *replies[2:]]
+
+    def _queue_values(self, pipe: Any, values: dict[str, bytes]) -> None:
+        """One SET per key: an MSET may not span slots."""
+        for key, value in values.items():
+            pipe.set(key, value)
+
+    def _scan_versioned(self) -> AsyncIterator[bytes]:
+        """Every versioned key on every master."""
+        return self._client.scan_iter(match=self.keys.scan_pattern, count=SCAN_BATCH,
+                                      target_nodes=RedisCluster.PRIMARIES)
+
+    async def _under_active(self, script: str, args: list[Any], what: str) -> Any:
+        """Read the active pointer (creating an empty version if there is none), then run the write
+        on the versioned key alone: its slot is the user's or the item's, not the pointer's."""
+        version = await self.active_version() or await self.ensure_active()
+        key = self.keys.at(version, args[1])
+        write = self._client.set(key, args[2]) if script == "set" else self._scripts[script](keys=[key], args=args)
+        return await self._guarded(write, self._timeout_s, what)
