@@ -124,6 +124,15 @@ class RedisClusterServer:
                 return self.node(state.port)
         raise LaunchError(f"no live master serves slot {slot}")
 
+    def slot_owners(self) -> list[int | None]:
+        """The port of the live master serving each of the 16384 slots (None: no live owner)."""
+        owners: list[int | None] = [None] * 16384
+        for state in self.topology():
+            if state.master and not state.failed:
+                for lo, hi in state.slots:
+                    owners[lo:hi + 1] = [state.port] * (hi - lo + 1)
+        return owners
+
     def primaries(self) -> list[RedisServer]:
         return [self.node(s.port) for s in self.topology() if s.master and not s.failed and s.slots]
 

@@ -7,9 +7,9 @@ Selected by a ``redis+cluster://host:port`` URL (``backends.open_store``). What 
 - **A read** is ``GET`` of the active pointer, one ``MGET`` of the user's keys (one slot) and a
   ``GET`` per uncached item, grouped by the node redis-py's slot map names and sent as one
   pipeline per node, all nodes in parallel, on the client's own node connections. Any error reply
-  (MOVED/ASK during a slot migration, TRYAGAIN) or connection error sends the whole read again
-  through redis-py's cluster pipeline, which follows the redirects and re-reads the slot map. (That
-  pipeline alone costs about 10x the client CPU per command: ``ctrserve bench store --cluster``.)
+  (MOVED/ASK during a slot migration, TRYAGAIN) or connection error sends the failed commands
+  again, one at a time, through redis-py's cluster client, which follows the redirects and
+  re-reads the slot map. (redis-py's cluster pipeline costs about 5x the client CPU of this path.)
   The pointer still comes back with the values, so a flip is noticed at once, as on one node.
 - **Online writes** read the pointer, then write the versioned key in the user's (or item's) slot:
   the append is one Lua script on that slot (atomic per user). A write that races a flip (one round
@@ -41,28 +41,29 @@ from .redis_store import SCAN_BATCH, RedisOnlineStore
 
 
 async def _node_pipeline(node: ClusterNode, commands: list[tuple[str, ...]], positions: list[int],
-                         replies: list[Any]) -> bool:
+                         replies: list[Any]) -> list[int]:
     """Send ``commands[positions]`` to ``node`` as one pipeline and put the replies in
-    ``replies[positions]``; True when one of them (or the connection) failed. Every reply is read
-    before the connection goes back; one left unread (a cancelled call) closes it."""
-    conn = node.acquire_connection()
-    clean = False
+    ``replies[positions]``; returns the positions that failed (an error reply, or all of them when
+    the connection failed). Every reply is read before the connection goes back; one left unread
+    (a cancelled call) closes it."""
+    conn, clean, failed = None, False, []
     try:
+        conn = node.acquire_connection()
         await conn.send_packed_command(conn.pack_commands([commands[p] for p in positions]))
-        failed = False
         for p in positions:
             try:
                 replies[p] = await conn.read_response()
-            except ResponseError:  # MOVED, ASK, TRYAGAIN: the cluster pipeline retries the read
-                failed = True
+            except ResponseError:  # MOVED, ASK, TRYAGAIN: sent again through redis-py
+                failed.append(p)
         clean = True
         return failed
-    except (RedisConnectionError, RedisTimeoutError, OSError):
-        return True
+    except (RedisConnectionError, RedisTimeoutError, OSError):  # incl. a full pool
+        return positions
     finally:
-        if not clean:
-            await conn.disconnect()
-        node.release(conn)
+        if conn is not None:
+            if not clean:
+                await conn.disconnect()
+            node.release(conn)
 
 
 class RedisClusterOnlineStore(RedisOnlineStore):
@@ -71,11 +72,14 @@ class RedisClusterOnlineStore(RedisOnlineStore):
     tagged = True
     SCRIPTS: ClassVar[dict[str, str]] = {"append": LUA_APPEND_AT, "flip": LUA_FLIP}
 
+    _slot_map_read = False
+
     def _connect(self) -> Any:
         cfg = self.config
-        # one immediate retry, after redis-py re-reads the slot map (a failed-over master); the
-        # request budget (asyncio.timeout) bounds the whole call
-        return RedisCluster.from_url(cfg.effective_url(), require_full_coverage=False, retry=Retry(NoBackoff(), 1),
+        # no retry: a connection error fails the call at once (the gateway answers 503 or degraded)
+        # and marks the slot map for a refresh before the next call. redis-py's retry would first
+        # close every node connection (other requests' too) and sleep 250 ms.
+        return RedisCluster.from_url(cfg.effective_url(), require_full_coverage=False, retry=Retry(NoBackoff(), 0),
                                      **cfg.cluster_kwargs())
 
     async def close(self) -> None:
@@ -89,7 +93,10 @@ class RedisClusterOnlineStore(RedisOnlineStore):
         """Pointer, user keys (one MGET, one slot) and items in one pipeline per node, in parallel."""
         keys, n_user = plan.keys, plan.user_key_count
         commands = [("GET", keys[0]), ("MGET", *keys[1:1 + n_user]), *(("GET", k) for k in keys[1 + n_user:])]
-        client = await self._client.initialize()  # a no-op once the slot map is known
+        client = self._client
+        if not self._slot_map_read:  # later refreshes happen in the fallback below, not in every read
+            await client.initialize()
+            self._slot_map_read = True
         by_node: dict[str, tuple[Any, list[int]]] = {}
         for pos, command in enumerate(commands):
             node = client.get_node_from_key(command[1])
@@ -97,11 +104,10 @@ class RedisClusterOnlineStore(RedisOnlineStore):
         replies: list[Any] = [None] * len(commands)
         failed = await asyncio.gather(*(_node_pipeline(node, commands, positions, replies)
                                         for node, positions in by_node.values()))
-        if any(failed):
-            pipe = client.pipeline()
-            for command in commands:
-                pipe.execute_command(*command)
-            replies = await pipe.execute()
+        # one at a time through redis-py, which follows MOVED/ASK, retries TRYAGAIN and, after a
+        # connection error, fails at once and re-reads the slot map before its next command
+        for pos in (p for positions in failed for p in positions):
+            replies[pos] = await client.execute_command(*commands[pos])
         return [replies[0], *replies[1], *replies[2:]]
 
     def _queue_values(self, pipe: Any, values: dict[str, bytes]) -> None:
