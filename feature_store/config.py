@@ -6,7 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import Field, SecretStr
+from pydantic import Field, SecretStr, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
@@ -43,6 +43,17 @@ class RedisStoreConfig(BaseSettings):
     bulk_batch_size: int = Field(2_000, ge=1)
     #: wait after flipping ``active`` before deleting the previous version, so reads in flight finish
     cleanup_grace_s: float = Field(2.0, ge=0)
+    #: Redis Cluster only: the active pointer travels with at most one read per this many ms (0: with
+    #: every read). Bounds how long a reader serves the previous version after a flip; keeps the
+    #: pointer's node from taking one GET per request. Must stay below the loaders' ``cleanup_grace_s``.
+    pointer_check_ms: float = Field(0.0, ge=0)
+
+    @model_validator(mode="after")
+    def _pointer_within_grace(self) -> RedisStoreConfig:
+        if self.pointer_check_ms and self.pointer_check_ms >= self.cleanup_grace_s * 1000:
+            raise ValueError(f"pointer_check_ms ({self.pointer_check_ms:g}) must be below cleanup_grace_s "
+                             f"({self.cleanup_grace_s:g} s): a reader could still use a version a load already deleted")
+        return self
 
     @property
     def cluster(self) -> bool:

@@ -10,7 +10,9 @@ Selected by a ``redis+cluster://host:port`` URL (``backends.open_store``). What 
   (MOVED/ASK during a slot migration, TRYAGAIN) or connection error sends the failed commands
   again, one at a time, through redis-py's cluster client, which follows the redirects and
   re-reads the slot map. (redis-py's cluster pipeline costs about 5x the client CPU of this path.)
-  The pointer still comes back with the values, so a flip is noticed at once, as on one node.
+  The pointer comes back with the values, so a flip is noticed at once, as on one node; with
+  ``pointer_check_ms`` it travels with at most one read per interval (a flip is then seen within
+  the interval, and the pointer's node is not asked once per request).
 - **Online writes** read the pointer, then write the versioned key in the user's (or item's) slot:
   the append is one Lua script on that slot (atomic per user). A write that races a flip (one round
   trip wide) lands in the outgoing version and goes with it, as do events appended between a bulk
@@ -25,6 +27,7 @@ other masters' slots go on (docs/deploy.md, "Redis Cluster").
 from __future__ import annotations
 
 import math
+import time
 from collections.abc import AsyncIterator
 from typing import Any, ClassVar
 
@@ -93,6 +96,11 @@ class RedisClusterOnlineStore(RedisOnlineStore):
     SCRIPTS: ClassVar[dict[str, str]] = {"append": LUA_APPEND_AT, "flip": LUA_FLIP}
 
     _slot_map_read = False
+    _pointer_seen = -math.inf  # monotonic time of the last read whose pointer matched the adopted version
+
+    @property
+    def _pointer_every_s(self) -> float:
+        return self.config.pointer_check_ms / 1000
 
     def _connect(self) -> Any:
         cfg = self.config
@@ -113,16 +121,19 @@ class RedisClusterOnlineStore(RedisOnlineStore):
         """Pointer, user keys (one MGET, one slot) and items in one pipeline per node, in parallel."""
         keys, n_user = plan.keys, plan.user_key_count
         commands = [("GET", keys[0]), ("MGET", *keys[1:1 + n_user]), *(("GET", k) for k in keys[1 + n_user:])]
+        now = time.monotonic()
+        with_pointer = now - self._pointer_seen >= self._pointer_every_s
         client = self._client
         if not self._slot_map_read:  # later refreshes happen in the fallback below, not in every read
             await client.initialize()
             self._slot_map_read = True
         batches: dict[str, _NodeBatch] = {}
-        for pos, command in enumerate(commands):
+        for pos, command in enumerate(commands if with_pointer else commands[1:], start=0 if with_pointer else 1):
             node = client.get_node_from_key(command[1])
             batch = batches.get(node.name) or batches.setdefault(node.name, _NodeBatch(node))
             batch.positions.append(pos)
         replies: list[Any] = [None] * len(commands)
+        replies[0] = plan.view.version_bytes  # what the pointer said within the last pointer_check_ms
         try:  # every node's pipeline leaves before the first reply is awaited: the nodes work in parallel
             for batch in batches.values():
                 await batch.send(commands)
@@ -135,6 +146,8 @@ class RedisClusterOnlineStore(RedisOnlineStore):
         # connection error, fails at once and re-reads the slot map before its next command
         for pos in (p for batch in batches.values() for p in batch.failed):
             replies[pos] = await client.execute_command(*commands[pos])
+        if with_pointer and replies[0] == plan.view.version_bytes:
+            self._pointer_seen = now
         return [replies[0], *replies[1], *replies[2:]]
 
     def _queue_values(self, pipe: Any, values: dict[str, bytes]) -> None:
