@@ -200,6 +200,9 @@ def run(n_users: int = 1000, n_items: int = 5000, max_len: int = 600, candidates
                  "Issue 7's scale reference (9.6 KB sequence, 100 items): p50 0.18 ms sync hiredis, 0.22 ms "
                  "redis.asyncio; the baselines above are re-measured in the same run for a fair ratio.",
                  "p99 mostly reflects other work on the shared machine (see load_avg_1m)."]
+        if cluster:
+            notes.append("Cluster: 6 more redis-server processes on the same cores; a read sends one pipeline "
+                         "per master (pointer GET, user MGET, a GET per item). Failover: reads at 100 ms budget.")
         fig.record(SECTION, "Feature store: one request's fetch", "ctrserve bench store", notes,
                    machine_facts(redis_server=res["redis_version"]))
     return {"figures": fig.values(), "latency_ms": res["lat"], **res}
