@@ -7,15 +7,18 @@ rejoins as a replica), a free client port and a free cluster-bus port (``--clust
 default, client port + 10000, may be taken on a shared machine). ``cluster-require-full-coverage
 no`` lets the surviving masters answer while one master's slots have no owner (the minutes of a
 failover); ``node_timeout_ms`` is ``cluster-node-timeout``, which bounds how soon a dead master is
-declared failed and its replica promoted (docs/deploy.md, "Redis Cluster").
+declared failed and its replica promoted (docs/deploy.md, "Redis Cluster"). ``failover_run`` is
+the drill the benchmark and the tests run on it.
 """
 
 from __future__ import annotations
 
+import asyncio
 import shutil
 import signal
 import subprocess
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -193,3 +196,45 @@ def start_redis_cluster(launcher: Launcher, masters: int = 3, replicas: int = 1,
         raise
     cluster.start_s = time.monotonic() - started
     return cluster
+
+
+async def failover_run(cluster: RedisClusterServer, store: Any, user_ids: Sequence[str], item_ids: Sequence[str],
+                       candidates: int, max_s: float = 30.0) -> dict[str, Any]:
+    """A failover drill for a feature store (``RedisClusterOnlineStore``) on ``cluster``: SIGKILL a
+    master (not the active pointer's) during a stream of reads, alternating a user whose keys live
+    on it and one whose keys do not (candidates: items elsewhere), until the first kind reads again
+    20 times in a row. ``error_window_s``: kill -> first success after the last failure; ``failed``,
+    ``failed_other`` (users elsewhere), ``requests``; ``victim``: the killed node."""
+    from redis.crc import key_slot
+
+    from ctrserve.feature_store.errors import FeatureStoreError
+
+    owner = cluster.slot_owners()
+    vkeys = store.keys.version(await store.check_version())
+    pointer_port = owner[key_slot(store.keys.active.encode())]
+    victim = next(n for n in cluster.primaries() if n.port != pointer_port)
+    on_victim = {u: owner[key_slot(vkeys.user(u).encode())] == victim.port for u in user_ids}
+    classes = {"victim": [u for u in user_ids if on_victim[u]], "other": [u for u in user_ids if not on_victim[u]]}
+    items = [i for i in item_ids if owner[key_slot(vkeys.item(i).encode())] != victim.port][:candidates]
+    outcomes: list[tuple[float, str, bool]] = []
+    killed = time.monotonic()
+    cluster.kill(victim)
+    streak, k = 0, 0
+    while streak < 20 and time.monotonic() - killed < max_s:
+        for kind, users in classes.items():
+            start = time.monotonic() - killed
+            try:
+                await store.online_read(users[k % len(users)], items)
+                ok = True
+            except FeatureStoreError:
+                ok = False
+            outcomes.append((start, kind, ok))
+            if kind == "victim":
+                streak = streak + 1 if ok else 0
+        k += 1
+        await asyncio.sleep(0.01)
+    last_failure = max((t for t, _, ok in outcomes if not ok), default=0.0)
+    recovered = min((t for t, kind, ok in outcomes if ok and kind == "victim" and t > last_failure), default=None)
+    return {"error_window_s": recovered, "failed": sum(not ok for _, _, ok in outcomes),
+            "failed_other": sum(not ok for _, kind, ok in outcomes if kind == "other"), "requests": len(outcomes),
+            "victim": victim}

@@ -15,17 +15,14 @@ killed during reads (``failover_run``) to time the error window.
 from __future__ import annotations
 
 import asyncio
-import time
-from collections.abc import Sequence
 from typing import Annotated, Any
 
 import numpy as np
 import typer
 
 from ctrserve.feature_store import ItemRecords, RedisStoreConfig, SequenceSchema, StoreSchema, UserRecords
-from ctrserve.feature_store.errors import FeatureStoreError
 from ctrserve.launch import Launcher, start_redis
-from ctrserve.launch_cluster import start_redis_cluster
+from ctrserve.launch_cluster import failover_run, start_redis_cluster
 
 from .harness import Figures, failing_as_exit, interleave_async, latency_stats, machine_facts, print_table
 
@@ -228,41 +225,3 @@ def store_cmd(
                 ("variant", "p50 ms", "p99 ms", "mean ms"),
                 ((name, *(f"{lat[k]:.3f}" for k in ("p50", "p99", "mean"))) for name, lat in out["latency_ms"].items()))
     console.print(out["figures"])
-
-
-async def failover_run(cluster: Any, store: Any, user_ids: Sequence[str], item_ids: Sequence[str],
-                       candidates: int, max_s: float = 30.0) -> dict[str, Any]:
-    """SIGKILL a master (not the active pointer's) during a stream of reads, alternating a user whose
-    keys live on it and one whose keys do not (candidates: items elsewhere), until the first user
-    reads again 20 times in a row. ``error_window_s``: kill -> first success after the last failure."""
-    from redis.crc import key_slot
-
-    owner = cluster.slot_owners()
-    vkeys = store.keys.version(await store.check_version())
-    pointer_port = owner[key_slot(store.keys.active.encode())]
-    victim = next(n for n in cluster.primaries() if n.port != pointer_port)
-    on_victim = {u: owner[key_slot(vkeys.user(u).encode())] == victim.port for u in user_ids}
-    classes = {"victim": [u for u in user_ids if on_victim[u]], "other": [u for u in user_ids if not on_victim[u]]}
-    items = [i for i in item_ids if owner[key_slot(vkeys.item(i).encode())] != victim.port][:candidates]
-    outcomes: list[tuple[float, str, bool]] = []
-    killed = time.monotonic()
-    cluster.kill(victim)
-    streak, k = 0, 0
-    while streak < 20 and time.monotonic() - killed < max_s:
-        for kind, users in classes.items():
-            start = time.monotonic() - killed
-            try:
-                await store.online_read(users[k % len(users)], items)
-                ok = True
-            except FeatureStoreError:
-                ok = False
-            outcomes.append((start, kind, ok))
-            if kind == "victim":
-                streak = streak + 1 if ok else 0
-        k += 1
-        await asyncio.sleep(0.01)
-    last_failure = max((t for t, _, ok in outcomes if not ok), default=0.0)
-    recovered = min((t for t, kind, ok in outcomes if ok and kind == "victim" and t > last_failure), default=None)
-    return {"error_window_s": recovered, "failed": sum(not ok for _, _, ok in outcomes),
-            "failed_other": sum(not ok for _, kind, ok in outcomes if kind == "other"), "requests": len(outcomes),
-            "victim": victim}

@@ -17,7 +17,8 @@ from ctrserve.feature_store.backends import open_store, store_class
 from ctrserve.feature_store.keys import Keys
 from ctrserve.feature_store.redis_cluster_store import RedisClusterOnlineStore
 from ctrserve.feature_store.redis_store import RedisOnlineStore
-from ctrserve.loadtests.bench_store import bench_records, bench_schema, failover_run
+from ctrserve.launch_cluster import failover_run
+from ctrserve.loadtests.bench_store import bench_records, bench_schema
 
 pytestmark = pytest.mark.redis
 
