@@ -114,6 +114,20 @@ class RedisClusterOnlineStore(RedisOnlineStore):
     async def close(self) -> None:
         await self._client.aclose()
 
+    async def _guarded(self, coro: Any, timeout_s: float, what: str) -> Any:
+        """The first call discovers the cluster (slot map, node connections: several round trips)
+        within ``connect_timeout_ms`` on top of its own budget; later refreshes happen when a
+        command fails (``_fetch``), not before every call."""
+        if not self._slot_map_read:
+            try:
+                await super()._guarded(self._client.initialize(), self.config.connect_timeout_ms / 1000 + timeout_s,
+                                       f"discover the cluster to {what}")
+            except BaseException:
+                (getattr(coro, "close", None) or coro.cancel)()  # a coroutine never awaited, or a gather
+                raise
+            self._slot_map_read = True
+        return await super()._guarded(coro, timeout_s, what)
+
     def blocking_reader(self) -> None:  # type: ignore[override]
         """None: reads on a cluster go through ``online_read``."""
         return None
@@ -125,9 +139,6 @@ class RedisClusterOnlineStore(RedisOnlineStore):
         now = time.monotonic()
         with_pointer = now - self._pointer_seen >= self._pointer_every_s
         client = self._client
-        if not self._slot_map_read:  # later refreshes happen in the fallback below, not in every read
-            await client.initialize()
-            self._slot_map_read = True
         batches: dict[str, _NodeBatch] = {}
         for pos, command in enumerate(commands if with_pointer else commands[1:], start=0 if with_pointer else 1):
             node = client.get_node_from_key(command[1])

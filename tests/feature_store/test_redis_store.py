@@ -305,7 +305,7 @@ async def test_bulk_load_from_prepared_dataset(redis_url: str, tiny_prepared: Pa
         assert got.version == again and not got.user_missing
 
 
-def test_cli_load_append_and_inspect(redis_url: str, tiny_prepared: Path, tmp_path: Path,
+def test_cli_load_append_and_inspect(store_url: str, tiny_prepared: Path, tmp_path: Path,
                                      monkeypatch: pytest.MonkeyPatch) -> None:
     import json
 
@@ -318,7 +318,7 @@ def test_cli_load_append_and_inspect(redis_url: str, tiny_prepared: Path, tmp_pa
     monkeypatch.setenv("CTRSERVE_WORK_DIR", str(tmp_path))
     monkeypatch.setenv("CTRSERVE_REDIS_CLEANUP_GRACE_S", "0")
     runner = CliRunner()
-    common = ["--dataset", "tinycli", "--redis-url", redis_url]
+    common = ["--dataset", "tinycli", "--redis-url", store_url]
     res = runner.invoke(app, ["store", "load", *common])
     assert res.exit_code == 0, res.output
     assert "version 1" in res.output
@@ -331,6 +331,6 @@ def test_cli_load_append_and_inspect(redis_url: str, tiny_prepared: Path, tmp_pa
     assert "hist_item_id: [2," in res.output and "ts: [77," in res.output
     res = runner.invoke(app, ["store", "put-item", *common, "--item-id", "x", "--set", "item_id=3"])
     assert res.exit_code == 2 and "needs exactly" in res.output
-    res = runner.invoke(app, ["store", "get-user", "--dataset", "absent", "--redis-url", redis_url,
+    res = runner.invoke(app, ["store", "get-user", "--dataset", "absent", "--redis-url", store_url,
                               "--user-id", user])
     assert res.exit_code == 1 and "StoreNotLoaded" in res.output
