@@ -204,6 +204,8 @@ def demo_cmd(
     seed: Annotated[int, typer.Option(help="random seed")] = 2026,
     retrain: Annotated[bool, typer.Option(help="train even if a finished demo run exists")] = False,
     redis_url: Annotated[str | None, typer.Option(help="use this Redis instead of a private redis-server")] = None,
+    redis_cluster: Annotated[bool, typer.Option("--redis-cluster", help=(
+        "a private Redis Cluster (3 masters + 3 replicas on loopback) instead of one redis-server"))] = False,
     triton_url: Annotated[str | None, typer.Option(
         help="score through Triton (gRPC host:port) serving the demo model repository, instead of embedded "
              "ONNX Runtime")] = None,
@@ -234,7 +236,8 @@ def demo_cmd(
     try:
         repo = step_export(run_dir, demo_dir / "model_repository", model)
         routing = write_routing(demo_dir / f"routing-{model}.yaml", model, 1)
-        step_serve(prepared, repo, routing, model, demo_dir, redis_url=redis_url, triton=triton,
+        step_serve(prepared, repo, routing, model, demo_dir, redis_url=redis_url, redis_cluster=redis_cluster,
+                   triton=triton,
                    triton_url=triton_url, port=port, requests=requests, serve=serve)
     except Interrupted as exc:  # every child is stopped by now
         console.print(f"[bold]stopped[/] by {exc.name}")
@@ -249,11 +252,17 @@ def demo_cmd(
 
 
 def step_serve(prepared: Path, repo: Path, routing: Path, model: str, demo_dir: Path, *, redis_url: str | None,
-               triton: bool, triton_url: str | None, port: int, requests: int, serve: bool) -> None:
+               triton: bool, triton_url: str | None, port: int, requests: int, serve: bool,
+               redis_cluster: bool = False) -> None:
     """Start the services as children of one launcher (a private redis-server unless ``redis_url``,
     the local Triton with ``triton``, the gateway), load the store, score the sample requests,
     with ``serve`` keep serving until SIGINT/SIGTERM; every child is stopped on the way out."""
     with Launcher() as launcher:
+        if redis_url is None and redis_cluster:
+            from ctrserve.launch_cluster import start_redis_cluster
+
+            redis_url = start_redis_cluster(launcher).url
+            console.print(f"[bold]redis[/] private Redis Cluster (3 masters + 3 replicas) at {redis_url}")
         if redis_url is None:
             redis = start_redis(launcher)
             console.print(f"[bold]redis[/] private redis-server on port {redis.port}")

@@ -287,13 +287,15 @@ class RedisServer:
     stop it and start it again); data survives a restart only if a ``SAVE`` ran before the stop."""
 
     def __init__(self, launcher: Launcher, port: int = 0, data_dir: Path | None = None, host: str = LOOPBACK,
-                 name: str = "redis"):
+                 name: str = "redis", extra_args: Sequence[str] = ()):
+        """``extra_args``: more ``redis-server`` options (a cluster node's, ``ctrserve.launch_cluster``)."""
         binary = shutil.which("redis-server")
         if binary is None:
             raise LaunchError("redis-server not found on PATH (install it, e.g. `apt-get install redis-server`)")
         self.binary, self.launcher, self.host, self.name = binary, launcher, host, name
         self.port = port or free_port(host)
         self.data_dir = Path(data_dir) if data_dir else Path(tempfile.mkdtemp(prefix="redis-", dir=launcher.workdir))
+        self.extra_args = list(extra_args)
         self.child: Child | None = None
 
     @property
@@ -314,7 +316,7 @@ class RedisServer:
             return self
         self.child = self.launcher.spawn(self.name, [
             self.binary, "--port", str(self.port), "--bind", self.host, "--save", "", "--appendonly", "no",
-            "--dir", str(self.data_dir)])
+            "--dir", str(self.data_dir), *self.extra_args])
         try:
             wait_ready(self.child, lambda: redis_ping(self.port, connect_host(self.host)), timeout, "redis-server")
         except LaunchError:

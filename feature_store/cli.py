@@ -42,9 +42,10 @@ def _run(coro: Coroutine[Any, Any, Any]) -> Any:
 
 
 async def _open(dataset: str, redis_url: str | None):
-    from .redis_store import RedisOnlineStore
+    from .backends import store_class
 
-    return await RedisOnlineStore.from_active(dataset, _config(redis_url))
+    config = _config(redis_url)
+    return await store_class(config).from_active(dataset, config)
 
 
 @store_app.command("load")
@@ -167,9 +168,9 @@ def gc_cmd(dataset: DatasetOpt, redis_url: UrlOpt = None) -> None:
     async def run() -> None:
         from ctrserve.contract.store_schema import StoreSchema
 
-        from .redis_store import RedisOnlineStore
+        from .backends import open_store
 
-        async with RedisOnlineStore(StoreSchema.empty(dataset), _config(redis_url), dataset) as store:
+        async with open_store(StoreSchema.empty(dataset), _config(redis_url), dataset) as store:
             removed = await store.remove_stale_versions()
         console.print(f"removed {removed} keys")
 

@@ -6,14 +6,15 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import Field, SecretStr
+from pydantic import Field, SecretStr, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
 class RedisStoreConfig(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="CTRSERVE_REDIS_", extra="forbid")
 
-    #: ``redis://`` or ``rediss://`` (TLS); credentials may also be given in the URL
+    #: ``redis://`` or ``rediss://`` (TLS); ``redis+cluster://host:port`` (or ``rediss+cluster://``) selects
+    #: Redis Cluster, the host one node to discover it from; credentials may also be given in the URL
     url: str = "redis://localhost:6379/0"
     username: str | None = None
     password: SecretStr | None = None
@@ -42,12 +43,40 @@ class RedisStoreConfig(BaseSettings):
     bulk_batch_size: int = Field(2_000, ge=1)
     #: wait after flipping ``active`` before deleting the previous version, so reads in flight finish
     cleanup_grace_s: float = Field(2.0, ge=0)
+    #: Redis Cluster only: the active pointer travels with at most one read per this many ms (0: with
+    #: every read). Bounds how long a reader serves the previous version after a flip; keeps the
+    #: pointer's node from taking one GET per request. Must stay below the loaders' ``cleanup_grace_s``.
+    pointer_check_ms: float = Field(0.0, ge=0)
+
+    @model_validator(mode="after")
+    def _pointer_within_grace(self) -> RedisStoreConfig:
+        if self.pointer_check_ms and self.pointer_check_ms >= self.cleanup_grace_s * 1000:
+            raise ValueError(f"pointer_check_ms ({self.pointer_check_ms:g}) must be below cleanup_grace_s "
+                             f"({self.cleanup_grace_s:g} s): a reader could still use a version a load already deleted")
+        return self
+
+    @property
+    def cluster(self) -> bool:
+        """The URL names a Redis Cluster (``redis+cluster://``, ``rediss+cluster://``)."""
+        return self.url.split("://", 1)[0].endswith("+cluster")
 
     def effective_url(self) -> str:
-        """The URL with the ``rediss://`` scheme when ``tls`` is set (that scheme selects TLS connections)."""
-        if self.tls and self.url.startswith("redis://"):
-            return "rediss://" + self.url[len("redis://"):]
-        return self.url
+        """The URL redis-py connects with: ``rediss://`` when ``tls`` is set (that scheme selects TLS
+        connections); for a cluster, the seed node's URL (without ``+cluster``)."""
+        if "://" not in self.url:
+            return self.url
+        scheme, _, rest = self.url.partition("://")
+        scheme = scheme.removesuffix("+cluster")
+        if self.tls and scheme == "redis":
+            scheme = "rediss"
+        return f"{scheme}://{rest}"
+
+    def cluster_kwargs(self) -> dict[str, Any]:
+        """Keyword arguments for ``RedisCluster.from_url`` beyond the URL: ``client_kwargs`` without the
+        pool wait (a cluster client keeps one pool per node and fails at once when it is full)."""
+        kwargs = self.client_kwargs()
+        del kwargs["timeout"]
+        return kwargs
 
     def client_kwargs(self) -> dict[str, Any]:
         """Keyword arguments for a ``BlockingConnectionPool.from_url`` (``redis`` or ``redis.asyncio``)

@@ -103,11 +103,11 @@ def read_prepared(prepared_dir: Path) -> PreparedRecords:
 async def load_prepared(prepared_dir: Path, config: RedisStoreConfig | None = None, namespace: str | None = None,
                         progress: Progress | None = None) -> tuple[int, PreparedRecords]:
     """Bulk-load a prepared dataset as a new version (namespace: the prepared directory's name)."""
-    from .redis_store import RedisOnlineStore
+    from .backends import open_store
 
     prepared_dir = Path(prepared_dir)
     rec = read_prepared(prepared_dir)
-    async with RedisOnlineStore(rec.schema, config, namespace or prepared_dir.name) as store:
+    async with open_store(rec.schema, config or RedisStoreConfig(), namespace or prepared_dir.name) as store:
         version = await store.bulk_load(rec.users, rec.items, progress=progress, source=str(prepared_dir),
                                         vocab_sha256=rec.vocab_sha256, skipped_user_rows=rec.skipped_user_rows,
                                         skipped_item_rows=rec.skipped_item_rows)

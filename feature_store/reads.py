@@ -27,6 +27,11 @@ class ReadView:
         self._active_key = active_key
         self._sequence_names = [s.name for s in codec.schema.sequences]
 
+    @property
+    def user_key_count(self) -> int:
+        """Keys of one user in a plan (profile + sequences), after the pointer."""
+        return 1 + len(self._sequence_names)
+
     def plan(self, user_id: str, item_ids: list[str]) -> ReadPlan:
         """Look the candidates up in the item cache; the MGET asks for the active pointer, the
         profile, the sequences and the uncached items (the pointer first, so a flip shows at once)."""
@@ -49,6 +54,11 @@ class ReadPlan:
                  miss: list[int], keys: list[str], now: float):
         self.view, self.user_id, self.item_ids, self.keys = view, user_id, item_ids, keys
         self._values, self._miss, self._now = values, miss, now
+
+    @property
+    def user_key_count(self) -> int:
+        """``keys[1:1 + user_key_count]`` are the user's (one slot on a cluster); items follow."""
+        return self.view.user_key_count
 
     def decode(self, reply: list[bytes | None]) -> RequestFeatures | None:
         """The features; None when the reply's active pointer is not the view's version (a flip, or

@@ -3,8 +3,8 @@ async store and the blocking pool alike."""
 
 from __future__ import annotations
 
+from redis.exceptions import ClusterDownError, RedisClusterException, ResponseError, TryAgainError
 from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from .errors import CorruptValue, FeatureStoreError, StoreNotLoaded, StoreTimeout, StoreUnavailable
@@ -17,6 +17,8 @@ def map_redis_error(exc: BaseException, what: str, where: str, timeout_s: float)
         return StoreTimeout(f"{what}: no answer from {where} within {timeout_s * 1000:.0f} ms")
     if isinstance(exc, RedisConnectionError | OSError):
         return StoreUnavailable(f"{what}: cannot reach {where}: {exc}")
+    if isinstance(exc, RedisClusterException | ClusterDownError | TryAgainError):  # a slot without a master, ...
+        return StoreUnavailable(f"{what}: {where} cannot serve the request now: {exc}")
     if isinstance(exc, ResponseError):
         msg = str(exc)
         if "NOACTIVE" in msg:

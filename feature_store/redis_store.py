@@ -13,14 +13,14 @@ import asyncio
 import contextlib
 import json
 import time
-from collections.abc import Sequence
+from collections.abc import AsyncIterator, Sequence
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, ClassVar
 
 import redis.asyncio as aioredis
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
-from redis.exceptions import RedisError
+from redis.exceptions import RedisClusterException, RedisError
 
 from ctrserve.contract.feature_map import OOV_ID
 from ctrserve.contract.store_schema import StoreSchema
@@ -32,7 +32,7 @@ from .codec import CODEC_VERSION
 from .config import RedisStoreConfig
 from .errors import CorruptValue, FeatureStoreError, SchemaMismatch, StoreNotLoaded, StoreUnavailable
 from .keys import LUA_APPEND, LUA_FLIP, LUA_SET_ACTIVE, Keys, item_suffix, sequence_suffix, user_suffix
-from .reads import ReadView
+from .reads import ReadPlan, ReadView
 from .records import RecordCodec
 from .redis_errors import map_redis_error
 
@@ -41,7 +41,14 @@ SCAN_BATCH = 2000  # keys per SCAN step and per UNLINK when removing stale versi
 
 
 class RedisOnlineStore(OnlineStore):
-    """The Redis backend. Create one per process and reuse it (it owns a connection pool)."""
+    """The Redis backend. Create one per process and reuse it (it owns a connection pool).
+    ``redis_cluster_store.RedisClusterOnlineStore`` is its Redis Cluster variant (``open_store``
+    picks by the URL)."""
+
+    #: hash-tagged keys (keys.py): only the cluster variant uses them
+    tagged = False
+    #: the Lua scripts this backend registers, by the name ``_under_active`` and ``bulk_load`` use
+    SCRIPTS: ClassVar[dict[str, str]] = {"append": LUA_APPEND, "set": LUA_SET_ACTIVE, "flip": LUA_FLIP}
 
     def __init__(self, schema: StoreSchema, config: RedisStoreConfig | None = None, namespace: str | None = None,
                  vocab_sha256: str | None = None):
@@ -52,11 +59,9 @@ class RedisOnlineStore(OnlineStore):
         self.schema = schema
         self.vocab_sha256 = vocab_sha256
         self.namespace = namespace or schema.dataset
-        self.keys = Keys(self.config.key_prefix, self.namespace)
+        self.keys = Keys(self.config.key_prefix, self.namespace, tagged=self.tagged)
         cfg = self.config
-        retry = Retry(NoBackoff(), 1)  # one immediate retry heals a connection broken by a server restart
-        self._pool = aioredis.BlockingConnectionPool.from_url(cfg.effective_url(), retry=retry, **cfg.client_kwargs())
-        self._client = aioredis.Redis(connection_pool=self._pool, retry=retry)
+        self._client = self._connect()
         self._timeout_s = cfg.timeout_ms / 1000
         self._where = f"redis {cfg.url} ({self.keys.ns})"
         self._codec = RecordCodec(schema)
@@ -65,9 +70,14 @@ class RedisOnlineStore(OnlineStore):
         self._blocking: RedisBlockingReader | None = None  # created by the first blocking_reader()
         #: the active version's meta (schema, counts, source), after the first read
         self.meta: dict[str, Any] | None = None
-        self._append = self._client.register_script(LUA_APPEND)
-        self._set_active = self._client.register_script(LUA_SET_ACTIVE)
-        self._flip = self._client.register_script(LUA_FLIP)
+        self._scripts = {name: self._client.register_script(lua) for name, lua in self.SCRIPTS.items()}
+
+    def _connect(self) -> Any:
+        """The asyncio client: one blocking connection pool of ``pool_size`` connections."""
+        retry = Retry(NoBackoff(), 1)  # one immediate retry heals a connection broken by a server restart
+        self._pool = aioredis.BlockingConnectionPool.from_url(self.config.effective_url(), retry=retry,
+                                                             **self.config.client_kwargs())
+        return aioredis.Redis(connection_pool=self._pool, retry=retry)
 
     @classmethod
     async def from_active(cls, namespace: str, config: RedisStoreConfig | None = None) -> RedisOnlineStore:
@@ -114,7 +124,7 @@ class RedisOnlineStore(OnlineStore):
                 return await coro
         except FeatureStoreError:
             raise
-        except (RedisError, TimeoutError, OSError) as exc:
+        except (RedisError, RedisClusterException, TimeoutError, OSError) as exc:
             raise map_redis_error(exc, what, self._where, timeout_s) from exc
 
     # -- versions ------------------------------------------------------------------------
@@ -213,13 +223,21 @@ class RedisOnlineStore(OnlineStore):
         for _ in range(3):
             view = self._view or await self._adopt()
             plan = view.plan(user_id, item_ids)
-            got = plan.decode(await self._client.execute_command("MGET", *plan.keys))
+            got = plan.decode(await self._fetch(plan))
             if got is not None:
                 return got
             await self._adopt()  # a flip (or a wiped store) since the last read
         raise StoreUnavailable(f"the active version of {self.keys.ns} changed three times during one read")
 
+    async def _fetch(self, plan: ReadPlan) -> list[bytes | None]:
+        """The reply to ``plan.keys``: one MGET, one round trip."""
+        return await self._client.execute_command("MGET", *plan.keys)
+
     # -- bulk and batch writes -----------------------------------------------------------
+    def _queue_values(self, pipe: Any, values: dict[str, bytes]) -> None:
+        """Queue the writes of one batch on a non-transactional pipeline: one MSET."""
+        pipe.mset(values)
+
     async def _write(self, version: int, users: UserRecords | None, items: ItemRecords | None,
                      progress: Progress | None, loading: bool) -> None:
         vkeys, size = self.keys.version(version), self.config.bulk_batch_size
@@ -235,7 +253,7 @@ class RedisOnlineStore(OnlineStore):
             sl = slice(start, start + size)
             encode = self._codec.user_values if kind == "users" else self._codec.item_values
             pipe = self._client.pipeline(transaction=False)
-            pipe.mset(encode(records, vkeys, sl))
+            self._queue_values(pipe, encode(records, vkeys, sl))
             if loading:
                 pipe.set(self.keys.loading(version), 1, ex=LOADING_TTL_S)
             await self._guarded(pipe.execute(), timeout, f"write {kind} batch at {start} of version {version}")
@@ -266,7 +284,8 @@ class RedisOnlineStore(OnlineStore):
                       "items": len(items) if items is not None else 0}
             await self._guarded(self._client.set(keys.meta(version), self._meta_json(version, **counts, **meta)),
                                 timeout, "write meta")
-            active = int(await self._guarded(self._flip(keys=[keys.active], args=[version]), timeout, "flip"))
+            flip = self._scripts["flip"](keys=[keys.active], args=[version])
+            active = int(await self._guarded(flip, timeout, "flip"))
         finally:
             # unmarked, a failed load's keys are garbage for the next sweep; a killed load's marker expires
             with contextlib.suppress(Exception):
@@ -289,7 +308,7 @@ class RedisOnlineStore(OnlineStore):
             doomed: dict[int, bool] = {}
             batch: list[bytes] = []
             removed = 0
-            async for key in client.scan_iter(match=keys.scan_pattern, count=SCAN_BATCH):
+            async for key in self._scan_versioned():
                 version = keys.version_of(key)
                 if version is None or version == active:
                     continue
@@ -306,13 +325,20 @@ class RedisOnlineStore(OnlineStore):
 
         return await self._guarded(run(), timeout, "remove stale versions")
 
+    def _scan_versioned(self) -> AsyncIterator[bytes]:
+        """Every key of every version of the namespace (SCAN)."""
+        return self._client.scan_iter(match=self.keys.scan_pattern, count=SCAN_BATCH)
+
     # -- online updates ------------------------------------------------------------------
-    async def _under_active(self, script: Any, args: list[Any], what: str) -> Any:
+    async def _under_active(self, script: str, args: list[Any], what: str) -> Any:
+        """Run ``SCRIPTS[script]`` with ``args`` (``ns``, key suffix, ...) under the active version,
+        creating an empty one first if there is none."""
+        run = self._scripts[script]
         try:
-            return await self._guarded(script(keys=[self.keys.active], args=args), self._timeout_s, what)
+            return await self._guarded(run(keys=[self.keys.active], args=args), self._timeout_s, what)
         except StoreNotLoaded:
             await self.ensure_active()
-            return await self._guarded(script(keys=[self.keys.active], args=args), self._timeout_s, what)
+            return await self._guarded(run(keys=[self.keys.active], args=args), self._timeout_s, what)
 
     async def append_event(self, user_id: str, item_id: str | None = None, ts: int | None = None,
                            fields: dict[str, int] | None = None, sequence: str | None = None) -> int:
@@ -338,20 +364,20 @@ class RedisOnlineStore(OnlineStore):
             raise ValueError(f"event fields must be exactly {s.fields}, got {sorted(fields)}")
         codec = self._codec.sequences[s.name]
         event = codec.encode_event([fields[f] for f in s.fields], int(time.time()) if ts is None else int(ts))
-        args = [self.keys.ns, sequence_suffix(s.name, str(user_id)), codec.header, event, s.max_len]
-        return int(await self._under_active(self._append, args, f"append an event for user {user_id!r}"))
+        args = [self.keys.ns, sequence_suffix(s.name, str(user_id), self.tagged), codec.header, event, s.max_len]
+        return int(await self._under_active("append", args, f"append an event for user {user_id!r}"))
 
     async def put_item(self, item_id: str, features: dict[str, float]) -> None:
         """Create or replace one item (encoded values for every item feature) in the active version."""
         value = self._codec.item_row(features)
-        await self._under_active(self._set_active, [self.keys.ns, item_suffix(str(item_id)), value],
+        await self._under_active("set", [self.keys.ns, item_suffix(str(item_id), self.tagged), value],
                                  f"put item {item_id!r}")
         self._cache.discard(str(item_id))
 
     async def put_user(self, user_id: str, profile: dict[str, float]) -> None:
         """Create or replace one user's profile (encoded values) in the active version."""
         value = self._codec.user_row(profile)
-        await self._under_active(self._set_active, [self.keys.ns, user_suffix(str(user_id)), value],
+        await self._under_active("set", [self.keys.ns, user_suffix(str(user_id), self.tagged), value],
                                  f"put user {user_id!r}")
 
     async def value_sizes(self, user_id: str) -> dict[str, int]:

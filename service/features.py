@@ -32,9 +32,9 @@ def gateway_store_config(store_timeout_ms: float, **overrides: object) -> RedisS
 
 def redis_factory(config: RedisStoreConfig) -> StoreFactory:
     def make(schema: StoreSchema, namespace: str, vocab_sha256: str | None = None) -> OnlineStore:
-        from ctrserve.feature_store.redis_store import RedisOnlineStore
+        from ctrserve.feature_store.backends import open_store  # redis+cluster:// URLs: the Redis Cluster backend
 
-        return RedisOnlineStore(schema, config, namespace=namespace, vocab_sha256=vocab_sha256)
+        return open_store(schema, config, namespace=namespace, vocab_sha256=vocab_sha256)
 
     return make
 

@@ -129,6 +129,10 @@ def _json6902(doc: dict, ops: list[dict]) -> None:
         node: Any = doc
         for p in parents:
             node = node[int(p)] if isinstance(node, list) else node[p]
+        if op["op"] == "test":  # the patch guards what it replaces (kustomize fails the build)
+            found = node[int(leaf)] if isinstance(node, list) else node.get(leaf)
+            assert found == op["value"], f"JSON6902 test of {op['path']}: {found!r} != {op['value']!r}"
+            continue
         if isinstance(node, list):
             idx = len(node) if leaf == "-" else int(leaf)
             if op["op"] == "add":

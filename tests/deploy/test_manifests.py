@@ -103,9 +103,12 @@ def triton_local_flags() -> set[str]:
 
 
 def flag(args: list[str], name: str) -> str | None:
-    for a in args:
+    """The value of ``--name=value`` or ``--name value`` in ``args``."""
+    for i, a in enumerate(args):
         if a.startswith(f"--{name}="):
             return a.split("=", 1)[1]
+        if a == f"--{name}" and i + 1 < len(args):
+            return args[i + 1]
     return None
 
 
@@ -366,7 +369,7 @@ def test_compose_gateway_settings_ports_and_probes(compose: dict) -> None:
     health = " ".join(gw["healthcheck"]["test"])
     assert f"127.0.0.1:{port}/readyz" in health and "/readyz" in app_routes()
     # Redis: the URL's host is the redis service
-    host = re.match(r"rediss?://([^:/]+)", s[RedisStoreConfig].url).group(1)
+    host = re.match(r"rediss?(?:\+cluster)?://([^:/]+)", s[RedisStoreConfig].url).group(1)
     assert host in services and "redis" in services[host]["image"]
     # Triton: the URL's host is an alias of every Triton service, its port their gRPC port
     backend = s[BackendSettings]
@@ -393,6 +396,29 @@ def test_compose_gateway_settings_ports_and_probes(compose: dict) -> None:
 def depends(service: dict) -> set[str]:
     d = service.get("depends_on") or {}
     return set(d) if isinstance(d, (dict, list)) else set()
+
+
+def test_compose_cluster_profile(compose: dict) -> None:
+    """Six cluster nodes and the one-shot `redis-cli --cluster create` over exactly them; with
+    REDIS_URL set as the header says, the gateway's settings select the cluster backend."""
+    from ctrserve.feature_store.backends import store_class
+    from ctrserve.feature_store.config import RedisStoreConfig
+    from ctrserve.feature_store.redis_cluster_store import RedisClusterOnlineStore
+
+    services = compose["services"]
+    nodes = {n: s for n, s in services.items() if "--cluster-enabled" in s.get("command", [])}
+    assert len(nodes) == 6 and all(s["profiles"] == ["cluster"] for s in nodes.values())
+    for s in nodes.values():
+        assert flag(s["command"], "cluster-require-full-coverage") == "no" and "redis" in s["image"]
+    init = services["redis-cluster-init"]
+    assert sorted(a for a in init["command"] if a.endswith(":6379")) == sorted(f"{n}:6379" for n in nodes)
+    assert flag(init["command"], "cluster-replicas") == "1" and depends(init) == set(nodes)
+    url = "redis+cluster://redis-cluster-0:6379"
+    assert f"REDIS_URL={url} docker compose" in COMPOSE.read_text()
+    clustered = interpolate(yaml.safe_load(COMPOSE.read_text()), {"REDIS_URL": url})
+    config = check_env(compose_env(clustered["services"]["gateway"]), "compose gateway, cluster")[RedisStoreConfig]
+    assert config.cluster and store_class(config) is RedisClusterOnlineStore
+    assert re.match(r"redis\+cluster://([^:/]+)", config.url).group(1) in nodes
 
 
 def test_compose_triton_matches_export(compose: dict, tiny_fmap: FeatureMap, tmp_path: Path) -> None:
@@ -687,10 +713,28 @@ def test_k8s_gateway(rendered: dict, target: str, renderer: str) -> None:
     assert s[RoutingSettings].watch, "without the watcher a ConfigMap edit takes effect only on restart"
     # Redis: in-cluster (dev) the URL names a Service of the overlay
     url = s[RedisStoreConfig].url
-    host = re.match(r"rediss?://(?:[^@/]*@)?([^:/]+)", url).group(1)
+    host = re.match(r"rediss?(?:\+cluster)?://(?:[^@/]*@)?([^:/]+)", url).group(1)
     if find(docs, "StatefulSet"):
         redis_svc = one(docs, "Service", host)["spec"]
         assert any(p["port"] == int(re.search(r":(\d+)", url.split("@")[-1]).group(1)) for p in redis_svc["ports"])
+
+
+@pytest.mark.parametrize("renderer", ["lite", "kubectl"])
+def test_k8s_redis_cluster_overlay(rendered: dict, renderer: str) -> None:
+    """The gateway reads the cluster's Secret (documented by its .example.env) and its URL selects
+    the Redis Cluster backend."""
+    from ctrserve.feature_store.backends import store_class
+    from ctrserve.feature_store.config import RedisStoreConfig
+    from ctrserve.feature_store.redis_cluster_store import RedisClusterOnlineStore
+
+    if renderer not in rendered["redis-cluster"]:
+        pytest.skip("kubectl (with its built-in kustomize) is not installed; the lite renderer covers this")
+    docs = rendered["redis-cluster"][renderer]
+    (gw,) = [c for c in pod_spec(docs, "ctrserve-gateway")["containers"] if c["name"] == "gateway"]
+    secrets = [src["secretRef"]["name"] for src in gw["envFrom"] if "secretRef" in src]
+    assert "ctrserve-redis-cluster" in secrets and "ctrserve-redis" not in secrets
+    config = check_env(pod_env(docs, gw, "redis-cluster"), "redis-cluster gateway")[RedisStoreConfig]
+    assert config.cluster and store_class(config) is RedisClusterOnlineStore
 
 
 @pytest.mark.parametrize("target", TARGETS)

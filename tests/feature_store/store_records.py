@@ -7,6 +7,7 @@ import numpy as np
 import redis
 
 from ctrserve.feature_store import ItemRecords, RedisStoreConfig, SequenceSchema, StoreSchema, UserRecords
+from ctrserve.feature_store.backends import open_store
 from ctrserve.feature_store.redis_store import RedisOnlineStore
 
 L = 5
@@ -45,7 +46,22 @@ def make_records(seed: int) -> tuple[UserRecords, ItemRecords]:
 def make_store(url: str, schema: StoreSchema = SCHEMA, namespace: str = "t", **cfg: object) -> RedisOnlineStore:
     # generous budgets: the test machine is shared; the timeout test sets its own
     config = RedisStoreConfig(**{"url": url, "cleanup_grace_s": 0, "timeout_ms": 2000, "bulk_batch_size": 2, **cfg})
-    return RedisOnlineStore(schema, config, namespace)
+    return open_store(schema, config, namespace)
+
+
+def raw_client(url: str) -> redis.Redis:
+    """A plain sync client of the store's Redis: ``RedisCluster`` for a ``redis+cluster://`` URL."""
+    if "+cluster://" in url:
+        return redis.RedisCluster.from_url(url.replace("+cluster://", "://"))
+    return redis.Redis.from_url(url)
+
+
+def stored_keys(url: str, match: str) -> set[bytes]:
+    """Every key matching ``match`` (on a cluster: on every master)."""
+    with raw_client(url) as client:
+        if isinstance(client, redis.RedisCluster):
+            return set(client.scan_iter(match=match, target_nodes=redis.RedisCluster.PRIMARIES))
+        return set(client.scan_iter(match=match))
 
 
 def assert_user(got, users: UserRecords, u: int) -> None:
@@ -65,7 +81,6 @@ def assert_items(got, items: ItemRecords, idx: list[int]) -> None:
 
 
 def version_keys(url: str, ns: str = "ctrserve:fs:t") -> set[int]:
-    with redis.Redis.from_url(url) as client:
-        return {int(k.split(b":")[3][1:]) for k in client.scan_iter(match=f"{ns}:v*")}
+    return {int(k.split(b":")[3][1:]) for k in stored_keys(url, f"{ns}:v*")}
 
 

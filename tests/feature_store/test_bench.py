@@ -35,8 +35,12 @@ def test_store_benchmark_tiny_run() -> None:
         pytest.skip("redis-server not found on PATH")
     from ctrserve.loadtests.bench_store import run
 
-    out = run(n_users=10, n_items=200, max_len=20, candidates=10, rounds=1, per_round=20, record=False)
+    out = run(n_users=10, n_items=200, max_len=20, candidates=10, rounds=1, per_round=20, record=False,
+              cluster=shutil.which("redis-cli") is not None)
     figures = out["figures"]
+    if "store_cluster_fetch_p50_ms" in figures:  # the cluster variant and its failover
+        assert figures["store_cluster_vs_single"] > 0 and figures["cluster_failover_failed_requests"] > 0
+        assert 0 < figures["cluster_failover_error_window_s"] < 30
     assert figures["store_bytes_per_user_L20"] == (8 + 2 * 4 + 4) + (8 + 20 * 3 * 4)
     for key in ("store_fetch_p50_ms", "store_fetch_cached_p50_ms", "store_baseline_async_p50_ms"):
         assert figures[key] > 0

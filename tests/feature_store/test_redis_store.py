@@ -1,14 +1,26 @@
-"""The Redis store against a real redis-server (fixture ``redis_url`` in tests/conftest.py)."""
+"""The Redis store against a real redis-server (fixture ``redis_url`` in tests/conftest.py); the
+tests taking ``store_url`` run on the single server and again on a local Redis Cluster."""
 
 from __future__ import annotations
 
 import asyncio
+import re
 from pathlib import Path
 
 import numpy as np
 import pytest
 import redis
-from store_records import SCHEMA, L, assert_items, assert_user, make_records, make_store, version_keys
+from store_records import (
+    SCHEMA,
+    L,
+    assert_items,
+    assert_user,
+    make_records,
+    make_store,
+    raw_client,
+    stored_keys,
+    version_keys,
+)
 
 from ctrserve.contract.feature_map import OOV_ID
 from ctrserve.feature_store import (
@@ -21,14 +33,15 @@ from ctrserve.feature_store import (
     StoreUnavailable,
     UserRecords,
 )
+from ctrserve.feature_store.backends import open_store
 from ctrserve.feature_store.redis_store import RedisOnlineStore
 
 pytestmark = pytest.mark.redis
 
 
-async def test_round_trip_profiles_sequences_items(redis_url: str) -> None:
+async def test_round_trip_profiles_sequences_items(store_url: str) -> None:
     users, items = make_records(0)
-    async with make_store(redis_url) as store:
+    async with make_store(store_url) as store:
         version = await store.bulk_load(users, items)
         for u in range(4):
             got = await store.online_read(f"u{u}", ["i3", "i0", "i5", "i3"])
@@ -39,9 +52,9 @@ async def test_round_trip_profiles_sequences_items(redis_url: str) -> None:
         assert (await store.online_read("u0", [])).sequence_length["hist"] == 0  # stored, empty history
 
 
-async def test_missing_user_and_items_get_cold_start_defaults(redis_url: str) -> None:
+async def test_missing_user_and_items_get_cold_start_defaults(store_url: str) -> None:
     users, items = make_records(0)
-    async with make_store(redis_url) as store:
+    async with make_store(store_url) as store:
         await store.bulk_load(users, items)
         got = await store.online_read("nobody", ["i1", "no-such-item", "i2"])
     assert got.user_missing and got.profile_missing
@@ -54,9 +67,9 @@ async def test_missing_user_and_items_get_cold_start_defaults(redis_url: str) ->
     assert got.items["price"][1] == 0.0
 
 
-async def test_append_trims_to_max_len_atomically(redis_url: str) -> None:
+async def test_append_trims_to_max_len_atomically(store_url: str) -> None:
     users, items = make_records(0)
-    async with make_store(redis_url) as store:
+    async with make_store(store_url) as store:
         await store.bulk_load(users, items)
         before = users.sequences["hist_item_id"][3][:3]
         for k in range(4):  # 3 + 4 events, L = 5: the two oldest fall off
@@ -83,34 +96,34 @@ async def test_append_trims_to_max_len_atomically(redis_url: str) -> None:
             await store.append_event("u1", fields={"hist_item_id": 2})
 
 
-async def test_writes_land_on_the_keys_keys_py_names(redis_url: str) -> None:
+async def test_writes_land_on_the_keys_keys_py_names(store_url: str) -> None:
     """Bulk writes (built in Python) and online writes (built by the Lua scripts) use one layout."""
     users, items = make_records(0)
     one_user = UserRecords(ids=users.ids[:1], profile={f: c[:1] for f, c in users.profile.items()},
                            sequences={f: c[:1] for f, c in users.sequences.items()},
                            timestamps={n: c[:1] for n, c in users.timestamps.items()})
     one_item = ItemRecords(ids=items.ids[:1], features={f: c[:1] for f, c in items.features.items()})
-    async with make_store(redis_url) as store:
+    async with make_store(store_url) as store:
         version = await store.bulk_load(one_user, one_item)
         keys = store.keys.version(version)
         await store.put_user("pu", {"user_id": 7, "segment": 3, "age": 0.5})
         await store.put_item("pi", {"item_id": 3, "cate_id": 9, "price": 1.5})
         await store.append_event("pu", fields={"hist_item_id": 2, "hist_cate_id": 2}, ts=1)
-        with redis.Redis.from_url(redis_url) as client:
-            stored = {k.decode() for k in client.scan_iter(match=store.keys.scan_pattern)}
+        stored = {k.decode() for k in stored_keys(store_url, store.keys.scan_pattern)}
+        with raw_client(store_url) as client:
             assert client.get(store.keys.active) == str(version).encode()
     assert stored == {keys.meta, keys.user("u0"), keys.sequence("hist", "u0"), keys.item("i0"),
                       keys.user("pu"), keys.sequence("hist", "pu"), keys.item("pi")}
 
 
-async def test_put_item_and_cache(redis_url: str) -> None:
+async def test_put_item_and_cache(store_url: str) -> None:
     from prometheus_client import REGISTRY
 
     def hits() -> float:
         return REGISTRY.get_sample_value("ctrserve_feature_store_item_cache_lookups_total", {"result": "hit"}) or 0
 
     users, items = make_records(0)
-    async with make_store(redis_url) as store:
+    async with make_store(store_url) as store:
         await store.bulk_load(users, items)
         first = await store.online_read("u1", ["i0", "i1", "i2"])
         assert first.item_cache_hits == 0
@@ -128,10 +141,10 @@ async def test_put_item_and_cache(redis_url: str) -> None:
     assert 0 < store.item_cache.hit_ratio < 1
 
 
-async def test_crash_mid_load_keeps_previous_version_serving(redis_url: str) -> None:
+async def test_crash_mid_load_keeps_previous_version_serving(store_url: str) -> None:
     old_users, old_items = make_records(1)
     new_users, new_items = make_records(2)
-    async with make_store(redis_url) as store, make_store(redis_url) as reader:
+    async with make_store(store_url) as store, make_store(store_url) as reader:
         v1 = await store.bulk_load(old_users, old_items)
         assert_user(await reader.online_read("u1", ["i0"]), old_users, 1)
 
@@ -145,7 +158,7 @@ async def test_crash_mid_load_keeps_previous_version_serving(redis_url: str) -> 
         with pytest.raises(RuntimeError, match="simulated crash"):
             await store.bulk_load(new_users, new_items, progress=crash_after_two_batches)
         assert await store.active_version() == v1
-        assert version_keys(redis_url) == {v1, v1 + 1}  # half a load written ...
+        assert version_keys(store_url) == {v1, v1 + 1}  # half a load written ...
         for u in range(4):  # ... but readers still see only the old version, u0 and u1 included
             got = await reader.online_read(f"u{u}", ["i0", "i5"])
             assert got.version == v1
@@ -153,15 +166,15 @@ async def test_crash_mid_load_keeps_previous_version_serving(redis_url: str) -> 
             assert_items(got, old_items, [0, 5])
 
         v3 = await store.bulk_load(new_users, new_items)
-        assert version_keys(redis_url) == {v3}  # the old and the crashed versions are gone
+        assert version_keys(store_url) == {v3}  # the old and the crashed versions are gone
         got = await reader.online_read("u2", ["i0", "i5"])  # the reader notices the flip at once
         assert got.version == v3
         assert_user(got, new_users, 2)
         assert_items(got, new_items, [0, 5])  # not stale values from the item cache
 
 
-async def test_no_active_version_and_online_writes_create_one(redis_url: str) -> None:
-    async with make_store(redis_url) as store:
+async def test_no_active_version_and_online_writes_create_one(store_url: str) -> None:
+    async with make_store(store_url) as store:
         with pytest.raises(StoreNotLoaded, match="store load"):
             await store.online_read("u1", ["i1"])
         await store.put_user("u1", {"user_id": 7, "segment": 3, "age": 0.5})
@@ -172,51 +185,51 @@ async def test_no_active_version_and_online_writes_create_one(redis_url: str) ->
         assert_user(await store.online_read("u2", []), users, 2)
 
 
-async def test_schema_mismatch_is_detected(redis_url: str) -> None:
+async def test_schema_mismatch_is_detected(store_url: str) -> None:
     users, items = make_records(0)
     other = SCHEMA.model_copy(update={"user_dense": []})
-    async with make_store(redis_url) as store, make_store(redis_url, other) as wrong:
+    async with make_store(store_url) as store, make_store(store_url, other) as wrong:
         await store.bulk_load(users, items)
         with pytest.raises(SchemaMismatch, match="user_dense"):
             await wrong.online_read("u1", [])
 
 
-async def test_vocabulary_mismatch_is_detected(redis_url: str) -> None:
+async def test_vocabulary_mismatch_is_detected(store_url: str) -> None:
     """Same schema, another preparation: a reader told the model's vocabulary hash refuses the
     version (reads and the readiness check), a reader with the right hash or none serves it."""
     users, items = make_records(0)
-    config = RedisStoreConfig(url=redis_url, cleanup_grace_s=0, timeout_ms=2000)
-    async with make_store(redis_url) as store:
+    config = RedisStoreConfig(url=store_url, cleanup_grace_s=0, timeout_ms=2000)
+    async with make_store(store_url) as store:
         await store.bulk_load(users, items, vocab_sha256="a" * 64, source="/work/processed/t-other")
-    async with RedisOnlineStore(SCHEMA, config, "t", vocab_sha256="b" * 64) as wrong:
+    async with open_store(SCHEMA, config, "t", vocab_sha256="b" * 64) as wrong:
         with pytest.raises(SchemaMismatch, match="t-other.*vocabulary"):
             await wrong.online_read("u1", [])
         with pytest.raises(SchemaMismatch, match="vocabulary"):
             await wrong.check_version()
-    async with RedisOnlineStore(SCHEMA, config, "t", vocab_sha256="a" * 64) as right:
+    async with open_store(SCHEMA, config, "t", vocab_sha256="a" * 64) as right:
         assert await right.check_version() is not None
         assert_user(await right.online_read("u1", []), users, 1)
 
 
-async def test_malformed_values_raise_corrupt_value(redis_url: str) -> None:
+async def test_malformed_values_raise_corrupt_value(store_url: str) -> None:
     users, items = make_records(0)
-    async with make_store(redis_url) as store:
+    async with make_store(store_url) as store:
         version = await store.bulk_load(users, items)
         keys = store.keys.version(version)
-        with redis.Redis.from_url(redis_url) as client:
+        with raw_client(store_url) as client:
             client.set(keys.item("i2"), b"not a feature row")
             client.set(keys.user("u1"), b"CT\x01U" + bytes(40))
             client.set(keys.sequence("hist", "u2"), store.codec.sequences["hist"].header + b"\x01\x02\x03")
-        with pytest.raises(CorruptValue, match="i:i2"):
+        with pytest.raises(CorruptValue, match=re.escape(keys.item("i2"))):
             await store.online_read("u0", ["i1", "i2"])
-        with pytest.raises(CorruptValue, match="u:u1"):
+        with pytest.raises(CorruptValue, match=re.escape(keys.user("u1"))):
             await store.online_read("u1", [])
-        with pytest.raises(CorruptValue, match="s:hist:u2"):
+        with pytest.raises(CorruptValue, match=re.escape(keys.sequence("hist", "u2"))):
             await store.online_read("u2", [])
-        with pytest.raises(CorruptValue, match="s:hist:u2"):
+        with pytest.raises(CorruptValue, match=re.escape(keys.sequence("hist", "u2"))):
             await store.append_event("u2", fields={"hist_item_id": 2, "hist_cate_id": 2})
         assert_user(await store.online_read("u3", ["i1"]), users, 3)  # the rest still reads
-        with redis.Redis.from_url(redis_url) as client:
+        with raw_client(store_url) as client:
             client.set(store.keys.active, b"junk")
         with pytest.raises(CorruptValue, match="active"):
             await store.online_read("u3", [])
@@ -292,7 +305,7 @@ async def test_bulk_load_from_prepared_dataset(redis_url: str, tiny_prepared: Pa
         assert got.version == again and not got.user_missing
 
 
-def test_cli_load_append_and_inspect(redis_url: str, tiny_prepared: Path, tmp_path: Path,
+def test_cli_load_append_and_inspect(store_url: str, tiny_prepared: Path, tmp_path: Path,
                                      monkeypatch: pytest.MonkeyPatch) -> None:
     import json
 
@@ -305,7 +318,7 @@ def test_cli_load_append_and_inspect(redis_url: str, tiny_prepared: Path, tmp_pa
     monkeypatch.setenv("CTRSERVE_WORK_DIR", str(tmp_path))
     monkeypatch.setenv("CTRSERVE_REDIS_CLEANUP_GRACE_S", "0")
     runner = CliRunner()
-    common = ["--dataset", "tinycli", "--redis-url", redis_url]
+    common = ["--dataset", "tinycli", "--redis-url", store_url]
     res = runner.invoke(app, ["store", "load", *common])
     assert res.exit_code == 0, res.output
     assert "version 1" in res.output
@@ -318,6 +331,6 @@ def test_cli_load_append_and_inspect(redis_url: str, tiny_prepared: Path, tmp_pa
     assert "hist_item_id: [2," in res.output and "ts: [77," in res.output
     res = runner.invoke(app, ["store", "put-item", *common, "--item-id", "x", "--set", "item_id=3"])
     assert res.exit_code == 2 and "needs exactly" in res.output
-    res = runner.invoke(app, ["store", "get-user", "--dataset", "absent", "--redis-url", redis_url,
+    res = runner.invoke(app, ["store", "get-user", "--dataset", "absent", "--redis-url", store_url,
                               "--user-id", user])
     assert res.exit_code == 1 and "StoreNotLoaded" in res.output

@@ -131,18 +131,27 @@ def test_key_names_are_the_documented_layout() -> None:
     from ctrserve.feature_store.keys import Keys, item_suffix, sequence_suffix, user_suffix
 
     documented = _documented_keys()
-    assert len(documented) == 7, documented
+    assert len(documented) == 10, documented  # 7 keys, then the 3 the cluster layout tags
     fill = {"<v>": "7", "<user_id>": "u1", "<sequence>": "hist", "<item_id>": "i9"}
-    expected = set()
-    for template in documented:
-        for slot, value in fill.items():
-            template = template.replace(slot, value)
-        expected.add(template.replace("ns:", "ctrserve:fs:t:", 1))
+
+    def expected(templates: list[str]) -> set[str]:
+        out = set()
+        for template in templates:
+            for slot, value in fill.items():
+                template = template.replace(slot, value)
+            out.add(template.replace("ns:", "ctrserve:fs:t:", 1))
+        return out
+
     keys = Keys("ctrserve:fs", "t")
     v7 = keys.version(7)
     built = {keys.active, keys.next_version, keys.loading(7), keys.meta(7), v7.user("u1"),
              v7.sequence("hist", "u1"), v7.item("i9")}
-    assert built == expected
+    assert built == expected(documented[:7])
+    tagged = Keys("ctrserve:fs", "t", tagged=True).version(7)
+    assert {tagged.user("u1"), tagged.sequence("hist", "u1"), tagged.item("i9")} == expected(documented[7:])
+    for suffix, key in [(user_suffix("u1", True), tagged.user("u1")), (item_suffix("i9", True), tagged.item("i9")),
+                        (sequence_suffix("hist", "u1", True), tagged.sequence("hist", "u1"))]:
+        assert f"{keys.ns}:v7:{suffix}" == key
     assert v7.items(["a", "b"]) == [v7.item("a"), v7.item("b")]
     # the Lua scripts build ns + ":v" + version + ":" + suffix: the same names
     for suffix, key in [(user_suffix("u1"), v7.user("u1")), (sequence_suffix("hist", "u1"), v7.sequence("hist", "u1")),

@@ -144,3 +144,11 @@ def test_triton_and_triton_url_are_exclusive(demo_work: Path) -> None:
     r = subprocess.run([sys.executable, "-m", "ctrserve", "demo", "--triton", "--triton-url", "localhost:8001"],
                        env=_env(demo_work), capture_output=True, text=True, timeout=120)
     assert r.returncode == 2 and "pick one" in r.stdout + r.stderr
+
+
+def test_demo_on_a_private_redis_cluster(demo_work: Path) -> None:
+    if shutil.which("redis-cli") is None:
+        pytest.skip("redis-cli not found on PATH")
+    out = _demo(demo_work, "--redis-cluster")
+    assert "private Redis Cluster (3 masters + 3 replicas)" in out and "redis+cluster://127.0.0.1:" in out, out
+    assert out.count("POST /v1/score") == 2, out
