@@ -40,6 +40,8 @@ class Impression:
     item_ids: list[str]
     scores: list[float]
     bins: list[int]
+    #: the model inputs as an ``.npz`` (None: not logged)
+    inputs: bytes | None = None
 
 
 @dataclass
@@ -107,10 +109,12 @@ class FeedbackStore:
             mapping.update({f"s:{item}": b for item, b in zip(e.item_ids, e.bins, strict=True)})
             pipe.hset(key, mapping=mapping)
             pipe.expire(key, self.request_ttl_s)
-            pipe.xadd(k.log(e.experiment), {
+            entry: dict[str, Any] = {
                 "request_id": e.request_id, "ts": e.ts_ms, "user_id": e.user_id, "arm": e.arm, "model": e.model,
-                "version": e.version, "items": orjson.dumps(e.item_ids), "scores": orjson.dumps(e.scores)},
-                maxlen=self.log_max_len, approximate=True)
+                "version": e.version, "items": orjson.dumps(e.item_ids), "scores": orjson.dumps(e.scores)}
+            if e.inputs is not None:
+                entry["inputs"] = e.inputs
+            pipe.xadd(k.log(e.experiment), entry, maxlen=self.log_max_len, approximate=True)
         for (experiment, arm), inc in arms.items():
             out = k.outcomes(experiment, arm)
             pipe.hincrby(out, "requests", inc.requests)
@@ -162,14 +166,16 @@ class FeedbackStore:
         return {key.decode(): int(value) for key, value in row.items()}
 
     # -- export ------------------------------------------------------------------------------
-    async def stream(self, key: str, batch: int = 5000) -> AsyncIterator[dict[str, str]]:
-        """Every entry of a stream, oldest first, as ``{field: value}`` plus its ``id``."""
+    async def stream(self, key: str, batch: int = 2000) -> AsyncIterator[dict[str, Any]]:
+        """Every entry of a stream, oldest first, as ``{field: value}`` plus its ``id`` (text, except
+        the ``inputs`` bytes)."""
         start = "-"
         while True:
             rows = await self._guarded(self._client.xrange(key, start, "+", count=batch), f"read {key}",
                                        self.config.bulk_timeout_ms / 1000)
             for entry_id, fields in rows:
-                yield {"id": entry_id.decode(), **{f.decode(): v.decode() for f, v in fields.items()}}
+                yield {"id": entry_id.decode(), **{f.decode(): v if f == b"inputs" else v.decode()
+                                                   for f, v in fields.items()}}
             if len(rows) < batch:
                 return
             start = "(" + rows[-1][0].decode()

@@ -106,7 +106,8 @@ async def score(app: FastAPI, scope: Scope, receive: Receive) -> Response:
             result = await gw.score(request, qa, early)
             loop = getattr(app.state, "loop", None)
             if loop is not None:  # queued for the background writer: no Redis call before the answer
-                loop.log.add(request_id_var.get(), request.user_id, result.route, request.item_ids, result.scores)
+                loop.log.add(request_id_var.get(), request.user_id, result.route, request.item_ids, result.scores,
+                             result.inputs)
             return score_response(result)
         finally:
             if early is not None:

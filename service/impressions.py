@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import io
 import logging
 import random
 import time
@@ -29,8 +30,8 @@ from .settings import FeedbackSettings
 
 log = logging.getLogger("ctrserve.service.impressions")
 
-#: (request id, time in ms, user id, route, item ids, scores)
-Queued = tuple[str, int, str, Route, Sequence[str], np.ndarray]
+#: (request id, time in ms, user id, route, item ids, scores, model inputs)
+Queued = tuple[str, int, str, Route, Sequence[str], np.ndarray, dict[str, np.ndarray] | None]
 
 
 class ImpressionLog:
@@ -42,15 +43,18 @@ class ImpressionLog:
         self._task: asyncio.Task[None] | None = None
         self._timeout_s = max(1.0, settings.flush_interval_ms / 1000 * 10)
 
-    def add(self, request_id: str, user_id: str, route: Route, item_ids: Sequence[str], scores: np.ndarray) -> None:
-        """Queue one scored request (sampled at ``sample_rate``): no I/O, a list append."""
+    def add(self, request_id: str, user_id: str, route: Route, item_ids: Sequence[str], scores: np.ndarray,
+            inputs: dict[str, np.ndarray] | None = None) -> None:
+        """Queue one scored request (sampled at ``sample_rate``): no I/O, a list append. ``inputs``:
+        the model inputs, logged (``log_inputs``) so that the export can retrain on what was served."""
         rate = self.settings.sample_rate
         if rate < 1.0 and random.random() >= rate:
             return
         if len(self._queue) >= self.settings.queue_max:
             self.metrics.impressions_dropped.inc()
             return
-        self._queue.append((request_id, int(time.time() * 1000), user_id, route, item_ids, scores))
+        self._queue.append((request_id, int(time.time() * 1000), user_id, route, item_ids, scores,
+                            inputs if self.settings.log_inputs else None))
         self._wake.set()
 
     def start(self) -> None:
@@ -92,10 +96,11 @@ class ImpressionLog:
 def _prepare(batch: list[Queued]) -> tuple[list[Impression], dict[tuple[str, str], ArmIncrements]]:
     """The log entries and each arm's counter increments of one flush."""
     entries, arms = [], {}
-    for rid, ts_ms, user, route, items, scores in batch:
+    for rid, ts_ms, user, route, items, scores, inputs in batch:
         bins = score_bins(scores)
         entries.append(Impression(rid, ts_ms, user, route.experiment, route.arm, route.model, route.version,
-                                  list(items), [float(s) for s in scores], bins.tolist()))
+                                  list(items), [float(s) for s in scores], bins.tolist(),
+                                  None if inputs is None else encode_inputs(inputs)))
         inc = arms.setdefault((route.experiment, route.arm), ArmIncrements())
         inc.requests += 1
         inc.impressions += len(items)
@@ -104,3 +109,10 @@ def _prepare(batch: list[Queued]) -> tuple[list[Impression], dict[tuple[str, str
         for b, n in zip(values.tolist(), counts.tolist(), strict=True):
             inc.bins[b] = inc.bins.get(b, 0) + n
     return entries, arms
+
+
+def encode_inputs(inputs: dict[str, np.ndarray]) -> bytes:
+    """Model inputs as one uncompressed ``.npz`` (``numpy.load`` reads it back, no pickle)."""
+    buf = io.BytesIO()
+    np.savez(buf, **inputs)
+    return buf.getvalue()

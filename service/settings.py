@@ -154,6 +154,9 @@ class FeedbackSettings(BaseSettings):
         10_000, ge=1, description="Logged requests waiting for the writer; beyond it new ones are dropped "
                                   "(counted in `ctrserve_impressions_dropped_total`).")
     max_events: int = Field(1000, ge=1, description="Most events one `POST /v1/events` may carry (422 above).")
+    log_inputs: bool = Field(
+        True, description="Keep each logged request's model inputs (user side once, candidates' rows), so that "
+                          "`ctrserve ab export` can write a dataset to retrain on.")
     append_clicks: bool = Field(
         True, description="A click prepends the item to the user's behaviour sequence in the feature store.")
 
