@@ -196,7 +196,7 @@ def report(log: Log, arms: list[str], seed: int = 0, n_boot: int = 200) -> dict[
     return {"control": arms[0], "arms": stats, "comparisons": comparisons}
 
 
-def aa_check(log: Log, arm: str, salts: int = 20, n_boot: int = 100) -> list[str]:
+def aa_check(log: Log, arm: str, salts: int = 20, n_boot: int = 200) -> list[str]:
     """A/A: one arm's users re-split in two halves by ``salts`` different salted hashes; the AUC
     verdict of each split (a sound test says "not yet distinguishable" in about 95 % of them)."""
     rows = log.rows(arm)

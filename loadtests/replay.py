@@ -148,7 +148,7 @@ async def replay(url: str, users: list[list[Replayed]], experiment: str, events_
                 batch, pending = pending, []
                 result.events_sent += len(batch)
                 await send_events(client, batch)
-            if snapshot_every and done % snapshot_every == 0:
+            if snapshot_every and done >= (len(result.snapshots) + 1) * snapshot_every:
                 result.snapshots.append((done, (await client.get(f"/v1/experiments/{experiment}")).json()))
 
     async with httpx.AsyncClient(base_url=url, timeout=30, limits=httpx.Limits(max_connections=concurrency)) as c:
@@ -166,21 +166,16 @@ def flatten(users: list[list[Replayed]]) -> list[Replayed]:
 
 
 def offline_scores(run_dir: Path, prepared: Path, rows: np.ndarray, split: str = "test") -> np.ndarray:
-    """sigmoid(model(rows)) of the trained PyTorch model on the prepared rows."""
-    import torch
-
+    """The trained PyTorch model's click probabilities on the prepared rows (the trainer's own
+    ``predict``, as its test evaluation computes them)."""
     from ctrserve.contract.prepared import load_split
-    from ctrserve.models.train.trainer import load_run
+    from ctrserve.models.train.trainer import load_run, predict
 
     _, fmap, model = load_run(run_dir)
     arrays = load_split(prepared, split)
-    out = []
-    with torch.no_grad():
-        for start in range(0, len(rows), 4096):
-            part = rows[start:start + 4096]
-            out.append(torch.sigmoid(model({f.name: torch.from_numpy(arrays[f.name][part])
-                                            for f in fmap.features})).numpy())
-    return np.concatenate(out).astype(np.float64) if out else np.zeros(0)
+    if not len(rows):
+        return np.zeros(0)
+    return predict(model, {k: v[rows] for k, v in arrays.items()}, fmap, 4096).astype(np.float64)
 
 
 def evaluate(url: str, users: list[list[Replayed]], result: ReplayResult, experiment: str, runs: dict[str, Path],
