@@ -77,6 +77,7 @@ def _plot(snapshots: list[tuple[int, dict[str, Any]]], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    snapshots = sorted(snapshots, key=lambda snap: snap[0])  # workers take snapshots concurrently
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 3.6))
     for arm in MODELS:
         xs = [n for n, s in snapshots if s["arms"][arm]["auc"] is not None]
