@@ -79,10 +79,13 @@ class FeedbackStore:
         self.config = config
         self.keys = FeedbackKeys(config.key_prefix)
         self.request_ttl_s, self.log_max_len = request_ttl_s, log_max_len
-        self._pool = aioredis.BlockingConnectionPool.from_url(config.effective_url(), **config.client_kwargs())
+        # the loop is off the scoring path: a flush of hundreds of requests or a batch of events may
+        # take longer than a feature read's budget without anything waiting on it, so at least 1 s
+        self._timeout_s = max(config.timeout_ms / 1000, 1.0)
+        kwargs = {**config.client_kwargs(), "socket_timeout": self._timeout_s, "timeout": self._timeout_s}
+        self._pool = aioredis.BlockingConnectionPool.from_url(config.effective_url(), **kwargs)
         self._client = aioredis.Redis(connection_pool=self._pool)
         self._event = self._client.register_script(LUA_EVENT)
-        self._timeout_s = config.timeout_ms / 1000
         self._where = f"redis {config.url} ({self.keys.base})"
 
     async def close(self) -> None:

@@ -82,7 +82,10 @@ def test_replay_matches_offline_auc_loses_no_event_and_retrains(loop_gateway, ex
     its labels as clicks (first in this module: a fresh store). Each arm's online AUC equals its
     model's offline AUC on the same rows; every accepted event is in the log and the shared
     counters; the exported log is a prepared dataset the trainer trains on."""
-    from ctrserve.ab import export_prepared
+    from typer.testing import CliRunner
+
+    from ctrserve.ab import ab_app
+    from ctrserve.contract.prepared import load_split
     from ctrserve.loadtests.replay import evaluate, replay, replay_requests
     from ctrserve.models.train.config import resolve_config
     from ctrserve.models.train.trainer import train
@@ -104,7 +107,13 @@ def test_replay_matches_offline_auc_loses_no_event_and_retrains(loop_gateway, ex
     assert figures["events"]["accepted"] + figures["events"].get("duplicate", 0) == figures["events"]["sent"]
     verdict = figures["report"]["comparisons"]["treatment"]["auc"]["verdict"]
     assert verdict in ("better", "worse", "not yet distinguishable")
-    counts = export_prepared(figures["log"], exported.prepared, tmp_path / "served")
+    cli = CliRunner()
+    shown = cli.invoke(ab_app, ["report", "main", "--arms", "control,treatment", "--redis-url", store_url])
+    assert shown.exit_code == 0 and "treatment vs control, auc:" in shown.output, shown.output
+    written = cli.invoke(ab_app, ["export", "main", "--out", str(tmp_path / "served"), "--like",
+                                  str(exported.prepared), "--redis-url", store_url])
+    assert written.exit_code == 0, written.output
+    counts = {s: len(load_split(tmp_path / "served", s)["label"]) for s in ("train", "valid", "test")}
     assert sum(counts.values()) == sum(f["rows"] for f in figures["arms"].values())
     cfg = resolve_config("dnn", "synthetic", seed=3, variant="retrain", overrides={
         "train": {"max_epochs": 1, "batch_size": 64, "threads": 1}, "model": {"embedding_dim": 4, "hidden": [8]}})
