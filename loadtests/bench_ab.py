@@ -71,6 +71,42 @@ def _overhead_ms(on: str, off: str, users: list, n: int) -> tuple[float, float]:
     return p50(times[on]), p50(times[off])
 
 
+async def _scoring_beside_events(url: str, users: list, n: int, block: int = 50) -> tuple[float, float]:
+    """Scoring p50 (ms) of one sequential client in alternating blocks of ``block`` requests:
+    alone, then beside a second client posting one event batch (20 ``impression`` events on the
+    replay's requests) per five scoring calls. Returns (p50 alone, p50 beside events)."""
+    import httpx
+
+    from .harness import p50
+
+    bodies = [r.body for group in users for r in group]
+    times: dict[bool, list[float]] = {False: [], True: []}
+    due = asyncio.Queue[int]()
+
+    async def events(client: httpx.AsyncClient) -> None:
+        sent = 0
+        while True:
+            await due.get()
+            batch = [{"event_id": f"load-{sent}-{k}", "request_id": f"replay-{(sent * 20 + k) % len(bodies)}",
+                      "item_id": bodies[(sent * 20 + k) % len(bodies)]["candidates"][0]["item_id"],
+                      "type": "impression"} for k in range(20)]
+            sent += 1
+            await client.post("/v1/events", json={"events": batch})
+
+    async with httpx.AsyncClient(base_url=url, timeout=30) as client, \
+            httpx.AsyncClient(base_url=url, timeout=30) as side:
+        sender = asyncio.create_task(events(side))
+        for k in range(2 * n):
+            beside = (k // block) % 2 == 1
+            t0 = time.perf_counter()
+            assert (await client.post("/v1/score", json=bodies[k % len(bodies)])).status_code == 200
+            times[beside].append((time.perf_counter() - t0) * 1000)
+            if beside and k % 5 == 0:
+                due.put_nowait(k)
+        sender.cancel()
+    return p50(times[False]), p50(times[True])
+
+
 def _plot(snapshots: list[tuple[int, dict[str, Any]]], path: Path) -> None:
     import matplotlib
 
@@ -134,6 +170,7 @@ def ab_cmd(
         silent = start_gateway(launcher, repo, redis.url, routing=routing, name="gateway-nolog",
                                env={**quiet, "CTRSERVE_FEEDBACK_ENABLED": "false"}, ready_timeout=180)
         p50_on, p50_off = _overhead_ms(gw.url, silent.url, users, overhead_requests)
+        alone, beside = asyncio.run(_scoring_beside_events(gw.url, users, overhead_requests))
     aa = aa_check(fig["log"], "control", salts=20)
     aa_share = aa.count("not yet distinguishable") / len(aa)
     cmp_auc = fig["report"]["comparisons"]["treatment"]["auc"]
@@ -141,7 +178,8 @@ def ab_cmd(
     for arm, f in fig["arms"].items():
         typer.echo(f"{arm}: online AUC {f['online_auc']:.4f}, offline AUC {f['offline_auc']:.4f} on {f['rows']:,} rows")
     typer.echo(f"events {fig['events']}, lost {fig['events_lost']}; A/A not distinguishable in {aa_share:.0%} of "
-               f"20 salts; e2e p50 {p50_on:.3f} ms logging vs {p50_off:.3f} ms not; replay {replay_s:.1f} s")
+               f"20 salts; e2e p50 {p50_on:.3f} ms logging vs {p50_off:.3f} ms not; scoring p50 {alone:.3f} ms "
+               f"alone vs {beside:.3f} ms beside event batches; replay {replay_s:.1f} s")
     if not record:
         return
     _plot(result.snapshots, REPO_ROOT / PLOT)
@@ -161,6 +199,9 @@ def ab_cmd(
                                             "log and in the shared counters"),
         "impression_log_overhead_ms": (round(p50_on - p50_off, 3), f"e2e p50 with the log ({p50_on:.3f} ms) minus "
                                                                     f"without ({p50_off:.3f} ms), same run"),
+        "scoring_beside_events_ms": (round(beside - alone, 3), f"scoring p50 beside one 20-event batch per five "
+                                                               f"calls ({beside:.3f} ms) minus alone ({alone:.3f} ms), "
+                                                               "alternating blocks of 50, same run"),
     })
     test_auc = {arm: json.loads((runs[arm] / "metrics.json").read_text())["auc"] for arm in MODELS}
     notes = [f"Control = lr trained stale (1 epoch, lr 3e-4; test AUC {test_auc['control']:.4f}), treatment = "
