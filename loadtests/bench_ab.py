@@ -144,9 +144,7 @@ def ab_cmd(
     from ctrserve.models.cli import ensure_prepared
     from ctrserve.paths import REPO_ROOT
 
-    from .harness import machine_facts
     from .replay import evaluate, replay, replay_requests
-    from .report import record_section, write_markdown
     from .workload import bench_dir, ensure_export
 
     work = bench_dir() / "ab"
@@ -173,7 +171,6 @@ def ab_cmd(
         alone, beside = asyncio.run(_scoring_beside_events(gw.url, users, overhead_requests))
     aa = aa_check(fig["log"], "control", salts=20)
     aa_share = aa.count("not yet distinguishable") / len(aa)
-    cmp_auc = fig["report"]["comparisons"]["treatment"]["auc"]
     typer.echo(format_report(fig["report"]))
     for arm, f in fig["arms"].items():
         typer.echo(f"{arm}: online AUC {f['online_auc']:.4f}, offline AUC {f['offline_auc']:.4f} on {f['rows']:,} rows")
@@ -183,6 +180,19 @@ def ab_cmd(
     if not record:
         return
     _plot(result.snapshots, REPO_ROOT / PLOT)
+    timing = {"replay_s": replay_s, "p50_on": p50_on, "p50_off": p50_off, "alone": alone, "beside": beside}
+    _record(fig, runs, users, prepared, timing, aa_share, concurrency)
+
+
+def _record(fig: dict[str, Any], runs: dict[str, Path], users: list, prepared: Path, timing: dict[str, float],
+            aa_share: float, concurrency: int) -> None:
+    """The replay's figures into docs/benchmarks.json and .md (section ``ab``)."""
+    from .harness import machine_facts
+    from .report import record_section, write_markdown
+
+    replay_s, p50_on, p50_off = timing["replay_s"], timing["p50_on"], timing["p50_off"]
+    alone, beside = timing["alone"], timing["beside"]
+    cmp_auc = fig["report"]["comparisons"]["treatment"]["auc"]
     figures: dict[str, tuple[Any, str]] = {}
     for arm, f in fig["arms"].items():
         figures[f"ab_online_auc_{arm}"] = (round(f["online_auc"], 4), f"{arm} ({MODELS[arm]}): AUC from the "
@@ -212,4 +222,3 @@ def ab_cmd(
     data = record_section("ab", "Closed loop: A/B replay with clicks", "ctrserve bench ab", figures, notes,
                           machine_facts())
     write_markdown("ab", data)
-
