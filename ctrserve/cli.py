@@ -7,6 +7,7 @@ from __future__ import annotations
 import typer
 
 from ctrserve import demo
+from ctrserve.ab import ab_app
 from ctrserve.export import cli as export_cli
 from ctrserve.feature_store.cli import store_app
 from ctrserve.loadtests.cli import bench_app
@@ -19,6 +20,7 @@ app = typer.Typer(help="ctrserve: train, export and serve click-through-rate mod
 app.add_typer(models_cli.data_app, name="data")
 app.add_typer(store_app, name="store")
 app.add_typer(bench_app, name="bench")
+app.add_typer(ab_app, name="ab")
 app.command("train")(models_cli.train_cmd)
 app.command("eval")(models_cli.eval_cmd)
 app.command("results")(models_cli.results_cmd)

@@ -4,7 +4,9 @@ export it to ONNX with the parity gate, bulk-load a Redis feature store (a priva
 unless ``--redis-url``), start the scoring gateway (embedded ONNX Runtime unless a Triton URL is
 given, or ``--triton``: the local tritonserver started on the demo's model repository), route it
 to the model just trained (the repository keeps every model a demo exported), score sample
-requests over HTTP and print them, then shut everything down. ``--serve`` keeps the gateway up
+requests over HTTP and print them, replay a slice of the test split with its labels sent back as
+clicks (``POST /v1/events``) and print the outcome report (the closed loop), then shut
+everything down. ``--serve`` keeps the gateway up
 until SIGINT (Ctrl-C) or SIGTERM. The processes are children of one ``ctrserve.launch.Launcher``:
 they are stopped on every way out, a signal to the demo's pid included.
 
@@ -215,6 +217,8 @@ def demo_cmd(
     serve: Annotated[bool, typer.Option("--serve", help="keep the gateway up until Ctrl-C or SIGTERM")] = False,
     port: Annotated[int, typer.Option(help="gateway port (0: a free one)")] = 0,
     requests: Annotated[int, typer.Option(help="sample requests to score")] = 3,
+    replay_users: Annotated[int, typer.Option(help="test-split users replayed with their clicks, then the "
+                                                   "outcome report (0: none)")] = 200,
 ) -> None:
     """Run the main job end to end: train, export, load the feature store, serve, score over HTTP."""
     from ctrserve.paths import settings
@@ -237,8 +241,8 @@ def demo_cmd(
         repo = step_export(run_dir, demo_dir / "model_repository", model)
         routing = write_routing(demo_dir / f"routing-{model}.yaml", model, 1)
         step_serve(prepared, repo, routing, model, demo_dir, redis_url=redis_url, redis_cluster=redis_cluster,
-                   triton=triton,
-                   triton_url=triton_url, port=port, requests=requests, serve=serve)
+                   triton=triton, triton_url=triton_url, port=port, requests=requests, serve=serve,
+                   replay_users=replay_users)
     except Interrupted as exc:  # every child is stopped by now
         console.print(f"[bold]stopped[/] by {exc.name}")
         raise typer.Exit(128 + exc.signum) from None
@@ -253,7 +257,7 @@ def demo_cmd(
 
 def step_serve(prepared: Path, repo: Path, routing: Path, model: str, demo_dir: Path, *, redis_url: str | None,
                triton: bool, triton_url: str | None, port: int, requests: int, serve: bool,
-               redis_cluster: bool = False) -> None:
+               redis_cluster: bool = False, replay_users: int = 0) -> None:
     """Start the services as children of one launcher (a private redis-server unless ``redis_url``,
     the local Triton with ``triton``, the gateway), load the store, score the sample requests,
     with ``serve`` keep serving until SIGINT/SIGTERM; every child is stopped on the way out."""
@@ -273,6 +277,10 @@ def step_serve(prepared: Path, repo: Path, routing: Path, model: str, demo_dir: 
             triton_url = server.grpc_url
         gateway = start_demo_gateway(launcher, repo, routing, redis_url, port, triton_url, demo_dir / "gateway.log")
         step_score(gateway.url, sample_requests(prepared, requests))
+        if replay_users and redis_cluster:
+            console.print("[yellow]replay skipped:[/] the click events script needs one Redis node, not a cluster")
+        elif replay_users:
+            step_replay(gateway.url, prepared, redis_url, replay_users)
         if serve:
             try:
                 console.print(f"[bold]serving[/] {gateway.url}  (POST /v1/score, GET /readyz, /metrics, /docs); "
@@ -288,3 +296,20 @@ def step_serve(prepared: Path, repo: Path, routing: Path, model: str, demo_dir: 
         launcher.stop(gateway.child)
         if server is not None:
             stop_local_triton(server, model)
+
+
+def step_replay(url: str, prepared: Path, redis_url: str, n_users: int) -> None:
+    """The closed loop: replay the first ``n_users`` users of the test split through the gateway,
+    send their true labels back as clicks (``POST /v1/events``), print the outcome report."""
+    import asyncio
+
+    from ctrserve.ab import format_report, read_log, report
+    from ctrserve.loadtests.replay import replay, replay_requests
+
+    users = replay_requests(prepared)[:n_users]
+    t0 = time.perf_counter()
+    result = asyncio.run(replay(url, users, "default", prefix=f"demo-{int(time.time())}"))
+    console.print(f"[bold]replay[/] {sum(len(g) for g in users):,} requests of {len(users):,} test users, "
+                  f"{result.events_accepted:,} clicks sent back in {time.perf_counter() - t0:.1f} s")
+    log = read_log("default", redis_url)
+    typer.echo(format_report(report(log, sorted(set(log.arm.tolist())))))  # unwrapped: a wide table

@@ -165,3 +165,79 @@ class Keys:
             return None
         num = text[len(self._version_head):].split(":", 1)[0]
         return int(num) if num.isdigit() else None
+
+
+# -- closed loop: impression log, click join, outcomes per arm (feature_store/feedback.py) ------
+# Outside every namespace: ``<key_prefix>@fb`` (a namespace's keys all start ``<key_prefix>:``)::
+#
+#     fb:r:{<request_id>}               hash, TTL: user, experiment, arm, model, version, time and
+#                                       ``s:<item>`` = the item's score bin; ``c:<item>`` once clicked
+#     fb:e:{<request_id>}:<event_id>    marker, TTL: the event was counted (idempotent retries)
+#     fb:log:<experiment>               stream (MAXLEN ~): one entry per logged scored request
+#     fb:lab:<experiment>               stream (MAXLEN ~): one entry per joined event
+#     fb:out:<experiment>:<arm>         hash: counters and score histograms of the arm's outcomes
+#     fb:totals                         hash: events by result (accepted, duplicate, unknown_request, ...)
+#
+# The request id is the hash tag of its two keys; the outcome and stream keys are found from the
+# request hash inside the event script, which therefore needs one node (like the store's scripts).
+
+# One event, atomically: count it once, join it to its request, update the arm's outcomes, log
+# it, and (first click on an impression) prepend the item to the user's sequence.
+# KEYS[1] = request hash, KEYS[2] = event marker, KEYS[3] = totals, KEYS[4] = ns:active (clicks)
+# ARGV = fb base, request id, event id, item id, type, ts, marker ttl, labels maxlen,
+#        then for a click the sequence append's ARGV (ns, suffix, header, event, max events).
+LUA_EVENT = "local function seq_append(KEYS, ARGV)\n" + LUA_APPEND + "\nend\n" + """
+local base, rid, eid, item, kind = ARGV[1], ARGV[2], ARGV[3], ARGV[4], ARGV[5]
+if redis.call('EXISTS', KEYS[2]) == 1 then
+  redis.call('HINCRBY', KEYS[3], 'duplicate', 1)
+  return 'duplicate'
+end
+local req = redis.call('HMGET', KEYS[1], 'e', 'a', 's:' .. item, 'c:' .. item)
+local result = 'accepted'
+if not req[1] then result = 'unknown_request' elseif not req[3] then result = 'unknown_item' end
+if result == 'accepted' and kind == 'click' and not req[4] and #ARGV > 8 then
+  local n = seq_append({KEYS[4]}, {ARGV[9], ARGV[10], ARGV[11], ARGV[12], ARGV[13]})
+  if type(n) == 'table' and n.err then return n end
+end
+redis.call('SET', KEYS[2], 1, 'EX', ARGV[7])
+redis.call('HINCRBY', KEYS[3], result, 1)
+if result ~= 'accepted' then return result end
+local out = base .. ':out:' .. req[1] .. ':' .. req[2]
+if kind == 'click' then
+  if req[4] then
+    redis.call('HINCRBY', out, 'repeat_clicks', 1)
+  else
+    redis.call('HSET', KEYS[1], 'c:' .. item, 1)
+    redis.call('HINCRBY', out, 'clicks', 1)
+    redis.call('HINCRBY', out, 'p:' .. req[3], 1)
+  end
+else
+  redis.call('HINCRBY', out, 'ev_' .. kind, 1)
+end
+redis.call('XADD', base .. ':lab:' .. req[1], 'MAXLEN', '~', ARGV[8], '*', 'request_id', rid, 'item_id', item,
+           'type', kind, 'event_id', eid, 'ts', ARGV[6], 'arm', req[2])
+return result
+"""
+
+
+class FeedbackKeys:
+    """Key names of the closed loop (see the layout above)."""
+
+    def __init__(self, prefix: str):
+        self.base = f"{prefix}@fb"
+        self.totals = f"{self.base}:totals"
+
+    def request(self, request_id: str) -> str:
+        return f"{self.base}:r:{{{request_id}}}"
+
+    def event(self, request_id: str, event_id: str) -> str:
+        return f"{self.base}:e:{{{request_id}}}:{event_id}"
+
+    def log(self, experiment: str) -> str:
+        return f"{self.base}:log:{experiment}"
+
+    def labels(self, experiment: str) -> str:
+        return f"{self.base}:lab:{experiment}"
+
+    def outcomes(self, experiment: str, arm: str) -> str:
+        return f"{self.base}:out:{experiment}:{arm}"

@@ -367,6 +367,23 @@ class RedisOnlineStore(OnlineStore):
         args = [self.keys.ns, sequence_suffix(s.name, str(user_id), self.tagged), codec.header, event, s.max_len]
         return int(await self._under_active("append", args, f"append an event for user {user_id!r}"))
 
+    async def click_appends(self, user_id: str, clicks: Sequence[tuple[str, int]]) -> tuple[str, list[list[Any]]]:
+        """What ``LUA_APPEND`` needs to prepend each click ``(item_id, ts)`` to the user's (first)
+        sequence: ``(KEYS[1], [ARGV per click])``, for a caller that runs the appends inside its own
+        script (the closed loop's event script: feature_store/feedback.py). One read for all the
+        clicked items; each event's fields copy its item's stored features (unknown item -> OOV),
+        as ``append_event`` does."""
+        s = self.schema.sequence(None)
+        got = await self.online_read(str(user_id), [str(item) for item, _ in clicks])
+        codec = self._codec.sequences[s.name]
+        suffix = sequence_suffix(s.name, str(user_id))
+        args = []
+        for k, (_, ts) in enumerate(clicks):
+            fields = [int(got.items[t][k]) if t in got.items and t in self.schema.item_sparse else OOV_ID
+                      for t in s.targets]
+            args.append([self.keys.ns, suffix, codec.header, codec.encode_event(fields, int(ts)), s.max_len])
+        return self.keys.active, args
+
     async def put_item(self, item_id: str, features: dict[str, float]) -> None:
         """Create or replace one item (encoded values for every item feature) in the active version."""
         value = self._codec.item_row(features)

@@ -10,16 +10,23 @@ response (``/v1/score [control]``). Each response is checked: status, one score 
 scores in [0, 1]. ``--target-rps`` paces the users to a total request rate (0: closed loop, as
 fast as answers come). ``--samples-out`` writes every request's (time, ms, candidates, ok) as
 ``.npz`` when the test stops: Locust's own percentiles are rounded to whole milliseconds.
+``--click-rate R`` makes each user click a share R of the candidates it was shown and send the
+clicks to ``POST /v1/events`` in one batch per ``--events-every`` scoring calls (a batch that fails
+is sent again, same event ids, with the next one); ``--events-out`` writes the events sent and
+acknowledged (JSON) when the test stops, to compare with the gateway's counts.
 Every option also has an environment variable (``CTRSERVE_LOAD_*``).
 """
 
 from __future__ import annotations
 
+import json
 import time
+from pathlib import Path
 from typing import Any, ClassVar
 
 import gevent
 import numpy as np
+import orjson
 from locust import FastHttpUser, events, task
 from locust.env import Environment
 
@@ -44,6 +51,12 @@ def _options(parser: Any) -> None:
     group.add_argument("--samples-out", default="", env_var="CTRSERVE_LOAD_SAMPLES",
                        help="write per-request samples (.npz) here at test stop")
     group.add_argument("--traffic-seed", type=int, default=0, env_var="CTRSERVE_LOAD_SEED", help="traffic seed")
+    group.add_argument("--click-rate", type=float, default=0.0, env_var="CTRSERVE_LOAD_CLICK_RATE",
+                       help="share of shown candidates clicked and sent to /v1/events (0: no events)")
+    group.add_argument("--events-every", type=int, default=5, env_var="CTRSERVE_LOAD_EVENTS_EVERY",
+                       help="one /v1/events batch per this many scoring calls of a user")
+    group.add_argument("--events-out", default="", env_var="CTRSERVE_LOAD_EVENTS_OUT",
+                       help="write the events sent and acknowledged (JSON) here at test stop")
 
 
 class _State:
@@ -51,6 +64,8 @@ class _State:
     dist: CandidateDist | None = None
     samples: ClassVar[list[tuple[float, float, int, bool]]] = []
     user_seq = 0
+    #: events: distinct ids sent, and acknowledged (answered accepted or duplicate)
+    events: ClassVar[dict[str, int]] = {"sent": 0, "acknowledged": 0, "accepted": 0, "failed_batches": 0}
 
 
 @events.init.add_listener
@@ -72,6 +87,9 @@ def _record(response_time: float, exception: Any, context: dict | None = None, *
 
 @events.test_stop.add_listener
 def _write(environment: Environment, **_: Any) -> None:
+    events_out = getattr(environment.parsed_options, "events_out", "")
+    if events_out:
+        Path(events_out).write_text(json.dumps(_State.events))
     out = getattr(environment.parsed_options, "samples_out", "")
     if out and _State.samples:
         a = np.asarray(_State.samples, dtype=np.float64)
@@ -91,6 +109,8 @@ class ScoreUser(FastHttpUser):
         assert _State.bodies is not None
         self.users = ZipfSampler(len(_State.bodies.pool.users), opts.zipf, self.rng)
         self.path = PATHS[opts.mode]
+        self.pending: list[dict[str, str]] = []  # clicks not yet acknowledged by /v1/events
+        self.calls = 0
         # pacing (traffic.Pacer): one request per period and user, N users together target_rps requests/s
         self.pacer: Pacer | None = None
         if opts.target_rps > 0:
@@ -115,3 +135,35 @@ class ScoreUser(FastHttpUser):
                 resp.failure(error)
             else:
                 resp.success()
+        if not error and opts_click_rate(self) > 0:
+            self.clicks(resp.content, body_user_items(body), n)
+
+    # -- clicks (``--click-rate``) -------------------------------------------------------------
+    def clicks(self, content: bytes, items: list[str], n: int) -> None:
+        opts = self.environment.parsed_options
+        rid = orjson.loads(content)["request_id"]
+        for k in np.flatnonzero(self.rng.random(n) < opts.click_rate).tolist():
+            self.pending.append({"event_id": f"{rid}:{k}", "request_id": rid, "item_id": items[k], "type": "click"})
+            _State.events["sent"] += 1
+        self.calls += 1
+        if self.calls % opts.events_every == 0 and self.pending:
+            with self.client.post("/v1/events", data=orjson.dumps({"events": self.pending}), headers=HEADERS,
+                                  name="/v1/events", catch_response=True) as resp:
+                if resp.status_code == 200:
+                    answer = orjson.loads(resp.content)
+                    _State.events["acknowledged"] += answer["accepted"] + answer["duplicate"]
+                    _State.events["accepted"] += answer["accepted"]
+                    self.pending = []
+                    resp.success()
+                else:  # kept: the next batch sends them again, with the same ids
+                    _State.events["failed_batches"] += 1
+                    resp.failure(f"events: HTTP {resp.status_code}")
+
+
+def opts_click_rate(user: ScoreUser) -> float:
+    return float(getattr(user.environment.parsed_options, "click_rate", 0.0) or 0.0)
+
+
+def body_user_items(body: bytes) -> list[str]:
+    """The candidates' item ids of a gateway body (in order)."""
+    return [c["item_id"] for c in orjson.loads(body)["candidates"]]

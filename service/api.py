@@ -103,7 +103,12 @@ async def score(app: FastAPI, scope: Scope, receive: Receive) -> Response:
                 request_id_var.set(request.request_id)
             check_limits(request, gw.settings.api)
             gw.metrics.candidates.observe(len(request.candidates))
-            return score_response(await gw.score(request, qa, early))
+            result = await gw.score(request, qa, early)
+            loop = getattr(app.state, "loop", None)
+            if loop is not None:  # queued for the background writer: no Redis call before the answer
+                loop.log.add(request_id_var.get(), request.user_id, result.route, request.item_ids, result.scores,
+                             result.inputs)
+            return score_response(result)
         finally:
             if early is not None:
                 early.cancel()  # a no-op when scoring collected it
@@ -165,10 +170,13 @@ async def readyz(gw: Gateway = Depends(gateway)) -> Response:
 
 
 @router.get("/metrics", tags=["operations"])
-async def metrics(gw: Gateway = Depends(gateway)) -> Response:
-    """Prometheus metrics."""
+async def metrics(request: Request, gw: Gateway = Depends(gateway)) -> Response:
+    """Prometheus metrics (the outcomes per arm are read from Redis, shared by every replica)."""
     from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
+    from .events import refresh_metrics
+
+    await refresh_metrics(request.app, gw)
     return Response(generate_latest(gw.metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
 
@@ -195,8 +203,10 @@ async def _on_http_error(request: Request, exc: Exception) -> Response:
 
 def install(app: FastAPI) -> None:
     from .admin import router as admin_router
+    from .events import router as events_router
 
     app.include_router(router)
+    app.include_router(events_router)
     app.include_router(admin_router)
     app.add_exception_handler(GatewayError, _on_gateway_error)
     app.add_exception_handler(RequestValidationError, _on_validation_error)
@@ -207,5 +217,8 @@ def openapi_components() -> dict[str, Any]:
     """JSON schemas of the request models the routes take raw (not as FastAPI parameters)."""
     from pydantic.json_schema import models_json_schema
 
-    _, schema = models_json_schema([(ScoreRequest, "validation")], ref_template="#/components/schemas/{model}")
+    from .events import EventBatch
+
+    _, schema = models_json_schema([(ScoreRequest, "validation"), (EventBatch, "validation")],
+                                   ref_template="#/components/schemas/{model}")
     return schema.get("$defs", {})

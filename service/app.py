@@ -74,6 +74,14 @@ def create_app(settings: GatewaySettings | None = None, store_factory: StoreFact
         stores = FeatureStores(factory, settings.store.namespace)
         gw = Gateway(settings, ModelRegistry(settings.backend, kind, triton), stores)
         app.state.gateway = gw
+        redis_config = getattr(factory, "redis_config", None)  # None: a test's in-memory stores
+        loop_on = redis_config is not None and settings.feedback.enabled
+        if loop_on and redis_config.cluster:
+            # the events script and the log writer address one node: on a cluster they would fail
+            # in the background, so the loop is off and /v1/events answers 503 instead
+            log.warning("closed loop off: it needs one Redis node, and the store is a Redis Cluster")
+            loop_on = False
+        app.state.loop = _start_loop(settings, gw, redis_config) if loop_on else None
         tasks = [asyncio.create_task(gw.start(), name="gateway-start")]
         if settings.routing.watch and settings.routing.config is not None:
             tasks.append(asyncio.create_task(gw.watch(), name="routing-watch"))
@@ -87,6 +95,8 @@ def create_app(settings: GatewaySettings | None = None, store_factory: StoreFact
             for t in tasks:
                 with contextlib.suppress(asyncio.CancelledError, Exception):
                     await t
+            if app.state.loop is not None:
+                await app.state.loop.close()
             await gw.close()
             if triton is not None:
                 await triton.close()
@@ -110,6 +120,20 @@ def create_app(settings: GatewaySettings | None = None, store_factory: StoreFact
     app.front = Front(functools.partial(FastAPI.__call__, app), functools.partial(api.score, app), metrics,
                       settings.api.max_body_bytes, settings.server.access_log, app.telemetry_on)
     return app
+
+
+def _start_loop(settings: GatewaySettings, gw: Gateway, redis_config: Any) -> Any:
+    """The closed loop (service/events.py) on the feature store's Redis, its writer started."""
+    from ctrserve.feature_store.feedback import FeedbackStore
+
+    from .events import Loop
+    from .impressions import ImpressionLog
+
+    fb = settings.feedback
+    store = FeedbackStore(redis_config, fb.request_ttl_s, fb.log_max_len)
+    loop = Loop(store, ImpressionLog(store, fb, gw.metrics), fb.append_clicks)
+    loop.log.start()
+    return loop
 
 
 async def _internal_error(request: Request, exc: Exception) -> Response:

@@ -36,6 +36,7 @@ def redis_factory(config: RedisStoreConfig) -> StoreFactory:
 
         return open_store(schema, config, namespace=namespace, vocab_sha256=vocab_sha256)
 
+    make.redis_config = config  # type: ignore[attr-defined]  # the closed loop uses the same Redis
     return make
 
 

@@ -48,6 +48,8 @@ class ScoreResult:
     route: Route
     scores: np.ndarray
     flags: dict[str, Any] = field(default_factory=dict)
+    #: the model inputs the scores came from (user side ``[1, ...]``): what the impression log keeps
+    inputs: dict[str, np.ndarray] | None = None
 
 
 class ConfigError(RoutingError):
@@ -221,15 +223,16 @@ class Gateway:
                 raise GatewayError(404, "not_found", str(exc)) from None
             self.metrics.child(self.metrics.stage, "route", route.arm).observe(time.perf_counter() - t_start)
             try:
-                scores, flags = await self._score_routed(table.models[route.key], route, request, item_ids,
-                                                         t_start, early)
+                scores, flags, inputs = await self._score_routed(table.models[route.key], route, request, item_ids,
+                                                                 t_start, early)
             except GatewayError as exc:
                 exc.route = route
                 raise
-            return ScoreResult(route, scores, flags)
+            return ScoreResult(route, scores, flags, inputs)
 
     async def _score_routed(self, loaded: LoadedModel, route: Route, request: ScoreRequest, item_ids: list[str],
-                            t_start: float, early: EarlyRead | None) -> tuple[np.ndarray, dict[str, Any]]:
+                            t_start: float, early: EarlyRead | None,
+                            ) -> tuple[np.ndarray, dict[str, Any], dict[str, np.ndarray]]:
         """Read, assemble and infer for a routed request."""
         m, api = self.metrics, self.settings.api
         deadline = t_start + api.deadline_ms / 1000
@@ -266,7 +269,7 @@ class Gateway:
                 raise GatewayError(503, "backend_unavailable", str(exc)) from None
             raise GatewayError(502, "backend_error", str(exc)) from None
         m.child(m.stage, "inference", route.arm).observe(time.perf_counter() - t3)
-        return scores, flags
+        return scores, flags, inputs
 
     async def close(self) -> None:
         await self.registry.close()

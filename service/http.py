@@ -28,8 +28,9 @@ log = logging.getLogger("ctrserve.service.api")
 access = logging.getLogger("ctrserve.access")
 
 #: route labels of the request metrics (anything else is "other": no unbounded label values)
-ROUTES = {"/v1/score", "/healthz", "/readyz", "/metrics", "/admin/routing", "/admin/routing/reload",
+ROUTES = {"/v1/score", "/v1/events", "/healthz", "/readyz", "/metrics", "/admin/routing", "/admin/routing/reload",
           "/admin/routing/assign", "/docs", "/openapi.json"}
+EXPERIMENT_ROUTE = "/v1/experiments/{name}"
 QUIET = ("/metrics", "/healthz", "/readyz")  # not in the access log
 
 ScoreHandler = Callable[[Scope, Receive], Awaitable[Response]]
@@ -110,7 +111,7 @@ class Front:
                 scope, receive, send)
 
     def _observe(self, scope: Scope, path: str, sent: _Sent, elapsed: float) -> None:
-        route = path if path in ROUTES else "other"
+        route = path if path in ROUTES else EXPERIMENT_ROUTE if path.startswith("/v1/experiments/") else "other"
         metrics = self.metrics()
         if metrics is not None and route != "/metrics":
             code = str(sent.status)

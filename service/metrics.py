@@ -43,6 +43,20 @@ class Metrics:
                                   ["digest"], registry=r)
         self.models_ready = Gauge("ctrserve_models_ready", "Model versions loaded and warmed up", registry=r)
         self.in_flight = Gauge("ctrserve_requests_in_flight", "Scoring requests being processed", registry=r)
+        # the closed loop (service/events.py): this process's log writer and events, and the
+        # outcomes every replica shares (read from Redis when /metrics is scraped)
+        self.impressions_logged = Counter("ctrserve_impressions_logged_total", "Scored requests written to the "
+                                          "impression log", registry=r)
+        self.impressions_dropped = Counter("ctrserve_impressions_dropped_total", "Scored requests the impression "
+                                           "log dropped (queue full or Redis down)", registry=r)
+        self.log_flush = Histogram("ctrserve_impression_log_flush_seconds", "One pipelined write of the impression "
+                                   "log", buckets=_LATENCY, registry=r)
+        self.events = Counter("ctrserve_events_total", "Events received by this process, by result (accepted, "
+                              "duplicate, unknown_request, unknown_item)", ["result"], registry=r)
+        self.ab_outcome = Gauge("ctrserve_ab_outcome", "Outcomes per arm kept in Redis (all replicas): impressions, "
+                                "clicks, ctr, mean_predicted, auc", ["experiment", "arm", "figure"], registry=r)
+        self.ab_events = Gauge("ctrserve_ab_events", "Events recorded in Redis (all replicas) by result",
+                               ["result"], registry=r)
         # the feature store's process-wide item-cache metrics, so that /metrics shows them too
         register_metrics(r)
         self._children: dict[tuple[int, tuple[str, ...]], Any] = {}

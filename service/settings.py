@@ -141,6 +141,34 @@ class BackendSettings(BaseSettings):
     load_timeout_s: float = Field(60.0, gt=0, description="Budget to load and warm one model (and wait for Triton).")
 
 
+class FeedbackSettings(BaseSettings):
+    """The closed loop: the impression log, ``POST /v1/events`` and the outcomes per arm."""
+
+    model_config = SettingsConfigDict(env_prefix="CTRSERVE_FEEDBACK_", extra="ignore")
+
+    enabled: bool = Field(True, description="Log scored requests and accept events (off: `/v1/events` answers 503).")
+    sample_rate: float = Field(
+        1.0, ge=0, le=1, description="Share of scored requests logged (events for the others are counted as "
+                                     "`unknown_request`).")
+    request_ttl_s: int = Field(
+        86_400, ge=1, description="How long a logged request can be joined by events, and how long an event id "
+                                  "is remembered for idempotent retries.")
+    log_max_len: int = Field(
+        1_000_000, ge=1, description="Approximate cap on entries of each experiment's impression and event streams.")
+    flush_interval_ms: float = Field(
+        20.0, gt=0, description="The background writer waits this long after the first request queued since its "
+                                "last write, then writes all queued ones in one pipelined round trip.")
+    queue_max: int = Field(
+        10_000, ge=1, description="Logged requests waiting for the writer; beyond it new ones are dropped "
+                                  "(counted in `ctrserve_impressions_dropped_total`).")
+    max_events: int = Field(1000, ge=1, description="Most events one `POST /v1/events` may carry (422 above).")
+    log_inputs: bool = Field(
+        True, description="Keep each logged request's model inputs (user side once, candidates' rows), so that "
+                          "`ctrserve ab export` can write a dataset to retrain on.")
+    append_clicks: bool = Field(
+        True, description="A click prepends the item to the user's behaviour sequence in the feature store.")
+
+
 class GatewaySettings(BaseModel):
     """All gateway settings together; ``GatewaySettings.from_env()`` reads the environment."""
 
@@ -149,6 +177,7 @@ class GatewaySettings(BaseModel):
     store: StoreSettings
     routing: RoutingSettings
     backend: BackendSettings
+    feedback: FeedbackSettings = Field(default_factory=FeedbackSettings)
 
     @model_validator(mode="after")
     def _budgets(self) -> GatewaySettings:
@@ -162,7 +191,7 @@ class GatewaySettings(BaseModel):
     def from_env(cls, **overrides: BaseSettings) -> GatewaySettings:
         parts: dict[str, BaseSettings] = {
             "server": ServerSettings(), "api": ApiSettings(), "store": StoreSettings(), "routing": RoutingSettings(),
-            "backend": BackendSettings(),
+            "backend": BackendSettings(), "feedback": FeedbackSettings(),
         }
         parts.update(overrides)
         return cls(**parts)
@@ -176,4 +205,4 @@ class GatewaySettings(BaseModel):
 
 #: every settings class of the gateway, for docs and the deploy-manifest check
 SETTINGS_CLASSES: tuple[type[BaseSettings], ...] = (ServerSettings, ApiSettings, StoreSettings, RoutingSettings,
-                                                     BackendSettings)
+                                                     BackendSettings, FeedbackSettings)

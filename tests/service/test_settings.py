@@ -51,7 +51,7 @@ def test_service_never_imports_torch() -> None:
     import sys
 
     modules = ["app", "api", "admin", "assemble", "cli", "errors", "execution", "features", "gateway", "http", "logs",
-               "metrics", "reader", "registry", "request", "routing",
+               "metrics", "reader", "registry", "request", "routing", "events", "impressions", "outcomes",
                "settings", "backends", "backends.onnxruntime", "backends.triton"]
     code = ("import sys\n" + "".join(f"import ctrserve.service.{m}\n" for m in modules) +
             "bad = [m for m in ('torch', 'onnx') if m in sys.modules]\nassert not bad, bad\n")
