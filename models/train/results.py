@@ -46,7 +46,7 @@ def _record(metrics: dict[str, Any], path: Path) -> dict[str, Any]:
     if missing:
         raise ValueError(f"result record lacks {missing}")
     record = {k: metrics[k] for k in KEYS}
-    extra = {k: metrics[k] for k in ("best_epoch", "epochs", "best_valid_auc", "notes") if k in metrics}
+    extra = {k: metrics[k] for k in ("best_epoch", "epochs", "best_valid_auc", "auc_se", "notes") if k in metrics}
     record.update(extra)
     rows = [r for r in load_results(path) if any(r[k] != record[k] for k in IDENTITY)]
     rows.append(record)
