@@ -17,7 +17,7 @@ def _rows(users: int, per_user: int, seed: int) -> tuple[np.ndarray, np.ndarray,
     rng = np.random.default_rng(seed)
     user = np.repeat(np.arange(users), per_user)
     y = rng.integers(0, 2, user.size)
-    score = y * rng.uniform(-1.0, 3.0, users)[user] + rng.normal(0, 1.0, user.size)  # users differ in how well they rank
+    score = y * rng.uniform(-1.0, 3.0, users)[user] + rng.normal(0, 1.0, user.size)
     return y, score, user
 
 
