@@ -17,29 +17,12 @@ from .harness import failing_as_exit, interleave, machine_facts, ort_session, pr
 from .workload import build_requests, prepared_of
 
 
-def full_sequence_copy(run: Path, out: Path) -> Path:
-    """A copy of CDNet run ``run`` rebuilt as the full-sequence variant with untrained weights."""
-    import shutil
-
-    import torch
-    import yaml
-
-    from ctrserve.models.registry import build_model
-    from ctrserve.models.train.trainer import load_run
-
-    cfg, fmap, _ = load_run(shutil.copytree(run, out))
-    params = {**cfg.params, "k": 10_000, "head": "non_sequence"}
-    (out / "config.yaml").write_text(yaml.safe_dump({**cfg.model_dump(), "params": params}, sort_keys=False))
-    torch.save(build_model(cfg.model, fmap, params).state_dict(), out / "model.pt")
-    (out / "metrics.json").write_text(json.dumps({"auc": float("nan")}))
-    return out
-
-
 def measure(runs: dict[str, Path], candidates: int = 100, rounds: int = 6, per_round: int = 100,
             full_seq_of: str = "") -> dict[str, Any]:
     """``name -> {auc, auc_se, seq_len, flops, p50_ms}`` for each run (exported to ONNX, parity-gated)."""
     from ctrserve.export import runtimes
     from ctrserve.export.exporter import export_run
+    from ctrserve.models.zoo.cdnet import full_sequence_run
 
     from . import flops
     runtimes.set_threads(1)
@@ -47,7 +30,7 @@ def measure(runs: dict[str, Path], candidates: int = 100, rounds: int = 6, per_r
     sessions, feeds = {}, {}
     with tempfile.TemporaryDirectory() as tmp:
         if full_seq_of:  # beside the run it is built from
-            runs = {**runs, f"{full_seq_of}_full_seq": full_sequence_copy(runs[full_seq_of], Path(tmp) / "full")}
+            runs = {**runs, f"{full_seq_of}_full_seq": full_sequence_run(runs[full_seq_of], Path(tmp) / "full")}
         for name, run in runs.items():
             res = export_run(run, "onnx", Path(tmp), name=name.replace("-", "_"), version=1, force=True)
             onnx_file = res.version_dir / res.manifest.file

@@ -11,7 +11,10 @@ Ablations (paper Table 2): ``core=False`` (CDNet-RCore), ``gid=False`` (CDNet-RG
 
 from __future__ import annotations
 
+import json
 import math
+import shutil
+from pathlib import Path
 from typing import Literal
 
 import torch
@@ -223,3 +226,19 @@ class CDNet(nn.Module):
                 xg = layer(xg, vg, cols)
             out = out.index_put((rows[:, None], cols[None, :]), xg)
         return out
+
+
+def full_sequence_run(run: Path, out: Path) -> Path:
+    """A copy of CDNet run directory ``run`` at ``out``, rebuilt as its full-sequence variant (k = L,
+    the non-sequence head) with untrained weights and no test AUC: the graph whose cost ``ctrserve
+    bench cdnet --full-seq-of`` measures (the same cost as a trained one's)."""
+    import yaml
+
+    from ..train.trainer import load_run
+
+    cfg, fmap, _ = load_run(shutil.copytree(run, out))
+    params = {**cfg.params, "k": 10_000, "head": "non_sequence"}
+    (out / "config.yaml").write_text(yaml.safe_dump({**cfg.model_dump(), "params": params}, sort_keys=False))
+    torch.save(CDNet(fmap, **params).state_dict(), out / "model.pt")
+    (out / "metrics.json").write_text(json.dumps({"auc": float("nan")}))
+    return out
