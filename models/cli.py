@@ -78,15 +78,15 @@ def data_rules(
 
     try:
         prepared = ensure_prepared(dataset, _parse_data_overrides(set_))
-        rows, oov = history_rules(prepared, ("train", "valid", "test")), candidate_oov(prepared)
+        rows, oov = history_rules(prepared, ("train", "valid", "test"), se_rounds=200), candidate_oov(prepared)
     except (SpecError, FileNotFoundError, ValueError) as exc:
         console.print(f"[red]error:[/] {exc}")
         raise typer.Exit(2) from None
     table = Table(title=f"{dataset}: no-model history rules")
-    for col in ("split", "rule", "AUC", "GAUC", "positives matched", "negatives matched"):
+    for col in ("split", "rule", "AUC", "AUC SE (users)", "GAUC", "positives matched", "negatives matched"):
         table.add_column(col)
     for r in rows:
-        table.add_row(str(r["split"]), str(r["rule"]), f"{r['auc']:.4f}", f"{r['gauc']:.4f}",
+        table.add_row(str(r["split"]), str(r["rule"]), f"{r['auc']:.4f}", f"{r['auc_se']:.4f}", f"{r['gauc']:.4f}",
                       f"{r['pos_matched']:.3f}", f"{r['neg_matched']:.3f}")
     console.print(table)
     table = Table(title=f"{dataset}: out-of-vocabulary candidates")

@@ -21,7 +21,7 @@ from ctrserve.contract.transforms import apply_dense, bucket_edges, bucketise, h
 from ctrserve.contract.vocab import Vocabulary
 from ctrserve.validation import describe
 
-from .datasets import RawSplits, load_raw
+from .datasets import VOCAB_KEY, RawSplits, load_raw
 from .density import dense_stats, sequence_stats, sparse_stats
 from .semantic_ids import add_semantic_ids
 from .spec import DatasetSpec, DenseSpec, MatchSpec, SequenceSpec, SparseSpec, SpecError, load_spec
@@ -121,7 +121,7 @@ def prepare(
     if sid is not None and sid.mode != "off":
         spec, raw, sid_report = add_semantic_ids(spec, raw)
         _check_raw(spec, raw)
-    vocabs, dense_params = _fit(spec, raw["train"])
+    vocabs, dense_params = _fit(spec, raw["train"], raw.get(VOCAB_KEY, {}))
     out: dict[str, dict[str, np.ndarray]] = {split: {} for split in SPLITS}
     infos: list[FeatureInfo] = []
     seq_infos: list[SequenceInfo] = []
@@ -146,10 +146,10 @@ def prepare(
     return Prepared(out_dir=Path(out_dir), feature_map=fmap)
 
 
-def _fit(spec: DatasetSpec, train: dict[str, np.ndarray]
+def _fit(spec: DatasetSpec, train: dict[str, np.ndarray], fit_on: dict[str, np.ndarray]
          ) -> tuple[dict[str, Vocabulary], dict[str, dict[str, float | str]]]:
-    """Vocabularies (an owner table is fitted on its own column plus every column sharing it) and
-    the dense transforms, on the training split."""
+    """Vocabularies (an owner table is fitted on its own column plus every column sharing it, or on
+    the loader's ``fit_on`` ids for it) and the dense transforms, on the training split."""
     vocabs: dict[str, Vocabulary] = {}
     dense_params: dict[str, dict[str, float | str]] = {}
     sharers: dict[str, list[str]] = {}
@@ -162,6 +162,7 @@ def _fit(spec: DatasetSpec, train: dict[str, np.ndarray]
     for f in tqdm(spec.features, desc=f"{spec.name}: vocabularies", leave=False):
         if isinstance(f, SparseSpec) and not f.share:
             cols = [train[f.name]] + [train[c] for c in sharers.get(f.name, [])]
+            cols = [fit_on[f.name]] if f.name in fit_on else cols
             vocabs[f.name] = Vocabulary.fit(cols, min_count=f.min_count)
         elif isinstance(f, DenseSpec) and f.buckets:
             x = np.asarray(train[f.name], dtype=np.float64)

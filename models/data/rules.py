@@ -16,12 +16,15 @@ import numpy as np
 from ctrserve.contract.feature_map import OOV_ID, PAD_ID, FeatureMap
 from ctrserve.contract.prepared import USER_KEY, load_split
 
-from ..train.metrics import auc, gauc
+from ..train.metrics import auc, auc_se_by_users, gauc
 
 
-def history_rules(prepared: Path, splits: tuple[str, ...] = ("valid", "test")) -> list[dict[str, object]]:
+def history_rules(prepared: Path, splits: tuple[str, ...] = ("valid", "test"), se_rounds: int = 0
+                  ) -> list[dict[str, object]]:
     """``[{split, rule, auc, gauc, pos_matched, neg_matched}]`` for each (sequence field, candidate
-    feature) pair; ``*_matched``: the share of positive / negative rows with at least one match."""
+    feature) pair; ``*_matched``: the share of positive / negative rows with at least one match.
+    ``se_rounds > 0`` adds ``auc_se``, the AUC's standard error by bootstrap over users (as the
+    models' test AUC has), so a model's gap to a rule can be told from noise."""
     fmap = FeatureMap.load(Path(prepared) / "feature_map.json")
     if not fmap.sequences:
         raise ValueError(f"{fmap.dataset} has no behaviour sequence: no history rules to score")
@@ -38,8 +41,9 @@ def history_rules(prepared: Path, splits: tuple[str, ...] = ("valid", "test")) -
                 count = ((data[field] == data[target][:, None]).sum(axis=1)) * known
                 matched = {"pos_matched": _share(count[pos] > 0), "neg_matched": _share(count[~pos] > 0)}
                 for name, score in (("count", count), ("share", count / np.maximum(length, 1))):
+                    se = {"auc_se": auc_se_by_users(y, score, users, se_rounds)} if se_rounds else {}
                     rows.append({"split": split, "rule": f"{name}({field} == {target})",
-                                 "auc": auc(y, score), "gauc": gauc(y, score, users), **matched})
+                                 "auc": auc(y, score), "gauc": gauc(y, score, users), **matched, **se})
     return rows
 
 

@@ -27,6 +27,8 @@ from scipy import sparse
 from sklearn.cluster import KMeans
 from sklearn.decomposition import TruncatedSVD
 
+from ctrserve.contract.prepared import SPLITS
+
 from .datasets import RawSplits
 from .spec import DatasetSpec, SemanticIdSpec, SequenceField, SequenceSpec, SparseSpec
 
@@ -154,7 +156,7 @@ def residual_kmeans(vectors: np.ndarray, levels: int, codebook: int, seed: int
 def assign_codes(spec: DatasetSpec, raw: RawSplits, sid: SemanticIdSpec
                  ) -> tuple[dict[str, list[str]], SemanticIdReport]:
     """Raw item id -> its ``levels`` code strings, for every item in any split."""
-    items = np.unique(np.concatenate([_raw_items(raw[s][n]) for s in raw
+    items = np.unique(np.concatenate([_raw_items(raw[s][n]) for s in SPLITS
                                       for n in _item_field_names(spec, sid.item)]))
     behaviour = behaviour_vectors(spec, raw["train"], items, sid)
     content = content_vectors(raw, items, sid)
@@ -218,7 +220,7 @@ def add_semantic_ids(spec: DatasetSpec, raw: RawSplits) -> tuple[DatasetSpec, Ra
             features.append(f.model_copy(update={"fields": sid_fields + fields}))
         else:
             features.append(f)
-    for split in raw.values():
+    for split in (raw[s] for s in SPLITS):
         columns = {sid.item: names}
         for seq in spec.sequences:
             for fld in seq.fields:

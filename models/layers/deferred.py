@@ -112,14 +112,20 @@ def _kept_softmax(scores: Tensor, mask: Tensor) -> Tensor:
 class PerTokenFFN(nn.Module):
     """PFFN: a two-layer FFN with separate weights for each token position."""
 
-    def __init__(self, tokens: int, dim: int, hidden: int, dropout: float = 0.0):
+    def __init__(self, tokens: int, dim: int, hidden: int, dropout: float = 0.0, activation: type[nn.Module] = nn.GELU):
         super().__init__()
         self.up = TokenwiseLinear(tokens, dim, hidden)
         self.down = TokenwiseLinear(tokens, hidden, dim)
-        self.act = nn.GELU()
+        self.act = activation()
         self.drop = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
 
-    def forward(self, x: Tensor) -> Tensor:
+    def forward(self, x: Tensor, positions: Tensor | None = None) -> Tensor:
+        """``x`` [B, m, dim]; ``positions`` [m] (optional): the token positions whose weights the m
+        columns of ``x`` take, for a caller that dropped some columns (CDNet's length groups)."""
+        if positions is not None:
+            up_w, up_b = self.up.weight[positions], self.up.bias[positions]
+            h = self.drop(self.act((x.transpose(0, 1) @ up_w).transpose(0, 1) + up_b))
+            return (h.transpose(0, 1) @ self.down.weight[positions]).transpose(0, 1) + self.down.bias[positions]
         if self.training and isinstance(self.drop, nn.Dropout):
             # dropout draws its mask in [B, m, hidden] order: keep that order, so a seed gives the masks it gave
             return self.down(self.drop(self.act(self.up(x))))

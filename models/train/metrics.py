@@ -40,3 +40,23 @@ def gauc(labels: np.ndarray, scores: np.ndarray, groups: np.ndarray) -> float:
     group_auc = (rank_pos[valid] - pos[valid] * (pos[valid] + 1) / 2) / (pos[valid] * neg[valid])
     weights = sizes[valid]
     return float((group_auc * weights).sum() / weights.sum())
+
+
+def auc_se_by_users(labels: np.ndarray, scores: np.ndarray, users: np.ndarray, rounds: int = 200,
+                    seed: int = 0) -> float:
+    """Standard error of the AUC by bootstrap over users: each round draws the split's users with
+    replacement and weights each row by its user's draw count (rows of one user are not independent,
+    so resampling rows would understate the spread). Deterministic for a given ``seed``."""
+    labels, scores = np.asarray(labels), np.asarray(scores)
+    _, user_idx = np.unique(np.asarray(users), return_inverse=True)
+    n_users = int(user_idx.max()) + 1 if user_idx.size else 0
+    if n_users < 2 or np.unique(labels).size < 2:
+        return float("nan")
+    rng = np.random.default_rng(seed)
+    aucs = []
+    for _ in range(rounds):
+        weight = np.bincount(rng.integers(0, n_users, n_users), minlength=n_users)[user_idx]
+        keep = weight > 0
+        if np.unique(labels[keep]).size == 2:
+            aucs.append(roc_auc_score(labels[keep], scores[keep], sample_weight=weight[keep]))
+    return float(np.std(aucs, ddof=1))

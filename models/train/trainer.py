@@ -24,7 +24,7 @@ from ctrserve.contract.prepared import USER_KEY, load_split
 from ..registry import build_model
 from .batches import BatchIterator
 from .config import RunConfig
-from .metrics import auc, gauc, logloss
+from .metrics import auc, auc_se_by_users, gauc, logloss
 
 
 def seed_everything(seed: int) -> None:
@@ -171,7 +171,9 @@ def train(
     if model_hook is not None:
         model_hook(model, train_arrays)
 
-    test = evaluate(model, test_arrays, fmap, t.eval_batch_size)
+    test_probs = predict(model, test_arrays, fmap, t.eval_batch_size)
+    test = score_predictions(test_probs, test_arrays, fmap)
+    test["auc_se"] = auc_se_by_users(test_arrays[fmap.label], test_probs, test_arrays[USER_KEY])
     run_dir = make_run_dir(runs_dir, cfg)
     metrics = {
         "model": cfg.model, **cfg.dataset_record(), "variant": cfg.variant, "seed": cfg.seed,

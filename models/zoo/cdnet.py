@@ -11,7 +11,10 @@ Ablations (paper Table 2): ``core=False`` (CDNet-RCore), ``gid=False`` (CDNet-RG
 
 from __future__ import annotations
 
+import json
 import math
+import shutil
+from pathlib import Path
 from typing import Literal
 
 import torch
@@ -21,15 +24,22 @@ from torch.nn import functional as F
 from ctrserve.contract.feature_map import FeatureMap
 
 from ..layers.core_behaviour import CoreBehaviourSelector, InterestDistribution, relevance
+from ..layers.deferred import PerTokenFFN
 from ..layers.embedding import Batch, FeatureEmbedding
 from ..layers.mlp import MLP
 from ..layers.sequence import padding_mask
 from ..layers.softmax import floored_softmax
 from ..registry import register
 
+FFN = Literal["per_token", "shared"]
+
 
 class TransformerLayer(nn.Module):
     """Eqs. 5-6: X̂ = LN(MHA(X) + X); X' = LN(PFFN(X̂) + X̂), padded keys masked.
+
+    ``ffn="per_token"`` (the paper's PFFN): each of the ``tokens`` positions has its own FFN weights
+    (``layers.deferred.PerTokenFFN``, ReLU); ``"shared"``: one FFN for every token (the standard
+    transformer's position-wise FFN).
 
     Written out (not ``nn.TransformerEncoderLayer``) so that eval mode takes no fused fast path and
     the masked softmax uses a finite fill: it traces and exports to ONNX unchanged.
@@ -38,20 +48,29 @@ class TransformerLayer(nn.Module):
     memory and time at T = 600); eval and export keep the written-out graph.
     """
 
-    def __init__(self, dim: int, heads: int, ffn_dim: int, dropout: float, fused_training: bool = False):
+    def __init__(self, dim: int, heads: int, ffn_dim: int, dropout: float, fused_training: bool = False,
+                 tokens: int = 0, ffn: FFN = "per_token"):
         super().__init__()
+        if ffn not in ("per_token", "shared"):
+            raise ValueError(f"ffn must be 'per_token' or 'shared', got {ffn!r}")
+        if ffn == "per_token" and tokens < 1:
+            raise ValueError("a per-token FFN needs the number of tokens")
         if dim % heads:
             raise ValueError(f"d_model={dim} is not divisible by heads={heads}")
         self.heads, self.head_dim = heads, dim // heads
         self.qkv = nn.Linear(dim, 3 * dim)
         self.out = nn.Linear(dim, dim)
-        self.ffn = nn.Sequential(nn.Linear(dim, ffn_dim), nn.ReLU(), nn.Linear(ffn_dim, dim))
+        self.per_token = ffn == "per_token"
+        self.ffn = (PerTokenFFN(tokens, dim, ffn_dim, activation=nn.ReLU) if self.per_token
+                    else nn.Sequential(nn.Linear(dim, ffn_dim), nn.ReLU(), nn.Linear(ffn_dim, dim)))
         self.norm1, self.norm2 = nn.LayerNorm(dim), nn.LayerNorm(dim)
         self.dropout = nn.Dropout(dropout)
         self.scale = 1.0 / math.sqrt(self.head_dim)
         self.fused_training = fused_training
 
-    def forward(self, x: Tensor, key_valid: Tensor) -> Tensor:
+    def forward(self, x: Tensor, key_valid: Tensor, positions: Tensor | None = None) -> Tensor:
+        """``positions``: the token slots the columns of ``x`` are, when a caller dropped some (the
+        per-token FFN takes their weights); ``None``: all of them, in order."""
         t, d = x.shape[1], x.shape[2]
         q, k, v = self.qkv(x).view(-1, t, 3, self.heads, self.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
         if self.training and self.fused_training:
@@ -63,7 +82,8 @@ class TransformerLayer(nn.Module):
             att = torch.matmul(floored_softmax(scores), v)  # off ORT's slow denormal path (layers/softmax.py)
         att = att.transpose(1, 2).reshape(-1, t, d)
         x = self.norm1(x + self.dropout(self.out(att)))
-        return self.norm2(x + self.dropout(self.ffn(x)))
+        ffn = self.ffn(x, positions) if self.per_token else self.ffn(x)
+        return self.norm2(x + self.dropout(ffn))
 
 
 class SequenceViews(nn.Module):
@@ -117,6 +137,7 @@ class CDNet(nn.Module):
         fused_attention: bool = False,
         length_chunks: int = 0,
         head: Literal["flatten", "non_sequence"] = "flatten",
+        ffn: FFN = "per_token",
     ):
         super().__init__()
         if not feature_map.sequences:
@@ -142,7 +163,7 @@ class CDNet(nn.Module):
         # distribution token and each contextual feature play different roles
         self.slot = nn.Parameter(torch.zeros(n_tokens, d_model))
         self.layers = nn.ModuleList([
-            TransformerLayer(d_model, heads, ffn_dim or 4 * d_model, dropout, fused_attention)
+            TransformerLayer(d_model, heads, ffn_dim or 4 * d_model, dropout, fused_attention, n_tokens, ffn)
             for _ in range(num_layers)
         ])
         if head not in ("flatten", "non_sequence"):
@@ -202,6 +223,22 @@ class CDNet(nn.Module):
             cols = valid.any(dim=0).nonzero().squeeze(1)
             xg, vg = x[rows][:, cols], valid[:, cols]
             for layer in self.layers:
-                xg = layer(xg, vg)
+                xg = layer(xg, vg, cols)
             out = out.index_put((rows[:, None], cols[None, :]), xg)
         return out
+
+
+def full_sequence_run(run: Path, out: Path) -> Path:
+    """A copy of CDNet run directory ``run`` at ``out``, rebuilt as its full-sequence variant (k = L,
+    the non-sequence head) with untrained weights and no test AUC: the graph whose cost ``ctrserve
+    bench cdnet --full-seq-of`` measures (the same cost as a trained one's)."""
+    import yaml
+
+    from ..train.trainer import load_run
+
+    cfg, fmap, _ = load_run(shutil.copytree(run, out))
+    params = {**cfg.params, "k": 10_000, "head": "non_sequence"}
+    (out / "config.yaml").write_text(yaml.safe_dump({**cfg.model_dump(), "params": params}, sort_keys=False))
+    torch.save(CDNet(fmap, **params).state_dict(), out / "model.pt")
+    (out / "metrics.json").write_text(json.dumps({"auc": float("nan")}))
+    return out

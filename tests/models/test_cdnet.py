@@ -206,6 +206,45 @@ def test_length_chunks_give_the_same_outputs_and_gradients(tiny_fmap, tiny_batch
         _build(tiny_fmap, length_chunks=-1)
 
 
+def test_per_token_ffn_has_its_own_weights_per_slot() -> None:
+    """The paper's PFFN: changing slot j's FFN weights changes only token j's output of the layer
+    (attention comes before the FFN inside a layer); the shared FFN changes every token."""
+    from ctrserve.models.zoo.cdnet import TransformerLayer
+
+    torch.manual_seed(0)
+    x, valid = torch.randn(3, 5, 8), torch.ones(3, 5, dtype=torch.bool)
+    for ffn, changed in (("per_token", [2]), ("shared", [0, 1, 2, 3, 4])):
+        layer = TransformerLayer(8, 2, 16, 0.0, tokens=5, ffn=ffn).eval()
+        before = layer(x, valid)
+        with torch.no_grad():
+            if ffn == "per_token":
+                layer.ffn.up.weight[2] += torch.randn_like(layer.ffn.up.weight[2])
+            else:
+                layer.ffn[0].weight += torch.randn_like(layer.ffn[0].weight)
+        moved = (layer(x, valid) - before).abs().amax(dim=(0, 2)) > 1e-6
+        assert moved.nonzero().squeeze(1).tolist() == changed, ffn
+    per_token = TransformerLayer(8, 2, 16, 0.0, tokens=5)
+    assert per_token.ffn.up.weight.shape == (5, 8, 16), "per-token is the default (the paper's)"
+
+
+def test_per_token_ffn_by_positions_is_the_same_map(tiny_fmap, tiny_batch) -> None:
+    """Length groups hand the layer a subset of token columns with their slot numbers: each column
+    takes its own slot's weights, so the output equals the full layer's at those columns."""
+    from ctrserve.models.zoo.cdnet import TransformerLayer
+
+    torch.manual_seed(1)
+    layer = TransformerLayer(8, 2, 16, 0.0, tokens=6).eval()
+    x, valid = torch.randn(2, 6, 8), torch.ones(2, 6, dtype=torch.bool)
+    valid[:, [1, 4]] = False  # masked keys: dropping those columns leaves the others unchanged
+    cols = torch.tensor([0, 2, 3, 5])
+    full = layer(x, valid)[:, cols]
+    torch.testing.assert_close(layer(x[:, cols], valid[:, cols], cols), full, rtol=1e-5, atol=1e-6)
+    shared = _build(tiny_fmap, ffn="shared")
+    assert isinstance(shared.layers[0].ffn, nn.Sequential)
+    with pytest.raises(ValueError, match="ffn must be"):
+        _build(tiny_fmap, ffn="mixed")
+
+
 def test_clear_errors(tiny_fmap) -> None:
     flat = tiny_fmap.model_copy(update={
         "features": [f for f in tiny_fmap.features if f.kind != "sequence"], "sequences": []})

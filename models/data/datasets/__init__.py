@@ -4,6 +4,8 @@ Contract (checked by ``prepare``): ``{"train"|"valid"|"test": {column: np.ndarra
 column per spec feature, the label (0/1) and the spec's user-id column. Sparse columns hold raw
 values (missing: ``""`` or ``-1``); dense columns floats (missing: NaN); a sequence field is an
 ``[N, max_len]`` array of raw ids, most recent event first, padded with ``-1``.
+An optional extra entry ``VOCAB_KEY`` holds, per sparse feature, the raw ids its vocabulary is
+fitted on instead of the train split's (Taobao: the warm-up window's ids).
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ from typing import Any
 import numpy as np
 
 RawSplits = dict[str, dict[str, np.ndarray]]
+VOCAB_KEY = "vocabulary"
 Loader = Callable[..., RawSplits]
 
 LOADERS: dict[str, Loader] = {}
