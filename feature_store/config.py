@@ -43,9 +43,6 @@ class RedisStoreConfig(BaseSettings):
     bulk_batch_size: int = Field(2_000, ge=1)
     #: wait after flipping ``active`` before deleting the previous version, so reads in flight finish
     cleanup_grace_s: float = Field(2.0, ge=0)
-    #: a bulk load waits up to this long (WAIT) for every connected replica to hold the new
-    #: version before the flip, so a failover right after it cannot promote a replica that lacks it
-    replica_wait_ms: float = Field(5000.0, ge=0)
     #: Redis Cluster only: the active pointer travels with at most one read per this many ms (0: with
     #: every read). Bounds how long a reader serves the previous version after a flip; keeps the
     #: pointer's node from taking one GET per request. Must stay below the loaders' ``cleanup_grace_s``.

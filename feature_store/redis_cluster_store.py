@@ -128,10 +128,6 @@ class RedisClusterOnlineStore(RedisOnlineStore):
             self._slot_map_read = True
         return await super()._guarded(coro, timeout_s, what)
 
-    async def _await_replicas(self) -> None:
-        for node in self._client.get_primaries():  # each master and its own replicas
-            await self._wait_for_replicas(self._client, node.name, target_nodes=node)
-
     def blocking_reader(self) -> None:  # type: ignore[override]
         """None: reads on a cluster go through ``online_read``."""
         return None

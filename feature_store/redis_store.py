@@ -12,7 +12,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
-import logging
 import time
 from collections.abc import AsyncIterator, Sequence
 from datetime import UTC, datetime
@@ -36,8 +35,6 @@ from .keys import LUA_APPEND, LUA_FLIP, LUA_SET_ACTIVE, Keys, item_suffix, seque
 from .reads import ReadPlan, ReadView
 from .records import RecordCodec
 from .redis_errors import map_redis_error
-
-log = logging.getLogger("ctrserve.feature_store")
 
 LOADING_TTL_S = 300  # a bulk load refreshes its marker every batch; a dead load's marker expires
 SCAN_BATCH = 2000  # keys per SCAN step and per UNLINK when removing stale versions
@@ -287,7 +284,6 @@ class RedisOnlineStore(OnlineStore):
                       "items": len(items) if items is not None else 0}
             await self._guarded(self._client.set(keys.meta(version), self._meta_json(version, **counts, **meta)),
                                 timeout, "write meta")
-            await self._await_replicas()
             flip = self._scripts["flip"](keys=[keys.active], args=[version])
             active = int(await self._guarded(flip, timeout, "flip"))
         finally:
@@ -301,26 +297,6 @@ class RedisOnlineStore(OnlineStore):
             await asyncio.sleep(self.config.cleanup_grace_s)  # reads in flight under the old version finish
         await self.remove_stale_versions()
         return version
-
-    async def _await_replicas(self) -> None:
-        """Before a flip: WAIT until every connected replica has acknowledged the writes so far, so
-        a failover right after the flip promotes a replica holding the new version. Replicas that
-        do not confirm within ``replica_wait_ms`` are logged; the flip goes ahead (a replica that is
-        down must not stop loads)."""
-        await self._wait_for_replicas(self._client, "redis")
-
-    async def _wait_for_replicas(self, client: Any, where: str, **target: Any) -> None:
-        budget = self.config.replica_wait_ms
-        if not budget:
-            return
-        info = await self._guarded(client.info("replication", **target), self._timeout_s, "read replication")
-        want = int(info.get("connected_slaves", 0))
-        if want:
-            got = int(await self._guarded(client.execute_command("WAIT", want, int(budget), **target),
-                                          budget / 1000 + self._timeout_s, "wait for replicas"))
-            if got < want:
-                log.warning("bulk load: %d of %d replicas of %s confirmed the new version before the flip",
-                            got, want, where)
 
     async def remove_stale_versions(self) -> int:
         """Delete every version that is neither active nor being loaded; returns the keys removed."""
