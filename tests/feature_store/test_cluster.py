@@ -112,6 +112,11 @@ async def test_master_killed_during_reads_fails_over_without_a_new_client(own_cl
     config = RedisStoreConfig(url=own_cluster.url, timeout_ms=250, cleanup_grace_s=0, item_cache_size=0)
     async with open_store(schema, config, "bench") as store:
         await store.bulk_load(users, items)
+        # replication is asynchronous: the victim's replica must hold the load before the kill, or
+        # its users read as missing after the promotion (docs/feature_store.md, failover)
+        for node in own_cluster.primaries():
+            with own_cluster.client(node) as c:
+                assert c.execute_command("WAIT", 1, 5000) == 1
         got = await failover_run(own_cluster, store, users.ids, items.ids, candidates=50, max_s=30)
         assert got["failed"] > 0 and got["failed_other"] == 0, got
         assert got["error_window_s"] is not None and got["error_window_s"] < 15, got
