@@ -66,14 +66,18 @@ def as_overrides(values: dict[str, Any]) -> dict[str, dict[str, Any]]:
     return out
 
 
+def with_fixed(overrides: dict[str, dict[str, Any]], fixed: dict[str, Any] | None) -> dict[str, dict[str, Any]]:
+    """``overrides`` with the settings held out of the search laid over them, block by block."""
+    held = {block: {**overrides.get(block, {}), **settings} for block, settings in (fixed or {}).items()}
+    return {**overrides, **held}
+
+
 def objective(model: str, dataset: str, prepared: Path, runs_dir: Path, space: dict[str, dict[str, Any]],
               seed: int, fixed: dict[str, Any] | None = None, data: dict[str, Any] | None = None
               ) -> Callable[[optuna.Trial], float]:
     def run(trial: optuna.Trial) -> float:
         values = suggest(trial, space)
-        overrides = as_overrides(values)
-        for block, settings in (fixed or {}).items():
-            overrides[block] = {**overrides.get(block, {}), **settings}
+        overrides = with_fixed(as_overrides(values), fixed)
         cfg = resolve_config(model, dataset, overrides=overrides, seed=seed, variant=f"tune-{trial.number}", data=data)
 
         def report(epoch: int, valid: dict[str, float]) -> None:
@@ -133,8 +137,6 @@ def write_record(study: optuna.Study, model: str, dataset: str, space: dict[str,
     header = (f"# Chosen by `{command}` (trial {best.number} of {len(trials)}: valid AUC {best.value:.4f});\n"
               f"# every trial: docs/tuning/{dataset}/{model}.json. "
               f"Use: ctrserve train --config {cfg.relative_to(out_root)}\n")
-    overrides = as_overrides(best_values)
-    for block, settings in (fixed or {}).items():
-        overrides[block] = {**overrides.get(block, {}), **settings}
+    overrides = with_fixed(as_overrides(best_values), fixed)
     cfg.write_text(header + yaml.safe_dump({"Base": overrides}, sort_keys=True))
     return record

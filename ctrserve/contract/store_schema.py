@@ -10,7 +10,6 @@ normalised numbers), so the gateway only assembles tensors.
 from __future__ import annotations
 
 import json
-from collections.abc import Callable
 
 import numpy as np
 from pydantic import BaseModel, ConfigDict
@@ -48,22 +47,19 @@ class StoreSchema(BaseModel):
             return [f.name for f in fmap.features if f.side == side and f.kind == kind and f.derived is None]
 
         item_sparse = names("item", "sparse")
-        if item_id_feature is None and fmap.item_key is not None:
-            return cls._build(fmap, fmap.item_key.name, item_sparse, names)
-        if item_id_feature is None:
+        # semantic IDs in place of the item id: the raw id keys the store but is no model input
+        key_only = item_id_feature is None and fmap.item_key is not None
+        if key_only:
+            item_id_feature = fmap.item_key.name
+        elif item_id_feature is None:
             # the sequence's item-id field names the item id; else the first item-side sparse feature
             first_target = fmap.sequences[0].targets[0] if fmap.sequences else None
             item_id_feature = first_target if first_target in item_sparse else (item_sparse or [None])[0]
-        if item_id_feature is None or item_id_feature not in item_sparse:
+        if not key_only and (item_id_feature is None or item_id_feature not in item_sparse):
             raise ValueError(
                 f"feature map {fmap.dataset!r}: no item-side sparse feature {item_id_feature!r} to key items by; "
                 f"item-side sparse features are {item_sparse}"
             )
-        return cls._build(fmap, item_id_feature, item_sparse, names)
-
-    @classmethod
-    def _build(cls, fmap: FeatureMap, item_id_feature: str, item_sparse: list[str],
-               names: Callable[[str, str], list[str]]) -> StoreSchema:
         user_sparse = names("user", "sparse")
         return cls(
             dataset=fmap.dataset,
