@@ -207,7 +207,7 @@ def _record(fig: dict[str, Any], runs: dict[str, Path], users: list, prepared: P
                                                       "users called 'not yet distinguishable'"),
         "events_lost": (fig["events_lost"], f"events accepted ({fig['events']['accepted']:,}) minus those in the "
                                             "log and in the shared counters"),
-        "impression_log_overhead_ms": (round(p50_on - p50_off, 3), f"e2e p50 with the log ({p50_on:.3f} ms) minus "
+        "ab_impression_log_overhead_ms": (round(p50_on - p50_off, 3), f"e2e p50 with the log ({p50_on:.3f} ms) minus "
                                                                     f"without ({p50_off:.3f} ms), same run"),
         "scoring_beside_events_ms": (round(beside - alone, 3), f"scoring p50 beside one 20-event batch per five "
                                                                f"calls ({beside:.3f} ms) minus alone ({alone:.3f} ms), "

@@ -26,7 +26,7 @@ from ctrserve.launch import Launcher, start_redis
 
 from .bench_all_load import LoadSteps
 from .harness import Figures, Log, console_log, failing_as_exit, machine_facts, ort_session, p50, run_steps
-from .stack import GatewaySetup
+from .stack import GatewaySetup, gateway_metrics
 from .stats import percentiles, stage_breakdown
 from .traffic import Bodies, CandidateDist
 from .workload import assemble_request, bench_dir, build_pool, ensure_export, ensure_run, prepared_of
@@ -96,46 +96,54 @@ def ort_throughput(sess: Any, full: dict[str, np.ndarray], user_names: set[str],
     return {"rps": sum(c[0] for c in counts) / wall, "candidates_per_s": sum(c[1] for c in counts) / wall}
 
 
-def gateway_metrics(port: int) -> dict:
-    """The gateway's /metrics, parsed."""
-    from ctrserve.net import http_get
-
-    from .stats import parse_prometheus
-
-    status, text = http_get(f"http://127.0.0.1:{port}/metrics", timeout=10)
-    if status != 200:
-        raise RuntimeError(f"gateway /metrics answered {status}")
-    return parse_prometheus(text.decode())
-
-
 def e2e_interleaved(port: int, body: bytes, sess: Any, inputs: dict[str, np.ndarray], rounds: int,
-                    per_round: int) -> dict[str, Any]:
+                    per_round: int, silent_port: int | None = None) -> dict[str, Any]:
     """Sequential requests to the gateway (one keep-alive connection) and raw ORT runs on the
-    same inputs, interleaved in rounds so machine noise hits both alike."""
+    same inputs, interleaved in rounds so machine noise hits both alike; with ``silent_port``, the
+    same requests to a second gateway that logs no impressions, interleaved too."""
     import orjson
 
     from .harness import interleave
     from .stack import KeepAliveClient
 
     conn = KeepAliveClient(port)
+    silent = KeepAliveClient(silent_port) if silent_port else None
     for _ in range(5):  # warm: connection, item cache, ORT allocations at this B
         conn.post("/v1/score", body)
         sess.run(None, inputs)
+        if silent is not None:
+            silent.post("/v1/score", body)
     ref = sess.run(None, inputs)[0]
     status, content = conn.post("/v1/score", body)
     if status != 200:
         raise RuntimeError(f"gateway answered {status}: {content[:300]!r}")
     diff = float(np.max(np.abs(np.asarray(orjson.loads(content)["scores"]) - ref)))
 
-    def request(_i: int) -> None:
-        if conn.post("/v1/score", body)[0] != 200:
+    def request(client: KeepAliveClient) -> None:
+        if client.post("/v1/score", body)[0] != 200:
             raise RuntimeError("the gateway answered an error during the e2e measurement")
 
+    variants = {"e2e": lambda _i: request(conn), "ort": lambda _i: sess.run(None, inputs)}
+    if silent is not None:
+        variants["e2e_silent"] = lambda _i: request(silent)
     before = gateway_metrics(port)
-    samples = interleave({"e2e": request, "ort": lambda _i: sess.run(None, inputs)}, rounds, per_round)
+    samples = interleave(variants, rounds, per_round)
     stages = stage_breakdown(before, gateway_metrics(port))
-    conn.close()
-    return {"e2e_ms": samples["e2e"], "ort_ms": samples["ort"], "stages": stages, "max_abs_diff_vs_ort": diff}
+    for c in (conn, silent):
+        if c is not None:
+            c.close()
+    return {"e2e_ms": samples["e2e"], "ort_ms": samples["ort"], "silent_ms": samples.get("e2e_silent"),
+            "stages": stages, "max_abs_diff_vs_ort": diff}
+
+
+def grouped_feed(inputs: dict[str, np.ndarray], user_names: set[str], users: int, index_input: str,
+                 ) -> dict[str, np.ndarray]:
+    """The multi-user graph's inputs for ``users`` copies of one request (user rows stacked,
+    candidates repeated, ``index_input`` naming each candidate's user row)."""
+    b = next(a.shape[0] for name, a in inputs.items() if name not in user_names)
+    feed = {name: np.concatenate([a] * users) for name, a in inputs.items()}
+    feed[index_input] = np.repeat(np.arange(users, dtype=np.int64), b)
+    return feed
 
 
 class ServingRun(LoadSteps):
@@ -164,8 +172,10 @@ class ServingRun(LoadSteps):
 
         self.run_dir = self.run_dir or ensure_run(self.opts.model)
         self.repo = bench_dir() / "model_repository"
-        version_dir = ensure_export(self.run_dir, self.repo, self.opts.model)
+        self.batching = self.opts.gateway.batch_max_candidates > 0
+        version_dir = ensure_export(self.run_dir, self.repo, self.opts.model, grouped=self.batching)
         self.model_file = version_dir / "model.onnx"
+        self.grouped_file = version_dir / "model.grouped.onnx"
         self.redis_url = start_redis(self.launcher, timeout=15).url
         self.pool = build_pool(self.run_dir, version_dir, self.redis_url, baseline=True)
         self.pool_file = self.work / "pool.json"
@@ -179,6 +189,7 @@ class ServingRun(LoadSteps):
         self.inputs, self.full = request.inputs, request.inputs[max_b]
         manifest = Manifest.load(version_dir)
         self.user_names = {t.name for t in manifest.user_inputs}
+        self.index_input = manifest.grouped.index_input if manifest.grouped is not None else ""
         seq_names = [f.name for f in manifest.feature_map.sequence_fields]
         self.seq_len = int(self.inputs[100][seq_names[0]].shape[-1]) if seq_names else 0
         self.body100 = bodies.get(0, 100)
@@ -234,6 +245,8 @@ class ServingRun(LoadSteps):
         # machine's cores, which the gateway uses all of (event loop, inference thread, Redis, Locust)
         gateway = self.opts.gateway
         infer_threads = gateway.workers * (1 if gateway.execution == "inline" else gateway.pool_threads)
+        if self.batching:
+            self.batched_efficiency(eff)
         self.sess = ort_session(self.model_file)
         self.thr_by = {k: ort_throughput(self.sess, self.full, self.user_names, self.dist, k, self.plan.throughput_s)
                        for k in sorted({1, infer_threads, self.cores})}
@@ -242,14 +255,34 @@ class ServingRun(LoadSteps):
                 "best of " + ", ".join(f"{k} thread(s) {v['candidates_per_s']:.0f}" for k, v in self.thr_by.items())
                 + f" (threads share one session, as in the gateway; {self.dist} candidates)")
 
+    def batched_efficiency(self, single: dict[str, Any]) -> None:
+        """GFLOP/s of the multi-user graph on R users x 100 candidates (R = the batch sizes the
+        gateway is likely to form), next to the single-request figure above."""
+        from . import flops
+
+        self.batched = {}
+        for r in (2, 4, 8):
+            feed = grouped_feed(self.inputs[100], self.user_names, r, self.index_input)
+            count = flops.count_flops(self.grouped_file, feed)
+            self.batched[r] = flops.efficiency(ort_session(self.grouped_file), feed, count.total, rounds=3, reps=30)
+        self.log("    multi-user graph GFLOP/s over peak: " + ", ".join(
+            f"R={r}: {e['ratio']:.3f}" for r, e in self.batched.items()) + f" (single request {single['ratio']:.3f})")
+
     # -- 5. gateway end to end, interleaved with raw ORT ---------------------------------------
     def e2e(self) -> None:
         gateway, fig = self.opts.gateway, self.fig
         self.gw = gateway.start(self.launcher, self.repo, self.redis_url)
+        # the same gateway with the closed loop off, for the impression log's cost (same run, interleaved)
+        silent = gateway.start(self.launcher, self.repo, self.redis_url, name="gateway-silent",
+                               env={"CTRSERVE_FEEDBACK_ENABLED": "false"})
         e2e = e2e_interleaved(self.gw.port, self.body100, self.sess, self.inputs[100], self.plan.e2e_rounds,
-                              self.plan.e2e_per_round)
+                              self.plan.e2e_per_round, silent_port=silent.port)
+        self.launcher.stop(silent.child)
         self.e2e_ms = e2e["e2e_ms"]
-        e2e_p50, ort_p50 = p50(e2e["e2e_ms"]), p50(e2e["ort_ms"])
+        e2e_p50, ort_p50, silent_p50 = p50(e2e["e2e_ms"]), p50(e2e["ort_ms"]), p50(e2e["silent_ms"])
+        fig.add("impression_log_overhead_ms", round(e2e_p50 - silent_p50, 3), f"e2e p50 with the impression log "
+                f"({e2e_p50:.3f} ms) minus the same gateway with CTRSERVE_FEEDBACK_ENABLED=false ({silent_p50:.3f} "
+                "ms), one sequential client interleaved between them")
         mean = {k: v["mean_ms"] for k, v in e2e["stages"].items()}
         in_app = mean.get("request_in_app", math.nan)
         stage_sum = sum(mean.get(k, 0.0) for k in ("route", "feature_fetch", "assembly", "inference"))
@@ -259,7 +292,7 @@ class ServingRun(LoadSteps):
         fig.add("e2e_p99_ms", round(percentiles(np.asarray(e2e["e2e_ms"]), (99,))[0], 3), "same, p99")
         fig.add("ort_p50_ms", round(ort_p50, 3), "raw ONNX Runtime in-process on the same assembled inputs, 1 "
                 "intra-op thread, interleaved with the e2e requests, p50")
-        fig.add("e2e_over_ort_p50", round(e2e_p50 / ort_p50, 3), "e2e p50 / raw ORT p50 (target <= 1.25)")
+        fig.add("e2e_over_ort_p50", round(e2e_p50 / ort_p50, 3), "e2e p50 / raw ORT p50 (target <= 1.30)")
         fig.add("e2e_minus_ort_p50_ms", round(e2e_p50 - ort_p50, 3), "what the service adds on top of the model, p50")
         for key, label in (("feature_fetch", "feature fetch (one Redis round trip + decode)"),
                            ("assembly", "assembly (feature map -> tensors)"),
@@ -330,6 +363,10 @@ def all_cmd(
                                                    "execution)")] = 2,
     execution: Annotated[str, typer.Option(
         help="gateway execution: inline, thread or auto (CTRSERVE_BACKEND_EXECUTION)")] = "auto",
+    batch_max_candidates: Annotated[int, typer.Option(
+        help="cross-request batching: candidates per call (CTRSERVE_BACKEND_BATCH_MAX_CANDIDATES; 0: off)")] = 0,
+    batch_max_wait_ms: Annotated[float, typer.Option(
+        help="cross-request batching: longest wait of a queued request (CTRSERVE_BACKEND_BATCH_MAX_WAIT_MS)")] = 0.2,
     triton: Annotated[bool, typer.Option(help="run the runtime comparison (bench models, incl. Triton)")] = True,
     record: Annotated[bool, typer.Option(help="write docs/benchmarks.json, .md and docs/img (--no-record: a "
                                               "trial run that leaves docs/ alone)")] = True,
@@ -340,7 +377,8 @@ def all_cmd(
     console = Console()
     plan = Plan.quick(soak) if quick else Plan(soak_s=soak if soak is not None else 300)
     with failing_as_exit(console):
-        opts = Options(model, candidates, GatewaySetup(workers, pool_threads, execution), with_triton=triton,
+        opts = Options(model, candidates, GatewaySetup(workers, pool_threads, execution, batch_max_candidates,
+                                                           batch_max_wait_ms), with_triton=triton,
                        record=record)
         out = ServingRun(plan, opts, run_dir, console_log(console)).run()
     console.print(out["figures"])

@@ -24,6 +24,9 @@ class GatewaySetup:
     workers: int = 1
     pool_threads: int = 2
     execution: str = "auto"
+    #: cross-request batching (CTRSERVE_BACKEND_BATCH_MAX_CANDIDATES; 0: off) and its wait in ms
+    batch_max_candidates: int = 0
+    batch_max_wait_ms: float = 0.2
 
     def __post_init__(self) -> None:
         from ctrserve.service.settings import BackendSettings
@@ -34,17 +37,33 @@ class GatewaySetup:
 
     def describe(self) -> str:
         pool = "" if self.execution == "inline" else f", {self.pool_threads} inference threads"
+        batching = (f", cross-request batching up to {self.batch_max_candidates} candidates / "
+                    f"{self.batch_max_wait_ms:g} ms" if self.batch_max_candidates else "")
         return (f"gateway: {self.workers} worker(s), {self.execution} execution, ORT intra-op 1 / inter-op 1"
-                f"{pool}")
+                f"{pool}{batching}")
 
     def start(self, launcher: Launcher, repo: Path, redis_url: str, triton_url: str | None = None,
-              ) -> GatewayServer:
-        """The gateway through its production entry point, ``ctrserve serve --workers N``, ready."""
-        env = {"CTRSERVE_SERVER_ACCESS_LOG": "false", "CTRSERVE_SERVER_LOG_LEVEL": "warning",
-               "CTRSERVE_BACKEND_POOL_THREADS": str(self.pool_threads), "CTRSERVE_BACKEND_EXECUTION": self.execution,
-               "CTRSERVE_BACKEND_ORT_INTRA_OP_THREADS": "1", "CTRSERVE_BACKEND_ORT_INTER_OP_THREADS": "1"}
-        return start_gateway(launcher, repo, redis_url, triton_url=triton_url, env=env,
+              env: dict[str, str] | None = None, name: str = "gateway") -> GatewayServer:
+        """The gateway through its production entry point, ``ctrserve serve --workers N``, ready
+        (``env`` adds settings, e.g. the closed loop switched off)."""
+        settings = {"CTRSERVE_SERVER_ACCESS_LOG": "false", "CTRSERVE_SERVER_LOG_LEVEL": "warning",
+                    "CTRSERVE_BACKEND_POOL_THREADS": str(self.pool_threads),
+                    "CTRSERVE_BACKEND_EXECUTION": self.execution,
+                    "CTRSERVE_BACKEND_ORT_INTRA_OP_THREADS": "1", "CTRSERVE_BACKEND_ORT_INTER_OP_THREADS": "1",
+                    "CTRSERVE_BACKEND_BATCH_MAX_CANDIDATES": str(self.batch_max_candidates),
+                    "CTRSERVE_BACKEND_BATCH_MAX_WAIT_MS": f"{self.batch_max_wait_ms:g}", **(env or {})}
+        return start_gateway(launcher, repo, redis_url, triton_url=triton_url, env=settings, name=name,
                              args=["--workers", str(max(1, self.workers))], ready_timeout=180)
+
+
+def gateway_metrics(port: int) -> dict:
+    """The gateway's /metrics, parsed."""
+    from .stats import parse_prometheus
+
+    status, text = http_get(f"http://127.0.0.1:{port}/metrics", timeout=10)
+    if status != 200:
+        raise RuntimeError(f"gateway /metrics answered {status}")
+    return parse_prometheus(text.decode())
 
 
 def start_baseline(launcher: Launcher, run_dir: Path) -> tuple[Child, str]:

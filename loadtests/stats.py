@@ -138,6 +138,27 @@ def histogram_delta(before: Sample, after: Sample, name: str, **labels: str) -> 
     return total("_count"), total("_sum")
 
 
+def histogram_quantile(before: Sample, after: Sample, name: str, q: float) -> float:
+    """The ``q`` quantile of histogram ``name`` over a window (``after - before``, all series
+    summed), linear within the bucket that holds it, as Prometheus' ``histogram_quantile``."""
+    counts: dict[float, float] = {}
+    for (n, lbl), v in after.items():
+        if n == name + "_bucket":
+            le = float(dict(lbl)["le"])
+            counts[le] = counts.get(le, 0.0) + v - before.get((n, lbl), 0.0)
+    bounds = sorted(counts)
+    if not bounds or counts[bounds[-1]] <= 0:
+        return math.nan
+    rank, lower, below = q * counts[bounds[-1]], 0.0, 0.0
+    for le in bounds:
+        if counts[le] >= rank:
+            if math.isinf(le):
+                return lower  # beyond the last finite bucket: its bound is all we know
+            return lower + (le - lower) * (rank - below) / max(counts[le] - below, 1e-12)
+        lower, below = le, counts[le]
+    return math.nan
+
+
 def stage_breakdown(before: Sample, after: Sample, route: str = "/v1/score") -> dict[str, dict[str, float]]:
     """Per-stage mean (ms) and count of the gateway's ``ctrserve_stage_seconds`` over a window, and
     of the whole request inside the app (``ctrserve_request_seconds``, status 200)."""

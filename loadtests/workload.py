@@ -72,17 +72,19 @@ def _static_masks_of(run: Path) -> Path:
     return calibrate_run(run, command="ctrserve bench (ensure_run)")[0]
 
 
-def ensure_export(run_dir: Path, repo: Path, name: str, version: int = 1) -> Path:
-    """Version ``version`` of ``name`` in ``repo`` exported (ONNX, parity-gated) from ``run_dir``."""
+def ensure_export(run_dir: Path, repo: Path, name: str, version: int = 1, grouped: bool = False) -> Path:
+    """Version ``version`` of ``name`` in ``repo`` exported (ONNX, parity-gated) from ``run_dir``;
+    ``grouped``: with the multi-user graph too (``ctrserve export --grouped``)."""
     from ctrserve.contract.manifest import Manifest
     from ctrserve.export.exporter import export_run
 
     version_dir = repo / name / str(version)
     if ((version_dir / "manifest.json").exists() and (version_dir / "model.onnx").exists()
             and Path(Manifest.load(version_dir).run_dir).resolve() == Path(run_dir).resolve()
+            and (not grouped or Manifest.load(version_dir).grouped is not None)
             and not _sources_newer_than(version_dir / "model.onnx")):
         return version_dir
-    export_run(run_dir, "onnx", repo, name=name, version=version, force=True)
+    export_run(run_dir, "onnx", repo, name=name, version=version, force=True, grouped=grouped)
     return version_dir
 
 

@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 
 from .assemble import AssemblyError
-from .backends import BackendError, BackendTimeout, BackendUnavailable
+from .backends import BackendError, BackendTimeout, BackendUnavailable, batch_ride
 from .errors import GatewayError
 from .execution import ExecutionPolicy
 from .features import FeatureStores
@@ -259,6 +259,7 @@ class Gateway:
             raise GatewayError(504, "deadline_exceeded", f"request deadline of {api.deadline_ms:g} ms exceeded "
                                "before inference")
         budget = min(self.settings.backend.timeout_ms / 1000, remaining)
+        batch_ride.set(None)
         try:
             scores = loaded.backend.infer_inline(inputs) if inline else await loaded.backend.infer(inputs, budget)
         except BackendError as exc:
@@ -269,6 +270,11 @@ class Gateway:
                 raise GatewayError(503, "backend_unavailable", str(exc)) from None
             raise GatewayError(502, "backend_error", str(exc)) from None
         m.child(m.stage, "inference", route.arm).observe(time.perf_counter() - t3)
+        ride = batch_ride.get()
+        if ride is not None:
+            m.child(m.batch_requests, route.arm).observe(ride.requests)
+            m.child(m.queue_wait, route.arm).observe(ride.wait_s)
+            m.child(m.batch_calls, route.arm).inc(1 / ride.requests)
         return scores, flags, inputs
 
     async def close(self) -> None:

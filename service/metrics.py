@@ -11,6 +11,7 @@ from ctrserve.feature_store.cache import register_metrics
 # request latency: sub-millisecond to the default 1 s deadline and beyond
 _LATENCY = (0.0005, 0.001, 0.002, 0.003, 0.005, 0.0075, 0.01, 0.015, 0.02, 0.03, 0.05, 0.075, 0.1, 0.15, 0.25,
             0.5, 1.0, 2.5)
+_QUEUE_WAIT = (0.00001, 0.00005, 0.0001, 0.0002, 0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1)
 STAGES = ("route", "feature_fetch", "assembly", "inference")
 
 
@@ -26,6 +27,15 @@ class Metrics:
                                "inference) by arm", ["stage", "arm"], buckets=_LATENCY, registry=r)
         self.candidates = Histogram("ctrserve_candidates", "Candidates per scoring request",
                                     buckets=(1, 10, 50, 100, 200, 500, 1000, 2000, 5000), registry=r)
+        # cross-request batching (service/backends/batching.py): per scored request, the call it rode in
+        self.batch_requests = Histogram("ctrserve_batch_requests", "Requests in the inference call that scored a "
+                                        "request (batching backends only), by arm", ["arm"],
+                                        buckets=(1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 64), registry=r)
+        self.queue_wait = Histogram("ctrserve_queue_wait_seconds", "A request's wait in the batching queue before "
+                                    "its inference call started, by arm", ["arm"], buckets=_QUEUE_WAIT, registry=r)
+        self.batch_calls = Counter("ctrserve_batch_calls", "Inference calls of the batching backend, by arm: each "
+                                   "request adds 1 / the requests in its call, so calls shared by arms split "
+                                   "between them (mean batch = requests / calls)", ["arm"], registry=r)
         self.backend_errors = Counter("ctrserve_backend_errors_total", "Failed inference calls by model, version "
                                       "and kind (timeout, unavailable, error)", ["model", "version", "kind"],
                                       registry=r)

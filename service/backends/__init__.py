@@ -9,6 +9,8 @@ Both read the export manifest (input names, dtypes, output name); neither knows 
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from contextvars import ContextVar
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -29,6 +31,21 @@ class BackendUnavailable(BackendError):
     """The backend cannot serve the model right now: not loaded, not ready, unreachable (HTTP 503)."""
 
     kind = "unavailable"
+
+
+@dataclass(frozen=True)
+class BatchRide:
+    """How one request was served by a batching backend: the requests in its call (itself
+    included) and its wait in the queue."""
+
+    requests: int
+    wait_s: float
+
+
+#: Set by a batching backend in the calling request's context once its scores are back (a
+#: directly awaited coroutine shares its caller's context), read by the gateway for the per-arm
+#: batch metrics. Unset (None) for backends that run each request alone.
+batch_ride: ContextVar[BatchRide | None] = ContextVar("ctrserve_batch_ride", default=None)
 
 
 class Backend(ABC):

@@ -25,7 +25,7 @@ import numpy as np
 
 from ctrserve.contract.manifest import Manifest
 
-from . import Backend, BackendError, BackendTimeout, check_scores
+from . import Backend, BackendError, BackendTimeout, BatchRide, batch_ride, check_scores
 from .onnxruntime import OnnxRuntimeBackend
 
 
@@ -35,6 +35,7 @@ class _Queued:
     candidates: int
     future: asyncio.Future[np.ndarray]
     enqueued: float = field(default_factory=time.perf_counter)
+    ride: BatchRide | None = None
 
 
 @dataclass
@@ -113,10 +114,12 @@ class BatchingBackend(Backend):
         self._kick()
         try:
             async with asyncio.timeout(timeout):
-                return await item.future
+                scores = await item.future
         except TimeoutError:
             raise BackendTimeout(f"{self.model} v{self.version}: inference exceeded {timeout * 1000:.0f} ms "
                                  "(queued and computing)") from None
+        batch_ride.set(item.ride)
+        return scores
 
     # -- the queue ---------------------------------------------------------------------------
     def _kick(self) -> None:
@@ -152,7 +155,10 @@ class BatchingBackend(Backend):
             self._timer.cancel()
             self._timer = None
         self.running += 1
-        wait = time.perf_counter() - batch[0].enqueued
+        now = time.perf_counter()
+        for item in batch:
+            item.ride = BatchRide(len(batch), now - item.enqueued)
+        wait = now - batch[0].enqueued
         s = self.stats
         s.calls, s.requests, s.wait_s = s.calls + 1, s.requests + len(batch), s.wait_s + wait
         s.candidates += sum(q.candidates for q in batch)

@@ -77,11 +77,35 @@ def test_ladder_doubles_up_to_the_limit() -> None:
 
 
 def test_verdicts_say_met_or_by_how_much_missed() -> None:
-    values = {"e2e_over_ort_p50": 1.5, "p99_over_p50_half_saturation": 2.0, "soak_errors": 3,
-              "gateway_over_ort_throughput": 0.4, "ort_gflops_over_peak": 0.6}
+    values = {"e2e_over_ort_p50": 1.56, "p99_over_p50_half_saturation": 2.0, "soak_errors": 3,
+              "gateway_over_ort_throughput_locust_free": 0.5, "ort_gflops_over_peak": 0.6}
     lines = bench_all_load.verdicts(values)
-    assert lines[0] == "Target e2e p50 <= 1.25 x raw ORT p50: MISSED (e2e_over_ort_p50 = 1.5; 1.20x off)."
+    assert lines[0] == ("Target e2e p50 <= 1.30 x raw ORT p50 (lone request): MISSED (e2e_over_ort_p50 = 1.56; "
+                        "1.20x off).")
     assert lines[1].endswith(": met (p99_over_p50_half_saturation = 2).")
     assert lines[2].endswith("MISSED (soak_errors = 3; 3 errors).")
     assert "2.00x off" in lines[3] and ": met" in lines[4]
+    assert len(lines) == 5  # no batched GFLOP/s verdict without batching
+    assert "batched" in bench_all_load.verdicts({**values, "batched_gflops_over_peak": 0.3})[4]
+
+
+def test_batch_window_reads_mean_batch_and_queue_wait_from_the_gateway_metrics() -> None:
+    from ctrserve.loadtests.stats import parse_prometheus
+
+    def scrape(requests: int, calls: float, waits: dict[str, int]) -> dict:
+        lines = [f'ctrserve_batch_requests_count{{arm="a"}} {requests}', 'ctrserve_batch_requests_sum{arm="a"} 0',
+                 f'ctrserve_batch_calls_total{{arm="a"}} {calls}',
+                 *(f'ctrserve_queue_wait_seconds_bucket{{arm="a",le="{le}"}} {n}' for le, n in waits.items())]
+        return parse_prometheus("\n".join(["# TYPE ctrserve_batch_requests histogram",
+                                             "# TYPE ctrserve_batch_calls counter",
+                                             "# TYPE ctrserve_queue_wait_seconds histogram", *lines]) + "\n")
+
+    before = scrape(10, 10.0, {"0.0001": 10, "0.001": 10, "+Inf": 10})
+    # 40 more requests in 10 calls; waits: 20 under 0.1 ms, 20 between 0.1 and 1 ms
+    after = scrape(50, 20.0, {"0.0001": 30, "0.001": 50, "+Inf": 50})
+    w = bench_all_load.batch_window(before, after)
+    assert w["batch_requests"] == pytest.approx(4.0)
+    assert w["queue_wait_p50_ms"] == pytest.approx(0.1)  # the 20th of 40 is the last under 0.1 ms
+    assert w["queue_wait_p99_ms"] == pytest.approx(0.1 + 0.9 * 19.6 / 20)
+    assert bench_all_load.batch_window(before, before) == {}
 

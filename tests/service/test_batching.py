@@ -13,7 +13,7 @@ import pytest
 from gateway_toy import VOCAB, expected_scores, running, toy_manifest, toy_settings, weights
 
 from ctrserve.contract.manifest import GroupedSignature, Manifest
-from ctrserve.service.backends import BackendError, BackendTimeout
+from ctrserve.service.backends import BackendError, BackendTimeout, BatchRide, batch_ride
 from ctrserve.service.backends.batching import BatchingBackend
 from ctrserve.service.backends.onnxruntime import OnnxRuntimeBackend
 
@@ -89,6 +89,21 @@ async def test_concurrent_requests_share_a_call_and_get_their_own_scores_in_orde
         np.testing.assert_allclose(scores, expected_scores(r), atol=1e-6)
     # one thread: the first runs at once, the other eleven wait for it and then go together
     assert (backend.stats.calls, backend.stats.requests) == (2, 12)
+    await backend.close()
+
+
+async def test_each_request_learns_the_call_it_rode_in(tmp_path: Path) -> None:
+    backend = await batching(tmp_path)
+    rng = np.random.default_rng(3)
+
+    async def scored(b: int) -> BatchRide | None:
+        await backend.infer(request(rng, b), 5.0)
+        return batch_ride.get()  # set in this task's context by the backend
+
+    rides = await asyncio.gather(*(scored(b) for b in (2, 3, 1, 4)))
+    assert [r.requests for r in rides] == [1, 3, 3, 3]
+    assert rides[0].wait_s < rides[1].wait_s  # the first ran at once, the rest waited for it
+    assert batch_ride.get() is None  # the caller's own context is untouched
     await backend.close()
 
 
@@ -173,8 +188,16 @@ async def test_the_gateway_batches_when_configured(tmp_path: Path) -> None:
     bodies = [{"user_id": u, "candidates": [{"item_id": i} for i in items]}
               for u, items in (("u1", ["10", "11"]), ("u2", ["12"]), ("u1", ["12", "10", "11"]))]
     async with running(settings) as (client, app, _):
+        backend = app.state.gateway.registry.get(("toy", 1)).backend
+        assert isinstance(backend, Batching)
+        warm_up_calls = backend.stats.calls
         answers = await asyncio.gather(*(client.post("/v1/score", json=b) for b in bodies))
-        assert isinstance(app.state.gateway.registry.get(("toy", 1)).backend, Batching)
+        metrics = (await client.get("/metrics")).text
+    # every scored request is counted once in the per-arm batch metrics
+    assert 'ctrserve_batch_requests_count{arm="default"} 3.0' in metrics, metrics
+    assert 'ctrserve_queue_wait_seconds_count{arm="default"} 3.0' in metrics
+    calls = float(metrics.split('ctrserve_batch_calls_total{arm="default"} ')[1].split()[0])
+    assert calls == pytest.approx(backend.stats.calls - warm_up_calls)
     solo = toy_settings(repo)
     async with running(solo) as (client, _, _):
         for b, r in zip(bodies, answers, strict=True):
