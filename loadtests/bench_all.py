@@ -265,6 +265,7 @@ class ServingRun(LoadSteps):
             feed = grouped_feed(self.inputs[100], self.user_names, r, self.index_input)
             count = flops.count_flops(self.grouped_file, feed)
             self.batched[r] = flops.efficiency(ort_session(self.grouped_file), feed, count.total, rounds=3, reps=30)
+        self.single_eff = single
         self.log("    multi-user graph GFLOP/s over peak: " + ", ".join(
             f"R={r}: {e['ratio']:.3f}" for r, e in self.batched.items()) + f" (single request {single['ratio']:.3f})")
 

@@ -129,6 +129,11 @@ class LoadSteps:
         fig.add("batched_gflops_over_peak", round(eff["ratio"], 4), "batched_gflops / sgemm_peak_gflops of the "
                 "same run (target >= 0.5; single request: ort_gflops_over_peak); by R: " + ", ".join(
                     f"{n}: {e['ratio']:.3f}" for n, e in self.batched.items()))
+        single_ms = self.single_eff["model_p50_ms"]
+        fig.add("batched_call_over_single_calls", round(eff["model_p50_ms"] / (r * single_ms), 3), f"one multi-user "
+                f"call of R = {r} requests / R single-request calls ({single_ms:.3f} ms each), tight loop, 1 thread: "
+                "below 1 the merged call is cheaper; by R: " + ", ".join(
+                    f"{n}: {e['model_p50_ms'] / (n * single_ms):.2f}" for n, e in self.batched.items()))
 
     def soak(self) -> None:
         """Paced users at half the saturation rate: p99/p50, errors, and the ideal servers' bound."""
