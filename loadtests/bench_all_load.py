@@ -11,10 +11,11 @@ from typing import Any
 
 import numpy as np
 
+from . import stats
 from .harness import load_average
 from .load import LoadResult, measure, plot_run, plot_saturation
 from .stack import gateway_metrics, start_baseline
-from .stats import Sample, fifo_responses, histogram_delta, histogram_quantile, load_samples, percentiles, saturation
+from .stats import Sample, fifo_responses, load_samples, percentiles, saturation
 
 MAX_USERS = 64
 # the targets as restated with cross-request batching (issue #28): throughput against raw ORT on the
@@ -47,13 +48,13 @@ def verdicts(values: dict[str, Any]) -> list[str]:
 
 def batch_window(before: Sample, after: Sample) -> dict[str, float]:
     """The gateway's batching figures over one window: mean requests per call, queue wait p50/p99."""
-    requests, _ = histogram_delta(before, after, "ctrserve_batch_requests")
+    requests, _ = stats.histogram_delta(before, after, "ctrserve_batch_requests")
     calls = sum(v - before.get(k, 0.0) for k, v in after.items() if k[0] == "ctrserve_batch_calls_total")
     if not requests:
         return {}
     return {"batch_requests": requests / max(calls, 1e-12),
-            **{f"queue_wait_p{q}_ms": histogram_quantile(before, after, "ctrserve_queue_wait_seconds", q / 100) * 1e3
-               for q in (50, 99)}}
+            **{f"queue_wait_p{q}_ms": 1e3 * stats.histogram_quantile(before, after, "ctrserve_queue_wait_seconds",
+                                                                      q / 100) for q in (50, 99)}}
 
 
 def ladder(steps: tuple[int, ...]) -> list[int]:
@@ -72,14 +73,17 @@ class LoadSteps:
         """Closed-loop Locust users stepped up until requests/s stop growing."""
         self._measure("warmup", self.plan.steps[0], self.plan.warmup_s, skip_s=0)
         self.steps: list[dict[str, float]] = []
+        self.step_stages: list[dict[str, dict[str, float]]] = []
         for users in ladder(self.plan.steps):
             before = gateway_metrics(self.gw.port)
             r = self._measure(f"step-{users}", users, self.plan.step_s, server_pid=self.gw.proc.pid)
+            after = gateway_metrics(self.gw.port)
             s = r.summary
             self.steps.append({"users": users, "rps": s.rps, "candidates_per_s": s.candidates_per_s,
                                "p50_ms": s.p50_ms, "p99_ms": s.p99_ms, "error_rate": s.error_rate,
                                "locust_cpu": r.locust_cpu_cores, "gateway_cpu": r.gateway_cpu_cores,
-                               "machine_util": r.machine_util, **batch_window(before, gateway_metrics(self.gw.port))})
+                               "machine_util": r.machine_util, **batch_window(before, after)})
+            self.step_stages.append(stats.stage_breakdown(before, after))
             self.log(f"    {users:3d} users: {s.rps:7.1f} req/s, p50 {s.p50_ms:7.1f} ms, p99 {s.p99_ms:7.1f} ms, "
                      f"errors {s.errors}, locust CPU {r.locust_cpu_cores:.2f} cores")
             knee, self.saturated = saturation([(int(x["users"]), x["rps"]) for x in self.steps])
@@ -110,8 +114,27 @@ class LoadSteps:
         fig.add("gateway_cpu_cores_saturation", round(sat["gateway_cpu"], 3), "CPU of the gateway at saturation")
         fig.add("machine_util_saturation", round(sat["machine_util"], 3), "whole-machine CPU use at saturation "
                 "(0..1; includes other work on the machine)")
+        self.saturation_time_figures()
         if self.batching:
             self.batching_figures()
+
+    def saturation_time_figures(self) -> None:
+        """Where a request's time goes at the knee step: the gateway's stage means over that step
+        (inference includes the wait for an inference thread and, with batching, the queue), the
+        rest of the time in the app, and what the client saw beyond it (network, accept queue)."""
+        stages, knee, fig = self.step_stages[self.knee], self.steps[self.knee], self.fig
+        mean = {k: v["mean_ms"] for k, v in stages.items()}
+        for key in ("feature_fetch", "assembly", "inference"):
+            if key in mean:
+                fig.add(f"saturation_{key}_mean_ms", round(mean[key], 3), f"gateway stage mean at the knee step: {key}")
+        in_app = mean.get("request_in_app", math.nan)
+        staged = sum(mean.get(k, 0.0) for k in ("route", "feature_fetch", "assembly", "inference"))
+        fig.add("saturation_in_app_other_mean_ms", round(in_app - staged, 3), "at the knee step: time in the app "
+                "outside the stages (parsing, response, metrics, impression log)")
+        fig.add("saturation_outside_app_p50_ms", round(knee["p50_ms"] - in_app, 3), "at the knee step: client p50 "
+                "minus the in-app mean (loopback, the server's accept and read queue, Locust)")
+        self.notes.append("Time per request at the knee step (gateway stage means, ms): " + ", ".join(
+            f"{k} {v:.2f}" for k, v in mean.items()) + f"; client p50 {knee['p50_ms']:.2f}.")
 
     def batching_figures(self) -> None:
         """Cross-request batching at the knee: batch sizes and queue wait (the gateway's per-arm
