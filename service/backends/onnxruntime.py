@@ -3,7 +3,8 @@ that version's own thread(s) (ORT releases the GIL while it computes), so a slow
 the event loop and loading a new version never queues behind, or delays, another one's requests.
 Two threads per version by default (``CTRSERVE_BACKEND_POOL_THREADS``): two requests arriving
 together compute on both cores (docs/decisions.md, "Two inference threads per model
-version")."""
+version"). On the CPU by default; ``CTRSERVE_BACKEND_PROVIDER=cuda`` asks for a GPU (providers.py:
+the provider list, the fallback to the CPU, the provider really in use)."""
 
 from __future__ import annotations
 
