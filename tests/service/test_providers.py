@@ -38,6 +38,18 @@ def test_a_bad_value_names_the_variable_and_its_choices(monkeypatch: pytest.Monk
         BackendSettings()
 
 
+def test_serve_refuses_a_bad_provider_with_one_line(monkeypatch: pytest.MonkeyPatch) -> None:
+    from typer.testing import CliRunner
+
+    from ctrserve.cli import app
+
+    monkeypatch.setenv("CTRSERVE_BACKEND_PROVIDER", "gpu")
+    result = CliRunner().invoke(app, ["serve"])
+    assert result.exit_code == 2, result.output
+    assert "CTRSERVE_BACKEND_PROVIDER must be one of cpu, cuda, not 'gpu'" in result.output
+    assert "Traceback" not in result.output
+
+
 def test_provider_settings_default_to_the_cpu_and_accept_any_case(monkeypatch: pytest.MonkeyPatch) -> None:
     s = BackendSettings()
     assert (s.provider, s.cuda_device_id, s.io_binding) == ("cpu", 0, "auto")
@@ -202,8 +214,13 @@ async def test_readyz_and_metrics_show_the_provider_in_use(tmp_path: Path) -> No
     repo = write_toy_repo(tmp_path / "repo")
     settings = toy_settings(repo)
     settings.backend.provider = "cuda"  # not available here: the model runs on the CPU
-    async with running(settings) as (client, _, _):
+    settings.backend.io_binding = "on"
+    async with running(settings) as (client, app, _):
         ready = (await client.get("/readyz")).json()
         assert ready["providers"] == {"toy v1": "cpu"}
+        backend = app.state.gateway.registry.get(("toy", 1)).backend
+        assert backend.providers == ProviderOptions("cuda", 0, "on") and backend.io_binding
+        r = await client.post("/v1/score", json={"user_id": "u1", "candidates": [{"item_id": "10"}]})
+        assert r.status_code == 200, r.text
         metrics = (await client.get("/metrics")).text
         assert 'ctrserve_model_provider_info{model="toy",provider="cpu",version="1"} 1.0' in metrics
