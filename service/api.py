@@ -161,9 +161,11 @@ async def healthz() -> Response:
 async def readyz(gw: Gateway = Depends(gateway)) -> Response:
     """Ready when Redis answers and every model of the routing config is loaded and warmed up.
     `config_error` (when present) says the gateway cannot start without a configuration change
-    (no routing file and a repository that does not hold exactly one model, or a bad file)."""
+    (no routing file and a repository that does not hold exactly one model, or a bad file).
+    `providers` says where each loaded model version computes (`cpu`, `cuda`, `triton`)."""
     ok, checks = await gw.readiness()
-    body: dict[str, Any] = {"status": "ready" if ok else "not ready", "checks": checks}
+    body: dict[str, Any] = {"status": "ready" if ok else "not ready", "checks": checks,
+                            "providers": gw.registry.placement()}
     if gw.config_error:
         body["config_error"] = gw.startup_error
     return OrjsonResponse(body, status_code=200 if ok else 503)

@@ -109,6 +109,9 @@ class Gateway:
             self.metrics.routing_info.clear()
             self.metrics.routing_info.labels(digest).set(1)
             self.metrics.models_ready.set(len(self.registry.loaded))
+            self.metrics.model_provider.clear()
+            for m in self.registry.loaded.values():
+                self.metrics.model_provider.labels(m.name, str(m.version), m.backend.provider).set(1)
             self.metrics.reloads.labels(source, "applied").inc()
             self.startup_error, self.config_error = None, False
             log.info("routing config applied", extra={"source": source, "digest": digest,

@@ -52,6 +52,9 @@ class Metrics:
         self.routing_info = Gauge("ctrserve_routing_config_info", "The routing config in effect (value 1)",
                                   ["digest"], registry=r)
         self.models_ready = Gauge("ctrserve_models_ready", "Model versions loaded and warmed up", registry=r)
+        self.model_provider = Gauge("ctrserve_model_provider_info", "Where each loaded model version computes "
+                                    "(value 1): provider cpu or cuda (embedded ONNX Runtime) or triton",
+                                    ["model", "version", "provider"], registry=r)
         self.in_flight = Gauge("ctrserve_requests_in_flight", "Scoring requests being processed", registry=r)
         # the closed loop (service/events.py): this process's log writer and events, and the
         # outcomes every replica shares (read from Redis when /metrics is scraped)

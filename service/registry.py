@@ -13,6 +13,7 @@ from ctrserve.contract.manifest import Manifest, list_versions
 
 from .assemble import Assembler
 from .backends import Backend, BackendError
+from .backends.providers import ProviderOptions
 from .settings import BackendSettings
 
 log = logging.getLogger("ctrserve.service.registry")
@@ -72,15 +73,17 @@ class ModelRegistry:
             raise ModelLoadError(f"{manifest.name} v{manifest.version} is {manifest.format}; the embedded backend "
                                  "runs ONNX only (serve TorchScript through Triton)")
         s = self.settings
+        providers = ProviderOptions(s.provider, s.cuda_device_id, s.io_binding)
         if s.batch_max_candidates and manifest.grouped is not None:
             from .backends.batching import BatchingBackend
 
             grouped = OnnxRuntimeBackend(manifest.name, manifest.version, version_dir / manifest.grouped.file,
                                          manifest.output.name, s.pool_threads, s.ort_intra_op_threads,
-                                         s.ort_inter_op_threads, s.ort_spinning)
+                                         s.ort_inter_op_threads, s.ort_spinning, providers)
             return BatchingBackend(manifest, grouped, s.batch_max_candidates, s.batch_max_wait_ms / 1000)
         return OnnxRuntimeBackend(manifest.name, manifest.version, version_dir / manifest.file, manifest.output.name,
-                                  s.pool_threads, s.ort_intra_op_threads, s.ort_inter_op_threads, s.ort_spinning)
+                                  s.pool_threads, s.ort_intra_op_threads, s.ort_inter_op_threads, s.ort_spinning,
+                                  providers)
 
     async def _load(self, key: Key) -> LoadedModel:
         name, version = key
@@ -110,6 +113,7 @@ class ModelRegistry:
             raise ModelLoadError(f"model {name!r} version {version} failed to load or warm up on "
                                  f"{self.kind}: {exc or 'timed out'}") from None
         log.info("model loaded", extra={"model": name, "version": version, "backend": self.kind,
+                                        "provider": backend.provider,
                                         "ms": round((time.perf_counter() - t0) * 1000, 1)})
         return LoadedModel(name, version, manifest, assembler, backend)
 
@@ -136,6 +140,11 @@ class ModelRegistry:
         for k in [k for k in self._models if k not in keys]:
             self._models.pop(k)
             log.info("model released", extra={"model": k[0], "version": k[1]})
+
+    def placement(self) -> dict[str, str]:
+        """Where each loaded version computes (``"name vN"`` -> provider: ``cpu``, ``cuda``, ``triton``)."""
+        return {f"{m.name} v{m.version}": m.backend.provider for m in sorted(self._models.values(),
+                                                                           key=lambda m: (m.name, m.version))}
 
     async def ready(self) -> tuple[bool, str]:
         bad = [f"{m.name} v{m.version}" for m in list(self._models.values()) if not await m.backend.ready()]

@@ -12,7 +12,7 @@ import os
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, Field, SecretStr, model_validator
+from pydantic import BaseModel, Field, SecretStr, ValidationInfo, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from ctrserve.paths import REPO_ROOT
@@ -137,8 +137,29 @@ class BackendSettings(BaseSettings):
     batch_max_wait_ms: float = Field(0.2, ge=0, description="Batching: how long the oldest queued request may wait "
                                                              "for batch-mates while another call of the version "
                                                              "runs (a lone request never waits).")
+    provider: Literal["cpu", "cuda"] = Field(
+        "cpu", description="Embedded ONNX Runtime: the execution provider. `cuda`: CUDAExecutionProvider (CPU after "
+                           "it for the operators CUDA lacks); needs the onnxruntime-gpu wheel (the `gateway-gpu` "
+                           "image). Without it, or without a usable GPU, the model runs on the CPU with a warning; "
+                           "`/readyz` and `ctrserve_model_provider_info` show where each model runs.")
+    cuda_device_id: int = Field(0, ge=0, description="`provider=cuda`: the GPU to run on (index among the GPUs the "
+                                                     "process sees, after `CUDA_VISIBLE_DEVICES`).")
+    io_binding: Literal["auto", "on", "off"] = Field(
+        "auto", description="Embedded ONNX Runtime: run each call through I/O binding (inputs placed on the device "
+                            "before the call, the output copied back once). `auto`: when the model runs on CUDA.")
     warmup_candidates: int = Field(16, ge=1, description="Candidates in the warm-up request run at model load.")
     load_timeout_s: float = Field(60.0, gt=0, description="Budget to load and warm one model (and wait for Triton).")
+
+    @field_validator("provider", "io_binding", mode="before")
+    @classmethod
+    def _choice(cls, value: object, info: ValidationInfo) -> object:
+        # the message names the variable and its values: pydantic's own names only the field
+        choices = {"provider": ("cpu", "cuda"), "io_binding": ("auto", "on", "off")}[str(info.field_name)]
+        text = value.strip().lower() if isinstance(value, str) else value
+        if text not in choices:
+            raise ValueError(f"CTRSERVE_BACKEND_{str(info.field_name).upper()} must be one of {', '.join(choices)}, "
+                             f"not {value!r}")
+        return text
 
 
 class FeedbackSettings(BaseSettings):

@@ -53,6 +53,9 @@ class Backend(ABC):
 
     #: short label for metrics and logs
     kind: str = "backend"
+    #: where the model computes, for ``/readyz`` and metrics: the embedded runtime's execution
+    #: provider (``cpu``, ``cuda``), or ``triton`` (the server's model config decides)
+    provider: str = "unknown"
 
     def __init__(self, model: str, version: int):
         self.model = model

@@ -75,6 +75,10 @@ class BatchingBackend(Backend):
         self._queued_candidates = 0
         self._timer: asyncio.TimerHandle | None = None
 
+    @property
+    def provider(self) -> str:  # type: ignore[override]
+        return self.grouped.provider
+
     async def start(self) -> None:
         await self.grouped.start()
 

@@ -3,7 +3,8 @@ that version's own thread(s) (ORT releases the GIL while it computes), so a slow
 the event loop and loading a new version never queues behind, or delays, another one's requests.
 Two threads per version by default (``CTRSERVE_BACKEND_POOL_THREADS``): two requests arriving
 together compute on both cores (docs/decisions.md, "Two inference threads per model
-version")."""
+version"). On the CPU by default; ``CTRSERVE_BACKEND_PROVIDER=cuda`` asks for a GPU (providers.py:
+the provider list, the fallback to the CPU, the provider really in use)."""
 
 from __future__ import annotations
 
@@ -19,6 +20,7 @@ from typing import Any
 import numpy as np
 
 from . import Backend, BackendError, BackendTimeout, BackendUnavailable, check_scores
+from .providers import DEVICE_TYPES, ProviderOptions, open_session
 
 
 class Workers:
@@ -86,7 +88,8 @@ class OnnxRuntimeBackend(Backend):
     inline = True
 
     def __init__(self, model: str, version: int, path: Path, output: str, threads: int = 1,
-                 intra_op_threads: int = 1, inter_op_threads: int = 1, spinning: bool = False):
+                 intra_op_threads: int = 1, inter_op_threads: int = 1, spinning: bool = False,
+                 providers: ProviderOptions | None = None):
         super().__init__(model, version)
         self.path = Path(path)
         self.output = output
@@ -95,6 +98,10 @@ class OnnxRuntimeBackend(Backend):
         self.intra_op_threads = intra_op_threads
         self.inter_op_threads = inter_op_threads
         self.spinning = spinning
+        self.providers = providers or ProviderOptions()
+        #: the provider the session runs on (``cpu``, ``cuda``), known once it is loaded
+        self.provider = "not loaded"
+        self.io_binding = False
         self._session = None
 
     def _load(self):
@@ -109,7 +116,9 @@ class OnnxRuntimeBackend(Backend):
         if not self.spinning:  # measured: intra-op 2 with spinning ran 2-2.5x slower on a busy 2-core machine
             opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
             opts.add_session_config_entry("session.inter_op.allow_spinning", "0")
-        return ort.InferenceSession(str(self.path), sess_options=opts, providers=["CPUExecutionProvider"])
+        session, self.provider = open_session(self.path, opts, self.providers, f"{self.model} v{self.version}")
+        self.io_binding = self.providers.binds(self.provider)
+        return session
 
     async def start(self) -> None:
         if not self.path.exists():
@@ -124,7 +133,26 @@ class OnnxRuntimeBackend(Backend):
             raise BackendUnavailable(f"{self.model} v{self.version}: output {self.output!r} not in {outputs}")
 
     def _run(self, inputs: dict[str, np.ndarray]) -> np.ndarray:
+        if self.io_binding:
+            return self._run_bound(inputs)
         return self._session.run([self.output], inputs)[0]
+
+    def _run_bound(self, inputs: dict[str, np.ndarray]) -> np.ndarray:
+        """One call through I/O binding: the inputs are placed on the provider's device before the
+        call and the output is allocated there, then copied back once (docs/deploy.md, "Embedded
+        ONNX Runtime on a GPU"). On the CPU provider the same code path runs with host memory, which
+        is how it is tested. A binding per call: calls of one session run on several threads."""
+        from onnxruntime import OrtValue
+
+        device = DEVICE_TYPES.get(self.provider, "cpu")
+        device_id = self.providers.device_id if device != "cpu" else 0
+        binding = self._session.io_binding()
+        for name, arr in inputs.items():
+            binding.bind_ortvalue_input(name, OrtValue.ortvalue_from_numpy(np.ascontiguousarray(arr), device,
+                                                                           device_id))
+        binding.bind_output(self.output, device, device_id)
+        self._session.run_with_iobinding(binding)
+        return binding.copy_outputs_to_cpu()[0]
 
     async def infer(self, inputs: dict[str, np.ndarray], timeout: float) -> np.ndarray:
         self._require_loaded()

@@ -39,6 +39,7 @@ def _status(exc: Exception) -> str:
 
 class TritonBackend(Backend):
     kind = "triton"
+    provider = "triton"  # the server's model config (KIND_CPU / KIND_GPU) decides the device
 
     def __init__(self, model: str, version: int, client: TritonClient, output: str):
         super().__init__(model, version)

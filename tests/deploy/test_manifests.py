@@ -241,6 +241,58 @@ def test_dockerfile_gateway_installs_only_the_serving_dependencies(stages: list[
                     assert "torch" not in " ".join(project["optional-dependencies"][e.strip()]).lower()
 
 
+def pip_commands(stage: dict) -> list[tuple[str, list[str], list[str]]]:
+    """(verb, arguments, options) of every ``pip install|uninstall`` in one stage's RUN lines, in order."""
+    out = []
+    for instr, rest in stage["instrs"]:
+        if instr != "RUN":
+            continue
+        cmd: list[str] = []
+        for tok in [*shlex.split(rest), "&&"]:
+            if tok not in ("&&", ";", "||"):
+                cmd.append(tok)
+                continue
+            if len(cmd) > 1 and cmd[0].endswith("pip") and cmd[1] in ("install", "uninstall"):
+                out.append((cmd[1], [t for t in cmd[2:] if not t.startswith("-")],
+                            [t for t in cmd[2:] if t.startswith("-")]))
+            cmd = []
+    return out
+
+
+def test_dockerfile_gpu_target_swaps_onnxruntime_for_the_gpu_wheel(stages: list[dict]) -> None:
+    """`gateway-gpu`: the `gpu` extra installed, then both ONNX Runtime wheels removed and the GPU
+    wheel put back alone at the extra's pin (both own the package `onnxruntime`); otherwise the
+    gateway image, with CTRSERVE_BACKEND_PROVIDER=cuda. The test environment never gets the extra."""
+    project = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]
+    [spec] = project["optional-dependencies"]["gpu"]
+    m = re.fullmatch(r"onnxruntime-gpu(\[[a-z,]+\])?==([0-9.]+)", spec)
+    assert m, f"the gpu extra must pin onnxruntime-gpu exactly, found {spec!r}"
+    assert any(d.startswith("onnxruntime==") for d in project["dependencies"]), "the base set pins the CPU wheel"
+    dev = " ".join(project["optional-dependencies"]["dev"])
+    assert "gpu" not in re.findall(r"\[([^\]]+)\]", dev)[0].split(","), "dev must not pull onnxruntime-gpu"
+    by_name = {s["name"]: s for s in stages}
+    assert {"build-gpu", "gateway-gpu"} <= set(by_name) and stages[-1]["name"] == "gateway"
+    assert by_name["build-gpu"]["base"] == "build", "build-gpu starts from the serving set"
+    cmds = pip_commands(by_name["build-gpu"])
+    assert cmds[0][:2] == ("install", [".[gpu]"]), cmds
+    last_uninstall = max(i for i, c in enumerate(cmds) if c[0] == "uninstall")
+    assert {"onnxruntime", "onnxruntime-gpu"} <= set(cmds[last_uninstall][1]), cmds
+    assert "-y" in cmds[last_uninstall][2]
+    assert cmds[last_uninstall + 1:] == [("install", [f"onnxruntime-gpu=={m.group(2)}"], ["--no-deps"])], \
+        f"after removing both wheels only the GPU wheel at the extra's pin {m.group(2)} goes back: {cmds}"
+    checks = " ".join(rest for instr, rest in by_name["build-gpu"]["instrs"] if instr == "RUN")
+    assert "CUDAExecutionProvider" in checks and "'onnxruntime'" in checks, "the build checks what it installed"
+    gpu = by_name["gateway-gpu"]
+    copies = [rest for instr, rest in gpu["instrs"] if instr == "COPY"]
+    assert copies == ["--from=build-gpu /opt/venv /opt/venv"], copies
+    env_gpu, env_cpu = env_of(ancestry(stages, "gateway-gpu")), env_of(ancestry(stages, "gateway"))
+    assert env_gpu.pop("CTRSERVE_BACKEND_PROVIDER") == "cuda" and "CTRSERVE_BACKEND_PROVIDER" not in env_cpu
+    assert {k: v for k, v in env_gpu.items() if not k.startswith("NVIDIA_")} == env_cpu
+    check_env(env_of(ancestry(stages, "gateway-gpu")), "Dockerfile ENV (gateway-gpu)")
+    same = ("USER", "EXPOSE", "HEALTHCHECK", "ENTRYPOINT")
+    assert [i for i in gpu["instrs"] if i[0] in same] == [i for i in stages[-1]["instrs"] if i[0] in same]
+
+
 def test_dockerfile_runs_as_non_root_and_serves(stages: list[dict]) -> None:
     from ctrserve.cli import app as cli_app
 
