@@ -1,0 +1,108 @@
+"""Triton's dynamic batcher on the real local tritonserver: a model exported with the multi-user
+graph gets a batched config; concurrent requests of several users with different candidate counts
+are merged into fewer executions and get the scores single calls and the embedded ONNX Runtime
+path give."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import urllib.request
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from ctrserve.contract.manifest import Manifest
+from ctrserve.export.exporter import export_run
+from ctrserve.export.triton_repo import RepoOptions, read_config, write_config
+
+NAME = "dnn"
+#: candidate counts of the users sent together (all different, a lone candidate among them)
+SIZES = (1, 3, 5, 8, 12, 2)
+
+
+@pytest.fixture(scope="module")
+def repo(run_factory, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("batch_repo")
+    export_run(run_factory(NAME), "onnx", out, name=NAME, grouped=True, options=RepoOptions(flavour="local"))
+    # a queue delay long enough that requests sent together always meet in one execution
+    write_config(out / NAME, RepoOptions(flavour="local", max_queue_delay_us=200_000))
+    return out
+
+
+@pytest.fixture(scope="module")
+def user_requests(repo: Path, tiny_prepared: Path) -> list[dict[str, np.ndarray]]:
+    """One single-user wire request per entry of SIZES: a different user of the test split each,
+    scoring that many candidate rows (items the user did not necessarily see: any rows will do)."""
+    from ctrserve.contract.prepared import load_split
+    from ctrserve.export.parity import group_requests
+
+    m = Manifest.load(repo / NAME / "1")
+    arrays = load_split(tiny_prepared, "test")
+    users = [g[0] for g in group_requests(arrays, [t.name for t in m.user_inputs], 100)][:len(SIZES)]
+    assert len(users) == len(SIZES)
+    starts = np.cumsum([0, *SIZES[:-1]])
+    return [{t.name: np.ascontiguousarray(arrays[t.name][[row]] if t.side == "user"
+                                          else arrays[t.name][start:start + size]) for t in m.inputs}
+            for row, start, size in zip(users, starts, SIZES, strict=True)]
+
+
+def _stats(server) -> tuple[int, int]:
+    with urllib.request.urlopen(f"{server.http_url}/v2/models/{NAME}/versions/1/stats", timeout=10) as r:
+        stats = json.loads(r.read())["model_stats"][0]
+    return int(stats["inference_count"]), int(stats["execution_count"])
+
+
+async def _score(url: str, requests: list[dict], together: bool) -> list[np.ndarray]:
+    from ctrserve.service.backends.triton import TritonBackend, TritonClient
+
+    client = TritonClient(url)
+    backend = TritonBackend(NAME, 1, client, "prob")
+    try:
+        await backend.start()
+        if together:
+            return list(await asyncio.gather(*(backend.infer(r, timeout=10.0) for r in requests)))
+        return [await backend.infer(r, timeout=10.0) for r in requests]
+    finally:
+        await client.close()
+
+
+@pytest.mark.slow
+def test_config_batches_users_with_ragged_candidates(repo: Path) -> None:
+    cfg = read_config(repo / NAME / "config.pbtxt")
+    m = Manifest.load(repo / NAME / "1")
+    assert m.grouped is not None, m.grouped_reason
+    assert cfg.max_batch_size == 16 and cfg.dynamic_batching.max_queue_delay_microseconds == 200_000
+    ragged = {i.name for i in cfg.input if i.allow_ragged_batch}
+    assert ragged == {t.name for t in m.candidate_inputs}
+
+
+@pytest.mark.triton
+def test_merged_requests_score_like_single_calls_and_embedded_ort(repo: Path, user_requests, tritonserver) -> None:
+    from ctrserve.service.backends.onnxruntime import OnnxRuntimeBackend
+
+    m = Manifest.load(repo / NAME / "1")
+    embedded = OnnxRuntimeBackend(NAME, 1, repo / NAME / "1" / m.file, m.output.name)
+    asyncio.run(embedded.start())
+    try:
+        reference = [embedded.infer_inline(r) for r in user_requests]
+    finally:
+        asyncio.run(embedded.close())
+
+    server = tritonserver(repo, models=[])
+    server.load(NAME, versions=[1])
+    single = asyncio.run(_score(server.grpc_url, user_requests, together=False))
+    before = _stats(server)
+    rounds = 3
+    merged = [asyncio.run(_score(server.grpc_url, user_requests, together=True)) for _ in range(rounds)]
+    after = _stats(server)
+
+    for i, (ref, one) in enumerate(zip(reference, single, strict=True)):
+        assert one.shape == (SIZES[i],)
+        np.testing.assert_allclose(one, ref, rtol=0, atol=1e-5, err_msg=f"user {i}: single call vs embedded ORT")
+        for got in merged:
+            np.testing.assert_allclose(got[i], ref, rtol=0, atol=1e-5, err_msg=f"user {i}: merged vs embedded ORT")
+    inferences, executions = after[0] - before[0], after[1] - before[1]
+    assert inferences == rounds * len(SIZES)
+    assert executions < inferences, f"{inferences} requests ran in {executions} executions: nothing was merged"
