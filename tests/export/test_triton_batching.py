@@ -106,3 +106,41 @@ def test_merged_requests_score_like_single_calls_and_embedded_ort(repo: Path, us
     inferences, executions = after[0] - before[0], after[1] - before[1]
     assert inferences == rounds * len(SIZES)
     assert executions < inferences, f"{inferences} requests ran in {executions} executions: nothing was merged"
+
+
+@pytest.mark.triton
+def test_a_bad_request_fails_alone_in_its_batch(repo: Path, user_requests, tritonserver) -> None:
+    """Candidate inputs of different lengths in one request: that request gets its error, the
+    requests merged with it their scores."""
+    from ctrserve.service.backends import BackendError
+
+    m = Manifest.load(repo / NAME / "1")
+    cands = [t.name for t in m.candidate_inputs]
+    if len(cands) < 2:
+        pytest.skip("the model has one candidate input: candidate counts cannot disagree")
+    bad = dict(user_requests[4])
+    bad[cands[-1]] = bad[cands[-1]][:-1]
+    server = tritonserver(repo, models=[])
+    server.load(NAME, versions=[1])
+    expected = asyncio.run(_score(server.grpc_url, user_requests, together=False))
+    before = _stats(server)
+
+    async def together() -> list:
+        from ctrserve.service.backends.triton import TritonBackend, TritonClient
+
+        client = TritonClient(server.grpc_url)
+        backend = TritonBackend(NAME, 1, client, "prob")
+        try:
+            await backend.start()
+            return await asyncio.gather(*(backend.infer(r, timeout=10.0) for r in [*user_requests, bad]),
+                                        return_exceptions=True)
+        finally:
+            await client.close()
+
+    *good, error = asyncio.run(together())
+    after = _stats(server)
+    assert isinstance(error, BackendError) and "candidate inputs must share one shape" in str(error), error
+    for got, ref in zip(good, expected, strict=True):
+        assert not isinstance(got, BaseException), got
+        np.testing.assert_allclose(got, ref, rtol=0, atol=1e-5)
+    assert after[1] - before[1] < len(user_requests), f"stats before {before}, after {after}: nothing was merged"
