@@ -40,7 +40,7 @@ def export_cmd(
     from pydantic import ValidationError
 
     # no torch before the --config-only branch: it runs in the serving image, which has none
-    from .triton_repo import RepoOptions, batching, write_config
+    from .triton_repo import RepoOptions, write_config
 
     try:
         options = RepoOptions(flavour=flavour, version_policy=version_policy, gpu=gpu, instances=instances,
@@ -88,7 +88,7 @@ def export_cmd(
         console.print(f"[yellow]no multi-user graph:[/] {m.grouped_reason}")
     console.print(f"[bold green]{m.name}[/] version {m.version} ({m.format}, {m.exporter.tool}"
                   f"{f', opset {m.exporter.opset}' if m.exporter.opset else ''}) -> {result.version_dir}\n"
-                  f"config ({flavour}): {result.config_path}: {batching(m, options)[1]}")
+                  f"config ({flavour}): {result.config_path}: {result.config_path.read_text().splitlines()[1][2:]}")
     if m.exporter.fallback_reason:
         console.print(f"[yellow]fell back to the legacy exporter:[/] {m.exporter.fallback_reason}")
 

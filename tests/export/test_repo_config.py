@@ -197,6 +197,18 @@ def test_one_request_per_execution_otherwise(tiny_fmap: FeatureMap, manifest: st
     assert reason in text.splitlines()[1]
 
 
+def test_a_version_without_the_graph_keeps_the_config_unbatched(tiny_fmap: FeatureMap, tmp_path: Path) -> None:
+    """One config serves every version: version 1 (plain) next to version 2 (grouped) is not batched."""
+    for version, m in ((1, _manifest(tiny_fmap, version=1)), (2, _grouped(_manifest(tiny_fmap, version=2)))):
+        (tmp_path / "dnn" / str(version)).mkdir(parents=True)
+        m.save(tmp_path / "dnn" / str(version) / "manifest.json")
+    path = write_config(tmp_path / "dnn", RepoOptions())
+    assert read_config(path).max_batch_size == 0
+    assert "version 1 was exported without the multi-user graph" in path.read_text().splitlines()[1]
+    (tmp_path / "dnn" / "1" / "manifest.json").unlink()
+    assert read_config(write_config(tmp_path / "dnn", RepoOptions())).max_batch_size == 16
+
+
 def test_numpy_is_below_2() -> None:
     """The Python-backend stub is built against numpy 1.x; with numpy 2 it returns empty outputs."""
     import numpy
