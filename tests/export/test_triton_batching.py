@@ -144,3 +144,58 @@ def test_a_bad_request_fails_alone_in_its_batch(repo: Path, user_requests, trito
         assert not isinstance(got, BaseException), got
         np.testing.assert_allclose(got, ref, rtol=0, atol=1e-5)
     assert after[1] - before[1] < len(user_requests), f"stats before {before}, after {after}: nothing was merged"
+
+
+def _as_onnxruntime_backend(cfg, version_dir: Path, requests: list[dict[str, np.ndarray]]) -> list[np.ndarray]:
+    """What Triton's onnxruntime backend does with one merged batch under ``cfg``, done by hand:
+    ragged inputs concatenated 1-D, the others stacked along the batch axis (then ``reshape``),
+    batch inputs filled, and each ``batch_output`` scattered back shaped like its source input."""
+    import onnxruntime as ort
+    from tritonclient.grpc import model_config_pb2 as mc
+
+    session = ort.InferenceSession(str(version_dir / cfg.default_model_filename), providers=["CPUExecutionProvider"])
+    ranks = {i.name: len(i.shape) for i in session.get_inputs()}
+    feeds = {}
+    for inp in cfg.input:
+        parts = [r[inp.name] for r in requests]
+        for p in parts:  # every request matches [1, *dims] (-1: any)
+            assert p.shape[0] == 1 and all(d in (-1, n) for d, n in zip(inp.dims, p.shape[1:], strict=True))
+        if inp.allow_ragged_batch:
+            feeds[inp.name] = np.concatenate([p.reshape(-1) for p in parts])
+        else:
+            stacked = np.concatenate(parts)
+            feeds[inp.name] = stacked.reshape([len(parts), *inp.reshape.shape]) if inp.HasField("reshape") else stacked
+        assert feeds[inp.name].ndim == ranks[inp.name], inp.name
+    for bi in cfg.batch_input:
+        assert bi.kind == mc.BatchInput.BATCH_ACCUMULATED_ELEMENT_COUNT and bi.data_type == mc.TYPE_INT32
+        feeds[bi.target_name[0]] = np.cumsum([r[bi.source_input[0]].size for r in requests]).astype(np.int32)
+    assert set(feeds) == set(ranks)
+    (bo,) = cfg.batch_output
+    assert bo.kind == mc.BatchOutput.BATCH_SCATTER_WITH_INPUT_SHAPE
+    out = session.run([bo.target_name[0]], feeds)[0]
+    shapes = [r[bo.source_input[0]].shape for r in requests]
+    parts = np.split(out, np.cumsum([int(np.prod(s)) for s in shapes])[:-1])
+    return [p.reshape(s) for p, s in zip(parts, shapes, strict=True)]
+
+
+@pytest.mark.slow
+def test_deploy_config_and_ragged_graph_agree(repo: Path, user_requests) -> None:
+    """The deploy flavour cannot run here (the wheel has no onnxruntime backend): its config and
+    model.triton.onnx are checked against each other through a hand-made onnxruntime backend,
+    on the wire shapes the gateway sends (``[1, *dims]``), against the single-user graph."""
+    from google.protobuf import text_format
+    from tritonclient.grpc import model_config_pb2 as mc
+
+    from ctrserve.export.parity import onnx_runner
+    from ctrserve.export.triton_repo import render_config
+
+    m = Manifest.load(repo / NAME / "1")
+    cfg = text_format.Parse(render_config(m, RepoOptions(flavour="deploy")), mc.ModelConfig())
+    assert cfg.max_batch_size == 16 and cfg.default_model_filename == m.grouped.ragged.file
+    dims = {i.name: list(i.dims) for i in cfg.input}
+    wire = [{k: v.reshape([1, *dims[k]]) for k, v in r.items()} for r in user_requests]
+    got = _as_onnxruntime_backend(cfg, repo / NAME / "1", wire)
+    single = onnx_runner(repo / NAME / "1" / m.file)
+    for i, (r, g) in enumerate(zip(user_requests, got, strict=True)):
+        assert g.shape == (1, SIZES[i])
+        np.testing.assert_allclose(g[0], single(r), rtol=0, atol=1e-5, err_msg=f"user {i}")
