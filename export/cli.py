@@ -23,6 +23,10 @@ def export_cmd(
     gpu: Annotated[bool, typer.Option(help="deploy flavour: KIND_GPU instances")] = False,
     instances: Annotated[int, typer.Option(help="model instances")] = 1,
     threads: Annotated[int, typer.Option(help="compute threads per instance")] = 1,
+    max_batch_requests: Annotated[int, typer.Option(
+        help="models with the multi-user graph: requests Triton may merge into one execution (0: none)")] = 16,
+    max_queue_delay_us: Annotated[int, typer.Option(
+        help="Triton dynamic batcher: how long a request may wait for others to merge with")] = 100,
     parity_rows: Annotated[int, typer.Option(help="held-out rows for the parity gate (>= 1000)")] = 1000,
     tolerance: Annotated[float, typer.Option(help="max abs difference of probabilities")] = 1e-4,
     opset: Annotated[int | None, typer.Option(help="ONNX opset (default: the exporter's)")] = None,
@@ -40,7 +44,8 @@ def export_cmd(
 
     try:
         options = RepoOptions(flavour=flavour, version_policy=version_policy, gpu=gpu, instances=instances,
-                              threads=threads)
+                              threads=threads, max_batch_requests=max_batch_requests,
+                              max_queue_delay_us=max_queue_delay_us)
     except ValidationError as exc:
         console.print(f"[red]error:[/] {exc.errors()[0]['msg']}")
         raise typer.Exit(2) from None
@@ -75,11 +80,15 @@ def export_cmd(
     console.print(m.parity.report())
     if m.grouped is not None:
         console.print(f"multi-user graph {m.grouped.file}: {m.grouped.parity.report()}")
+        if m.grouped.ragged is not None:
+            console.print(f"ragged graph for Triton {m.grouped.ragged.file}: {m.grouped.ragged.parity.report()}")
+        else:
+            console.print(f"[yellow]no ragged graph for Triton:[/] {m.grouped.ragged_reason}")
     elif grouped:
         console.print(f"[yellow]no multi-user graph:[/] {m.grouped_reason}")
     console.print(f"[bold green]{m.name}[/] version {m.version} ({m.format}, {m.exporter.tool}"
                   f"{f', opset {m.exporter.opset}' if m.exporter.opset else ''}) -> {result.version_dir}\n"
-                  f"config ({flavour}): {result.config_path}")
+                  f"config ({flavour}): {result.config_path}: {result.config_path.read_text().splitlines()[1][2:]}")
     if m.exporter.fallback_reason:
         console.print(f"[yellow]fell back to the legacy exporter:[/] {m.exporter.fallback_reason}")
 

@@ -279,8 +279,8 @@ def export_run(
         file = stage / MODEL_FILES[fmt]
         user_side, user_side_reason, exporter, parity = _build_and_check(model, fmap, fmt, file, opset, rows,
                                                                          splits, tolerance)
-        multi, multi_reason = (export_grouped(model, fmap, fmt, stage, opset, rows, tolerance, parity.runtime)
-                               if grouped else (None, ""))
+        multi, multi_reason = (export_grouped(model, fmap, fmt, stage, opset, rows, tolerance, parity.runtime,
+                                              inputs) if grouped else (None, ""))
 
         vocab = run_dir / "vocab.json"
         if vocab.exists():

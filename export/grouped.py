@@ -19,7 +19,7 @@ import torch
 from torch import Tensor
 
 from ctrserve.contract.feature_map import FeatureMap
-from ctrserve.contract.manifest import GroupedSignature, ParityCheck, ParityResult
+from ctrserve.contract.manifest import GroupedSignature, ParityCheck, ParityResult, TensorSpec
 
 from .parity import Runner, onnx_runner
 from .serving_module import OUTPUT_NAME, ServingModule, _check_names, _named_forward, example_request, split_inputs
@@ -114,9 +114,11 @@ def check_grouped_parity(model: torch.nn.Module, fmap: FeatureMap, runner: Runne
 
 
 def export_grouped(model: torch.nn.Module, fmap: FeatureMap, fmt: str, out_dir: Path, opset: int | None,
-                   rows: dict[str, np.ndarray], tolerance: float, runtime: str) -> tuple[GroupedSignature | None, str]:
+                   rows: dict[str, np.ndarray], tolerance: float, runtime: str, inputs: list[TensorSpec]
+                   ) -> tuple[GroupedSignature | None, str]:
     """Export and gate the multi-user graph into ``out_dir``; ``(None, reason)`` when it cannot be
-    served (the single-user graph still is): the reason goes into the manifest."""
+    served (the single-user graph still is): the reason goes into the manifest. Its ragged form
+    for Triton (export/triton_batch.py, over the wire ``inputs``) follows, with its own gate."""
     if fmt != "onnx":
         return None, f"the multi-user signature is exported for ONNX only, not {fmt}"
     path = out_dir / GROUPED_FILE
@@ -130,4 +132,9 @@ def export_grouped(model: torch.nn.Module, fmap: FeatureMap, fmt: str, out_dir: 
     if not parity.passed:
         path.unlink(missing_ok=True)
         return None, f"multi-user signature failed the parity gate: {parity.report()[:400]}"
-    return GroupedSignature(file=GROUPED_FILE, index_input=USER_INDEX, parity=parity), ""
+    from .triton_batch import export_ragged
+
+    ragged, ragged_reason = export_ragged(model, fmap, out_dir, GROUPED_FILE, inputs, USER_INDEX, rows, tolerance,
+                                          runtime)
+    return GroupedSignature(file=GROUPED_FILE, index_input=USER_INDEX, parity=parity, ragged=ragged,
+                            ragged_reason=ragged_reason), ""

@@ -116,6 +116,18 @@ class StoreInfo(BaseModel):
     prepared_dir: str | None = None
 
 
+class RaggedSignature(BaseModel):
+    """The multi-user graph in the layout of a dynamically batched Triton execution
+    (``export/triton_batch.py``): user-side inputs ``[R, ...]``, candidate-side inputs flat 1-D,
+    ``offsets_input`` INT32 ``[R]`` (Triton's accumulated element count of ``offsets_source``)."""
+
+    model_config = ConfigDict(extra="forbid")
+    file: str
+    offsets_input: str
+    offsets_source: str
+    parity: ParityResult
+
+
 class GroupedSignature(BaseModel):
     """The multi-user graph beside the single-user one (``export/grouped.py``): user-side inputs
     ``[R, ...]``, candidate-side inputs ``[B, ...]`` and ``index_input`` ``[B]`` (each candidate's
@@ -125,6 +137,9 @@ class GroupedSignature(BaseModel):
     file: str
     index_input: str
     parity: ParityResult
+    #: the ragged form for Triton's onnxruntime backend (deploy flavour batching); None: see ragged_reason
+    ragged: RaggedSignature | None = None
+    ragged_reason: str = ""
 
 
 class Manifest(BaseModel):

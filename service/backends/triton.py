@@ -1,6 +1,12 @@
 """Triton through tritonclient's gRPC asyncio client: one shared channel, one backend per arm's
 model name and version. Inputs are sent with the manifest's names and dtypes; Triton runs the
-model wherever it lives (the local tritonserver's Python backend or the NVIDIA container)."""
+model wherever it lives (the local tritonserver's Python backend or the NVIDIA container).
+
+A model whose config batches requests (``max_batch_size > 0``: exported with the multi-user graph,
+export/triton_repo.py) takes each request as a batch of one user: every input is sent as
+``[1, *dims]`` of its config dims (candidates ``[1, B, ...]``, a user id ``[1, 1]``) and the
+scores come back ``[1, B]``. ``start`` reads the config from Triton, so the gateway follows
+whatever config the server loaded."""
 
 from __future__ import annotations
 
@@ -45,11 +51,22 @@ class TritonBackend(Backend):
         super().__init__(model, version)
         self.client = client
         self.output = output
+        #: batched configs: each input's wire shape ``[1, *dims]`` (-1: the candidate count)
+        self.wire_shapes: dict[str, list[int]] = {}
 
     async def start(self) -> None:
         if not await self.ready():
             raise BackendUnavailable(f"Triton at {self.client.url} does not have {self.model} version "
                                      f"{self.version} ready (load it, or check the server log)")
+        try:
+            config = await self.client.client.get_model_config(self.model, str(self.version), as_json=True,
+                                                               client_timeout=5.0)
+        except Exception as exc:
+            raise BackendUnavailable(f"Triton {self.model} v{self.version}: cannot read its config: {exc}") from None
+        config = config.get("config", config)
+        batched = int(config.get("max_batch_size", 0)) > 0
+        self.wire_shapes = {i["name"]: [1, *(int(d) for d in i.get("dims", []))] for i in config.get("input", [])
+                            } if batched else {}
 
     async def ready(self) -> bool:
         try:
@@ -65,6 +82,12 @@ class TritonBackend(Backend):
         wire = []
         for name, arr in inputs.items():
             arr = np.ascontiguousarray(arr)
+            if name in self.wire_shapes:
+                try:
+                    arr = arr.reshape(self.wire_shapes[name])
+                except ValueError:
+                    raise BackendError(f"input {name!r}: shape {list(arr.shape)} does not fit the config's "
+                                       f"{self.wire_shapes[name]}") from None
             dtype = _TRITON_DTYPES.get(arr.dtype)
             if dtype is None:
                 raise BackendError(f"input {name!r}: dtype {arr.dtype} cannot be sent to Triton")
@@ -91,4 +114,6 @@ class TritonBackend(Backend):
         out = result.as_numpy(self.output)
         if out is None:
             raise BackendError(f"Triton {self.model} v{self.version}: response lacks output {self.output!r}")
+        if self.wire_shapes:
+            out = out.reshape(-1)  # [1, B]: the request's batch of one user
         return check_scores(out, b, f"Triton {self.model} v{self.version}")

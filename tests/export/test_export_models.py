@@ -12,6 +12,7 @@ import pytest
 from ctrserve.contract.manifest import Manifest, list_versions
 from ctrserve.export.exporter import ExportError, export_run
 from ctrserve.export.parity import ParityError
+from ctrserve.export.triton_repo import read_config
 from ctrserve.models.registry import list_models
 
 pytestmark = pytest.mark.slow  # each ONNX export runs torch.export: seconds, not milliseconds
@@ -160,6 +161,14 @@ def test_cli_exit_codes(run_factory, tmp_path: Path, monkeypatch) -> None:
     code, out = invoke("--run", str(run_factory("lr")))
     assert code == 0 and "parity PASSED" in out and "lr version 1" in out
     assert sorted(list_versions(repo / "lr")) == [1]
+    assert "exported without the multi-user graph" in out
+
+    code, out = invoke("--run", str(run_factory("lr")), "--max-batch-requests", "-1")
+    assert code == 2 and "greater than or equal to 0" in out and "Traceback" not in out
+    code, out = invoke("--run", str(run_factory("lr")), "--name", "lrg", "--grouped", "--max-queue-delay-us", "500")
+    assert code == 0 and "ragged graph for Triton model.triton.onnx" in out, out
+    assert "dynamic batching of up to 16 users per execution" in out
+    assert read_config(repo / "lrg" / "config.pbtxt").dynamic_batching.max_queue_delay_microseconds == 500
 
 
 def test_manifest_records_the_store_namespace(run_factory, tiny_prepared: Path, tmp_path: Path) -> None:

@@ -12,6 +12,7 @@ from ctrserve.contract.prepared import load_split
 from ctrserve.export.exporter import export_run
 from ctrserve.export.grouped import GROUPED_FILE, PARITY_USERS, USER_INDEX, grouped_request
 from ctrserve.export.parity import onnx_runner
+from ctrserve.export.triton_batch import OFFSETS_INPUT, as_ragged
 
 pytestmark = pytest.mark.slow
 
@@ -51,6 +52,37 @@ def test_grouped_graph_equals_the_single_user_graph_per_user(model_name: str, ru
                for t in m.inputs}
         alone.append(single(one))
     np.testing.assert_allclose(together, np.concatenate(alone), atol=1e-5)
+    _check_ragged_graph(result.version_dir, m, request, together)
+
+
+def _check_ragged_graph(version_dir: Path, m, request: dict[str, np.ndarray], together: np.ndarray) -> None:
+    """The ragged form (what Triton's onnxruntime backend feeds a merged batch) gives the
+    multi-user graph's scores and has the input ranks that backend requires."""
+    import onnxruntime as ort
+
+    ragged = m.grouped.ragged
+    assert ragged is not None, m.grouped.ragged_reason
+    assert ragged.parity.passed and ragged.offsets_source in {t.name for t in m.candidate_inputs}
+    feeds = as_ragged(request, m.inputs, USER_INDEX)
+    assert feeds[OFFSETS_INPUT].tolist() == [4, 5, 11, 13]
+    np.testing.assert_allclose(onnx_runner(version_dir / ragged.file)(feeds), together, atol=1e-6)
+    shapes = {i.name: (len(i.shape), i.type) for i in ort.InferenceSession(str(version_dir / ragged.file)).get_inputs()}
+    assert shapes[OFFSETS_INPUT] == (1, "tensor(int32)") and USER_INDEX not in shapes
+    for t in m.inputs:  # ragged inputs must be [-1]; user inputs keep their rank with R rows
+        assert shapes[t.name][0] == (1 if t.side == "candidate" else len(t.shape)), t.name
+
+
+@pytest.mark.quick
+def test_ragged_layout_needs_users_in_order() -> None:
+    from ctrserve.contract.manifest import TensorSpec
+
+    inputs = [TensorSpec(name="u", dtype="int64", shape=[1], side="user"),
+              TensorSpec(name="h", dtype="int64", shape=[-1, 2], side="candidate")]
+    request = {"u": np.array([7, 8]), "h": np.arange(10).reshape(5, 2), USER_INDEX: np.array([0, 0, 1, 1, 1])}
+    feeds = as_ragged(request, inputs, USER_INDEX)
+    assert feeds["h"].shape == (10,) and feeds[OFFSETS_INPUT].tolist() == [2, 5]
+    with pytest.raises(ValueError, match="non-decreasing"):
+        as_ragged({**request, USER_INDEX: np.array([1, 0, 0, 1, 1])}, inputs, USER_INDEX)
 
 
 def test_without_the_flag_there_is_no_multi_user_graph(run_factory, tmp_path: Path) -> None:

@@ -10,7 +10,16 @@ from pathlib import Path
 import pytest
 
 from ctrserve.contract.feature_map import FeatureMap
-from ctrserve.contract.manifest import ExporterInfo, Manifest, ParityCheck, ParityResult, TensorSpec, list_versions
+from ctrserve.contract.manifest import (
+    ExporterInfo,
+    GroupedSignature,
+    Manifest,
+    ParityCheck,
+    ParityResult,
+    RaggedSignature,
+    TensorSpec,
+    list_versions,
+)
 from ctrserve.export.triton_repo import RepoOptions, parse_version_policy, read_config, render_config, write_config
 
 pytestmark = pytest.mark.quick
@@ -110,6 +119,94 @@ def test_deploy_flavour_config(tiny_fmap: FeatureMap, fmt: str, backend: str, gp
     for t in m.inputs:
         w = warm.inputs[t.name]
         assert w.zero_data and list(w.dims) == [100 if d == -1 else d for d in t.shape]
+
+
+def _grouped(m: Manifest, ragged: bool = True) -> Manifest:
+    """``m`` exported with the multi-user graph (and its ragged form unless ``ragged`` is False)."""
+    sig = RaggedSignature(file="model.triton.onnx", offsets_input="candidate_offsets",
+                          offsets_source=m.candidate_inputs[0].name, parity=m.parity) if ragged else None
+    return m.model_copy(update={"grouped": GroupedSignature(
+        file="model.grouped.onnx", index_input="user_index", parity=m.parity, ragged=sig,
+        ragged_reason="" if ragged else "no candidate input has one element per candidate")})
+
+
+def _check_batched_io(cfg, m: Manifest) -> None:
+    """One user per request: user dims without their batch 1 (a [1] input keeps [1] and is reshaped
+    to a scalar per user), candidate dims [-1, ...] and ragged."""
+    assert cfg.max_batch_size == 16
+    assert [i.name for i in cfg.input] == [t.name for t in m.inputs]
+    for i, t in zip(cfg.input, m.inputs, strict=True):
+        if t.side == "user":
+            assert not i.allow_ragged_batch and list(i.dims) == (t.shape[1:] or [1]), t.name
+            assert i.HasField("reshape") == (t.shape == [1]) and not list(i.reshape.shape)
+        else:
+            assert i.allow_ragged_batch and list(i.dims) == t.shape and not i.HasField("reshape")
+    assert [(o.name, list(o.dims)) for o in cfg.output] == [("prob", [-1])]
+    assert cfg.dynamic_batching.max_queue_delay_microseconds == 100
+
+
+def test_local_flavour_batches_models_with_the_multi_user_graph(tiny_fmap: FeatureMap) -> None:
+    from google.protobuf import text_format
+    from tritonclient.grpc import model_config_pb2 as mc
+
+    m = _grouped(_manifest(tiny_fmap), ragged=False)  # the Python backend does not need the ragged graph
+    text = render_config(m, RepoOptions())
+    cfg = text_format.Parse(text, mc.ModelConfig())
+    _check_batched_io(cfg, m)
+    assert cfg.backend == "python" and not cfg.batch_input and not cfg.batch_output
+    assert "# dynamic batching of up to 16 users per execution" in text
+
+
+def test_deploy_flavour_batches_through_the_ragged_graph(tiny_fmap: FeatureMap) -> None:
+    from google.protobuf import text_format
+    from tritonclient.grpc import model_config_pb2 as mc
+
+    m = _grouped(_manifest(tiny_fmap))
+    cfg = text_format.Parse(render_config(m, RepoOptions(flavour="deploy")), mc.ModelConfig())
+    _check_batched_io(cfg, m)
+    source = m.candidate_inputs[0].name
+    assert cfg.backend == "onnxruntime" and cfg.default_model_filename == "model.triton.onnx"
+    (bi,) = cfg.batch_input
+    assert (bi.kind, list(bi.target_name), bi.data_type, list(bi.source_input)) == (
+        mc.BatchInput.BATCH_ACCUMULATED_ELEMENT_COUNT, ["candidate_offsets"], mc.TYPE_INT32, [source])
+    (bo,) = cfg.batch_output
+    assert (bo.kind, list(bo.target_name), list(bo.source_input)) == (
+        mc.BatchOutput.BATCH_SCATTER_WITH_INPUT_SHAPE, ["prob"], [source])
+    (warm,) = cfg.model_warmup
+    for i in cfg.input:  # warm-up dims leave out the batch axis, like the config's
+        assert list(warm.inputs[i.name].dims) == [100 if d == -1 else d for d in i.dims]
+
+
+@pytest.mark.parametrize(("manifest", "options", "reason"), [
+    ("plain", RepoOptions(), "exported without the multi-user graph"),
+    ("grouped", RepoOptions(max_batch_requests=0), "--max-batch-requests 0"),
+    ("grouped", RepoOptions(flavour="deploy", max_batch_requests=0), "--max-batch-requests 0"),
+    ("no_ragged", RepoOptions(flavour="deploy"), "no ragged graph (no candidate input has one element"),
+])
+def test_one_request_per_execution_otherwise(tiny_fmap: FeatureMap, manifest: str, options: RepoOptions,
+                                             reason: str) -> None:
+    from google.protobuf import text_format
+    from tritonclient.grpc import model_config_pb2 as mc
+
+    m = _manifest(tiny_fmap)
+    m = {"plain": m, "grouped": _grouped(m), "no_ragged": _grouped(m, ragged=False)}[manifest]
+    text = render_config(m, options)
+    cfg = text_format.Parse(text, mc.ModelConfig())
+    _check_io(cfg, m)
+    assert not any(i.allow_ragged_batch for i in cfg.input) and not cfg.batch_input and not cfg.batch_output
+    assert reason in text.splitlines()[1]
+
+
+def test_a_version_without_the_graph_keeps_the_config_unbatched(tiny_fmap: FeatureMap, tmp_path: Path) -> None:
+    """One config serves every version: version 1 (plain) next to version 2 (grouped) is not batched."""
+    for version, m in ((1, _manifest(tiny_fmap, version=1)), (2, _grouped(_manifest(tiny_fmap, version=2)))):
+        (tmp_path / "dnn" / str(version)).mkdir(parents=True)
+        m.save(tmp_path / "dnn" / str(version) / "manifest.json")
+    path = write_config(tmp_path / "dnn", RepoOptions())
+    assert read_config(path).max_batch_size == 0
+    assert "version 1 was exported without the multi-user graph" in path.read_text().splitlines()[1]
+    (tmp_path / "dnn" / "1" / "manifest.json").unlink()
+    assert read_config(write_config(tmp_path / "dnn", RepoOptions())).max_batch_size == 16
 
 
 def test_numpy_is_below_2() -> None:
