@@ -12,6 +12,7 @@ the same rows.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -43,6 +44,21 @@ class GroupedServingModule(ServingModule):
         for name, t in zip(self.candidate_inputs, tensors[self.num_user:-1], strict=True):
             batch[name] = t
         return torch.sigmoid(self.model(batch))
+
+
+def build_gated(path: Path, build: Callable[[], ParityResult], export: str, graph: str,
+                ) -> tuple[ParityResult | None, str]:
+    """``build()`` writes ``path`` and gates it; on an error or a failed gate the file goes and the
+    reason (for the manifest: never silent) comes back instead of the parity result."""
+    try:
+        parity = build()
+    except Exception as exc:
+        path.unlink(missing_ok=True)
+        return None, f"{export} failed: {type(exc).__name__}: {str(exc).strip()[:300]}"
+    if not parity.passed:
+        path.unlink(missing_ok=True)
+        return None, f"{graph} failed the parity gate: {parity.report()[:400]}"
+    return parity, ""
 
 
 def build_grouped_module(model: torch.nn.Module, fmap: FeatureMap) -> GroupedServingModule:
@@ -122,16 +138,14 @@ def export_grouped(model: torch.nn.Module, fmap: FeatureMap, fmt: str, out_dir: 
     if fmt != "onnx":
         return None, f"the multi-user signature is exported for ONNX only, not {fmt}"
     path = out_dir / GROUPED_FILE
-    try:
-        module = build_grouped_module(model, fmap)
-        export_grouped_onnx(module, fmap, path, opset)
-        parity = check_grouped_parity(model, fmap, onnx_runner(path), runtime, rows, tolerance)
-    except Exception as exc:  # recorded in the manifest, never silent
-        path.unlink(missing_ok=True)
-        return None, f"multi-user export failed: {type(exc).__name__}: {str(exc).strip()[:300]}"
-    if not parity.passed:
-        path.unlink(missing_ok=True)
-        return None, f"multi-user signature failed the parity gate: {parity.report()[:400]}"
+
+    def build() -> ParityResult:
+        export_grouped_onnx(build_grouped_module(model, fmap), fmap, path, opset)
+        return check_grouped_parity(model, fmap, onnx_runner(path), runtime, rows, tolerance)
+
+    parity, reason = build_gated(path, build, "multi-user export", "multi-user signature")
+    if parity is None:
+        return None, reason
     from .triton_batch import export_ragged
 
     ragged, ragged_reason = export_ragged(model, fmap, out_dir, GROUPED_FILE, inputs, USER_INDEX, rows, tolerance,

@@ -23,7 +23,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ctrserve.contract.manifest import RaggedSignature, TensorSpec
+from ctrserve.contract.manifest import ParityResult, RaggedSignature, TensorSpec
 
 from .parity import Runner, onnx_runner
 
@@ -139,19 +139,18 @@ def export_ragged(model, fmap, out_dir: Path, grouped_file: str, inputs: list[Te
                   rows: dict[str, np.ndarray], tolerance: float, runtime: str) -> tuple[RaggedSignature | None, str]:
     """Build and gate the ragged graph; ``(None, reason)`` when Triton's onnxruntime backend cannot
     batch this model (its config then keeps one request per execution)."""
-    from .grouped import check_grouped_parity
+    from .grouped import build_gated, check_grouped_parity
 
     source = offsets_source(inputs)
     if source is None:
         return None, "no candidate input has one element per candidate (shape [-1]) to count candidates by"
     path = out_dir / RAGGED_FILE
-    try:
+
+    def build() -> ParityResult:
         build_ragged_graph(out_dir / grouped_file, path, inputs, index_input, source)
-        parity = check_grouped_parity(model, fmap, ragged_runner(path, inputs, index_input), runtime, rows, tolerance)
-    except Exception as exc:  # recorded in the manifest, never silent
-        path.unlink(missing_ok=True)
-        return None, f"ragged export failed: {type(exc).__name__}: {str(exc).strip()[:300]}"
-    if not parity.passed:
-        path.unlink(missing_ok=True)
-        return None, f"ragged graph failed the parity gate: {parity.report()[:400]}"
+        return check_grouped_parity(model, fmap, ragged_runner(path, inputs, index_input), runtime, rows, tolerance)
+
+    parity, reason = build_gated(path, build, "ragged export", "ragged graph")
+    if parity is None:
+        return None, reason
     return RaggedSignature(file=RAGGED_FILE, offsets_input=OFFSETS_INPUT, offsets_source=source, parity=parity), ""

@@ -207,20 +207,8 @@ def stages() -> list[dict]:
 
 
 def pip_installs(chain: list[dict]) -> list[list[str]]:
-    out = []
-    for s in chain:
-        for instr, rest in s["instrs"]:
-            if instr != "RUN":
-                continue
-            cmd: list[str] = []
-            for tok in [*shlex.split(rest), "&&"]:
-                if tok not in ("&&", ";", "||"):
-                    cmd.append(tok)
-                    continue
-                if len(cmd) > 1 and cmd[0].endswith("pip") and cmd[1] == "install":
-                    out.append([t for t in cmd[2:] if not t.startswith("-")])
-                cmd = []
-    return out
+    """The package arguments of every ``pip install`` along a chain of stages."""
+    return [args for stage in chain for verb, args, _ in pip_commands(stage) if verb == "install"]
 
 
 def test_dockerfile_gateway_installs_only_the_serving_dependencies(stages: list[dict]) -> None:
