@@ -253,6 +253,7 @@ def fast_decode(raw: bytes) -> ScoreRequest | None:
         return None
     candidates = [{"item_id": c.item_id} if c.features is _UNSET else {"item_id": c.item_id, "features": c.features}
                   for c in r.candidates]
-    # validated already: constructed without a second validation
+    # validated already: constructed without a second validation (every field counts as set; nothing reads
+    # model_fields_set)
     return ScoreRequest.model_construct(request_id=r.request_id, user_id=r.user_id, context=r.context,
                                         candidates=candidates, model=r.model)
