@@ -90,7 +90,7 @@ async def score(app: FastAPI, scope: Scope, receive: Receive) -> Response:
     headers: list[tuple[bytes, bytes]] = scope["headers"]
     try:
         content_type = _header(headers, b"content-type")
-        value = decode_body(await read_body(receive), content_type)
+        value = decode_body(await read_body(receive), content_type, app.state.fast_decode)
         gw = started(app)
         check_api_key(gw, _header(headers, b"x-api-key") or "")
         rs = gw.settings.routing

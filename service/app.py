@@ -111,6 +111,7 @@ def create_app(settings: GatewaySettings | None = None, store_factory: StoreFact
         default_response_class=OrjsonResponse,
     )
     api.install(app)
+    app.state.fast_decode = settings.api.decoder == "msgspec"  # read before the gateway exists (api.score)
     app.add_exception_handler(Exception, _internal_error)  # a bug in a FastAPI route: JSON 500, no trace
 
     def metrics() -> Metrics | None:

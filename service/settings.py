@@ -47,6 +47,10 @@ class ApiSettings(BaseSettings):
         64, ge=0, description="Most keys in `context` or in one candidate's `features` (422 above).")
     deadline_ms: float = Field(
         1000.0, gt=0, description="Per-request deadline over fetch + assembly + inference (504 when exceeded).")
+    decoder: Literal["msgspec", "pydantic"] = Field(
+        "msgspec", description="`/v1/score` body decoding: `msgspec` parses and validates a well-formed body in one "
+                               "compiled pass and hands anything else to `pydantic` (stdlib json + pydantic, which "
+                               "gives every error answer); `pydantic` always takes that path. Same answers either way.")
     #: ``key``, not ``api_key``: the variable is CTRSERVE_API_KEY
     key: SecretStr | None = Field(
         None, description="If set, `/v1/score` requires header `X-API-Key` with this value (401 otherwise).")

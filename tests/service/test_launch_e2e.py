@@ -3,6 +3,7 @@
 - a gateway started on a repository of two models without a routing config fails at once with
   the gateway's reason (it used to be polled until the 120 s timeout), and the same repository
   with a routing config becomes ready;
+- gateways started with either body decoder (``CTRSERVE_API_DECODER``) answer the same over HTTP;
 - ``ctrserve triton`` binds HTTP, gRPC and metrics to loopback unless ``--host`` says otherwise,
   and stops on SIGTERM to its pid within 10 s, its tritonserver with it."""
 
@@ -47,6 +48,32 @@ def test_gateway_without_routing_on_two_models_fails_at_once(two_model_repo: Pat
                            "weight: 100}]}]\n")
         gateway = start_gateway(launcher, two_model_repo, store_url, routing=routing, ready_timeout=120)
         assert gateway.url.startswith("http://127.0.0.1:")
+
+
+def test_both_body_decoders_answer_alike_over_http(exported, store_url: str, tmp_path: Path) -> None:
+    import httpx
+    from gateway_e2e import probes
+
+    from ctrserve.service.request import fast_decode
+
+    body = probes(exported.prepared)[0].body
+    bodies = [body, {**body, "request_id": "r-1"}, {**body, "model": "ctr:1"}, {**body, "candidates": [{"item_id": 5}]},
+              {**body, "extra": 1}, {**body, "context": {"nope": 1}}, {**body, "user_id": ""}, {**body, "model": "x"}]
+    raw = [httpx.Request("POST", "/", json=b).content for b in bodies]
+    assert all(fast_decode(r) is not None for r in raw[:3])  # the valid ones take the msgspec path
+    routing = tmp_path / "routing.yaml"
+    routing.write_text("experiments: [{name: main, salt: s, arms: [{name: a, model: ctr, version: 1, weight: 100}]}]\n")
+    answers = {}
+    with Launcher(tmp_path) as launcher:
+        for decoder in ("msgspec", "pydantic"):
+            gw = start_gateway(launcher, exported.repo, store_url, routing=routing, name=f"gateway-{decoder}",
+                               env={"CTRSERVE_API_DECODER": decoder}, ready_timeout=120)
+            with httpx.Client(base_url=gw.url, timeout=10) as client:
+                answers[decoder] = [
+                    (r.status_code, r.json()) for r in (client.post("/v1/score", content=b, headers={
+                        "content-type": "application/json", "x-request-id": f"r{i}"}) for i, b in enumerate(raw))]
+    assert answers["msgspec"] == answers["pydantic"]
+    assert [status for status, _ in answers["msgspec"]] == [200, 200, 200, 200, 422, 422, 422, 404]
 
 
 def _listening(pid: int) -> dict[int, ipaddress.IPv4Address | ipaddress.IPv6Address]:

@@ -3,7 +3,8 @@ requests, in the order the checks run (JSON, readiness, API key, validation, sco
 
 ``data/score_answers.json`` holds the answers the gateway gave before its request path was
 rewritten (one function now serves both the direct path and the FastAPI route); every case must
-still be answered exactly so, on both paths."""
+still be answered exactly so, on both paths and with either body decoder (msgspec first, or
+pydantic only)."""
 
 from __future__ import annotations
 
@@ -104,7 +105,14 @@ def path(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str
     return request.param
 
 
-async def test_every_case_is_answered_as_before(make_settings, path: str) -> None:
+@pytest.fixture(params=["msgspec", "pydantic"])
+def decoder(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    """``CTRSERVE_API_DECODER``, which the settings the tests make read from the environment."""
+    monkeypatch.setenv("CTRSERVE_API_DECODER", request.param)
+    return request.param
+
+
+async def test_every_case_is_answered_as_before(make_settings, path: str, decoder: str) -> None:
     statuses = set()
     async with running(make_settings(max_candidates=3, max_feature_keys=8, max_body_bytes=4096)) as (client, _, _):
         for name, body, headers in CASES:
@@ -116,7 +124,7 @@ async def test_every_case_is_answered_as_before(make_settings, path: str) -> Non
     assert {200, 400, 404, 413, 422} <= statuses  # the cases reach every kind of answer
 
 
-async def test_checks_run_in_order(make_settings, path: str) -> None:
+async def test_checks_run_in_order(make_settings, path: str, decoder: str) -> None:
     """JSON before readiness before the API key before validation."""
     async with running(make_settings(key="s3cret")) as (client, app, _):
         for name, body, headers in KEY_CASES:
