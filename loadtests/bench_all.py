@@ -266,6 +266,15 @@ class ServingRun(LoadSteps):
             count = flops.count_flops(self.grouped_file, feed)
             self.batched[r] = flops.efficiency(ort_session(self.grouped_file), feed, count.total, rounds=3, reps=30)
         self.single_eff = single
+        # the ceiling of any multi-user graph: one user with R x 100 candidates on the single-user
+        # graph (user-side work once, every candidate's work as in R requests), against R calls of 100
+        from .harness import interleave
+
+        sess = ort_session(self.model_file)
+        feeds = {str(n): {k: a if k in self.user_names else a[:n] for k, a in self.full.items()}
+                 for n in (100, 200, 400, 800)}
+        times = interleave({n: (lambda _i, f=f: sess.run(None, f)) for n, f in feeds.items()}, 5, 20)
+        self.ideal = {r: p50(times[str(100 * r)]) / (r * p50(times["100"])) for r in (2, 4, 8)}
         self.log("    multi-user graph GFLOP/s over peak: " + ", ".join(
             f"R={r}: {e['ratio']:.3f}" for r, e in self.batched.items()) + f" (single request {single['ratio']:.3f})")
 

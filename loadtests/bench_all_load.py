@@ -157,6 +157,9 @@ class LoadSteps:
                 f"call of R = {r} requests / R single-request calls ({single_ms:.3f} ms each), tight loop, 1 thread: "
                 "below 1 the merged call is cheaper; by R: " + ", ".join(
                     f"{n}: {e['model_p50_ms'] / (n * single_ms):.2f}" for n, e in self.batched.items()))
+        fig.add("ideal_batched_call_over_single_calls", round(self.ideal[r], 3), f"the ceiling of any multi-user "
+                f"graph: one user with {r} x 100 candidates on the single-user graph / {r} calls of 100 (interleaved, "
+                "1 thread); by R: " + ", ".join(f"{n}: {v:.2f}" for n, v in self.ideal.items()))
 
     def soak(self) -> None:
         """Paced users at half the saturation rate: p99/p50, errors, and the ideal servers' bound."""
