@@ -14,6 +14,7 @@ much more traffic would make the observed difference significant at 80 % power.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import hashlib
 import itertools
 import json
@@ -47,6 +48,15 @@ class Log:
 
     def rows(self, arm: str) -> np.ndarray:
         return np.flatnonzero(self.arm == arm)
+
+    def select(self, keep: np.ndarray) -> Log:
+        """The rows where ``keep`` (a boolean per row) holds; request and user indices stay valid."""
+        cols = ("request", "user", "arm", "score", "clicked", "ts_ms")
+        return dataclasses.replace(self, **{c: getattr(self, c)[keep] for c in cols})
+
+    def with_request_prefix(self, prefix: str) -> Log:
+        """The rows of requests whose id starts with ``prefix`` (one replay's traffic)."""
+        return self.select(np.array([self.request_ids[r].startswith(prefix) for r in self.request], dtype=bool))
 
 
 async def _read(experiment: str, redis_url: str | None) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:

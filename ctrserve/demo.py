@@ -1,14 +1,15 @@
 """``ctrserve demo``: the main job end to end on an embedded default (the seeded synthetic
-dataset, no files needed): prepare data, train a small model (or reuse the last demo run),
-export it to ONNX with the parity gate, bulk-load a Redis feature store (a private redis-server
-unless ``--redis-url``), start the scoring gateway (embedded ONNX Runtime unless a Triton URL is
-given, or ``--triton``: the local tritonserver started on the demo's model repository), route it
-to the model just trained (the repository keeps every model a demo exported), score sample
-requests over HTTP and print them, replay a slice of the test split with its labels sent back as
-clicks (``POST /v1/events``) and print the outcome report (the closed loop), then shut
-everything down. ``--serve`` keeps the gateway up
-until SIGINT (Ctrl-C) or SIGTERM. The processes are children of one ``ctrserve.launch.Launcher``:
-they are stopped on every way out, a signal to the demo's pid included.
+dataset, no files needed): prepare data, train two small models (or reuse the last demo runs:
+``demo_arms.py``), a baseline and MGDIN, calibrate MGDIN's masks to static ones, export both to
+ONNX with the parity gate, bulk-load a Redis feature store (a private redis-server unless
+``--redis-url``), start the scoring gateway (embedded ONNX Runtime unless a Triton URL is given,
+or ``--triton``: the local tritonserver started on the demo's model repository) with users split
+50/50 between the two (the repository keeps every model a demo exported), score sample requests
+over HTTP and print them, replay a slice of the test split with its labels sent back as clicks
+(``POST /v1/events``) and print the outcome report of both arms (the closed loop), then shut
+everything down. ``--serve`` keeps the gateway up until SIGINT (Ctrl-C) or SIGTERM. The
+processes are children of one ``ctrserve.launch.Launcher``: they are stopped on every way out,
+a signal to the demo's pid included.
 
 Each step is a function, so tests and other commands can chain them."""
 
@@ -23,6 +24,7 @@ from typing import TYPE_CHECKING, Annotated
 import typer
 from rich.console import Console
 
+from ctrserve.demo_arms import TREATMENT, demo_arms, step_export, write_routing
 from ctrserve.launch import GatewayServer, Interrupted, Launcher, start_gateway, start_redis
 
 if TYPE_CHECKING:
@@ -30,82 +32,24 @@ if TYPE_CHECKING:
 
 console = Console()
 
-DEMO_DATA = {"n_rows": 60000, "n_users": 5000, "n_items": 2000, "n_cates": 30, "max_len": 50}
-DEMO_TRAIN = {"train": {"max_epochs": 4, "batch_size": 1024, "lr": 2e-3}}
 
-
-def step_train(model: str, work_dir: Path, seed: int) -> Path:
-    """Prepare the demo dataset (reused if present) and train ``model``; returns the run dir."""
-    from ctrserve.models.cli import ensure_prepared
-    from ctrserve.models.train.config import resolve_config
-    from ctrserve.models.train.trainer import train
-
-    prepared = ensure_prepared("synthetic", DEMO_DATA)
-    cfg = resolve_config(model, "synthetic", overrides=DEMO_TRAIN, seed=seed, variant="demo")
-    console.print(f"[bold]training[/] {model} on synthetic ({DEMO_DATA['n_rows']:,} rows)")
-    result = train(cfg, prepared, work_dir / "runs", command="ctrserve demo", progress=False)
-    m = result.metrics
-    console.print(f"[bold green]test[/] AUC {m['auc']:.4f}  GAUC {m['gauc']:.4f}  LogLoss {m['logloss']:.4f}  "
-                  f"({m['params']:,} params, {m['epoch_seconds']:.1f} s/epoch) -> {result.run_dir}")
-    return result.run_dir
-
-
-def find_demo_run(model: str, work_dir: Path, seed: int) -> Path | None:
-    """The newest finished demo run of ``model`` with ``seed`` (a run dir with weights and metrics)."""
-    runs = sorted((work_dir / "runs" / "synthetic" / model).glob(f"demo-s{seed}-*"))
-    done = [r for r in runs if (r / "model.pt").exists() and (r / "metrics.json").exists()]
-    return done[-1] if done else None
-
-
-def step_export(run_dir: Path, repo: Path, name: str) -> Path:
-    """Export ``run_dir`` as version 1 of ``name`` in ``repo`` (ONNX, parity-gated); reused when
-    version 1 already comes from this run."""
-    from ctrserve.contract.manifest import Manifest
-
-    version_dir = repo / name / "1"
-    if (version_dir / "manifest.json").exists():
-        manifest = Manifest.load(version_dir)
-        # a manifest from before `store` existed is exported again: the gateway needs its namespace
-        if Path(manifest.run_dir) == run_dir.resolve() and manifest.store is not None:
-            console.print(f"[bold]export[/] reusing {version_dir}")
-            return repo
-    from ctrserve.export.exporter import export_run  # torch: only when there is something to export
-
-    t0 = time.perf_counter()
-    result = export_run(run_dir, "onnx", repo, name=name, version=1, force=True)
-    p = result.manifest.parity
-    console.print(f"[bold]export[/] ONNX -> {result.version_dir} in {time.perf_counter() - t0:.1f} s "
-                  f"(parity {'passed' if p.passed else 'FAILED'}, max |onnx - torch| {p.max_abs_diff:.1e})")
-    return repo
-
-
-def write_routing(path: Path, model: str, version: int) -> Path:
-    """A routing config sending all traffic to ``model`` version ``version``: the demo's repository
-    keeps every model a demo exported, and the gateway serves the one just trained."""
-    import yaml
-
-    from ctrserve.service.routing import single_arm_config
-
-    config = single_arm_config(model, version).model_dump(mode="json", exclude_none=True)
-    path.write_text(yaml.safe_dump(config, sort_keys=False))
-    return path
-
-
-def start_local_triton(launcher: Launcher, repo: Path, model: str, log: Path) -> TritonServer:
-    """The local tritonserver (nvidia-pytriton binary, ``export/triton_local.py``) serving ``model``
+def start_local_triton(launcher: Launcher, repo: Path, models: list[str], log: Path) -> TritonServer:
+    """The local tritonserver (nvidia-pytriton binary, ``export/triton_local.py``) serving ``models``
     from the demo's repository (local config flavour), a child of ``launcher``."""
     from ctrserve.export import triton_local
 
     t0 = time.perf_counter()
-    server = triton_local.start(repo, models=[model], log_path=log, launcher=launcher)
+    server = triton_local.start(repo, models=models, log_path=log, launcher=launcher)
     console.print(f"[bold]triton[/] local tritonserver ready in {time.perf_counter() - t0:.1f} s: grpc "
                   f"{server.grpc_url}, metrics {server.metrics_url}; log: {log}")
     return server
 
 
-def stop_local_triton(server: TritonServer, model: str) -> None:
-    n = triton_inference_count(server.metrics_url, model)
-    console.print(f"[bold]triton[/] served {n} inference requests for {model} (nv_inference_count, warm-up included)")
+def stop_local_triton(server: TritonServer, models: list[str]) -> None:
+    for model in models:
+        n = triton_inference_count(server.metrics_url, model)
+        console.print(f"[bold]triton[/] served {n} inference requests for {model} (nv_inference_count, warm-up "
+                      "included)")
     code = server.stop()
     console.print(f"[bold]triton[/] stopped (exit code {code})")
 
@@ -202,7 +146,9 @@ def step_score(url: str, requests: list[dict]) -> None:
 
 
 def demo_cmd(
-    model: Annotated[str, typer.Option(help="registered model to train")] = "deepfm",
+    model: Annotated[str, typer.Option(help=(
+        f"registered model of the baseline arm; the other arm is MGDIN with static masks ({TREATMENT}); "
+        "mgdin: the baseline is MGDIN with per-request masks, the same weights"))] = "deepfm",
     seed: Annotated[int, typer.Option(help="random seed")] = 2026,
     retrain: Annotated[bool, typer.Option(help="train even if a finished demo run exists")] = False,
     redis_url: Annotated[str | None, typer.Option(help="use this Redis instead of a private redis-server")] = None,
@@ -220,7 +166,8 @@ def demo_cmd(
     replay_users: Annotated[int, typer.Option(help="test-split users replayed with their clicks, then the "
                                                    "outcome report (0: none)")] = 200,
 ) -> None:
-    """Run the main job end to end: train, export, load the feature store, serve, score over HTTP."""
+    """Run the main job end to end: train two arms, export, load the feature store, serve an A/B split,
+    score over HTTP, replay clicks and report both arms."""
     from ctrserve.paths import settings
 
     if triton and triton_url:
@@ -228,21 +175,22 @@ def demo_cmd(
         raise typer.Exit(2)
 
     work_dir = settings().work_dir
-    run_dir = None if retrain else find_demo_run(model, work_dir, seed)
-    if run_dir is not None:
-        m = json.loads((run_dir / "metrics.json").read_text())
-        console.print(f"[bold]training[/] reusing {run_dir} (test AUC {m['auc']:.4f}; --retrain to train again)")
-    else:
-        run_dir = step_train(model, work_dir, seed)
-    prepared = Path((run_dir / "prepared_dir.txt").read_text().strip())
+    try:
+        arms = demo_arms(model, work_dir, seed, retrain)
+    except ValueError as exc:  # an unknown --model
+        console.print(f"[red]error:[/] {exc}")
+        raise typer.Exit(2) from None
+    prepared = Path((arms[0].run_dir / "prepared_dir.txt").read_text().strip())
     demo_dir = work_dir / "demo"
     demo_dir.mkdir(parents=True, exist_ok=True)
     try:
-        repo = step_export(run_dir, demo_dir / "model_repository", model)
-        routing = write_routing(demo_dir / f"routing-{model}.yaml", model, 1)
-        step_serve(prepared, repo, routing, model, demo_dir, redis_url=redis_url, redis_cluster=redis_cluster,
-                   triton=triton, triton_url=triton_url, port=port, requests=requests, serve=serve,
-                   replay_users=replay_users)
+        repo = demo_dir / "model_repository"
+        for arm in arms:
+            step_export(arm.run_dir, repo, arm.name)
+        routing = write_routing(demo_dir / f"routing-{model}-{TREATMENT}.yaml", arms)
+        step_serve(prepared, repo, routing, [a.name for a in arms], demo_dir, redis_url=redis_url,
+                   redis_cluster=redis_cluster, triton=triton, triton_url=triton_url, port=port,
+                   requests=requests, serve=serve, replay_users=replay_users)
     except Interrupted as exc:  # every child is stopped by now
         console.print(f"[bold]stopped[/] by {exc.name}")
         raise typer.Exit(128 + exc.signum) from None
@@ -255,11 +203,12 @@ def demo_cmd(
         raise
 
 
-def step_serve(prepared: Path, repo: Path, routing: Path, model: str, demo_dir: Path, *, redis_url: str | None,
+def step_serve(prepared: Path, repo: Path, routing: Path, models: list[str], demo_dir: Path, *, redis_url: str | None,
                triton: bool, triton_url: str | None, port: int, requests: int, serve: bool,
                redis_cluster: bool = False, replay_users: int = 0) -> None:
     """Start the services as children of one launcher (a private redis-server unless ``redis_url``,
-    the local Triton with ``triton``, the gateway), load the store, score the sample requests,
+    the local Triton with ``triton``, the gateway serving ``models``, the arms of ``routing``), load
+    the store, score the sample requests, replay ``replay_users`` users with clicks and report the arms,
     with ``serve`` keep serving until SIGINT/SIGTERM; every child is stopped on the way out."""
     with Launcher() as launcher:
         if redis_url is None and redis_cluster:
@@ -272,7 +221,7 @@ def step_serve(prepared: Path, repo: Path, routing: Path, model: str, demo_dir: 
             console.print(f"[bold]redis[/] private redis-server on port {redis.port}")
             redis_url = redis.url
         step_load_store(prepared, redis_url)
-        server = start_local_triton(launcher, repo, model, demo_dir / "tritonserver.log") if triton else None
+        server = start_local_triton(launcher, repo, models, demo_dir / "tritonserver.log") if triton else None
         if server is not None:
             triton_url = server.grpc_url
         gateway = start_demo_gateway(launcher, repo, routing, redis_url, port, triton_url, demo_dir / "gateway.log")
@@ -280,7 +229,7 @@ def step_serve(prepared: Path, repo: Path, routing: Path, model: str, demo_dir: 
         if replay_users and redis_cluster:
             console.print("[yellow]replay skipped:[/] the click events script needs one Redis node, not a cluster")
         elif replay_users:
-            step_replay(gateway.url, prepared, redis_url, replay_users)
+            step_replay(gateway.url, prepared, redis_url, replay_users, models)
         if serve:
             try:
                 console.print(f"[bold]serving[/] {gateway.url}  (POST /v1/score, GET /readyz, /metrics, /docs); "
@@ -295,12 +244,13 @@ def step_serve(prepared: Path, repo: Path, routing: Path, model: str, demo_dir: 
         console.print(f"[bold]shutting down[/] gateway{', Triton' if triton else ''} and feature store")
         launcher.stop(gateway.child)
         if server is not None:
-            stop_local_triton(server, model)
+            stop_local_triton(server, models)
 
 
-def step_replay(url: str, prepared: Path, redis_url: str, n_users: int) -> None:
+def step_replay(url: str, prepared: Path, redis_url: str, n_users: int, arms: list[str]) -> None:
     """The closed loop: replay the first ``n_users`` users of the test split through the gateway,
-    send their true labels back as clicks (``POST /v1/events``), print the outcome report."""
+    send their true labels back as clicks (``POST /v1/events``), print the outcome report of
+    ``arms`` (the first is the control)."""
     import asyncio
 
     from ctrserve.ab import format_report, read_log, report
@@ -308,8 +258,10 @@ def step_replay(url: str, prepared: Path, redis_url: str, n_users: int) -> None:
 
     users = replay_requests(prepared)[:n_users]
     t0 = time.perf_counter()
-    result = asyncio.run(replay(url, users, "default", prefix=f"demo-{int(time.time())}"))
+    prefix = f"demo-{time.time_ns()}"
+    result = asyncio.run(replay(url, users, "default", prefix=prefix))
     console.print(f"[bold]replay[/] {sum(len(g) for g in users):,} requests of {len(users):,} test users, "
                   f"{result.events_accepted:,} clicks sent back in {time.perf_counter() - t0:.1f} s")
-    log = read_log("default", redis_url)
-    typer.echo(format_report(report(log, sorted(set(log.arm.tolist())))))  # unwrapped: a wide table
+    # the log also holds the sample requests (no clicks) and, on a Redis of your own, earlier demos
+    log = read_log("default", redis_url).with_request_prefix(prefix + "-")
+    typer.echo(format_report(report(log, arms)))  # unwrapped: a wide table

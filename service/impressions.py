@@ -11,7 +11,6 @@ dropped and counted (``ctrserve_impressions_dropped_total``): the log never hold
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import random
 import time
@@ -41,6 +40,7 @@ class ImpressionLog:
         self._wake = asyncio.Event()
         self._lock = asyncio.Lock()
         self._task: asyncio.Task[None] | None = None
+        self._closing = False
         self._timeout_s = max(1.0, settings.flush_interval_ms / 1000 * 10)
 
     def add(self, request_id: str, user_id: str, route: Route, item_ids: Sequence[str], scores: np.ndarray,
@@ -58,19 +58,29 @@ class ImpressionLog:
         self._wake.set()
 
     def start(self) -> None:
+        self._closing = False
         self._task = asyncio.create_task(self._run(), name="impression-log")
 
     async def close(self) -> None:
+        """Stop the writer and write what is queued. The writer is asked to stop rather than
+        cancelled: a cancel can be lost in redis-py's send (Python 3.11's ``asyncio.wait_for``
+        returns the result of a send that finished in the same loop turn as the cancel), and a
+        writer that missed it then waited for the next request forever, holding up shutdown."""
+        self._closing = True
+        self._wake.set()
         if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
+            # a write in progress ends within its timeout; the cancel is a backstop only
+            _, pending = await asyncio.wait({self._task}, timeout=self._timeout_s + 1)
+            for task in pending:
+                log.warning("impression log writer did not stop; cancelling it")
+                task.cancel()
         await self.flush()
 
     async def _run(self) -> None:
-        while True:
+        while not self._closing:
             await self._wake.wait()
-            await asyncio.sleep(self.settings.flush_interval_ms / 1000)
+            if not self._closing:  # requests arriving together share a round trip
+                await asyncio.sleep(self.settings.flush_interval_ms / 1000)
             self._wake.clear()
             await self.flush()
 

@@ -64,3 +64,17 @@ def test_ctr_test_accounts_for_users_clicking_alike() -> None:
     p1, p2 = stats["a"]["ctr"], stats["b"]["ctr"]
     binomial = np.sqrt(p1 * (1 - p1) / stats["a"]["impressions"] + p2 * (1 - p2) / stats["b"]["impressions"])
     assert clustered["ci95"][1] - clustered["ci95"][0] > 1.3 * 2 * 1.96 * binomial
+
+
+def test_with_request_prefix_keeps_one_replays_rows() -> None:
+    """The demo's report reads only its replay's requests: rows of other requests (the sample
+    requests, earlier demos on the same Redis) leave every figure."""
+    log = _log(40, {"a": 1.0, "b": 1.0})
+    log.request_ids = [("replay-" if r % 3 else "sample-") + str(r) for r in range(len(log.request_ids))]
+    mine = log.with_request_prefix("replay-")
+    keep = log.request % 3 != 0
+    assert len(mine.score) == keep.sum() and 0 < keep.sum() < len(keep)
+    assert all(mine.request_ids[r].startswith("replay-") for r in mine.request)
+    assert np.array_equal(mine.clicked, log.clicked[keep]) and np.array_equal(mine.user, log.user[keep])
+    expected = weighted_auc(log.score[keep & (log.arm == "a")], log.clicked[keep & (log.arm == "a")])
+    assert report(mine, ["a", "b"])["arms"]["a"]["auc"] == pytest.approx(expected)

@@ -1,10 +1,13 @@
 """``ctrserve demo`` end to end with the real processes (redis-server, the gateway, tritonserver):
 
+- the default demo: a 50/50 split between the baseline (deepfm) and MGDIN calibrated to static
+  masks, test users replayed with clicks, and a report holding both arms with impressions and
+  clicks;
 - ``--triton``: the local tritonserver on the demo's model repository, the sample requests routed
   through it, everything stopped at the end; then the default demo (embedded ONNX Runtime) on the
   same work directory, which must not start Triton;
-- a second demo of another model on a work directory already holding the first one's export: the
-  gateway routes to the model just trained (the repository now holds two);
+- ``--model mgdin`` on a work directory already holding the first demo's exports: the arms are
+  MGDIN with per-request masks and with static ones, nothing goes to deepfm;
 - ``--serve`` stopped by SIGTERM or SIGINT sent to the demo's pid alone: it exits within 10 s and
   its redis-server and gateway are gone.
 
@@ -13,6 +16,7 @@ demo reuses them instead of training for minutes)."""
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shutil
@@ -28,6 +32,7 @@ pytestmark = [pytest.mark.e2e, pytest.mark.redis, pytest.mark.slow]
 
 SEED = 1
 OTHER = "mgdin"  # the second demo's model
+TREATMENT = "mgdin_static"  # the static-mask arm every demo serves
 TINY_OTHER = {"embedding_dim": 8, "windows": [2], "model_dim": 8, "layers": 2, "ratios": [0.5, 1.0], "hidden": [16]}
 
 
@@ -63,6 +68,28 @@ def _repo_models(work: Path) -> list[str]:
     return sorted(d.name for d in (work / "demo" / "model_repository").iterdir() if (d / "1").is_dir())
 
 
+def _report_row(out: str, arm: str) -> tuple[int, int]:
+    """(impressions, clicks) of ``arm`` in the demo's outcome report (0, 0 when it is missing)."""
+    row = re.search(rf"^{re.escape(arm)}\s+([\d,]+)\s+([\d,]+)\s", out, re.MULTILINE)
+    return (int(row.group(1).replace(",", "")), int(row.group(2).replace(",", ""))) if row else (0, 0)
+
+
+def test_demo_serves_two_arms_and_reports_both(demo_work: Path) -> None:
+    out = _demo(demo_work)
+    assert "embedded ONNX Runtime" in out, out
+    assert set(_repo_models(demo_work)) >= {"deepfm", TREATMENT}, out
+    calibration = json.loads(next((demo_work / "runs" / "synthetic" / OTHER).glob("static_masks-*/calibration.json"))
+                             .read_text())
+    assert Path(calibration["source_run"]).name.startswith(f"demo-s{SEED}-"), calibration["source_run"]
+    arms = re.findall(r"-> arm (\S+) \((\S+) v1\)", out)
+    assert len(arms) == 2 and all(arm == model and arm in ("deepfm", TREATMENT) for arm, model in arms), out
+    for arm in ("deepfm", TREATMENT):
+        impressions, clicks = _report_row(out, arm)
+        assert impressions > 0 and 0 < clicks < impressions, f"{arm}: {impressions} impressions, {clicks} clicks\n{out}"
+    assert re.search(rf"^{TREATMENT} vs deepfm, ctr: .* -> ", out, re.MULTILINE), out
+    assert re.search(rf"^{TREATMENT} vs deepfm, auc: ", out, re.MULTILINE), out
+
+
 @pytest.mark.triton
 def test_demo_with_local_triton_then_default(demo_work: Path, triton_install) -> None:
     out = _demo(demo_work, "--triton")
@@ -75,24 +102,31 @@ def test_demo_with_local_triton_then_default(demo_work: Path, triton_install) ->
     assert "stopped (exit code 0)" in out, out
     assert (demo_work / "demo" / "tritonserver.log").exists()
 
+    assert re.search(rf"served (\d+) inference requests for {TREATMENT}", out), out
+
     default = _demo(demo_work)
     assert "embedded ONNX Runtime" in default and "triton" not in default.lower(), default
-    assert "export reusing" in " ".join(default.split()), default
+    assert " ".join(default.split()).count("export reusing") == 2, default
     assert default.count("POST /v1/score") == 2, default
 
 
 @pytest.mark.triton
 def test_second_demo_routes_to_its_own_model_through_triton(demo_work: Path, triton_install) -> None:
-    """The repository already holds the first demo's export; the gateway must not wait for a
-    routing config (120 s, then "gateway not ready", before the launcher routed the demo)."""
+    """The repository already holds the first demo's exports; the gateway must not wait for a
+    routing config (120 s, then "gateway not ready", before the launcher routed the demo), and
+    serves the arms of this demo only: MGDIN with per-request masks against static ones."""
     if "deepfm" not in _repo_models(demo_work):
         _demo(demo_work)
     out = _demo(demo_work, "--triton", "--model", OTHER)
-    assert _repo_models(demo_work) == ["deepfm", OTHER]
+    assert _repo_models(demo_work) == ["deepfm", OTHER, TREATMENT]
     assert re.search(r"gateway\s+ready on .*\(Triton at 127\.0\.0\.1:\d+\)", out), out
-    assert out.count(f"({OTHER} v1)") == 2, out  # both sample requests scored by the model just trained
-    served = re.search(rf"served (\d+) inference requests for {OTHER}", out)
-    assert served and int(served.group(1)) >= 3, out
+    # both sample requests scored by this demo's arms
+    assert out.count(f"({OTHER} v1)") + out.count(f"({TREATMENT} v1)") == 2 and "(deepfm v1)" not in out, out
+    for model in (OTHER, TREATMENT):  # the replay's traffic went through Triton on both arms
+        served = re.search(rf"served (\d+) inference requests for {model}\b", out)
+        assert served and int(served.group(1)) >= 3, out
+        assert _report_row(out, model)[0] > 0, out
+    assert "for deepfm" not in out, out  # Triton did not even load it
     assert "stopped (exit code 0)" in out, out
 
 

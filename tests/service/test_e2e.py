@@ -313,13 +313,13 @@ def _in_process_app(exported, store_url: str, routing_path: Path, redis_timeout_
         StoreSettings,
     )
 
-    # the closed loop off: these gateways test the read path, and the loop's writer would share
-    # their event loop and Redis with it (tests/service/test_events_e2e.py covers the loop)
+    # the closed loop on, as in production: its writer shares the event loop and Redis with the
+    # read path, and every test's shutdown stops it (tests/service/test_events_e2e.py tests the loop)
     settings = GatewaySettings(server=ServerSettings(access_log=False), api=ApiSettings(),
                                store=StoreSettings(**(store or {})),
                                routing=RoutingSettings(config=routing_path),
                                backend=BackendSettings(model_repository=exported.repo, **(backend or {})),
-                               feedback=FeedbackSettings(enabled=False))
+                               feedback=FeedbackSettings(enabled=True))
     return create_app(settings, redis_factory(RedisStoreConfig(url=store_url, timeout_ms=redis_timeout_ms, **redis)))
 
 
