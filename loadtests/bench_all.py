@@ -24,7 +24,7 @@ import typer
 
 from ctrserve.launch import Launcher, start_redis
 
-from .bench_all_load import LoadSteps
+from .bench_all_load import BATCHING_FIGURES, LoadSteps
 from .harness import Figures, Log, console_log, failing_as_exit, machine_facts, ort_session, p50, run_steps
 from .stack import GatewaySetup, gateway_metrics
 from .stats import percentiles, stage_breakdown
@@ -32,6 +32,7 @@ from .traffic import Bodies, CandidateDist
 from .workload import assemble_request, bench_dir, build_pool, ensure_export, ensure_run, prepared_of
 
 SECTION = "serving"
+BATCHED_SECTION = "serving_batched"
 BATCHES = [1, 100, 1000]
 
 
@@ -344,7 +345,15 @@ class ServingRun(LoadSteps):
                 ("Locust: saturation steps, soak", self.load_gateway),
                 ("eager FastAPI baseline under the same Locust load", self.baseline)], self.log)
         self.finish(facts, t_start)
-        if opts.record:
+        if opts.record and self.batching:  # beside the default run's section, not over it
+            g = opts.gateway
+            self.notes.insert(0, "Figure names: those of the `serving` section with the prefix `batched_`, and the "
+                                 "batching figures (mean batch, queue wait, the multi-user graph's cost).")
+            self.fig.renamed(lambda k: k if k in BATCHING_FIGURES else f"batched_{k}").record(
+                BATCHED_SECTION, "Serving with cross-request batching: the same run with the gateway's batcher on",
+                f"ctrserve bench all --batch-max-candidates {g.batch_max_candidates} --batch-max-wait-ms "
+                f"{g.batch_max_wait_ms:g}", self.notes, facts)
+        elif opts.record:
             self.fig.record(SECTION, "Serving: end to end vs raw inference, saturation, soak, baseline",
                             "ctrserve bench all", self.notes, facts)
         return {"figures": self.fig.values(), "steps": self.steps, "notes": self.notes}

@@ -18,6 +18,10 @@ from .stack import gateway_metrics, start_baseline
 from .stats import Sample, fifo_responses, load_samples, percentiles, saturation
 
 MAX_USERS = 64
+#: the figures only a run with batching has; its other figures are recorded as ``batched_<name>``
+BATCHING_FIGURES = {"mean_batch_requests_saturation", "queue_wait_p50_ms", "queue_wait_p99_ms", "batched_gflops",
+                    "batched_gflops_over_peak", "batched_call_over_single_calls",
+                    "ideal_batched_call_over_single_calls"}
 # the targets as restated with cross-request batching (issue #28): throughput against raw ORT on the
 # cores the load generator leaves; GFLOP/s of the batched calls (single-request calls without batching)
 TARGETS = [("e2e p50 <= 1.30 x raw ORT p50 (lone request)", "e2e_over_ort_p50", 1.30, "le"),
@@ -226,8 +230,9 @@ class LoadSteps:
             fig.add("models_ort_p50_ms_b100_same_run", self.models_out["figures"]["ort_p50_ms_b100"], "ORT p50 at "
                     "B = 100 from the `models` section of this run (test harness of bench models)")
         title = f"{opts.model}, {self.dist} candidates, load avg {facts.get('load_avg_1m')} at start"
-        plots = [plot_run(self.soak_samples, self.img_dir / "bench_soak.png", f"soak at half saturation: {title}"),
-                 plot_saturation(self.steps, self.img_dir / "bench_saturation.png", f"saturation: {title}")]
+        stem = "bench_batched" if self.batching else "bench"
+        plots = [plot_run(self.soak_samples, self.img_dir / f"{stem}_soak.png", f"soak at half saturation: {title}"),
+                 plot_saturation(self.steps, self.img_dir / f"{stem}_saturation.png", f"saturation: {title}")]
         self.notes[:0] = verdicts(fig.values())
         self.notes.append("ORT kernel time by operator at B = 100 (ms per request): " + ", ".join(
             f"{op} {ms:.2f} ({share:.0%})" for op, ms, share in self.by_op[:8]) + ".")

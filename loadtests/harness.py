@@ -43,6 +43,13 @@ class Figures:
     def values(self) -> dict[str, Any]:
         return {k: v for k, (v, _) in self.table.items()}
 
+    def renamed(self, rename: Callable[[str], str]) -> Figures:
+        """The same figures under other names (one run recorded beside another of its kind)."""
+        out = Figures()
+        for name, (value, meaning) in self.table.items():
+            out.add(rename(name), value, meaning)
+        return out
+
     def record(self, section: str, title: str, command: str, notes: list[str], machine: dict[str, Any]) -> None:
         """Merge into docs/benchmarks.json and rewrite the section of docs/benchmarks.md."""
         from .report import record_section, write_markdown

@@ -109,3 +109,15 @@ def test_batch_window_reads_mean_batch_and_queue_wait_from_the_gateway_metrics()
     assert w["queue_wait_p99_ms"] == pytest.approx(0.1 + 0.9 * 19.6 / 20)
     assert bench_all_load.batch_window(before, before) == {}
 
+
+
+def test_a_batched_run_records_beside_the_default_one() -> None:
+    from ctrserve.loadtests.harness import Figures
+
+    fig = Figures()
+    fig.add("e2e_p50_ms", 2.5, "e2e")
+    fig.add("queue_wait_p50_ms", 0.01, "wait")
+    out = fig.renamed(lambda k: k if k in bench_all_load.BATCHING_FIGURES else f"batched_{k}")
+    assert out.table == {"batched_e2e_p50_ms": (2.5, "e2e"), "queue_wait_p50_ms": (0.01, "wait")}
+    with pytest.raises(KeyError, match="twice"):
+        fig.renamed(lambda k: "same")
