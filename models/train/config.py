@@ -32,6 +32,9 @@ class TrainSettings(BaseModel):
     #: epochs without a better valid AUC before stopping; the lr is cut on each such epoch
     patience: int = Field(2, ge=1)
     lr_decay: float = Field(0.1, gt=0, le=1)
+    #: before this epoch a non-improving valid epoch neither cuts the lr nor counts toward patience
+    #: (0: from the first epoch on)
+    min_epochs: int = Field(0, ge=0)
     threads: int = Field(0, ge=0)  # 0: torch default
     #: cap on training rows (0 = all); for smoke runs
     max_train_rows: int = Field(0, ge=0)

@@ -90,6 +90,28 @@ def score_predictions(probs: np.ndarray, arrays: dict[str, np.ndarray], fmap: Fe
 
 
 @dataclass
+class Plateau:
+    """The valid-AUC schedule: a better epoch is kept ("best"); a worse one cuts the lr ("cut") until
+    ``patience`` of them in a row stop the run ("stop"). Before epoch ``min_epochs`` a worse epoch does
+    nothing ("keep"): one noisy early valid AUC would otherwise cut the lr for the rest of the run."""
+
+    patience: int
+    min_epochs: int = 0
+    best_auc: float = -1.0
+    best_epoch: int = 0
+    bad_epochs: int = 0
+
+    def update(self, epoch: int, valid_auc: float) -> str:
+        if valid_auc > self.best_auc:
+            self.best_auc, self.best_epoch, self.bad_epochs = valid_auc, epoch, 0
+            return "best"
+        if epoch < self.min_epochs:
+            return "keep"
+        self.bad_epochs += 1
+        return "stop" if self.bad_epochs >= self.patience else "cut"
+
+
+@dataclass
 class TrainResult:
     run_dir: Path
     metrics: dict[str, Any]
@@ -137,7 +159,7 @@ def train(
     batches = BatchIterator(train_arrays, fmap, t.batch_size, shuffle=True, seed=cfg.seed)
 
     history: list[dict[str, float]] = []
-    best_auc, best_state, best_epoch, bad_epochs = -1.0, None, 0, 0
+    plateau, best_state = Plateau(t.patience, t.min_epochs), None
     epoch_seconds: list[float] = []
     for epoch in range(1, t.max_epochs + 1):
         model.train()
@@ -157,13 +179,12 @@ def train(
                   f"valid_logloss={valid['logloss']:.4f} lr={lr:g} ({epoch_seconds[-1]:.1f}s)", flush=True)
         if on_epoch is not None:
             on_epoch(epoch, valid)
-        if valid["auc"] > best_auc:
-            best_auc, best_epoch, bad_epochs = valid["auc"], epoch, 0
+        action = plateau.update(epoch, valid["auc"])
+        if action == "best":
             best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
-        else:
-            bad_epochs += 1
-            if bad_epochs >= t.patience:
-                break
+        elif action == "stop":
+            break
+        elif action == "cut":
             for group in optimizer.param_groups:
                 group["lr"] *= t.lr_decay
     if best_state is not None:
@@ -177,7 +198,7 @@ def train(
     run_dir = make_run_dir(runs_dir, cfg)
     metrics = {
         "model": cfg.model, **cfg.dataset_record(), "variant": cfg.variant, "seed": cfg.seed,
-        **test, "best_epoch": best_epoch, "best_valid_auc": best_auc,
+        **test, "best_epoch": plateau.best_epoch, "best_valid_auc": plateau.best_auc,
         "params": count_params(model), "epoch_seconds": float(np.mean(epoch_seconds)),
         "epochs": len(history), "command": command,
     }

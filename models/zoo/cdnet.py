@@ -34,6 +34,12 @@ from ..registry import register
 FFN = Literal["per_token", "shared"]
 
 
+def exporting() -> bool:
+    """Whether this forward is being traced or exported (TorchScript trace, ONNX, torch.export):
+    those keep the written-out, shape-static graph; eager eval may take the fused paths."""
+    return torch.jit.is_tracing() or torch.onnx.is_in_onnx_export() or torch.compiler.is_compiling()
+
+
 class TransformerLayer(nn.Module):
     """Eqs. 5-6: X̂ = LN(MHA(X) + X); X' = LN(PFFN(X̂) + X̂), padded keys masked.
 
@@ -45,7 +51,8 @@ class TransformerLayer(nn.Module):
     the masked softmax uses a finite fill: it traces and exports to ONNX unchanged.
     ``fused_training``: in training mode the attention is ``F.scaled_dot_product_attention`` (the same
     function, a fused kernel that never holds the [B, h, T, T] probabilities for backward: far less
-    memory and time at T = 600); eval and export keep the written-out graph.
+    memory and time at T = 600), and in eager eval too (the full-sequence validation); tracing and
+    export keep the written-out graph (``exporting``).
     """
 
     def __init__(self, dim: int, heads: int, ffn_dim: int, dropout: float, fused_training: bool = False,
@@ -73,7 +80,7 @@ class TransformerLayer(nn.Module):
         per-token FFN takes their weights); ``None``: all of them, in order."""
         t, d = x.shape[1], x.shape[2]
         q, k, v = self.qkv(x).view(-1, t, 3, self.heads, self.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
-        if self.training and self.fused_training:
+        if self.fused_training and (self.training or not exporting()):
             # every row keeps at least one key (the context tokens), so no row is fully masked
             att = F.scaled_dot_product_attention(q, k, v, attn_mask=key_valid[:, None, None, :], scale=self.scale)
         else:
@@ -198,7 +205,7 @@ class CDNet(nn.Module):
         valid.append(torch.ones_like(ctx[:, :, 0], dtype=torch.bool))
         x = torch.cat(tokens, dim=1) + self.slot
         key_valid = torch.cat(valid, dim=1)
-        if self.training and self.length_chunks > 1:
+        if self.length_chunks > 1 and (self.training or not exporting()):
             x = self._layers_by_length(x, key_valid)
         else:
             for layer in self.layers:
@@ -215,8 +222,9 @@ class CDNet(nn.Module):
         as the whole batch at once (such columns are masked keys for every row of the group and
         their outputs are zeroed before the head; each layer is per-token apart from attention),
         at a fraction of the cost when histories are much shorter than the sequence length —
-        training only (``length_chunks`` groups; the full-sequence reference on Taobao, k = L = 600
-        with most histories far shorter, docs/models/cdnet.md)."""
+        training and eager eval, never in a trace or export (``length_chunks`` groups; the
+        full-sequence reference on Taobao, k = L = 600 with most histories far shorter,
+        docs/models/cdnet.md)."""
         out = x.new_zeros(x.shape)
         for rows in key_valid.sum(dim=1).argsort().chunk(self.length_chunks):
             valid = key_valid[rows]

@@ -5,6 +5,7 @@ histories, ablations, and trace / ONNX export with a dynamic batch axis."""
 from __future__ import annotations
 
 from pathlib import Path
+from unittest.mock import patch
 
 import pytest
 import torch
@@ -159,8 +160,8 @@ def test_non_sequence_head_reads_only_the_distribution_and_context_tokens(tiny_f
 
 
 def test_fused_training_attention_is_the_same_function(tiny_fmap, tiny_batch) -> None:
-    """``fused_attention`` (training only) gives the written-out attention's outputs and gradients,
-    empty and one-event histories included; eval mode keeps the written-out graph."""
+    """``fused_attention`` gives the written-out attention's outputs and gradients, empty and
+    one-event histories included, in training and in eager eval."""
     batch, labels = tiny_batch
     seq = tiny_fmap.sequences[0]
     for f in seq.fields:
@@ -178,7 +179,7 @@ def test_fused_training_attention_is_the_same_function(tiny_fmap, tiny_batch) ->
     for name, g in grads[0][1].items():
         torch.testing.assert_close(g, grads[1][1][name], rtol=1e-4, atol=1e-7, msg=name)
     with torch.no_grad():
-        torch.testing.assert_close(plain.eval()(batch), fused.eval()(batch), rtol=0, atol=0)
+        torch.testing.assert_close(plain.eval()(batch), fused.eval()(batch), rtol=1e-5, atol=1e-6)
     flat_ctx = tiny_fmap.model_copy(update={"features": [f for f in tiny_fmap.features if f.kind == "sequence"]})
     with pytest.raises(ValueError, match="needs a key every row keeps"):
         build_model("cdnet", flat_ctx, {**SMALL, "gid": False, "fused_attention": True})
@@ -204,6 +205,29 @@ def test_length_chunks_give_the_same_outputs_and_gradients(tiny_fmap, tiny_batch
         torch.testing.assert_close(g, runs[1][1][name], rtol=1e-4, atol=1e-7, msg=name)
     with pytest.raises(ValueError, match="length_chunks"):
         _build(tiny_fmap, length_chunks=-1)
+
+
+def test_eager_eval_fast_paths_keep_the_exported_graph(tiny_fmap, tiny_batch, tmp_path) -> None:
+    """``fused_attention`` and ``length_chunks`` also speed up eager eval (the full-sequence
+    validation) with the same outputs; a trace or ONNX export takes the written-out graph (no SDPA
+    node, no data-dependent grouping), which still matches eager at another batch size."""
+    from ctrserve.models.zoo import cdnet
+
+    batch, _ = tiny_batch
+    plain = _build(tiny_fmap, k=10_000, dropout=0.0).eval()
+    fast = _build(tiny_fmap, k=10_000, dropout=0.0, fused_attention=True, length_chunks=3).eval()
+    fast.load_state_dict(plain.state_dict())
+    calls = []
+    sdpa = cdnet.F.scaled_dot_product_attention
+    with torch.no_grad(), patch.object(cdnet.F, "scaled_dot_product_attention",
+                                       lambda *a, **kw: calls.append(1) or sdpa(*a, **kw)):
+        torch.testing.assert_close(fast(batch), plain(batch), rtol=1e-5, atol=1e-6)
+        assert calls  # eager eval took the fused attention
+        calls.clear()
+        traced = torch.jit.trace(fast, example_kwarg_inputs={"batch": batch}, strict=False, check_trace=False)
+        assert not calls and "scaled_dot_product" not in str(traced.graph)
+    check_trace(fast, batch)
+    check_onnx(fast, batch, tmp_path / "fast.onnx")
 
 
 def test_per_token_ffn_has_its_own_weights_per_slot() -> None:

@@ -9,7 +9,7 @@ import torch
 
 from ctrserve.models.train.config import parse_set, resolve_config
 from ctrserve.models.train.results import load_results, record_result, render_markdown
-from ctrserve.models.train.trainer import evaluate, load_run, train, train_step
+from ctrserve.models.train.trainer import Plateau, evaluate, load_run, train, train_step
 
 pytestmark = pytest.mark.quick
 
@@ -79,3 +79,40 @@ def test_micro_batches_give_the_same_step(tiny_fmap, tiny_batch) -> None:
     assert after[0][0] == pytest.approx(after[1][0], rel=1e-5)
     for a, b in zip(after[0][1], after[1][1], strict=True):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+def _actions(plateau: Plateau, aucs: list[float]) -> list[str]:
+    return [plateau.update(epoch, a) for epoch, a in enumerate(aucs, start=1)]
+
+
+def test_plateau_cuts_then_stops_and_min_epochs_holds_both_off() -> None:
+    aucs = [0.70, 0.69, 0.72, 0.71, 0.705, 0.73, 0.72, 0.71]
+    # default (min_epochs 0): the first worse epoch cuts the lr, the second in a row stops the run
+    assert _actions(Plateau(patience=2), aucs[:5]) == ["best", "cut", "best", "cut", "stop"]
+    # min_epochs 6: epochs 2, 4 and 5 are worse but before epoch 6, so nothing happens until 7
+    held = Plateau(patience=2, min_epochs=6)
+    assert _actions(held, aucs) == ["best", "keep", "best", "keep", "keep", "best", "cut", "stop"]
+    assert (held.best_epoch, held.best_auc) == (6, 0.73)
+    # the epoch min_epochs itself already counts
+    assert _actions(Plateau(patience=2, min_epochs=2), [0.7, 0.6, 0.5]) == ["best", "cut", "stop"]
+
+
+def test_min_epochs_reaches_the_trainer(tiny_prepared, tmp_path, monkeypatch) -> None:
+    from ctrserve.models.train import trainer
+
+    real = trainer.evaluate
+    scripted = iter([0.7, 0.6, 0.6, 0.6] * 2)  # the valid AUC of epochs 1-4: only the first is a best
+
+    def falling(*args, **kwargs) -> dict[str, float]:
+        return {**real(*args, **kwargs), "auc": next(scripted)}
+
+    monkeypatch.setattr(trainer, "evaluate", falling)
+
+    def lrs(min_epochs: int) -> list[float]:
+        cfg = resolve_config("dnn", "synthetic", seed=3, overrides={
+            "train": {"max_epochs": 4, "patience": 2, "min_epochs": min_epochs, "batch_size": 256, "lr": 1e-3},
+            "model": {"embedding_dim": 4, "hidden": [8]}})
+        return [h["lr"] for h in train(cfg, tiny_prepared, tmp_path, progress=False).history]
+
+    assert lrs(0) == pytest.approx([1e-3, 1e-3, 1e-4])  # epoch 2 cuts the lr, epoch 3 stops
+    assert lrs(3) == pytest.approx([1e-3, 1e-3, 1e-3, 1e-4])  # epoch 2 is held; 3 cuts, 4 stops
