@@ -106,11 +106,15 @@ def tune(model: str, dataset: str, prepared: Path, work: Path, trials: int, seed
     db.parent.mkdir(parents=True, exist_ok=True)
     study = optuna.create_study(
         study_name=f"{name}-{model}", storage=f"sqlite:///{db}", load_if_exists=True, direction="maximize",
-        sampler=optuna.samplers.TPESampler(seed=seed),
         pruner=optuna.pruners.MedianPruner(n_startup_trials=3, n_warmup_steps=2),
     )
+    # A fresh sampler seeded with `seed` alone would replay the first trials' settings after a
+    # resume (its start-up draws restart); offsetting by the trials already stored keeps a fresh
+    # study exactly as before and gives a resumed one new settings.
+    study.sampler = optuna.samplers.TPESampler(seed=seed + len(study.trials))
     optuna.logging.set_verbosity(optuna.logging.WARNING)
-    done = [t for t in study.trials if t.state.is_finished()]
+    # a trial cut short by Ctrl-C is stored as FAIL: it is not part of the budget, only of the record
+    done = [t for t in study.trials if t.state in (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED)]
     if len(done) < trials:
         study.optimize(objective(model, dataset, prepared, db.parent / "runs", space, seed, fixed, data),
                        n_trials=trials - len(done))

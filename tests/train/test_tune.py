@@ -71,3 +71,16 @@ def test_on_epoch_can_stop_a_run_before_it_writes(tiny_prepared: Path, tmp_path:
         train(cfg, tiny_prepared, tmp_path / "runs", progress=False, on_epoch=stop)
     assert len(seen) == 1 and seen[0][0] == 1
     assert not (tmp_path / "runs").exists()
+
+
+def test_a_resumed_study_draws_new_settings_and_does_not_count_an_interrupted_trial(
+        tiny_prepared: Path, tmp_path: Path) -> None:
+    work = tmp_path / "work"
+    tune("dnn", "synthetic", tiny_prepared, work, trials=1, fixed=FIXED, out_root=tmp_path)
+    # a trial stopped by Ctrl-C is stored as FAIL (Optuna catches KeyboardInterrupt that way)
+    study = optuna.load_study(study_name="synthetic-dnn", storage=f"sqlite:///{work / 'tuning/synthetic/dnn.db'}")
+    study.tell(study.ask(), state=optuna.trial.TrialState.FAIL)
+    record = tune("dnn", "synthetic", tiny_prepared, work, trials=2, fixed=FIXED, out_root=tmp_path)
+    assert [t["state"] for t in record["trials"]] == ["COMPLETE", "FAIL", "COMPLETE"]
+    first, _, resumed = record["trials"]
+    assert resumed["params"] != first["params"]
