@@ -80,7 +80,11 @@ class ModelRegistry:
             grouped = OnnxRuntimeBackend(manifest.name, manifest.version, version_dir / manifest.grouped.file,
                                          manifest.output.name, s.pool_threads, s.ort_intra_op_threads,
                                          s.ort_inter_op_threads, s.ort_spinning, providers)
-            return BatchingBackend(manifest, grouped, s.batch_max_candidates, s.batch_max_wait_ms / 1000)
+            # a call of one request runs the single-user graph (user-side work once, not per candidate)
+            single = OnnxRuntimeBackend(manifest.name, manifest.version, version_dir / manifest.file,
+                                        manifest.output.name, 1, s.ort_intra_op_threads, s.ort_inter_op_threads,
+                                        s.ort_spinning, providers)
+            return BatchingBackend(manifest, grouped, s.batch_max_candidates, s.batch_max_wait_ms / 1000, single)
         return OnnxRuntimeBackend(manifest.name, manifest.version, version_dir / manifest.file, manifest.output.name,
                                   s.pool_threads, s.ort_intra_op_threads, s.ort_inter_op_threads, s.ort_spinning,
                                   providers)

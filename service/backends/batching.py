@@ -57,8 +57,12 @@ class BatchingBackend(Backend):
     kind = "onnxruntime"
     inline = False  # requests must meet in the queue: never on the caller's thread
 
-    def __init__(self, manifest: Manifest, grouped: OnnxRuntimeBackend, max_candidates: int, max_wait_s: float):
+    def __init__(self, manifest: Manifest, grouped: OnnxRuntimeBackend, max_candidates: int, max_wait_s: float,
+                 single: OnnxRuntimeBackend | None = None):
+        """``single``: the single-user graph, for calls that hold one request (the multi-user graph
+        gathers the user's tensors to every candidate, the single-user one uses them once)."""
         super().__init__(manifest.name, manifest.version)
+        self.single = single
         if manifest.grouped is None:
             raise ValueError(f"{manifest.name} v{manifest.version} was exported without the multi-user graph "
                              "(ctrserve export --grouped)")
@@ -81,12 +85,16 @@ class BatchingBackend(Backend):
 
     async def start(self) -> None:
         await self.grouped.start()
+        if self.single is not None:
+            await self.single.start()
 
     async def ready(self) -> bool:
-        return await self.grouped.ready()
+        return await self.grouped.ready() and (self.single is None or await self.single.ready())
 
     async def close(self) -> None:
         await self.grouped.close()
+        if self.single is not None:
+            await self.single.close()
 
     def check(self, inputs: dict[str, np.ndarray]) -> int:
         """The request's candidate count, after checking names, dtypes and shapes (before it joins
@@ -176,7 +184,10 @@ class BatchingBackend(Backend):
 
     async def _run(self, batch: list[_Queued]) -> None:
         try:
-            scores = await self.grouped.pool.submit(self.grouped._run, self.join(batch))
+            if len(batch) == 1 and self.single is not None:  # on the batcher's threads, the single graph
+                scores = await self.grouped.pool.submit(self.single._run, batch[0].inputs)
+            else:
+                scores = await self.grouped.pool.submit(self.grouped._run, self.join(batch))
             parts = np.split(check_scores(scores, sum(q.candidates for q in batch), self.model),
                              np.cumsum([q.candidates for q in batch])[:-1])
         except Exception as exc:

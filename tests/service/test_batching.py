@@ -204,3 +204,31 @@ async def test_the_gateway_batches_when_configured(tmp_path: Path) -> None:
             assert r.status_code == 200, r.text
             alone = (await client.post("/v1/score", json=b)).json()["scores"]
             np.testing.assert_allclose(r.json()["scores"], alone, atol=1e-6)
+
+
+async def test_a_call_of_one_request_runs_the_single_user_graph(tmp_path: Path) -> None:
+    from gateway_toy import toy_onnx
+
+    m = grouped_manifest()
+    grouped_toy_onnx(m, tmp_path / "model.grouped.onnx")
+    toy_onnx(m, tmp_path / "model.onnx")
+    grouped = OnnxRuntimeBackend("toy", 1, tmp_path / "model.grouped.onnx", m.output.name, threads=1)
+    single = OnnxRuntimeBackend("toy", 1, tmp_path / "model.onnx", m.output.name, threads=1)
+    backend = BatchingBackend(m, grouped, 1000, 0.0, single)
+    await backend.start()
+    calls = {"single": 0, "grouped": 0}
+    for name, inner in (("single", single), ("grouped", grouped)):
+        def counted(inputs: dict, _run=inner._run, name: str = name) -> np.ndarray:
+            calls[name] += 1
+            return _run(inputs)
+        inner._run = counted  # type: ignore[method-assign]
+    rng = np.random.default_rng(4)
+    alone = request(rng, 5)
+    np.testing.assert_allclose(await backend.infer(alone, 5.0), expected_scores(alone), atol=1e-6)
+    assert calls == {"single": 1, "grouped": 0}
+    reqs = [request(rng, b) for b in (2, 3, 4)]
+    got = await asyncio.gather(*(backend.infer(r, 5.0) for r in reqs))  # the first alone, then two together
+    for r, scores in zip(reqs, got, strict=True):
+        np.testing.assert_allclose(scores, expected_scores(r), atol=1e-6)
+    assert calls == {"single": 2, "grouped": 1}
+    await backend.close()
