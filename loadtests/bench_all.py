@@ -25,7 +25,7 @@ import typer
 from ctrserve.launch import Launcher, start_redis
 
 from .bench_all_load import BATCHING_FIGURES, LoadSteps
-from .harness import Figures, Log, console_log, failing_as_exit, machine_facts, ort_session, p50, run_steps
+from .harness import Figures, Log, console_log, failing_as_exit, interleave, machine_facts, ort_session, p50, run_steps
 from .stack import GatewaySetup, gateway_metrics
 from .stats import percentiles, stage_breakdown
 from .traffic import Bodies, CandidateDist
@@ -104,7 +104,6 @@ def e2e_interleaved(port: int, body: bytes, sess: Any, inputs: dict[str, np.ndar
     same requests to a second gateway that logs no impressions, interleaved too."""
     import orjson
 
-    from .harness import interleave
     from .stack import KeepAliveClient
 
     conn = KeepAliveClient(port)
@@ -241,14 +240,14 @@ class ServingRun(LoadSteps):
                 f"[.., 100, .., {self.seq_len}, ..] output: the sequence broadcast to the candidates inside the graph")
         fig.add("ort_sequence_x_candidates_ms", round(seq_ms, 3), "the same in ms per request (ORT profiler, whose "
                 "timing adds overhead)")
+        self.sess = ort_session(self.model_file)
+        if self.batching:
+            self.batched_efficiency(eff)
         # the best of 1 thread, the gateway's inference threads (inline: one per worker; thread: the
         # pools of all workers) and one per core: the target compares with the best raw rate on the
         # machine's cores, which the gateway uses all of (event loop, inference thread, Redis, Locust)
         gateway = self.opts.gateway
         infer_threads = gateway.workers * (1 if gateway.execution == "inline" else gateway.pool_threads)
-        if self.batching:
-            self.batched_efficiency(eff)
-        self.sess = ort_session(self.model_file)
         self.thr_by = {k: ort_throughput(self.sess, self.full, self.user_names, self.dist, k, self.plan.throughput_s)
                        for k in sorted({1, infer_threads, self.cores})}
         self.thr = max(self.thr_by.values(), key=lambda x: x["candidates_per_s"])
@@ -262,19 +261,17 @@ class ServingRun(LoadSteps):
         from . import flops
 
         self.batched = {}
+        grouped = ort_session(self.grouped_file)
         for r in (2, 4, 8):
             feed = grouped_feed(self.inputs[100], self.user_names, r, self.index_input)
             count = flops.count_flops(self.grouped_file, feed)
-            self.batched[r] = flops.efficiency(ort_session(self.grouped_file), feed, count.total, rounds=3, reps=30)
+            self.batched[r] = flops.efficiency(grouped, feed, count.total, rounds=3, reps=30)
         self.single_eff = single
         # the ceiling of any multi-user graph: one user with R x 100 candidates on the single-user
         # graph (user-side work once, every candidate's work as in R requests), against R calls of 100
-        from .harness import interleave
-
-        sess = ort_session(self.model_file)
         feeds = {str(n): {k: a if k in self.user_names else a[:n] for k, a in self.full.items()}
                  for n in (100, 200, 400, 800)}
-        times = interleave({n: (lambda _i, f=f: sess.run(None, f)) for n, f in feeds.items()}, 5, 20)
+        times = interleave({n: (lambda _i, f=f: self.sess.run(None, f)) for n, f in feeds.items()}, 5, 20)
         self.ideal = {r: p50(times[str(100 * r)]) / (r * p50(times["100"])) for r in (2, 4, 8)}
         self.log("    multi-user graph GFLOP/s over peak: " + ", ".join(
             f"R={r}: {e['ratio']:.3f}" for r, e in self.batched.items()) + f" (single request {single['ratio']:.3f})")
