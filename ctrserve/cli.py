@@ -13,6 +13,7 @@ from ctrserve.feature_store.cli import store_app
 from ctrserve.loadtests.cli import bench_app
 from ctrserve.models import cli as models_cli
 from ctrserve.models.calibrate import calibrate_cmd
+from ctrserve.models.contest import contest_cmd
 from ctrserve.service.cli import serve_cmd
 
 app = typer.Typer(help="ctrserve: train, export and serve click-through-rate models.", no_args_is_help=True,
@@ -27,6 +28,7 @@ app.command("results")(models_cli.results_cmd)
 app.command("tune")(models_cli.tune_cmd)
 app.command("models")(models_cli.models_cmd)
 app.command("calibrate")(calibrate_cmd)
+app.command("contest")(contest_cmd)
 app.command("demo")(demo.demo_cmd)
 app.command("export")(export_cli.export_cmd)
 app.command("triton")(export_cli.triton_cmd)

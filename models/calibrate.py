@@ -2,7 +2,8 @@
 
 A0 is computed per sample on a seeded sample of the training split, averaged per window, and
 each layer's top-k_l mask of the average becomes a constant buffer (``mask_mode: static``).
-The calibrated model is written as a NEW run directory (variant ``static_masks``, same seed,
+The calibrated model is written as a NEW run directory (variant ``static_masks``, or
+``<variant>_static_masks`` for a run of another variant; same seed,
 same weights) with ``calibration.json``, and evaluated on the test split next to the
 dynamic-mask model it came from, so the two are compared on identical weights.
 """
@@ -79,6 +80,12 @@ def calibrate_model(model: nn.Module, sample: dict[str, np.ndarray], fmap: Featu
     return {"rows": count, "windows": windows}
 
 
+def static_variant(variant: str) -> str:
+    """The results label of a calibrated run: ``static_masks`` for the default settings, else
+    ``<variant>_static_masks`` (a tuned run's static masks are not the default's)."""
+    return "static_masks" if variant == "default" else f"{variant}_static_masks"
+
+
 def calibrate_run(run_dir: Path, rows: int = 10_000, seed: int | None = None,
                   command: str = "") -> tuple[Path, dict[str, Any], dict[str, Any]]:
     """Calibrate the model of ``run_dir`` and write a static-mask run beside it.
@@ -118,15 +125,16 @@ def calibrate_run(run_dir: Path, rows: int = 10_000, seed: int | None = None,
     valid_delta = static_valid["auc"] - dynamic_valid["auc"]
     serving_mode = "static" if -valid_delta <= AUC_BUDGET else "dynamic"
 
-    new_cfg = cfg.model_copy(update={"variant": "static_masks", "params": {**cfg.params, "mask_mode": "static"}})
+    variant = static_variant(cfg.variant)
+    new_cfg = cfg.model_copy(update={"variant": variant, "params": {**cfg.params, "mask_mode": "static"}})
     source = json.loads((run_dir / "metrics.json").read_text()) if (run_dir / "metrics.json").exists() else {}
     history = json.loads((run_dir / "history.json").read_text()) if (run_dir / "history.json").exists() else []
     delta = static_test["auc"] - dynamic_test["auc"]
     metrics = {
-        "model": cfg.model, **cfg.dataset_record(), "variant": "static_masks", "seed": cfg.seed, **static_test,
+        "model": cfg.model, **cfg.dataset_record(), "variant": variant, "seed": cfg.seed, **static_test,
         "best_epoch": source.get("best_epoch", 0), "best_valid_auc": source.get("best_valid_auc", float("nan")),
         "params": count_params(model), "epoch_seconds": source.get("epoch_seconds", 0.0),
-        "epochs": source.get("epochs", 0), "command": command,
+        "epochs": source.get("epochs", 0), "tokens": len(fmap.token_names()), "command": command,
         "notes": (f"static masks calibrated on {info['rows']} train rows (seed {seed}) from the weights of "
                   f"{run_dir.name}; dynamic-mask test AUC {dynamic_test['auc']:.4f} (delta {delta:+.4f}); "
                   f"valid delta {valid_delta:+.4f} -> serve {serving_mode} masks"),

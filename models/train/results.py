@@ -13,6 +13,8 @@ from typing import Any
 
 from ctrserve.paths import REPO_ROOT
 
+from . import contest_report
+
 RESULTS_JSON = REPO_ROOT / "docs" / "results.json"
 RESULTS_MD = REPO_ROOT / "docs" / "results.md"
 KEYS = ("model", "dataset", "variant", "seed", "auc", "gauc", "logloss", "params", "epoch_seconds", "command")
@@ -49,7 +51,8 @@ def _record(metrics: dict[str, Any], path: Path) -> dict[str, Any]:
     if missing:
         raise ValueError(f"result record lacks {missing}")
     record = {k: metrics[k] for k in KEYS}
-    extra = {k: metrics[k] for k in ("data_overrides", "best_epoch", "epochs", "best_valid_auc", "auc_se", "notes")
+    extra = {k: metrics[k] for k in ("data_overrides", "best_epoch", "epochs", "best_valid_auc", "auc_se", "tokens",
+                                     "notes")
              if k in metrics}
     record.update(extra)
     rows = [r for r in load_results(path) if any(r[k] != record[k] for k in IDENTITY)]
@@ -106,9 +109,13 @@ def render_markdown(rows: list[dict[str, Any]]) -> str:
                 seeds = ", ".join(f"seed {r['seed']}: {r['auc']:.4f}" for r in rs)
                 lines.append(f"- `{command}` → test AUC {seeds}")
         lines.append("")
+    lines += contest_report.markdown(rows)
     return "\n".join(lines)
 
 
 def write_markdown(json_path: Path = RESULTS_JSON, md_path: Path = RESULTS_MD) -> Path:
-    md_path.write_text(render_markdown(load_results(json_path)))
+    """docs/results.md, and the contest's tokens-vs-gain figure once a contest has rows."""
+    rows = load_results(json_path)
+    md_path.write_text(render_markdown(rows))
+    contest_report.plot(rows, md_path.parent / "img" / "mgdin_tokens_gain.png")
     return md_path

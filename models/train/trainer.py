@@ -200,7 +200,7 @@ def train(
         "model": cfg.model, **cfg.dataset_record(), "variant": cfg.variant, "seed": cfg.seed,
         **test, "best_epoch": plateau.best_epoch, "best_valid_auc": plateau.best_auc,
         "params": count_params(model), "epoch_seconds": float(np.mean(epoch_seconds)),
-        "epochs": len(history), "command": command,
+        "epochs": len(history), "tokens": len(fmap.token_names()), "command": command,
     }
     write_run(run_dir, cfg, fmap, prepared_dir, model, metrics, history)
     return TrainResult(run_dir=run_dir, metrics=metrics, model=model, history=history)

@@ -1,0 +1,222 @@
+"""``ctrserve contest``: issue #24's fair contest on one dataset, as one resumable command.
+
+Every model gets the same budget: ``tune`` (models/tune.py) to ``trials`` finished trials, with the
+same settings held out of the search (``--set``, e.g. an epoch cap), all chosen on the validation
+split. Then each seed trains at the tuned settings and is recorded as variant ``tuned``. MGDIN also
+gets its w/o-DI ablation at its own tuned settings (``tuned_wo_di``) and static masks calibrated
+from each tuned run (``tuned_static_masks``), the serving form the verdict is about.
+
+Each step first looks at what is already there (the study's finished trials, the records in
+docs/results.json), so a contest stopped at any point resumes where it stopped, and ``plan`` lists
+what is done and what is left. The verdict table and the tokens-vs-gain figure come from the
+records (models/train/contest_report.py), regenerated after every recorded step.
+"""
+
+from __future__ import annotations
+
+import json
+import shlex
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import typer
+
+from .data.prepare import dataset_identity
+from .train.contest_report import STATIC, TUNED, WO_DI
+
+#: cheapest first, so a stopped contest has its baselines before the slow models
+CONTEST_MODELS = ("dnn", "deepfm", "dcnv2", "autoint", "dlf", "mgdin")
+#: per model: the ablations trained at its tuned settings (variant -> overrides)
+ABLATIONS: dict[str, dict[str, dict[str, dict[str, Any]]]] = {"mgdin": {WO_DI: {"model": {"deferred": False}}}}
+#: models whose tuned runs are calibrated to static masks
+CALIBRATED = ("mgdin",)
+
+
+@dataclass
+class Step:
+    kind: Literal["tune", "train", "calibrate"]
+    model: str
+    variant: str = TUNED
+    seed: int = 0
+    overrides: dict[str, dict[str, Any]] = field(default_factory=dict)
+    done: bool = False
+
+    def label(self) -> str:
+        if self.kind == "tune":
+            return f"tune {self.model}"
+        return f"{self.kind} {self.model} {self.variant} seed {self.seed}"
+
+
+@dataclass
+class Contest:
+    """One dataset's contest: where it reads and writes, and its budget."""
+
+    dataset: str
+    data: dict[str, Any]
+    trials: int
+    fixed: dict[str, dict[str, Any]]
+    seeds: list[int]
+    models: list[str]
+    out_root: Path  # docs/ and models/configs/tuned/ live under it
+    work: Path  # prepared data, studies and runs
+
+    @property
+    def dataset_id(self) -> str:
+        return dataset_identity(self.dataset, self.data)
+
+    @property
+    def results_json(self) -> Path:
+        return self.out_root / "docs" / "results.json"
+
+    def tuned_config(self, model: str) -> Path:
+        return self.out_root / "models" / "configs" / "tuned" / self.dataset_id / f"{model}.yaml"
+
+    def finished_trials(self, model: str) -> int:
+        record = self.out_root / "docs" / "tuning" / self.dataset_id / f"{model}.json"
+        if not record.exists():
+            return 0
+        saved = json.loads(record.read_text())
+        if (saved.get("fixed") or {}) != self.fixed:
+            # one study, one budget: trials run with other held settings are not this contest's
+            raise ValueError(f"{record} was searched with held settings {saved.get('fixed')}, not {self.fixed}; "
+                             "pass the same --set, or remove the record and its study to start again")
+        return sum(t["state"] in ("COMPLETE", "PRUNED") for t in saved["trials"])
+
+    def _flags(self) -> str:
+        data = "".join(f" --data-set {shlex.quote(f'{k}={v}')}" for k, v in _flat(self.data))
+        return f"--dataset {self.dataset}{data}"
+
+    def tune_command(self, model: str) -> str:
+        held = "".join(f" --set {shlex.quote(f'{k}={v}')}" for k, v in _flat(self.fixed))
+        return f"ctrserve tune --model {model} {self._flags()} --trials {self.trials}{held}"
+
+    def train_command(self, step: Step) -> str:
+        held = "".join(f" --set {shlex.quote(f'{k}={v}')}" for k, v in _flat(step.overrides))
+        config = self.tuned_config(step.model).relative_to(self.out_root)
+        return (f"ctrserve train --model {step.model} {self._flags()} --config {config} --seed {step.seed}"
+                f"{held} --variant {step.variant} --record")
+
+
+def _flat(blocks: dict[str, Any], prefix: str = "") -> list[tuple[str, Any]]:
+    """``{"train": {"max_epochs": 5}}`` -> ``[("train.max_epochs", 5)]`` (lists as JSON)."""
+    out: list[tuple[str, Any]] = []
+    for key, value in blocks.items():
+        if isinstance(value, dict):
+            out += _flat(value, f"{prefix}{key}.")
+        else:
+            out.append((f"{prefix}{key}", json.dumps(value) if isinstance(value, (list, bool)) else value))
+    return out
+
+
+def plan(contest: Contest) -> list[Step]:
+    """Every step of the contest in order, each marked done from the study and the records."""
+    from .train.results import load_results
+
+    recorded = {(r["model"], r["variant"], r["seed"]) for r in load_results(contest.results_json)
+                if r["dataset"] == contest.dataset_id}
+    steps: list[Step] = []
+    for model in contest.models:
+        steps.append(Step("tune", model, done=contest.finished_trials(model) >= contest.trials))
+        for variant, overrides in [(TUNED, {}), *ABLATIONS.get(model, {}).items()]:
+            steps += [Step("train", model, variant, s, overrides, (model, variant, s) in recorded)
+                      for s in contest.seeds]
+        if model in CALIBRATED:
+            steps += [Step("calibrate", model, STATIC, s, done=(model, STATIC, s) in recorded) for s in contest.seeds]
+    return steps
+
+
+def run(contest: Contest, prepared: Path, say: Callable[[str], None] = print) -> list[Step]:
+    """Run every step not yet done; returns the plan as it stands at the end."""
+    from .train.results import record_result, write_markdown
+
+    for step in plan(contest):
+        if step.done:
+            continue
+        say(f"contest {contest.dataset_id}: {step.label()}")
+        if step.kind == "tune":
+            _tune(contest, prepared, step.model)
+            continue
+        if step.kind == "train":
+            metrics = _train(contest, prepared, step, record=True)
+        else:
+            metrics = _calibrate(contest, prepared, step)
+        record_result(metrics, contest.results_json)
+        write_markdown(contest.results_json, contest.results_json.with_suffix(".md"))
+    return plan(contest)
+
+
+def _tune(contest: Contest, prepared: Path, model: str) -> None:
+    from .tune import tune
+
+    tune(model, contest.dataset, prepared, contest.work, contest.trials, seed=1, fixed=contest.fixed,
+         command=contest.tune_command(model), out_root=contest.out_root, data=contest.data)
+
+
+def _train(contest: Contest, prepared: Path, step: Step, record: bool) -> dict[str, Any]:
+    from .train.config import resolve_config
+    from .train.trainer import train
+
+    cfg = resolve_config(step.model, contest.dataset, contest.tuned_config(step.model), step.overrides,
+                         seed=step.seed, variant=step.variant, data=contest.data)
+    command = contest.train_command(step) if record else ""
+    return train(cfg, prepared, contest.work / "runs", command=command, progress=False).metrics
+
+
+def _calibrate(contest: Contest, prepared: Path, step: Step) -> dict[str, Any]:
+    """Static masks from the seed's tuned run; a run folder lost with its machine is trained again
+    (the seed reproduces it) without a second record."""
+    from .calibrate import calibrate_run
+
+    runs = contest.work / "runs" / contest.dataset_id / step.model
+    found = sorted(p for p in runs.glob(f"{TUNED}-s{step.seed}-*") if (p / "model.pt").exists())
+    if not found:
+        _train(contest, prepared, Step("train", step.model, TUNED, step.seed), record=False)
+        found = sorted(p for p in runs.glob(f"{TUNED}-s{step.seed}-*") if (p / "model.pt").exists())
+    source = found[-1]
+    shown = source.relative_to(contest.out_root) if source.is_relative_to(contest.out_root) else source
+    _, metrics, _ = calibrate_run(source, command=f"ctrserve calibrate --run {shown} --record")
+    return metrics
+
+
+def contest_cmd(
+    dataset: Annotated[str, typer.Option(help="dataset name")],
+    trials: Annotated[int, typer.Option(min=1, help="finished tuning trials per model (the shared budget)")] = 12,
+    seed: Annotated[list[int] | None, typer.Option(help="seeds of the recorded runs; repeat")] = None,
+    model: Annotated[list[str] | None, typer.Option(help="contestants; repeat (default: all six)")] = None,
+    set_: Annotated[list[str] | None, typer.Option("--set", help="held out of the search for every model, "
+                                                   "e.g. train.max_epochs=15")] = None,
+    data_set: Annotated[list[str] | None, typer.Option("--data-set", help="dataset override, e.g. "
+                                                       "semantic_ids.mode=replace")] = None,
+    dry_run: Annotated[bool, typer.Option(help="print the plan (done / to do) and stop")] = False,
+) -> None:
+    """The fair contest on one dataset: the same tuning budget for every model, then seeded runs at
+    the tuned settings, MGDIN's w/o-DI ablation and static masks; resumes where it stopped."""
+    from rich.console import Console
+
+    from ctrserve.paths import REPO_ROOT, settings
+
+    from .cli import ensure_prepared
+    from .registry import list_models
+    from .train.config import parse_set
+
+    console = Console()
+    models = model or list(CONTEST_MODELS)
+    unknown = sorted(set(models) - set(list_models()))
+    if unknown:
+        console.print(f"[red]error:[/] unknown model(s) {unknown}; known: {', '.join(list_models())}")
+        raise typer.Exit(2)
+    try:
+        fixed, data = parse_set(set_ or []), parse_set(data_set or [])
+    except ValueError as exc:
+        console.print(f"[red]error:[/] {exc}")
+        raise typer.Exit(2) from None
+    contest = Contest(dataset, data, trials, fixed, seed or [1, 2, 3], models, REPO_ROOT, settings().work_dir)
+    try:
+        steps = plan(contest) if dry_run else run(contest, ensure_prepared(dataset, data), console.print)
+    except ValueError as exc:
+        console.print(f"[red]error:[/] {exc}")
+        raise typer.Exit(2) from None
+    for step in steps:
+        console.print(f"{'done' if step.done else 'to do'}  {step.label()}")

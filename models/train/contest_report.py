@@ -1,0 +1,159 @@
+"""The contest's verdict from ``docs/results.json``: MGDIN against the best tuned baseline and its
+own w/o-DI ablation, per dataset, against the number of feature tokens (issue #24's figure).
+
+Rows come from ``ctrserve contest`` (models/contest.py): variant ``tuned`` for every model,
+``tuned_wo_di`` and ``tuned_static_masks`` for MGDIN. A gap is "more than the seed noise" when it
+exceeds twice its standard error over seeds (the two means' seed SEs combined), so a one-seed
+difference is never called.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import defaultdict
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+TUNED = "tuned"
+WO_DI = "tuned_wo_di"
+STATIC = "tuned_static_masks"
+SUBJECT = "mgdin"
+#: static masks are served only when they cost at most this much AUC (models/calibrate.py)
+STATIC_BUDGET = 0.002
+
+
+@dataclass(frozen=True)
+class Arm:
+    """One (model, variant) on one dataset: its seeds' test AUCs."""
+
+    model: str
+    variant: str
+    aucs: tuple[float, ...]
+
+    @property
+    def mean(self) -> float:
+        return sum(self.aucs) / len(self.aucs)
+
+    @property
+    def sem(self) -> float:
+        """Standard error of the mean over seeds (0 for one seed)."""
+        n = len(self.aucs)
+        if n < 2:
+            return 0.0
+        var = sum((a - self.mean) ** 2 for a in self.aucs) / (n - 1)
+        return math.sqrt(var / n)
+
+
+@dataclass(frozen=True)
+class Gap:
+    value: float
+    se: float
+
+    @property
+    def beyond_noise(self) -> bool:
+        return self.se > 0 and abs(self.value) > 2 * self.se
+
+    def text(self) -> str:
+        mark = "" if self.beyond_noise else " (within noise)"
+        return f"{self.value:+.4f} ± {self.se:.4f}{mark}"
+
+
+def gap(a: Arm, b: Arm) -> Gap:
+    return Gap(a.mean - b.mean, math.hypot(a.sem, b.sem))
+
+
+@dataclass(frozen=True)
+class Verdict:
+    dataset: str
+    tokens: int
+    mgdin: Arm  # static masks when calibrated, else dynamic
+    dynamic: Arm
+    best_baseline: Arm
+    wo_di: Arm | None
+
+    @property
+    def over_baseline(self) -> Gap:
+        return gap(self.mgdin, self.best_baseline)
+
+    @property
+    def over_wo_di(self) -> Gap | None:
+        return gap(self.dynamic, self.wo_di) if self.wo_di else None
+
+    @property
+    def static_minus_dynamic(self) -> float:
+        return self.mgdin.mean - self.dynamic.mean
+
+
+def verdicts(rows: list[dict[str, Any]]) -> list[Verdict]:
+    """One verdict per dataset with tuned MGDIN and at least one tuned baseline, by token count."""
+    arms: dict[str, dict[tuple[str, str], list[dict[str, Any]]]] = defaultdict(lambda: defaultdict(list))
+    for r in rows:
+        if r["variant"] in (TUNED, WO_DI, STATIC):
+            arms[r["dataset"]][(r["model"], r["variant"])].append(r)
+    out = []
+    for dataset, by_arm in arms.items():
+        found = {key: Arm(*key, tuple(r["auc"] for r in sorted(rs, key=lambda r: r["seed"])))
+                 for key, rs in by_arm.items()}
+        dynamic = found.get((SUBJECT, TUNED))
+        baselines = [a for (m, v), a in found.items() if v == TUNED and m != SUBJECT]
+        if dynamic is None or not baselines:
+            continue
+        tokens = next((r["tokens"] for rs in by_arm.values() for r in rs if "tokens" in r), 0)
+        out.append(Verdict(dataset, tokens, found.get((SUBJECT, STATIC), dynamic), dynamic,
+                           max(baselines, key=lambda a: a.mean), found.get((SUBJECT, WO_DI))))
+    return sorted(out, key=lambda v: (v.tokens, v.dataset))
+
+
+def markdown(rows: list[dict[str, Any]]) -> list[str]:
+    """The verdict table for docs/results.md (empty when no contest has run)."""
+    vs = verdicts(rows)
+    if not vs:
+        return []
+    lines = ["## MGDIN contest (`ctrserve contest`, tuned settings)", "",
+             "MGDIN with static masks against the best tuned baseline and against its own w/o-DI "
+             "ablation (dynamic masks on both sides); mean over seeds ± the seed standard error of the "
+             "difference, \"within noise\" when under twice that. Figure: docs/img/mgdin_tokens_gain.png.", "",
+             "| dataset | tokens | MGDIN (static) | best baseline | MGDIN − best | MGDIN − w/o DI | static − dynamic |",
+             "|---|---|---|---|---|---|---|"]
+    for v in vs:
+        wo = v.over_wo_di.text() if v.over_wo_di else "–"
+        flag = "" if abs(v.static_minus_dynamic) <= STATIC_BUDGET else " (over 0.002)"
+        lines.append(f"| {v.dataset} | {v.tokens} | {v.mgdin.mean:.4f} ({len(v.mgdin.aucs)} seeds) | "
+                     f"{v.best_baseline.model} {v.best_baseline.mean:.4f} ({len(v.best_baseline.aucs)} seeds) | "
+                     f"{v.over_baseline.text()} | {wo} | {v.static_minus_dynamic:+.4f}{flag} |")
+    return [*lines, ""]
+
+
+def plot(rows: list[dict[str, Any]], out: Path) -> Path | None:
+    """MGDIN − best baseline and MGDIN − w/o DI against feature tokens, one point per dataset."""
+    vs = verdicts(rows)
+    if not vs:
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6.4, 4.0))
+    x = [v.tokens for v in vs]
+    base = [v.over_baseline for v in vs]
+    ax.errorbar(x, [g.value for g in base], yerr=[2 * g.se for g in base], fmt="o-", capsize=3,
+                label="MGDIN (static masks) − best tuned baseline")
+    di = [(v.tokens, v.over_wo_di) for v in vs if v.over_wo_di]
+    if di:
+        ax.errorbar([t + 0.15 for t, _ in di], [g.value for _, g in di], yerr=[2 * g.se for _, g in di],
+                    fmt="s--", capsize=3, label="MGDIN − MGDIN w/o deferred interaction")
+    for v in vs:
+        ax.annotate(v.dataset, (v.tokens, v.over_baseline.value), textcoords="offset points", xytext=(4, 6),
+                    fontsize=7)
+    ax.axhline(0.0, color="grey", lw=0.8)
+    ax.set_xlabel("feature tokens per sample")
+    ax.set_ylabel("test AUC difference (± 2 seed SE)")
+    ax.set_title("Where does deferral help?")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out, dpi=120)
+    plt.close(fig)
+    return out

@@ -1,0 +1,91 @@
+"""``ctrserve contest`` on the tiny synthetic data: every step recorded once, a second call trains
+nothing, a lost run folder is retrained (same seed, same AUC) for its static masks, a changed
+budget is refused, and the verdict table and figure come from the records."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+
+from ctrserve.models import contest as contest_mod
+from ctrserve.models.contest import Contest, plan, run
+from ctrserve.models.train.contest_report import STATIC, TUNED, WO_DI, verdicts
+from ctrserve.models.train.results import load_results
+
+pytestmark = pytest.mark.slow
+
+HELD = {"train": {"max_epochs": 1, "batch_size": 512, "threads": 1}, "model": {"embedding_dim": 4, "hidden": [8]}}
+
+
+def make_contest(tmp_path: Path, fixed: dict = HELD) -> Contest:
+    return Contest("synthetic", {}, trials=1, fixed=fixed, seeds=[1], models=["dnn", "mgdin"],
+                   out_root=tmp_path, work=tmp_path / "work")
+
+
+def test_a_contest_records_each_step_once_and_resumes(tiny_prepared: Path, tmp_path: Path,
+                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    contest = make_contest(tmp_path)
+    before = plan(contest)
+    assert [s.label() for s in before] == [
+        "tune dnn", "train dnn tuned seed 1", "tune mgdin", "train mgdin tuned seed 1",
+        "train mgdin tuned_wo_di seed 1", "calibrate mgdin tuned_static_masks seed 1"]
+    assert not any(s.done for s in before)
+
+    after = run(contest, tiny_prepared, say=lambda _: None)
+    assert all(s.done for s in after)
+    rows = load_results(contest.results_json)
+    assert sorted((r["model"], r["variant"]) for r in rows) == [
+        ("dnn", TUNED), ("mgdin", TUNED), ("mgdin", STATIC), ("mgdin", WO_DI)]
+    fmap = json.loads((tiny_prepared / "feature_map.json").read_text())
+    assert all(r["tokens"] > 1 and r["dataset"] == "synthetic" for r in rows)
+    wo_di = next(r for r in rows if r["variant"] == WO_DI)
+    assert "--variant tuned_wo_di" in wo_di["command"] and "--set model.deferred=false" in wo_di["command"]
+    assert "--config models/configs/tuned/synthetic/mgdin.yaml" in wo_di["command"]
+    assert fmap["dataset"] == "synthetic"
+
+    # the verdict and the figure come from those records
+    md = (tmp_path / "docs" / "results.md").read_text()
+    assert "## MGDIN contest" in md and "| synthetic |" in md
+    assert (tmp_path / "docs" / "img" / "mgdin_tokens_gain.png").stat().st_size > 0
+    (v,) = verdicts(rows)
+    assert v.best_baseline.model == "dnn" and v.mgdin.variant == STATIC and v.wo_di is not None
+
+    # a second call finds everything done and trains nothing
+    def refuse(*args, **kwargs):
+        raise AssertionError("a finished contest trained again")
+
+    monkeypatch.setattr(contest_mod, "_train", refuse)
+    monkeypatch.setattr(contest_mod, "_tune", refuse)
+    run(contest, tiny_prepared, say=lambda _: None)
+    assert load_results(contest.results_json) == rows
+
+
+def test_static_masks_of_a_lost_run_are_calibrated_from_a_retrained_seed(tiny_prepared: Path,
+                                                                         tmp_path: Path) -> None:
+    contest = make_contest(tmp_path)
+    contest.models = ["mgdin"]
+    run(contest, tiny_prepared, say=lambda _: None)
+    static = next(r for r in load_results(contest.results_json) if r["variant"] == STATIC)
+    # a new machine: the run folders are gone, and so is the static record
+    shutil.rmtree(contest.work / "runs")
+    kept = [r for r in load_results(contest.results_json) if r["variant"] != STATIC]
+    contest.results_json.write_text(json.dumps(kept))
+    assert [s.label() for s in plan(contest) if not s.done] == ["calibrate mgdin tuned_static_masks seed 1"]
+    run(contest, tiny_prepared, say=lambda _: None)
+    again = next(r for r in load_results(contest.results_json) if r["variant"] == STATIC)
+    assert again["auc"] == pytest.approx(static["auc"], abs=1e-4)
+    # the retrained seed was not recorded a second time
+    assert sum(r["variant"] == TUNED for r in load_results(contest.results_json)) == 1
+
+
+def test_a_study_searched_with_other_held_settings_is_refused(tiny_prepared: Path, tmp_path: Path) -> None:
+    contest = make_contest(tmp_path)
+    contest.models = ["dnn"]
+    run(contest, tiny_prepared, say=lambda _: None)
+    other = make_contest(tmp_path, {**HELD, "train": {**HELD["train"], "max_epochs": 2}})
+    other.models = ["dnn"]
+    with pytest.raises(ValueError, match="held settings"):
+        plan(other)
