@@ -188,9 +188,11 @@ def tune_cmd(
 def eval_cmd(
     run: Annotated[Path, typer.Option(help="run directory written by ctrserve train")],
     split: Annotated[str, typer.Option(help="valid or test")] = "test",
+    against_rules: Annotated[bool, typer.Option(help="also the paired AUC gap to the no-model rule best on "
+                                                "valid, by bootstrap over users (sequence datasets)")] = False,
 ) -> None:
     """Re-evaluate a trained run on a prepared split."""
-    from .train.trainer import evaluate, load_run
+    from .train.trainer import load_run, predict, score_predictions
 
     if not (run / "model.pt").exists():
         console.print(f"[red]error:[/] {run} is not a run directory (no model.pt)")
@@ -199,8 +201,21 @@ def eval_cmd(
     from ctrserve.contract.prepared import load_split
 
     prepared = Path((run / "prepared_dir.txt").read_text().strip())
-    metrics = evaluate(model, load_split(prepared, split), fmap, cfg.train.eval_batch_size)
-    console.print({"run": str(run), "split": split, **metrics})
+    arrays = load_split(prepared, split)
+    probs = predict(model, arrays, fmap, cfg.train.eval_batch_size)
+    console.print({"run": str(run), "split": split, **score_predictions(probs, arrays, fmap)})
+    if against_rules:
+        from .data.rules import gap_to_best_rule
+
+        try:
+            g = gap_to_best_rule(prepared, probs, split)
+        except ValueError as exc:
+            console.print(f"[red]error:[/] {exc}")
+            raise typer.Exit(2) from None
+        console.print(f"{split}: model AUC {g['model_auc']:.4f} − rule {g['rule']} (best on valid) "
+                      f"{g['rule_auc']:.4f} = {g['gap']:+.4f}; paired over users: SE {g['se']:.4f}, "
+                      f"95 % interval [{g['ci_low']:+.4f}, {g['ci_high']:+.4f}], model ahead in "
+                      f"{g['share_above']:.1%} of draws")
 
 
 def results_cmd() -> None:

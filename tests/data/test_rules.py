@@ -10,7 +10,7 @@ import pytest
 
 from ctrserve.contract.feature_map import OOV_ID, FeatureMap
 from ctrserve.contract.prepared import load_split
-from ctrserve.models.data.rules import candidate_oov, history_rules
+from ctrserve.models.data.rules import candidate_oov, gap_to_best_rule, history_rules, rule_scores
 
 pytestmark = pytest.mark.quick
 
@@ -74,3 +74,20 @@ def test_rules_standard_error_by_users(tiny_prepared: Path) -> None:
     assert all("auc_se" not in r for r in plain)
     assert [r["auc"] for r in rows] == [r["auc"] for r in plain]
     assert all(0.0 < float(r["auc_se"]) < 0.05 for r in rows), [r["auc_se"] for r in rows]
+
+
+def test_gap_to_the_rule_chosen_on_valid_is_paired_over_users(tiny_prepared: Path) -> None:
+    fmap = FeatureMap.load(tiny_prepared / "feature_map.json")
+    test = load_split(tiny_prepared, "test")
+    on_valid = {r["rule"]: r["auc"] for r in history_rules(tiny_prepared, ("valid",))}
+    best = max(on_valid, key=on_valid.__getitem__)
+    # the rule's own scores as the "model": no gap, and the rule picked is the one best on valid
+    own = rule_scores(fmap, test)[best]
+    g = gap_to_best_rule(tiny_prepared, own, rounds=50)
+    assert g["rule"] == best and g["gap"] == 0.0 and g["se"] == 0.0
+    # an oracle beats it by its whole shortfall, clearly
+    oracle = test[fmap.label] + 0.0
+    g = gap_to_best_rule(tiny_prepared, oracle, rounds=50)
+    assert g["model_auc"] == 1.0 and g["gap"] == pytest.approx(1.0 - g["rule_auc"]) and g["ci_low"] > 0
+    with pytest.raises(ValueError, match="predictions for"):
+        gap_to_best_rule(tiny_prepared, oracle[:-1])
