@@ -89,3 +89,16 @@ def test_a_study_searched_with_other_held_settings_is_refused(tiny_prepared: Pat
     other.models = ["dnn"]
     with pytest.raises(ValueError, match="held settings"):
         plan(other)
+
+
+def test_the_command_lists_the_plan_and_names_a_bad_model() -> None:
+    from typer.testing import CliRunner
+
+    from ctrserve.cli import app
+
+    runner = CliRunner()
+    out = runner.invoke(app, ["contest", "--dataset", "synthetic", "--dry-run"], env={"COLUMNS": "200"})
+    assert out.exit_code == 0, out.output
+    assert "to do  tune dnn" in out.output and "calibrate mgdin tuned_static_masks seed 3" in out.output
+    out = runner.invoke(app, ["contest", "--dataset", "synthetic", "--model", "nope", "--dry-run"])
+    assert out.exit_code == 2 and "unknown model" in out.output

@@ -73,3 +73,18 @@ def test_old_records_without_overrides_read_as_the_plain_dataset() -> None:
            "logloss": 0.3, "params": 10, "epoch_seconds": 1.0, "command": "ctrserve train ..."}
     md = results.render_markdown([old])
     assert "## frappe\n\n| model |" in md and "Loader overrides" not in md
+
+
+def test_eval_against_rules_prints_the_paired_gap(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from ctrserve.cli import app
+
+    monkeypatch.setenv("CTRSERVE_WORK_DIR", str(tmp_path / "work"))
+    runner = CliRunner()
+    args = ["train", "--model", "lr", "--dataset", "synthetic", "--set", "train.max_epochs=1"]
+    for item in ["n_rows=1500", *SMALL]:
+        args += ["--data-set", item]
+    assert runner.invoke(app, args).exit_code == 0
+    (run,) = (tmp_path / "work" / "runs").glob("*/lr/*")
+    out = runner.invoke(app, ["eval", "--run", str(run), "--against-rules"], env={"COLUMNS": "300"})
+    assert out.exit_code == 0, out.output
+    assert "(best on valid)" in out.output and "paired over users" in out.output and "95 % interval" in out.output
