@@ -86,9 +86,42 @@ def static_variant(variant: str) -> str:
     return "static_masks" if variant == "default" else f"{variant}_static_masks"
 
 
-def calibrate_run(run_dir: Path, rows: int = 10_000, seed: int | None = None,
-                  command: str = "") -> tuple[Path, dict[str, Any], dict[str, Any]]:
-    """Calibrate the model of ``run_dir`` and write a static-mask run beside it.
+def finetune_static(model: nn.Module, cfg: Any, fmap: FeatureMap, prepared: Path, epochs: int,
+                    lr_scale: float = 0.1) -> dict[str, Any]:
+    """Train the calibrated model on with its static masks in place, so the weights adapt to the
+    masks they will be served with; keep the epoch best on valid, epoch 0 (no fine-tuning) included.
+    Adam at ``lr_scale`` times the run's learning rate, the run's batch size and penalties."""
+    import torch
+    from torch import nn
+
+    from ctrserve.contract.prepared import load_split
+
+    from .train.batches import BatchIterator
+    from .train.trainer import evaluate, train_step
+
+    t = cfg.train
+    train_arrays, valid = load_split(prepared, "train"), load_split(prepared, "valid")
+    curve = [evaluate(model, valid, fmap, t.eval_batch_size)["auc"]]
+    best_epoch, best_state = 0, copy.deepcopy(model.state_dict())
+    optimizer = torch.optim.Adam(model.parameters(), lr=t.lr * lr_scale, weight_decay=t.net_reg)
+    loss_fn = nn.BCEWithLogitsLoss()
+    batches = BatchIterator(train_arrays, fmap, t.batch_size, shuffle=True, seed=cfg.seed + 1)
+    for epoch in range(1, epochs + 1):
+        model.train()
+        for batch, labels in batches:
+            train_step(model, optimizer, loss_fn, batch, labels, t.embedding_reg, t.micro_batches)
+        curve.append(evaluate(model, valid, fmap, t.eval_batch_size)["auc"])
+        if curve[-1] > curve[best_epoch]:
+            best_epoch, best_state = epoch, copy.deepcopy(model.state_dict())
+    model.load_state_dict(best_state)
+    model.eval()
+    return {"epochs": epochs, "lr": t.lr * lr_scale, "valid_auc_by_epoch": curve, "chosen_epoch": best_epoch}
+
+
+def calibrate_run(run_dir: Path, rows: int = 10_000, seed: int | None = None, command: str = "",
+                  finetune_epochs: int = 0) -> tuple[Path, dict[str, Any], dict[str, Any]]:
+    """Calibrate the model of ``run_dir`` and write a static-mask run beside it; ``finetune_epochs``
+    > 0 trains on with the static masks (``finetune_static``) before the static model is scored.
 
     Returns ``(new run dir, test metrics record, calibration info)``."""
     from ctrserve.contract.prepared import load_split
@@ -114,6 +147,8 @@ def calibrate_run(run_dir: Path, rows: int = 10_000, seed: int | None = None,
 
     info = calibrate_model(model, sample, fmap, cfg.train.eval_batch_size)
     model.mask_mode = "static"
+    if finetune_epochs:
+        info["finetune"] = finetune_static(model, cfg, fmap, prepared, finetune_epochs)
     static_probs = predict(model, test, fmap, cfg.train.eval_batch_size)
     static_test = score_predictions(static_probs, test, fmap)
     static_valid = evaluate(model, valid, fmap, cfg.train.eval_batch_size)
@@ -125,7 +160,7 @@ def calibrate_run(run_dir: Path, rows: int = 10_000, seed: int | None = None,
     valid_delta = static_valid["auc"] - dynamic_valid["auc"]
     serving_mode = "static" if -valid_delta <= AUC_BUDGET else "dynamic"
 
-    variant = static_variant(cfg.variant)
+    variant = static_variant(cfg.variant) + ("_finetuned" if finetune_epochs else "")
     new_cfg = cfg.model_copy(update={"variant": variant, "params": {**cfg.params, "mask_mode": "static"}})
     source = json.loads((run_dir / "metrics.json").read_text()) if (run_dir / "metrics.json").exists() else {}
     history = json.loads((run_dir / "history.json").read_text()) if (run_dir / "history.json").exists() else []
@@ -137,7 +172,9 @@ def calibrate_run(run_dir: Path, rows: int = 10_000, seed: int | None = None,
         "epochs": source.get("epochs", 0), "tokens": len(fmap.token_names()), "command": command,
         "notes": (f"static masks calibrated on {info['rows']} train rows (seed {seed}) from the weights of "
                   f"{run_dir.name}; dynamic-mask test AUC {dynamic_test['auc']:.4f} (delta {delta:+.4f}); "
-                  f"valid delta {valid_delta:+.4f} -> serve {serving_mode} masks"),
+                  f"valid delta {valid_delta:+.4f} -> serve {serving_mode} masks"
+                  + (f"; fine-tuned with them, epoch {info['finetune']['chosen_epoch']} of {finetune_epochs} kept"
+                     if finetune_epochs else "")),
     }
     new_dir = make_run_dir(run_dir.parents[2] if len(run_dir.parents) > 2 else run_dir.parent, new_cfg)
     write_run(new_dir, new_cfg, fmap, prepared, model, metrics, history)
@@ -155,6 +192,8 @@ def calibrate_cmd(
     rows: Annotated[int, typer.Option(help="calibration rows sampled from the training split")] = 10_000,
     seed: Annotated[int | None, typer.Option(help="sampling seed (default: the run's seed)")] = None,
     record: Annotated[bool, typer.Option(help="record the static-mask test metrics in docs/results.json")] = False,
+    finetune_epochs: Annotated[int, typer.Option(min=0, help="train on with the static masks, keeping the epoch "
+                                                 "best on valid (0: the source run's weights)")] = 0,
 ) -> None:
     """Fix MGDIN's top-k masks from A0 averaged on training rows; write a static-mask run."""
     from rich.console import Console
@@ -164,7 +203,8 @@ def calibrate_cmd(
 
     console = Console()
     try:
-        new_dir, metrics, info = calibrate_run(run, rows, seed, command=invoked_command())
+        new_dir, metrics, info = calibrate_run(run, rows, seed, command=invoked_command(),
+                                               finetune_epochs=finetune_epochs)
     except (FileNotFoundError, ValueError) as exc:
         console.print(f"[red]error:[/] {exc}")
         raise typer.Exit(2) from None
@@ -177,6 +217,10 @@ def calibrate_cmd(
     q = info["test_prediction_shift"]
     console.print(f"test |p_static - p_dynamic|: mean {q['mean']:.4f}, p50 {q['p50']:.4f}, p99 {q['p99']:.4f}, "
                   f"max {q['max']:.4f}")
+    if "finetune" in info:
+        f = info["finetune"]
+        console.print(f"fine-tuned with static masks at lr {f['lr']:g}: valid AUC by epoch "
+                      f"{[round(a, 4) for a in f['valid_auc_by_epoch']]}, kept epoch {f['chosen_epoch']}")
     dv, sv = info["dynamic_valid"], info["static_valid"]
     console.print(f"valid dynamic AUC {dv['auc']:.4f}, static {sv['auc']:.4f} -> serve {info['serving_mode']} masks")
     if info["serving_mode"] == "dynamic":

@@ -430,6 +430,34 @@ def test_calibrate_round_trip_through_load_run(tiny_prepared, tmp_path) -> None:
     assert source.mask_mode == "dynamic" and not bool(source.masks_calibrated)
 
 
+@pytest.mark.slow
+def test_finetuning_with_static_masks_keeps_them_and_the_epoch_best_on_valid(tiny_prepared, tmp_path) -> None:
+    from ctrserve.models.calibrate import calibrate_run
+    from ctrserve.models.train.config import RunConfig, TrainSettings
+    from ctrserve.models.train.trainer import load_run, train
+
+    cfg = RunConfig(model="mgdin", dataset="synthetic", seed=7, params=dict(SMALL),
+                    train=TrainSettings(batch_size=256, max_epochs=1, max_train_rows=600, threads=1, lr=3e-3))
+    result = train(cfg, tiny_prepared, tmp_path / "runs", progress=False)
+    plain_dir, _, plain = calibrate_run(result.run_dir, rows=300)
+    tuned_dir, metrics, info = calibrate_run(result.run_dir, rows=300, finetune_epochs=3)
+    f = info["finetune"]
+    assert len(f["valid_auc_by_epoch"]) == 4 and f["lr"] == pytest.approx(3e-4)
+    # epoch 0 is the calibrated model as it was: the plain calibration's valid AUC
+    assert f["valid_auc_by_epoch"][0] == pytest.approx(plain["static_valid"]["auc"], abs=1e-9)
+    best = max(range(4), key=lambda e: (f["valid_auc_by_epoch"][e], -e))
+    assert f["chosen_epoch"] == best
+    assert info["static_valid"]["auc"] == pytest.approx(f["valid_auc_by_epoch"][best], abs=1e-9)
+    assert metrics["variant"] == "static_masks_finetuned" and "fine-tuned" in metrics["notes"]
+    # the masks are the calibrated ones: fine-tuning moves weights, never the masks
+    _, _, before = load_run(plain_dir)
+    _, _, after = load_run(tuned_dir)
+    for b, a in zip(before.branches, after.branches, strict=True):
+        assert torch.equal(b.static_masks, a.static_masks)
+    moved = any(not torch.equal(p, q) for p, q in zip(before.parameters(), after.parameters(), strict=True))
+    assert moved == (best > 0)
+
+
 @pytest.mark.quick
 def test_layer_keeping_every_pair_runs_unmasked_and_rejects_a_partial_static_mask(tiny_fmap, tiny_batch) -> None:
     batch, _ = tiny_batch
