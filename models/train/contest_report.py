@@ -2,7 +2,7 @@
 own w/o-DI ablation, per dataset, against the number of feature tokens (issue #24's figure).
 
 Rows come from ``ctrserve contest`` (models/contest.py): variant ``tuned`` for every model,
-``tuned_wo_di`` and ``tuned_static_masks`` for MGDIN. A gap is "more than the seed noise" when it
+``tuned_wo_di`` and ``tuned_static_masks_finetuned`` for MGDIN. A gap is "more than the seed noise" when it
 exceeds twice its standard error over seeds (the two means' seed SEs combined), so a one-seed
 difference is never called.
 """
@@ -17,7 +17,7 @@ from typing import Any
 
 TUNED = "tuned"
 WO_DI = "tuned_wo_di"
-STATIC = "tuned_static_masks"
+STATIC = "tuned_static_masks_finetuned"  # `ctrserve calibrate --finetune-epochs` of a tuned run
 SUBJECT = "mgdin"
 #: static masks are served only when they cost at most this much AUC (models/calibrate.py)
 STATIC_BUDGET = 0.002

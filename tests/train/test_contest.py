@@ -31,7 +31,7 @@ def test_a_contest_records_each_step_once_and_resumes(tiny_prepared: Path, tmp_p
     before = plan(contest)
     assert [s.label() for s in before] == [
         "tune dnn", "train dnn tuned seed 1", "tune mgdin", "train mgdin tuned seed 1",
-        "train mgdin tuned_wo_di seed 1", "calibrate mgdin tuned_static_masks seed 1"]
+        "train mgdin tuned_wo_di seed 1", "calibrate mgdin tuned_static_masks_finetuned seed 1"]
     assert not any(s.done for s in before)
 
     after = run(contest, tiny_prepared, say=lambda _: None)
@@ -73,7 +73,7 @@ def test_static_masks_of_a_lost_run_are_calibrated_from_a_retrained_seed(tiny_pr
     shutil.rmtree(contest.work / "runs")
     kept = [r for r in load_results(contest.results_json) if r["variant"] != STATIC]
     contest.results_json.write_text(json.dumps(kept))
-    assert [s.label() for s in plan(contest) if not s.done] == ["calibrate mgdin tuned_static_masks seed 1"]
+    assert [s.label() for s in plan(contest) if not s.done] == ["calibrate mgdin tuned_static_masks_finetuned seed 1"]
     run(contest, tiny_prepared, say=lambda _: None)
     again = next(r for r in load_results(contest.results_json) if r["variant"] == STATIC)
     assert again["auc"] == pytest.approx(static["auc"], abs=1e-4)
@@ -99,6 +99,6 @@ def test_the_command_lists_the_plan_and_names_a_bad_model() -> None:
     runner = CliRunner()
     out = runner.invoke(app, ["contest", "--dataset", "synthetic", "--dry-run"], env={"COLUMNS": "200"})
     assert out.exit_code == 0, out.output
-    assert "to do  tune dnn" in out.output and "calibrate mgdin tuned_static_masks seed 3" in out.output
+    assert "to do  tune dnn" in out.output and "calibrate mgdin tuned_static_masks_finetuned seed 3" in out.output
     out = runner.invoke(app, ["contest", "--dataset", "synthetic", "--model", "nope", "--dry-run"])
     assert out.exit_code == 2 and "unknown model" in out.output
