@@ -63,7 +63,9 @@ def find_demo_run(model: str, work_dir: Path, seed: int) -> Path | None:
 
 def find_static_run(source: Path) -> Path | None:
     """The newest static-mask run calibrated from ``source`` (``calibration.json`` names it)."""
-    runs = sorted(source.parent.glob("static_masks-s*"), reverse=True)
+    from ctrserve.models.calibrate import static_variant
+
+    runs = sorted(source.parent.glob(f"{static_variant('demo')}-s*"), reverse=True)
     for run in runs:
         try:
             info = json.loads((run / "calibration.json").read_text())
