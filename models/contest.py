@@ -24,7 +24,6 @@ from typing import Annotated, Any, Literal
 
 import typer
 
-from .data.prepare import dataset_identity
 from .train.contest_report import STATIC, TUNED, WO_DI
 
 #: cheapest first, so a stopped contest has its baselines before the slow models
@@ -68,6 +67,8 @@ class Contest:
 
     @property
     def dataset_id(self) -> str:
+        from .data.prepare import dataset_identity  # pandas: not at import (`ctrserve serve` images lack it)
+
         return dataset_identity(self.dataset, self.data)
 
     @property

@@ -78,8 +78,8 @@ def test_demo_serves_two_arms_and_reports_both(demo_work: Path) -> None:
     out = _demo(demo_work)
     assert "embedded ONNX Runtime" in out, out
     assert set(_repo_models(demo_work)) >= {"deepfm", TREATMENT}, out
-    calibration = json.loads(next((demo_work / "runs" / "synthetic" / OTHER).glob("demo_static_masks-*/calibration.json"))
-                             .read_text())
+    calibrated = next((demo_work / "runs" / "synthetic" / OTHER).glob("demo_static_masks-*/calibration.json"))
+    calibration = json.loads(calibrated.read_text())
     assert Path(calibration["source_run"]).name.startswith(f"demo-s{SEED}-"), calibration["source_run"]
     arms = re.findall(r"-> arm (\S+) \((\S+) v1\)", out)
     assert len(arms) == 2 and all(arm == model and arm in ("deepfm", TREATMENT) for arm, model in arms), out
