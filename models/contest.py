@@ -20,11 +20,14 @@ import shlex
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import TYPE_CHECKING, Annotated, Any, Literal
 
 import typer
 
 from .train.contest_report import STATIC, TUNED, WO_DI
+
+if TYPE_CHECKING:
+    from .train.trainer import TrainResult
 
 #: cheapest first, so a stopped contest has its baselines before the slow models
 CONTEST_MODELS = ("dnn", "deepfm", "dcnv2", "autoint", "dlf", "mgdin")
@@ -79,6 +82,8 @@ class Contest:
         return self.out_root / "models" / "configs" / "tuned" / self.dataset_id / f"{model}.yaml"
 
     def finished_trials(self, model: str) -> int:
+        from .tune import BUDGET_STATES  # optuna, torch: not at import
+
         record = self.out_root / "docs" / "tuning" / self.dataset_id / f"{model}.json"
         if not record.exists():
             return 0
@@ -87,21 +92,23 @@ class Contest:
             # one study, one budget: trials run with other held settings are not this contest's
             raise ValueError(f"{record} was searched with held settings {saved.get('fixed')}, not {self.fixed}; "
                              "pass the same --set, or remove the record and its study to start again")
-        return sum(t["state"] in ("COMPLETE", "PRUNED") for t in saved["trials"])
+        return sum(t["state"] in BUDGET_STATES for t in saved["trials"])
 
     def _flags(self) -> str:
-        data = "".join(f" --data-set {shlex.quote(f'{k}={v}')}" for k, v in _flat(self.data))
-        return f"--dataset {self.dataset}{data}"
+        return f"--dataset {self.dataset}{_options('--data-set', self.data)}"
 
     def tune_command(self, model: str) -> str:
-        held = "".join(f" --set {shlex.quote(f'{k}={v}')}" for k, v in _flat(self.fixed))
-        return f"ctrserve tune --model {model} {self._flags()} --trials {self.trials}{held}"
+        return f"ctrserve tune --model {model} {self._flags()} --trials {self.trials}{_options('--set', self.fixed)}"
 
     def train_command(self, step: Step) -> str:
-        held = "".join(f" --set {shlex.quote(f'{k}={v}')}" for k, v in _flat(step.overrides))
         config = self.tuned_config(step.model).relative_to(self.out_root)
         return (f"ctrserve train --model {step.model} {self._flags()} --config {config} --seed {step.seed}"
-                f"{held} --variant {step.variant} --record")
+                f"{_options('--set', step.overrides)} --variant {step.variant} --record")
+
+
+def _options(flag: str, blocks: dict[str, Any]) -> str:
+    """``" --set train.max_epochs=5 ..."``: nested settings as the command line's options."""
+    return "".join(f" {flag} {shlex.quote(f'{k}={v}')}" for k, v in _flat(blocks))
 
 
 def _flat(blocks: dict[str, Any], prefix: str = "") -> list[tuple[str, Any]]:
@@ -144,7 +151,7 @@ def run(contest: Contest, prepared: Path, say: Callable[[str], None] = print) ->
             _tune(contest, prepared, step.model)
             continue
         if step.kind == "train":
-            metrics = _train(contest, prepared, step, record=True)
+            metrics = _train(contest, prepared, step, record=True).metrics
         else:
             metrics = _calibrate(contest, prepared, step)
         record_result(metrics, contest.results_json)
@@ -159,14 +166,14 @@ def _tune(contest: Contest, prepared: Path, model: str) -> None:
          command=contest.tune_command(model), out_root=contest.out_root, data=contest.data)
 
 
-def _train(contest: Contest, prepared: Path, step: Step, record: bool) -> dict[str, Any]:
+def _train(contest: Contest, prepared: Path, step: Step, record: bool) -> TrainResult:
     from .train.config import resolve_config
     from .train.trainer import train
 
     cfg = resolve_config(step.model, contest.dataset, contest.tuned_config(step.model), step.overrides,
                          seed=step.seed, variant=step.variant, data=contest.data)
     command = contest.train_command(step) if record else ""
-    return train(cfg, prepared, contest.work / "runs", command=command, progress=False).metrics
+    return train(cfg, prepared, contest.work / "runs", command=command, progress=False)
 
 
 def _calibrate(contest: Contest, prepared: Path, step: Step) -> dict[str, Any]:
@@ -176,10 +183,8 @@ def _calibrate(contest: Contest, prepared: Path, step: Step) -> dict[str, Any]:
 
     runs = contest.work / "runs" / contest.dataset_id / step.model
     found = sorted(p for p in runs.glob(f"{TUNED}-s{step.seed}-*") if (p / "model.pt").exists())
-    if not found:
-        _train(contest, prepared, Step("train", step.model, TUNED, step.seed), record=False)
-        found = sorted(p for p in runs.glob(f"{TUNED}-s{step.seed}-*") if (p / "model.pt").exists())
-    source = found[-1]
+    source = found[-1] if found else _train(contest, prepared, Step("train", step.model, TUNED, step.seed),
+                                            record=False).run_dir
     shown = source.relative_to(contest.out_root) if source.is_relative_to(contest.out_root) else source
     command = f"ctrserve calibrate --run {shown} --finetune-epochs {FINETUNE_EPOCHS} --record"
     _, metrics, _ = calibrate_run(source, finetune_epochs=FINETUNE_EPOCHS, command=command)

@@ -29,6 +29,9 @@ from .train.config import resolve_config
 from .train.trainer import train
 
 SEARCH_FILE = Path(__file__).resolve().parent / "configs" / "search.yaml"
+#: the trial states a budget counts; a trial cut short by Ctrl-C is stored as FAIL: it is in the
+#: record, not in the budget
+BUDGET_STATES = ("COMPLETE", "PRUNED")
 REPO = Path(__file__).resolve().parents[1]
 
 
@@ -113,8 +116,7 @@ def tune(model: str, dataset: str, prepared: Path, work: Path, trials: int, seed
     # study exactly as before and gives a resumed one new settings.
     study.sampler = optuna.samplers.TPESampler(seed=seed + len(study.trials))
     optuna.logging.set_verbosity(optuna.logging.WARNING)
-    # a trial cut short by Ctrl-C is stored as FAIL: it is not part of the budget, only of the record
-    done = [t for t in study.trials if t.state in (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED)]
+    done = [t for t in study.trials if t.state.name in BUDGET_STATES]
     if len(done) < trials:
         study.optimize(objective(model, dataset, prepared, db.parent / "runs", space, seed, fixed, data),
                        n_trials=trials - len(done))

@@ -78,11 +78,8 @@ def paired_auc_gap_by_users(labels: np.ndarray, a: np.ndarray, b: np.ndarray, us
         if np.unique(labels[keep]).size == 2:
             y, w = labels[keep], weight[keep]
             gaps.append(roc_auc_score(y, a[keep], sample_weight=w) - roc_auc_score(y, b[keep], sample_weight=w))
-    g = np.asarray(gaps)
+    g, gap = np.asarray(gaps), auc(labels, a) - auc(labels, b)
     if g.size < 2:
-        nan = float("nan")
-        return {"gap": auc(labels, a) - auc(labels, b), "se": nan, "ci_low": nan, "ci_high": nan,
-                "share_above": nan}
-    return {"gap": auc(labels, a) - auc(labels, b), "se": float(g.std(ddof=1)),
-            "ci_low": float(np.quantile(g, 0.025)), "ci_high": float(np.quantile(g, 0.975)),
-            "share_above": float((g > 0).mean())}
+        return {"gap": gap, **dict.fromkeys(("se", "ci_low", "ci_high", "share_above"), float("nan"))}
+    return {"gap": gap, "se": float(g.std(ddof=1)), "ci_low": float(np.quantile(g, 0.025)),
+            "ci_high": float(np.quantile(g, 0.975)), "share_above": float((g > 0).mean())}
