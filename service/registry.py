@@ -74,20 +74,19 @@ class ModelRegistry:
                                  "runs ONNX only (serve TorchScript through Triton)")
         s = self.settings
         providers = ProviderOptions(s.provider, s.cuda_device_id, s.io_binding)
+
+        def session(file: str, threads: int) -> OnnxRuntimeBackend:
+            return OnnxRuntimeBackend(manifest.name, manifest.version, version_dir / file, manifest.output.name,
+                                      threads, s.ort_intra_op_threads, s.ort_inter_op_threads, s.ort_spinning,
+                                      providers)
+
         if s.batch_max_candidates and manifest.grouped is not None:
             from .backends.batching import BatchingBackend
 
-            grouped = OnnxRuntimeBackend(manifest.name, manifest.version, version_dir / manifest.grouped.file,
-                                         manifest.output.name, s.pool_threads, s.ort_intra_op_threads,
-                                         s.ort_inter_op_threads, s.ort_spinning, providers)
             # a call of one request runs the single-user graph (user-side work once, not per candidate)
-            single = OnnxRuntimeBackend(manifest.name, manifest.version, version_dir / manifest.file,
-                                        manifest.output.name, 1, s.ort_intra_op_threads, s.ort_inter_op_threads,
-                                        s.ort_spinning, providers)
-            return BatchingBackend(manifest, grouped, s.batch_max_candidates, s.batch_max_wait_ms / 1000, single)
-        return OnnxRuntimeBackend(manifest.name, manifest.version, version_dir / manifest.file, manifest.output.name,
-                                  s.pool_threads, s.ort_intra_op_threads, s.ort_inter_op_threads, s.ort_spinning,
-                                  providers)
+            return BatchingBackend(manifest, session(manifest.grouped.file, s.pool_threads), s.batch_max_candidates,
+                                   s.batch_max_wait_ms / 1000, session(manifest.file, 1))
+        return session(manifest.file, s.pool_threads)
 
     async def _load(self, key: Key) -> LoadedModel:
         name, version = key

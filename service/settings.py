@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Literal
+from typing import Literal, get_args
 
 from pydantic import BaseModel, Field, SecretStr, ValidationInfo, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -158,7 +158,7 @@ class BackendSettings(BaseSettings):
     @classmethod
     def _choice(cls, value: object, info: ValidationInfo) -> object:
         # the message names the variable and its values: pydantic's own names only the field
-        choices = {"provider": ("cpu", "cuda"), "io_binding": ("auto", "on", "off")}[str(info.field_name)]
+        choices = get_args(cls.model_fields[str(info.field_name)].annotation)
         text = value.strip().lower() if isinstance(value, str) else value
         if text not in choices:
             raise ValueError(f"CTRSERVE_BACKEND_{str(info.field_name).upper()} must be one of {', '.join(choices)}, "
