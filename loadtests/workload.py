@@ -79,11 +79,12 @@ def ensure_export(run_dir: Path, repo: Path, name: str, version: int = 1, groupe
     from ctrserve.export.exporter import export_run
 
     version_dir = repo / name / str(version)
-    if ((version_dir / "manifest.json").exists() and (version_dir / "model.onnx").exists()
-            and Path(Manifest.load(version_dir).run_dir).resolve() == Path(run_dir).resolve()
-            and (not grouped or Manifest.load(version_dir).grouped is not None)
-            and not _sources_newer_than(version_dir / "model.onnx")):
-        return version_dir
+    if (version_dir / "manifest.json").exists() and (version_dir / "model.onnx").exists():
+        manifest = Manifest.load(version_dir)
+        same_run = Path(manifest.run_dir).resolve() == Path(run_dir).resolve()
+        if same_run and (not grouped or manifest.grouped is not None) and not _sources_newer_than(
+                version_dir / "model.onnx"):
+            return version_dir
     export_run(run_dir, "onnx", repo, name=name, version=version, force=True, grouped=grouped)
     return version_dir
 
