@@ -38,7 +38,7 @@ RUN pip install ".[load]"
 # ---- build-gpu: the serving set with onnxruntime-gpu (the `gpu` extra) in place of onnxruntime -----
 # Both wheels install the Python package `onnxruntime`: with both present, removing either breaks the
 # other. So: install the extra (pulls the CUDA/cuDNN wheels), remove both, put the GPU wheel back alone.
-# The pin below must equal the `gpu` extra's (tests/deploy/test_manifests.py checks).
+# The pin below must equal the `gpu` extra's (tests/deploy/test_dockerfile.py checks).
 FROM build AS build-gpu
 RUN pip install ".[gpu]" \
  && pip uninstall -y onnxruntime onnxruntime-gpu \

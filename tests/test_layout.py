@@ -46,11 +46,11 @@ def test_cli_starts_without_torch() -> None:
 
 
 def _sources() -> list[Path]:
-    return sorted(p for folder in PACKAGE_DIRS.values() for p in (ROOT / folder).rglob("*.py"))
+    return sorted(p for folder in [*PACKAGE_DIRS.values(), "tests"] for p in (ROOT / folder).rglob("*.py"))
 
 
 def test_modules_and_functions_stay_short() -> None:
-    """No module over 450 lines and no function over 80 outside tests (readable units)."""
+    """No module over 450 lines and no function over 80, tests included (readable units)."""
     import ast
 
     long_files, long_functions = [], []

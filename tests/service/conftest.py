@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from gateway_e2e import ADMIN_TOKEN, ROUTING_E2E, GatewayProcess
 from gateway_toy import ROUTING, toy_settings, write_toy_repo
 
 from ctrserve.service.settings import GatewaySettings
@@ -54,3 +55,23 @@ def store_url(redis_server, exported) -> str:
     redis_server.flushall()
     asyncio.run(load_prepared(exported.prepared, RedisStoreConfig(url=redis_server.url)))
     return redis_server.url
+
+
+@pytest.fixture(scope="module")
+def routing_path(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    p = tmp_path_factory.mktemp("routing") / "routing.yaml"
+    p.write_text(ROUTING_E2E)
+    return p
+
+
+@pytest.fixture(scope="module")
+def gateway(exported, store_url, routing_path, tmp_path_factory):
+    """The gateway on embedded ONNX Runtime, routing control (v1, 70 %) / treatment (v2, 30 %)."""
+    log = tmp_path_factory.mktemp("gw") / "gateway.log"
+    gw = GatewayProcess(exported.repo, store_url, log, env={"CTRSERVE_API_ADMIN_TOKEN": ADMIN_TOKEN},
+                        args=["--routing", str(routing_path)])
+    try:
+        gw.wait_ready()
+        yield gw
+    finally:
+        gw.stop()

@@ -1,13 +1,17 @@
 """Real processes for the gateway's end-to-end tests: a trained and exported model, a gateway
-subprocess (``python -m ctrserve serve``) reached over a TCP socket, and reference scores from the
-PyTorch model on the same rows."""
+subprocess (``python -m ctrserve serve``) reached over a TCP socket, reference scores from the
+PyTorch model on the same rows (and the parity check against them), and an in-process gateway on
+the same Redis, models and routing."""
 
 from __future__ import annotations
 
 import signal
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
+import httpx
 import numpy as np
 
 from ctrserve.launch import Launcher, start_gateway
@@ -128,3 +132,59 @@ def reference_scores(run_dir: Path, prepared: Path, rows: np.ndarray) -> np.ndar
     batch = {f.name: torch.from_numpy(arrays[f.name][rows]) for f in fmap.features}
     with torch.no_grad():
         return torch.sigmoid(model(batch)).numpy().astype(np.float64)
+
+
+def _check_parity(url: str, exported, arm: str | None, label: str) -> float:
+    worst = 0.0
+    for probe in probes(exported.prepared):
+        headers = {"X-Ctrserve-Arm": arm} if arm else None
+        r = httpx.post(url + "/v1/score", json=probe.body, headers=headers, timeout=10)
+        assert r.status_code == 200, r.text
+        out = r.json()
+        assert out["model"] == "ctr" and "flags" not in out, out
+        ref = reference_scores(exported.runs[out["version"]], exported.prepared, probe.rows)
+        diff = float(np.max(np.abs(np.asarray(out["scores"]) - ref)))
+        worst = max(worst, diff)
+        assert diff <= 1e-4, f"{label}: user {probe.body['user_id']} differs from PyTorch by {diff:.2e}"
+    print(f"\n{label}: max |gateway - pytorch| = {worst:.2e}")
+    return worst
+
+
+# -- an in-process gateway ---------------------------------------------------------------------
+def _in_process_app(exported, store_url: str, routing_path: Path, redis_timeout_ms: float,
+                    store: dict | None = None, backend: dict | None = None, **redis: object):
+    """An in-process gateway on the session's Redis, models and routing (``store`` / ``backend``:
+    keyword arguments of StoreSettings / BackendSettings; ``redis``: of RedisStoreConfig)."""
+    from ctrserve.feature_store.config import RedisStoreConfig
+    from ctrserve.service.app import create_app
+    from ctrserve.service.features import redis_factory
+    from ctrserve.service.settings import (
+        ApiSettings,
+        BackendSettings,
+        FeedbackSettings,
+        GatewaySettings,
+        RoutingSettings,
+        ServerSettings,
+        StoreSettings,
+    )
+
+    # the closed loop on, as in production: its writer shares the event loop and Redis with the
+    # read path, and every test's shutdown stops it (tests/service/test_events_e2e.py tests the loop)
+    settings = GatewaySettings(server=ServerSettings(access_log=False), api=ApiSettings(),
+                               store=StoreSettings(**(store or {})),
+                               routing=RoutingSettings(config=routing_path),
+                               backend=BackendSettings(model_repository=exported.repo, **(backend or {})),
+                               feedback=FeedbackSettings(enabled=True))
+    return create_app(settings, redis_factory(RedisStoreConfig(url=store_url, timeout_ms=redis_timeout_ms, **redis)))
+
+
+@asynccontextmanager
+async def _local_client(app, timeout: float = 5.0) -> AsyncIterator[httpx.AsyncClient]:
+    """A client of the in-process ``app``, its lifespan running and the app ready to score."""
+    from ctrserve.service.app import wait_ready
+
+    async with app.router.lifespan_context(app):
+        await wait_ready(app)
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://in-process", timeout=timeout) as local:
+            yield local

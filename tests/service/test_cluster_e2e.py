@@ -12,9 +12,8 @@ import time
 from pathlib import Path
 
 import pytest
-from gateway_e2e import ROUTING_E2E
+from gateway_e2e import ROUTING_E2E, _in_process_app, _local_client
 from redis.crc import key_slot
-from test_e2e import _in_process_app, _local_client
 
 pytestmark = [pytest.mark.e2e, pytest.mark.redis, pytest.mark.slow]
 
