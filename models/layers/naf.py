@@ -24,11 +24,13 @@ class BlockAttentionLayer(nn.Module):
 
     The n tokens of all M blocks form one ``[B, M n, d]`` matrix, so every (query block, key block)
     score comes out of a single batched matmul; the softmax is taken within each key block (eq. 11
-    and eq. 13 normalise over one block's keys) and a block-diagonal value matrix returns, for every
-    query token, ``[A_M1 V_1, ..., A_MM V_M]`` side by side. The diagonal entry is the self-attention
-    of eq. 13; W_M^C of eq. 12 reads the other M − 1 entries (its weights on the block's own entry
-    are held at zero). Small tensors throughout: a loop of per-pair matmuls and softmaxes over
-    10-wide rows is several times slower on CPU.
+    and eq. 13 normalise over one block's keys), and one matmul batched over (row, key block) gives,
+    for every query token, ``A_MX V_X`` for every key block X. The entry with X = M is the
+    self-attention of eq. 13; W_M^C of eq. 12 reads the other M − 1 entries (its weights on the
+    block's own entry are held at zero). The per-block projections of eq. 10 run block-major
+    (``[M, B n, d]``), where the bias gradient is a contiguous reduction: in the row-major layout
+    that reduction alone took 15 % of DLF's training step on CPU (docs/decisions.md). Small tensors
+    throughout: a loop of per-pair matmuls and softmaxes over 10-wide rows is several times slower.
     """
 
     def __init__(self, num_blocks: int, dim: int):
@@ -42,30 +44,30 @@ class BlockAttentionLayer(nn.Module):
         self.b_cross = nn.Parameter(torch.zeros(m, 1, dim))
         nn.init.uniform_(self.w_qkv, -1.0 / math.sqrt(dim), 1.0 / math.sqrt(dim))
         nn.init.uniform_(self.w_cross, -1.0 / math.sqrt((m - 1) * dim), 1.0 / math.sqrt((m - 1) * dim))
-        eye = torch.eye(m)
         # rows of W_M^C that would read block M's own entry: zero, so eq. 12 sees only the others
-        cross_mask = (1 - eye).repeat_interleave(dim, dim=1).unsqueeze(-1)  # [M, M d, 1]
+        cross_mask = (1 - torch.eye(m)).repeat_interleave(dim, dim=1).unsqueeze(-1)  # [M, M d, 1]
         self.register_buffer("cross_mask", cross_mask, persistent=False)
-        self.register_buffer("eye", eye, persistent=False)
+        # positions of the (key block X, query block M) pairs with X = M in the flattened pair axis
+        self.register_buffer("own_block", torch.arange(m) * (m + 1), persistent=False)
         self.m, self.dim = m, dim
         self.scale = 1.0 / math.sqrt(dim)
 
     def forward(self, z: Tensor) -> Tensor:
         """``[B, M, n, d] -> [B, M, n, d]`` (Att_M^C + Att_M^S per block)."""
-        m, n, d = self.m, z.shape[2], self.dim
-        qkv = torch.einsum("bmnd,mde->bmne", z, self.w_qkv) + self.b_qkv
-        q, k, v = qkv.split(d, dim=-1)  # each [B, M, n, d]
-        scores = torch.bmm(q.reshape(-1, m * n, d), k.reshape(-1, m * n, d).transpose(1, 2)) * self.scale
+        m, b, n, d = self.m, z.shape[0], z.shape[2], self.dim
+        z_blocks = z.transpose(0, 1).reshape(m, b * n, d)
+        qkv = torch.baddbmm(self.b_qkv, z_blocks, self.w_qkv)  # eq. 10, [M, B n, 3d]
+        q, k, v = qkv.view(m, b, n, 3 * d).transpose(0, 1).split(d, dim=-1)  # each [B, M, n, d]
+        scores = torch.bmm(q.reshape(b, m * n, d), k.reshape(b, m * n, d).transpose(1, 2)) * self.scale
         # softmax within each key block, shifted by that block's own max: a shared per-row shift
         # can underflow a whole block to 0/0 when blocks' scores are far apart
-        scores = scores.view(-1, m * n, m, n)
+        scores = scores.view(b, m * n, m, n)
         e = torch.exp(scores - scores.detach().amax(dim=-1, keepdim=True))
-        w = (e / e.sum(dim=-1, keepdim=True)).view(-1, m * n, m * n)
-        v_diag = (v.unsqueeze(2) * self.eye[None, :, :, None, None]).permute(0, 1, 3, 2, 4)  # [B, M, n, M, d]
-        att = torch.bmm(w, v_diag.reshape(-1, m * n, m * d)).view(-1, m, n, m, d)  # [.., key block, d]
-        att_s = (att * self.eye[None, :, None, :, None]).sum(dim=3)  # eq. 13
-        att_c = torch.einsum("bmne,med->bmnd", att.flatten(3), self.w_cross * self.cross_mask)
-        att_c = torch.relu(att_c + self.b_cross)  # eq. 12
+        w = e / e.sum(dim=-1, keepdim=True)  # [B, query token, key block, key]
+        att = torch.matmul(w.transpose(1, 2), v).view(b, m, m, n, d)  # A_MX V_X: [B, X, M, n, d]
+        att_s = att.flatten(1, 2).index_select(1, self.own_block)  # eq. 13 (X = M), [B, M, n, d]
+        w_cross = (self.w_cross * self.cross_mask).view(m, m, d, d)  # [M, X, d, d]
+        att_c = torch.relu(torch.einsum("bxmnd,mxde->bmne", att, w_cross) + self.b_cross)  # eq. 12
         return att_c + att_s
 
 
