@@ -20,12 +20,18 @@ gate through an adapter that feeds it exactly that layout.
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from ctrserve.contract.manifest import ParityResult, RaggedSignature, TensorSpec
 
 from .parity import Runner, onnx_runner
+
+if TYPE_CHECKING:  # torch stays a lazy import of the export path
+    from torch import nn
+
+    from ctrserve.contract.feature_map import FeatureMap
 
 RAGGED_FILE = "model.triton.onnx"
 OFFSETS_INPUT = "candidate_offsets"
@@ -60,7 +66,7 @@ def _rename_uses(graph, rename: dict[str, str]) -> None:
 def _prologue(candidates: list[TensorSpec], source: str, index_input: str) -> list:
     from onnx import TensorProto, helper, numpy_helper
 
-    def const(name: str, value: np.ndarray):
+    def const(name: str, value: np.ndarray) -> Any:
         return helper.make_node("Constant", [], [name], value=numpy_helper.from_array(value, name))
 
     nodes = [const("__ragged_axis0", np.array([0], dtype=np.int64)),
@@ -135,8 +141,9 @@ def ragged_runner(path: Path, inputs: list[TensorSpec], index_input: str) -> Run
     return lambda request: run(as_ragged(request, inputs, index_input))
 
 
-def export_ragged(model, fmap, out_dir: Path, grouped_file: str, inputs: list[TensorSpec], index_input: str,
-                  rows: dict[str, np.ndarray], tolerance: float, runtime: str) -> tuple[RaggedSignature | None, str]:
+def export_ragged(model: nn.Module, fmap: FeatureMap, out_dir: Path, grouped_file: str, inputs: list[TensorSpec],
+                  index_input: str, rows: dict[str, np.ndarray], tolerance: float,
+                  runtime: str) -> tuple[RaggedSignature | None, str]:
     """Build and gate the ragged graph; ``(None, reason)`` when Triton's onnxruntime backend cannot
     batch this model (its config then keeps one request per execution)."""
     from .grouped import build_gated, check_grouped_parity

@@ -34,11 +34,14 @@ import os
 import shutil
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from ctrserve.contract.manifest import Manifest, list_versions
+
+if TYPE_CHECKING:  # tritonclient is imported where a config is built
+    from tritonclient.grpc.model_config_pb2 import ModelConfig
 
 MODEL_PY = "model.py"
 CONFIG_FILE = "config.pbtxt"
@@ -136,7 +139,7 @@ def _warmup(cfg, manifest: Manifest, options: RepoOptions, dims: dict[str, tuple
             data_type=mc.DataType.Value(_DTYPES[t.dtype]), dims=shape, zero_data=True))
 
 
-def build_config(manifest: Manifest, options: RepoOptions, others: Sequence[Manifest] = ()):
+def build_config(manifest: Manifest, options: RepoOptions, others: Sequence[Manifest] = ()) -> ModelConfig:
     """The ``ModelConfig`` protobuf for one model (tritonclient's model_config_pb2) from its newest
     version's manifest (``others``: the other versions, see ``batching``)."""
     from google.protobuf import json_format
@@ -209,7 +212,7 @@ def write_model_py(path: Path) -> None:
     shutil.copyfile(TEMPLATE, path)
 
 
-def read_config(path: Path):
+def read_config(path: Path) -> ModelConfig:
     """Parse a config.pbtxt into a ModelConfig protobuf (raises on a syntax error)."""
     from google.protobuf import text_format
     from tritonclient.grpc import model_config_pb2 as mc
