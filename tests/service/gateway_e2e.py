@@ -134,7 +134,9 @@ def reference_scores(run_dir: Path, prepared: Path, rows: np.ndarray) -> np.ndar
         return torch.sigmoid(model(batch)).numpy().astype(np.float64)
 
 
-def _check_parity(url: str, exported, arm: str | None, label: str) -> float:
+def check_parity(url: str, exported, arm: str | None, label: str) -> float:
+    """Every probe scored by the gateway at ``url`` (on ``arm`` if given) within 1e-4 of PyTorch;
+    returns the largest difference."""
     worst = 0.0
     for probe in probes(exported.prepared):
         headers = {"X-Ctrserve-Arm": arm} if arm else None
@@ -151,7 +153,7 @@ def _check_parity(url: str, exported, arm: str | None, label: str) -> float:
 
 
 # -- an in-process gateway ---------------------------------------------------------------------
-def _in_process_app(exported, store_url: str, routing_path: Path, redis_timeout_ms: float,
+def in_process_app(exported, store_url: str, routing_path: Path, redis_timeout_ms: float,
                     store: dict | None = None, backend: dict | None = None, **redis: object):
     """An in-process gateway on the session's Redis, models and routing (``store`` / ``backend``:
     keyword arguments of StoreSettings / BackendSettings; ``redis``: of RedisStoreConfig)."""
@@ -179,7 +181,7 @@ def _in_process_app(exported, store_url: str, routing_path: Path, redis_timeout_
 
 
 @asynccontextmanager
-async def _local_client(app, timeout: float = 5.0) -> AsyncIterator[httpx.AsyncClient]:
+async def local_client(app, timeout: float = 5.0) -> AsyncIterator[httpx.AsyncClient]:
     """A client of the in-process ``app``, its lifespan running and the app ready to score."""
     from ctrserve.service.app import wait_ready
 

@@ -12,7 +12,7 @@ import time
 from pathlib import Path
 
 import pytest
-from gateway_e2e import ROUTING_E2E, _in_process_app, _local_client
+from gateway_e2e import ROUTING_E2E, in_process_app, local_client
 from redis.crc import key_slot
 
 pytestmark = [pytest.mark.e2e, pytest.mark.redis, pytest.mark.slow]
@@ -51,11 +51,11 @@ def test_master_killed_gives_503_or_degraded_then_recovers(exported, loaded_clus
     def body(user: str) -> dict:
         return {"user_id": user, "candidates": [{"item_id": i} for i in items[:5]]}
 
-    fail_app = _in_process_app(exported, cluster.url, routing, 300, store={"timeout_ms": 300})
-    degrade_app = _in_process_app(exported, cluster.url, routing, 300, store={"failure": "degrade", "timeout_ms": 300})
+    fail_app = in_process_app(exported, cluster.url, routing, 300, store={"timeout_ms": 300})
+    degrade_app = in_process_app(exported, cluster.url, routing, 300, store={"failure": "degrade", "timeout_ms": 300})
 
     async def run() -> tuple[float, int, int]:
-        async with _local_client(fail_app) as fail, _local_client(degrade_app) as degrade:
+        async with local_client(fail_app) as fail, local_client(degrade_app) as degrade:
             for user in (on_victim[0], elsewhere[0]):  # scores as on one node
                 r = await fail.post("/v1/score", json=body(user))
                 assert r.status_code == 200 and "flags" not in r.json(), r.text

@@ -11,7 +11,7 @@ from collections import Counter
 
 import httpx
 import pytest
-from gateway_e2e import ADMIN_TOKEN, ROUTING_E2E, GatewayProcess, _check_parity, probes
+from gateway_e2e import ADMIN_TOKEN, ROUTING_E2E, GatewayProcess, check_parity, probes
 
 pytestmark = [pytest.mark.e2e, pytest.mark.redis, pytest.mark.slow]
 
@@ -36,7 +36,7 @@ def _score_all(url: str, bodies: list[dict], headers: dict | None = None, concur
 
 def test_scores_equal_pytorch_over_http(gateway, exported) -> None:
     for arm in ("control", "treatment"):
-        _check_parity(gateway.url, exported, arm, f"onnxruntime {arm}")
+        check_parity(gateway.url, exported, arm, f"onnxruntime {arm}")
 
 
 def _sample(metrics: str, name: str, labels: str) -> float:

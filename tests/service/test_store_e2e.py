@@ -10,7 +10,7 @@ import time
 
 import httpx
 import pytest
-from gateway_e2e import _in_process_app, _local_client, probes
+from gateway_e2e import in_process_app, local_client, probes
 
 pytestmark = [pytest.mark.e2e, pytest.mark.redis, pytest.mark.slow]
 
@@ -23,7 +23,7 @@ def _zero(calls: dict[str, int]) -> None:
 @pytest.fixture()
 def degraded_app(exported, store_url, routing_path):
     """An in-process gateway in degrade mode on the same Redis, model and routing."""
-    return _in_process_app(exported, store_url, routing_path, 1000, store={"failure": "degrade", "timeout_ms": 300})
+    return in_process_app(exported, store_url, routing_path, 1000, store={"failure": "degrade", "timeout_ms": 300})
 
 
 def test_thread_and_inline_execution_give_the_same_answers(gateway, exported, store_url, routing_path) -> None:
@@ -32,11 +32,11 @@ def test_thread_and_inline_execution_give_the_same_answers(gateway, exported, st
     gateway in thread mode (awaited read, inference on its worker thread) on the same Redis, models
     and routing answers every probe identically."""
 
-    app = _in_process_app(exported, store_url, routing_path, 100, backend={"execution": "thread"})
+    app = in_process_app(exported, store_url, routing_path, 100, backend={"execution": "thread"})
     assert httpx.get(gateway.url + "/readyz", timeout=10).status_code == 200
 
     async def run() -> None:
-        async with _local_client(app) as local, httpx.AsyncClient(base_url=gateway.url, timeout=10) as remote:
+        async with local_client(app) as local, httpx.AsyncClient(base_url=gateway.url, timeout=10) as remote:
             for probe in probes(exported.prepared):
                 a = await remote.post("/v1/score", json=probe.body)
                 b = await local.post("/v1/score", json=probe.body)
@@ -100,12 +100,12 @@ def test_inline_sends_the_store_read_before_validation_and_never_leaks_it(export
     calls = _count_blocking_reads(monkeypatch)
     # the Redis socket timeout equal to the store budget: the blocking read is used (a longer one
     # sends reads through the awaited path)
-    app = _in_process_app(exported, store_url, routing_path, 400, store={"timeout_ms": 400}, pool_size=1)
+    app = in_process_app(exported, store_url, routing_path, 400, store={"timeout_ms": 400}, pool_size=1)
     probe = probes(exported.prepared)[0]
     answers: list[httpx.Response] = []
 
     async def run() -> None:
-        async with _local_client(app, timeout=10) as local:
+        async with local_client(app, timeout=10) as local:
             first = await local.post("/v1/score", json=probe.body)  # adopts the store version
             answers.append(first)
             assert first.status_code == 200, first.text
@@ -132,8 +132,8 @@ def test_inline_sends_the_store_read_before_validation_and_never_leaks_it(export
                 r = await local.post("/v1/score", json=probe.body)
                 assert r.status_code == 200 and r.json()["scores"] == first.json()["scores"]
         # CTRSERVE_STORE_EARLY_READ=false: the read waits for validation (the plain blocking read)
-        late = _in_process_app(exported, store_url, routing_path, 400, store={"timeout_ms": 400, "early_read": False})
-        async with _local_client(late, timeout=10) as local:
+        late = in_process_app(exported, store_url, routing_path, 400, store={"timeout_ms": 400, "early_read": False})
+        async with local_client(late, timeout=10) as local:
             assert (await local.post("/v1/score", json=probe.body)).status_code == 200
             _zero(calls)
             r = await local.post("/v1/score", json=probe.body)
@@ -162,12 +162,12 @@ def test_auto_collects_reads_sent_ahead_and_never_waits_for_the_pool(exported, s
         return checkout(self)
 
     monkeypatch.setattr(BlockingPool, "checkout", watched_checkout)
-    app = _in_process_app(exported, store_url, routing_path, 400, store={"timeout_ms": 400},
+    app = in_process_app(exported, store_url, routing_path, 400, store={"timeout_ms": 400},
                           backend={"execution": "auto"}, pool_size=2)
     probe = probes(exported.prepared)[0]
 
     async def run() -> None:
-        async with _local_client(app, timeout=10) as local:
+        async with local_client(app, timeout=10) as local:
             first = await local.post("/v1/score", json=probe.body)  # adopts the store version
             assert first.status_code == 200, first.text
             _zero(calls)
@@ -192,7 +192,7 @@ def test_redis_slow_or_down_gives_503_or_degraded(gateway, degraded_app, redis_s
     body = {"user_id": "1", "candidates": [{"item_id": "1"}, {"item_id": "2"}]}
 
     async def run() -> None:
-        async with _local_client(degraded_app) as local, httpx.AsyncClient(base_url=gateway.url, timeout=10) as remote:
+        async with local_client(degraded_app) as local, httpx.AsyncClient(base_url=gateway.url, timeout=10) as remote:
             assert (await remote.post("/v1/score", json=body)).status_code == 200
             ok = await local.post("/v1/score", json=body)
             assert ok.status_code == 200 and "flags" not in ok.json()

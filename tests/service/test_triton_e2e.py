@@ -10,7 +10,7 @@ import time
 
 import httpx
 import pytest
-from gateway_e2e import GatewayProcess, _check_parity
+from gateway_e2e import GatewayProcess, check_parity
 
 pytestmark = [pytest.mark.e2e, pytest.mark.redis, pytest.mark.slow]
 
@@ -44,7 +44,7 @@ def triton_gateway(exported, store_url, routing_path, triton, tmp_path_factory):
 @pytest.mark.triton
 def test_triton_scores_equal_pytorch(triton_gateway, exported) -> None:
     for arm in ("control", "treatment"):
-        _check_parity(triton_gateway.url, exported, arm, f"triton {arm}")
+        check_parity(triton_gateway.url, exported, arm, f"triton {arm}")
 
 
 @pytest.mark.triton
