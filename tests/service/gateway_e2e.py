@@ -155,7 +155,7 @@ def check_parity(url: str, exported, arm: str | None, label: str) -> float:
 # -- an in-process gateway ---------------------------------------------------------------------
 def in_process_app(exported, store_url: str, routing_path: Path, redis_timeout_ms: float,
                     store: dict | None = None, backend: dict | None = None, **redis: object):
-    """An in-process gateway on the session's Redis, models and routing (``store`` / ``backend``:
+    """An in-process gateway on the tests' Redis, models and routing (``store`` / ``backend``:
     keyword arguments of StoreSettings / BackendSettings; ``redis``: of RedisStoreConfig)."""
     from ctrserve.feature_store.config import RedisStoreConfig
     from ctrserve.service.app import create_app
