@@ -23,7 +23,7 @@ from ctrserve.validation import describe
 
 from .datasets import VOCAB_KEY, RawSplits, load_raw
 from .density import dense_stats, sequence_stats, sparse_stats
-from .semantic_ids import add_semantic_ids
+from .semantic_ids import add_semantic_ids, hold_out_fit_users
 from .spec import DatasetSpec, DenseSpec, MatchSpec, SequenceSpec, SparseSpec, SpecError, load_spec
 
 
@@ -117,9 +117,11 @@ def prepare(
     spec = apply_overrides(load_spec(dataset), overrides)
     raw = load_raw(spec.loader, data_dir, spec, **spec.source)
     _check_raw(spec, raw)
-    sid, sid_report = spec.semantic_ids, None
+    sid, sid_report, fit_rows = spec.semantic_ids, None, None
+    if sid is not None and sid.fit_users < 1:
+        fit_rows, raw = hold_out_fit_users(spec, raw, sid)
     if sid is not None and sid.mode != "off":
-        spec, raw, sid_report = add_semantic_ids(spec, raw)
+        spec, raw, sid_report = add_semantic_ids(spec, raw, fit_rows)
         _check_raw(spec, raw)
     vocabs, dense_params = _fit(spec, raw["train"], raw.get(VOCAB_KEY, {}))
     out: dict[str, dict[str, np.ndarray]] = {split: {} for split in SPLITS}

@@ -6,7 +6,8 @@ grouping. Here they are made once, in ``data prepare``, so every model sees the 
 1. **Behaviour vectors** from the training split only: a user × item incidence matrix (items in
    the user's training histories and positive targets), its item–item co-occurrence turned into
    positive PMI, factorised by truncated SVD (the item2vec / co-occurrence factorisation
-   equivalence). Items with no co-occurrence in training are *cold*.
+   equivalence). Items with no co-occurrence in training are *cold*. With ``fit_users`` < 1 only
+   a share of the training users builds them, and their rows leave the training split.
 2. **Content vectors** from the item's attributes (the other item-side sparse features, e.g. brand
    and category), one-hot, reduced by SVD. Attributes are item metadata, read from every split.
 3. **Residual k-means**: warm items' vectors (behaviour ⊕ weighted content) are clustered level by
@@ -153,12 +154,30 @@ def residual_kmeans(vectors: np.ndarray, levels: int, codebook: int, seed: int
     return codes, left
 
 
-def assign_codes(spec: DatasetSpec, raw: RawSplits, sid: SemanticIdSpec
+def hold_out_fit_users(spec: DatasetSpec, raw: RawSplits, sid: SemanticIdSpec
+                       ) -> tuple[dict[str, np.ndarray], RawSplits]:
+    """``fit_users`` < 1: a seeded share of the training users, whose training rows build the codes
+    and leave the training split. Why: a training row's target co-occurs with its own history in
+    codes fitted on every training user, which no valid or test row's target does."""
+    train = raw["train"]
+    users, inverse = np.unique(_keys(train[spec.user_id]), return_inverse=True)
+    fit_row = (np.random.default_rng(sid.seed).random(len(users)) < sid.fit_users)[inverse]
+    if fit_row.all() or not fit_row.any():
+        raise ValueError(f"semantic_ids.fit_users={sid.fit_users} leaves no training rows on one side "
+                         f"of the {len(users)} training users")
+    raw["train"] = {name: np.asarray(col)[~fit_row] for name, col in train.items()}
+    return {name: np.asarray(col)[fit_row] for name, col in train.items()}, raw
+
+
+def assign_codes(spec: DatasetSpec, raw: RawSplits, sid: SemanticIdSpec,
+                 fit_rows: dict[str, np.ndarray] | None = None
                  ) -> tuple[dict[str, list[str]], SemanticIdReport]:
-    """Raw item id -> its ``levels`` code strings, for every item in any split."""
-    items = np.unique(np.concatenate([_raw_items(raw[s][n]) for s in SPLITS
+    """Raw item id -> its ``levels`` code strings, for every item in any split; behaviour from
+    ``fit_rows`` (:func:`hold_out_fit_users`), else from the training split."""
+    splits = [raw[s] for s in SPLITS] + ([fit_rows] if fit_rows is not None else [])
+    items = np.unique(np.concatenate([_raw_items(split[n]) for split in splits
                                       for n in _item_field_names(spec, sid.item)]))
-    behaviour = behaviour_vectors(spec, raw["train"], items, sid)
+    behaviour = behaviour_vectors(spec, raw["train"] if fit_rows is None else fit_rows, items, sid)
     content = content_vectors(raw, items, sid)
     warm = np.linalg.norm(behaviour, axis=1) > 0
     vectors = np.hstack([behaviour, sid.content_weight * content])[warm]
@@ -198,13 +217,14 @@ def _map(values: np.ndarray, table: dict[str, list[str]], levels: int) -> list[n
     return [np.asarray([c[level] for c in codes], dtype=str)[inverse].reshape(shape) for level in range(levels)]
 
 
-def add_semantic_ids(spec: DatasetSpec, raw: RawSplits) -> tuple[DatasetSpec, RawSplits, SemanticIdReport]:
+def add_semantic_ids(spec: DatasetSpec, raw: RawSplits, fit_rows: dict[str, np.ndarray] | None = None
+                     ) -> tuple[DatasetSpec, RawSplits, SemanticIdReport]:
     """The spec and raw splits with ``sid_1..sid_L`` item features (and history fields sharing them);
     in ``replace`` mode the raw item id leaves the model inputs and stays only as the item key."""
     sid = spec.semantic_ids
     if sid is None or sid.mode == "off":
         raise ValueError(f"{spec.name}: semantic IDs are off in this spec")
-    table, report = assign_codes(spec, raw, sid)
+    table, report = assign_codes(spec, raw, sid, fit_rows)
     names = [f"sid_{level + 1}" for level in range(sid.levels)]
     features: list = []
     for f in spec.features:

@@ -96,6 +96,10 @@ class SemanticIdSpec(_Strict):
     content_weight: float = Field(0.5, ge=0.0)
     #: cold items (no co-occurrence in training): nearest warm item by content, or one unknown code
     cold: Literal["neighbour", "unknown"] = "neighbour"
+    #: share of the training users whose behaviour builds the codes; below 1 their training rows
+    #: also leave the training split (in every mode, ``off`` included, so it is the control), so the
+    #: codes are out-of-sample for every training row as they are for valid and test rows
+    fit_users: float = Field(1.0, gt=0.0, le=1.0)
     seed: int = 2026
 
 

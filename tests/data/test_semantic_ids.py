@@ -11,7 +11,13 @@ import pytest
 from ctrserve.contract.feature_map import FeatureMap
 from ctrserve.contract.store_schema import StoreSchema
 from ctrserve.models.data.prepare import apply_overrides, prepare
-from ctrserve.models.data.semantic_ids import UNKNOWN_CODE, add_semantic_ids, assign_codes, residual_kmeans
+from ctrserve.models.data.semantic_ids import (
+    UNKNOWN_CODE,
+    add_semantic_ids,
+    assign_codes,
+    hold_out_fit_users,
+    residual_kmeans,
+)
 from ctrserve.models.data.spec import SpecError, load_spec, parse_spec
 
 pytestmark = pytest.mark.quick
@@ -113,3 +119,21 @@ def test_replace_mode_keys_the_store_by_the_raw_item_id(tmp_path: Path) -> None:
     # every item of any split is keyed (the key's vocabulary spans the splits) and carries its codes
     assert len(records.items) == len(set(records.items.ids)) >= 140
     assert set(records.items.features) >= {"sid_1", "sid_2"}
+
+
+def test_fit_users_build_the_codes_and_leave_the_training_split() -> None:
+    spec = parse_spec({**SPEC, "semantic_ids": {**SPEC["semantic_ids"], "fit_users": 0.5}})
+    raw = planted_splits()
+    all_users = set(raw["train"]["user"].tolist())
+    fit, raw = hold_out_fit_users(spec, raw, spec.semantic_ids)
+    fit_users, kept_users = set(fit["user"].tolist()), set(raw["train"]["user"].tolist())
+    assert fit_users and kept_users and not fit_users & kept_users and fit_users | kept_users == all_users
+    assert len(fit["item"]) + len(raw["train"]["item"]) == 240
+    # an item only the kept users touched has no behaviour in the fit rows: it is cold
+    only_kept = set(raw["train"]["item"].tolist()) - set(fit["item"].tolist())
+    table, report = assign_codes(spec, raw, spec.semantic_ids, fit)
+    assert report.warm_items == len(set(fit["item"].tolist())) and set(table) >= only_kept
+    again = hold_out_fit_users(spec, planted_splits(), spec.semantic_ids)[0]
+    assert again["user"].tolist() == fit["user"].tolist()  # the same users for the same seed
+    with pytest.raises(ValueError, match="no training rows"):
+        hold_out_fit_users(spec, planted_splits(), spec.semantic_ids.model_copy(update={"fit_users": 1e-9}))
