@@ -29,6 +29,19 @@ def _parse_data_overrides(items: list[str] | None) -> dict:
     return parse_set(items or [])
 
 
+def _prepared_or_exit(dataset: str, items: list[str] | None) -> tuple[dict, Path]:
+    """The parsed ``--data-set`` overrides and the prepared directory; a bad override, spec or
+    missing file ends the command with its message (exit 2), not a traceback."""
+    from .data.spec import SpecError
+
+    try:
+        data = _parse_data_overrides(items)
+        return data, ensure_prepared(dataset, data)
+    except (SpecError, FileNotFoundError, ValueError) as exc:
+        console.print(f"[red]error:[/] {exc}")
+        raise typer.Exit(2) from None
+
+
 def prepared_dir_for(dataset: str, overrides: dict | None = None) -> Path:
     from ctrserve.paths import settings
 
@@ -137,8 +150,7 @@ def train_cmd(
     from .train.config import parse_set, resolve_config
     from .train.trainer import train
 
-    data = _parse_data_overrides(data_set)
-    prepared = ensure_prepared(dataset, data)
+    data, prepared = _prepared_or_exit(dataset, data_set)
     for s in seed or [2026]:
         try:
             cfg = resolve_config(model, dataset, config, parse_set(set_ or []), seed=s, variant=variant, data=data)
@@ -172,8 +184,7 @@ def tune_cmd(
     from .train.config import parse_set
     from .tune import tune
 
-    data = _parse_data_overrides(data_set)
-    prepared = ensure_prepared(dataset, data)
+    data, prepared = _prepared_or_exit(dataset, data_set)
     try:
         record = tune(model, dataset, prepared, settings().work_dir, trials, seed=seed,
                       fixed=parse_set(set_ or []), command=invoked_command(), data=data)

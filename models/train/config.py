@@ -79,8 +79,21 @@ def _blocks(path: Path, dataset: str) -> list[dict[str, Any]]:
     return [doc.get("Base") or {}, doc.get(dataset) or {}]
 
 
+#: the only words read as booleans: YAML 1.1 also reads on/off/yes/no as booleans, which would
+#: turn ``semantic_ids.mode=off`` into ``False``
+BOOLEAN_WORDS = ("true", "false")
+
+
+def _scalar(value: str) -> Any:
+    parsed = yaml.safe_load(value)
+    if isinstance(parsed, bool) and value.strip().lower() not in BOOLEAN_WORDS:
+        return value.strip()
+    return parsed
+
+
 def parse_set(items: list[str]) -> dict[str, Any]:
-    """``a.b=1`` -> ``{"a": {"b": 1}}``; values parsed as YAML scalars/lists."""
+    """``a.b=1`` -> ``{"a": {"b": 1}}``; values parsed as YAML scalars/lists (only true/false as
+    booleans: ``mode=off`` is the string ``off``)."""
     out: dict[str, Any] = {}
     for item in items:
         if "=" not in item:
@@ -90,7 +103,7 @@ def parse_set(items: list[str]) -> dict[str, Any]:
         parts = key.strip().split(".")
         for p in parts[:-1]:
             node = node.setdefault(p, {})
-        node[parts[-1]] = yaml.safe_load(value)
+        node[parts[-1]] = _scalar(value)
     return out
 
 

@@ -88,3 +88,14 @@ def test_eval_against_rules_prints_the_paired_gap(tmp_path: Path, monkeypatch: p
     out = runner.invoke(app, ["eval", "--run", str(run), "--against-rules"], env={"COLUMNS": "300"})
     assert out.exit_code == 0, out.output
     assert "(best on valid)" in out.output and "paired over users" in out.output and "95 % interval" in out.output
+
+
+@pytest.mark.parametrize("command", ["train", "tune"])
+def test_a_bad_data_override_is_a_message_not_a_traceback(command: str, tmp_path: Path,
+                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    from ctrserve.cli import app
+
+    monkeypatch.setenv("CTRSERVE_WORK_DIR", str(tmp_path / "work"))
+    args = [command, "--model", "lr", "--dataset", "synthetic", "--data-set", "semantic_ids.mode=sometimes"]
+    out = CliRunner().invoke(app, args, env={"COLUMNS": "300"})
+    assert out.exit_code == 2 and "semantic_ids.mode" in out.output and "Traceback" not in out.output, out.output

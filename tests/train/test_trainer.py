@@ -44,6 +44,9 @@ def test_config_merge_order_and_errors() -> None:
     assert cfg.train.embedding_reg == 0.05
     with pytest.raises(ValueError, match="key=value"):
         parse_set(["oops"])
+    # YAML 1.1 reads off/on/yes/no as booleans; an option's words must stay words
+    assert parse_set(["semantic_ids.mode=off", "a=no", "b=true", "c=False", "d=0.5"]) == {
+        "semantic_ids": {"mode": "off"}, "a": "no", "b": True, "c": False, "d": 0.5}
     with pytest.raises(ValueError):
         resolve_config("dnn", "frappe", overrides={"train": {"no_such_setting": 1}})
 
