@@ -134,8 +134,9 @@ def plot(rows: list[dict[str, Any]], out: Path) -> Path | None:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
 
-    fig, ax = plt.subplots(figsize=(6.4, 4.0))
+    fig, ax = plt.subplots(figsize=(6.4, 4.6))
     x = [v.tokens for v in vs]
     base = [v.over_baseline for v in vs]
     ax.errorbar(x, [g.value for g in base], yerr=[2 * g.se for g in base], fmt="o-", capsize=3,
@@ -148,10 +149,13 @@ def plot(rows: list[dict[str, Any]], out: Path) -> Path | None:
         ax.annotate(v.dataset, (v.tokens, v.over_baseline.value), textcoords="offset points", xytext=(4, 6),
                     fontsize=7)
     ax.axhline(0.0, color="grey", lw=0.8)
+    # whole token counts, and room around them: one dataset alone must not zoom the axis to 0.15
+    ax.set_xlim(min(x) - 2, max(x) + 2)
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_xlabel("feature tokens per sample")
     ax.set_ylabel("test AUC difference (± 2 seed SE)")
     ax.set_title("Where does deferral help?")
-    ax.legend(fontsize=8)
+    ax.legend(fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.14), ncol=2)  # below: never over a point
     fig.tight_layout()
     out.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(out, dpi=120)
