@@ -110,17 +110,17 @@ def behaviour_vectors(spec: DatasetSpec, train: dict[str, np.ndarray], items: np
     return _normalise(vec)
 
 
-def content_vectors(raw: RawSplits, items: np.ndarray, sid: SemanticIdSpec) -> np.ndarray:
+def content_vectors(splits: list[dict[str, np.ndarray]], items: np.ndarray, sid: SemanticIdSpec) -> np.ndarray:
     """``[len(items), ≤ content_dim]`` L2-normalised SVD of the items' one-hot attributes (last
-    value seen in any split); zero rows for items without attributes; ``[n, 0]`` without any."""
+    value seen in any of ``splits``); zero rows for items without attributes; ``[n, 0]`` without any."""
     if not sid.attributes:
         return np.zeros((len(items), 0))
     blocks = []
     for attr in sid.attributes:
         values = np.full(len(items), "", dtype=object)
-        for split in ("train", "valid", "test"):
-            ids = _keys(raw[split][sid.item])
-            vals = np.asarray(raw[split][attr]).astype(str)
+        for split in splits:
+            ids = _keys(split[sid.item])
+            vals = np.asarray(split[attr]).astype(str)
             ok = _present(ids) & (vals != "") & (vals != "-1")
             values[np.searchsorted(items, ids[ok])] = vals[ok]  # the last value seen wins
         present = values != ""
@@ -178,7 +178,7 @@ def assign_codes(spec: DatasetSpec, raw: RawSplits, sid: SemanticIdSpec,
     items = np.unique(np.concatenate([_raw_items(split[n]) for split in splits
                                       for n in _item_field_names(spec, sid.item)]))
     behaviour = behaviour_vectors(spec, raw["train"] if fit_rows is None else fit_rows, items, sid)
-    content = content_vectors(raw, items, sid)
+    content = content_vectors(splits, items, sid)  # the fit rows' items have attributes too
     warm = np.linalg.norm(behaviour, axis=1) > 0
     vectors = np.hstack([behaviour, sid.content_weight * content])[warm]
     codes, left = residual_kmeans(vectors, sid.levels, sid.codebook, sid.seed)
