@@ -29,14 +29,14 @@ def _parse_data_overrides(items: list[str] | None) -> dict:
     return parse_set(items or [])
 
 
-def _prepared_or_exit(dataset: str, items: list[str] | None) -> tuple[dict, Path]:
-    """The parsed ``--data-set`` overrides and the prepared directory; a bad override, spec or
-    missing file ends the command with its message (exit 2), not a traceback."""
+def _prepared_or_exit(dataset: str, items: list[str] | None, force: bool = False) -> tuple[dict, Path]:
+    """The parsed data overrides and the prepared directory; a bad override, spec or missing file
+    ends the command with its message (exit 2), not a traceback."""
     from .data.spec import SpecError
 
     try:
         data = _parse_data_overrides(items)
-        return data, ensure_prepared(dataset, data)
+        return data, ensure_prepared(dataset, data, force=force)
     except (SpecError, FileNotFoundError, ValueError) as exc:
         console.print(f"[red]error:[/] {exc}")
         raise typer.Exit(2) from None
@@ -69,13 +69,7 @@ def data_prepare(
     set_: SetOpt = None,
 ) -> None:
     """Build vocabularies, normalise numbers, measure information density, write splits."""
-    from .data.spec import SpecError
-
-    try:
-        out = ensure_prepared(dataset, _parse_data_overrides(set_), force=True)
-    except (SpecError, FileNotFoundError, ValueError) as exc:
-        console.print(f"[red]error:[/] {exc}")
-        raise typer.Exit(2) from None
+    _, out = _prepared_or_exit(dataset, set_, force=True)
     _print_density(out)
 
 

@@ -158,15 +158,16 @@ def hold_out_fit_users(spec: DatasetSpec, raw: RawSplits, sid: SemanticIdSpec
                        ) -> tuple[dict[str, np.ndarray], RawSplits]:
     """``fit_users`` < 1: a seeded share of the training users, whose training rows build the codes
     and leave the training split. Why: a training row's target co-occurs with its own history in
-    codes fitted on every training user, which no valid or test row's target does."""
-    train = raw["train"]
+    codes fitted on every training user, which no valid or test row's target does. Returns the fit
+    rows and the splits without them; ``raw`` itself is left as it was."""
+    train = {name: np.asarray(col) for name, col in raw["train"].items()}
     users, inverse = np.unique(_keys(train[spec.user_id]), return_inverse=True)
     fit_row = (np.random.default_rng(sid.seed).random(len(users)) < sid.fit_users)[inverse]
     if fit_row.all() or not fit_row.any():
         raise ValueError(f"semantic_ids.fit_users={sid.fit_users} leaves no training rows on one side "
                          f"of the {len(users)} training users")
-    raw["train"] = {name: np.asarray(col)[~fit_row] for name, col in train.items()}
-    return {name: np.asarray(col)[fit_row] for name, col in train.items()}, raw
+    kept = {name: col[~fit_row] for name, col in train.items()}
+    return {name: col[fit_row] for name, col in train.items()}, {**raw, "train": kept}
 
 
 def assign_codes(spec: DatasetSpec, raw: RawSplits, sid: SemanticIdSpec,
