@@ -176,7 +176,7 @@ def tune_cmd(
     from ctrserve.paths import settings
 
     from .train.config import parse_set
-    from .tune import tune
+    from .tune import DEFAULTS, tune
 
     data, prepared = _prepared_or_exit(dataset, data_set)
     try:
@@ -186,8 +186,10 @@ def tune_cmd(
         console.print(f"[red]error:[/] {exc}")
         raise typer.Exit(2) from None
     best = record["best"]
+    source = (f"its default settings, above the {len(record['trials'])} trials" if best["number"] == DEFAULTS
+              else f"trial {best['number']} of {len(record['trials'])}")
     console.print(f"[bold green]{model}[/] on {dataset}: best valid AUC {best['valid_auc']:.4f} "
-                  f"(trial {best['number']} of {len(record['trials'])}): {best['values']}")
+                  f"({source}): {best['values']}")
 
 
 def eval_cmd(

@@ -42,7 +42,7 @@ FINETUNE_EPOCHS = 3
 
 @dataclass
 class Step:
-    kind: Literal["tune", "train", "calibrate"]
+    kind: Literal["tune", "defaults", "train", "calibrate"]
     model: str
     variant: str = TUNED
     seed: int = 0
@@ -50,8 +50,8 @@ class Step:
     done: bool = False
 
     def label(self) -> str:
-        if self.kind == "tune":
-            return f"tune {self.model}"
+        if self.kind in ("tune", "defaults"):
+            return f"{self.kind} {self.model}"
         return f"{self.kind} {self.model} {self.variant} seed {self.seed}"
 
 
@@ -81,18 +81,22 @@ class Contest:
     def tuned_config(self, model: str) -> Path:
         return self.out_root / "models" / "configs" / "tuned" / self.dataset_id / f"{model}.yaml"
 
-    def finished_trials(self, model: str) -> int:
-        from .tune import BUDGET_STATES  # optuna, torch: not at import
-
+    def tuning_record(self, model: str) -> dict[str, Any]:
+        """The model's search record (empty before its study); refused when searched with other held settings."""
         record = self.out_root / "docs" / "tuning" / self.dataset_id / f"{model}.json"
         if not record.exists():
-            return 0
+            return {}
         saved = json.loads(record.read_text())
         if (saved.get("fixed") or {}) != self.fixed:
             # one study, one budget: trials run with other held settings are not this contest's
             raise ValueError(f"{record} was searched with held settings {saved.get('fixed')}, not {self.fixed}; "
                              "pass the same --set, or remove the record and its study to start again")
-        return sum(t["state"] in BUDGET_STATES for t in saved["trials"])
+        return saved
+
+    def finished_trials(self, model: str) -> int:
+        from .tune import BUDGET_STATES  # optuna, torch: not at import
+
+        return sum(t["state"] in BUDGET_STATES for t in self.tuning_record(model).get("trials", []))
 
     def _flags(self) -> str:
         return f"--dataset {self.dataset}{_options('--data-set', self.data)}"
@@ -131,6 +135,7 @@ def plan(contest: Contest) -> list[Step]:
     steps: list[Step] = []
     for model in contest.models:
         steps.append(Step("tune", model, done=contest.finished_trials(model) >= contest.trials))
+        steps.append(Step("defaults", model, done="defaults" in contest.tuning_record(model)))
         for variant, overrides in [(TUNED, {}), *ABLATIONS.get(model, {}).items()]:
             steps += [Step("train", model, variant, s, overrides, (model, variant, s) in recorded)
                       for s in contest.seeds]
@@ -143,12 +148,11 @@ def run(contest: Contest, prepared: Path, say: Callable[[str], None] = print) ->
     """Run every step not yet done; returns the plan as it stands at the end."""
     from .train.results import record_result, write_markdown
 
-    for step in plan(contest):
-        if step.done:
-            continue
+    # planned again after every step: a defaults step that changes the choice drops the runs of the old one
+    while (step := next((s for s in plan(contest) if not s.done), None)) is not None:
         say(f"contest {contest.dataset_id}: {step.label()}")
-        if step.kind == "tune":
-            _tune(contest, prepared, step.model)
+        if step.kind in ("tune", "defaults"):
+            _tune(contest, prepared, step, say)
             continue
         if step.kind == "train":
             metrics = _train(contest, prepared, step, record=True).metrics
@@ -159,11 +163,28 @@ def run(contest: Contest, prepared: Path, say: Callable[[str], None] = print) ->
     return plan(contest)
 
 
-def _tune(contest: Contest, prepared: Path, model: str) -> None:
-    from .tune import tune
+def _tune(contest: Contest, prepared: Path, step: Step, say: Callable[[str], None]) -> None:
+    """The search and the defaults trial beside it (``tune``), or the defaults trial alone for a
+    search recorded before it existed; records trained at an earlier choice are then dropped, so the
+    plan trains them again."""
+    from .train.results import drop_results
+    from .tune import defaults_trial, tune
 
-    tune(model, contest.dataset, prepared, contest.work, contest.trials, seed=1, fixed=contest.fixed,
-         command=contest.tune_command(model), out_root=contest.out_root, data=contest.data)
+    model = step.model
+    before = contest.tuning_record(model).get("best")
+    if step.kind == "defaults":
+        record = defaults_trial(model, contest.dataset, prepared, contest.work, 1, contest.fixed, contest.data,
+                                contest.out_root)
+    else:
+        record = tune(model, contest.dataset, prepared, contest.work, contest.trials, seed=1, fixed=contest.fixed,
+                      command=contest.tune_command(model), out_root=contest.out_root, data=contest.data)
+    after = record["best"]
+    if before is not None and before["number"] != after["number"]:
+        variants = {TUNED, STATIC, *ABLATIONS.get(model, {})}
+        gone = drop_results(lambda r: (r["dataset"], r["model"]) == (contest.dataset_id, model)
+                            and r["variant"] in variants, contest.results_json)
+        say(f"contest {contest.dataset_id}: {model} now uses {after['number']} (valid AUC {after['valid_auc']:.4f}); "
+            f"{len(gone)} runs at the earlier choice dropped, to train again")
 
 
 def _train(contest: Contest, prepared: Path, step: Step, record: bool) -> TrainResult:

@@ -7,6 +7,7 @@ import fcntl
 import json
 import math
 from collections import defaultdict
+from collections.abc import Callable
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -60,6 +61,14 @@ def _record(metrics: dict[str, Any], path: Path) -> dict[str, Any]:
     rows.sort(key=lambda r: (r["dataset"], r["model"], r["variant"], r["seed"]))
     path.write_text(json.dumps(rows, indent=1) + "\n")
     return record
+
+
+def drop_results(match: Callable[[dict[str, Any]], bool], path: Path = RESULTS_JSON) -> list[dict[str, Any]]:
+    """Remove the records ``match`` selects (runs of a setting since replaced); returns them."""
+    with _locked(path):
+        rows = load_results(path)
+        path.write_text(json.dumps([r for r in rows if not match(r)], indent=1) + "\n")
+    return [r for r in rows if match(r)]
 
 
 def _mean_std(xs: list[float]) -> tuple[float, float]:

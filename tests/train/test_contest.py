@@ -30,8 +30,9 @@ def test_a_contest_records_each_step_once_and_resumes(tiny_prepared: Path, tmp_p
     contest = make_contest(tmp_path)
     before = plan(contest)
     assert [s.label() for s in before] == [
-        "tune dnn", "train dnn tuned seed 1", "tune mgdin", "train mgdin tuned seed 1",
-        "train mgdin tuned_wo_di seed 1", "calibrate mgdin tuned_static_masks_finetuned seed 1"]
+        "tune dnn", "defaults dnn", "train dnn tuned seed 1",
+        "tune mgdin", "defaults mgdin", "train mgdin tuned seed 1", "train mgdin tuned_wo_di seed 1",
+        "calibrate mgdin tuned_static_masks_finetuned seed 1"]
     assert not any(s.done for s in before)
 
     after = run(contest, tiny_prepared, say=lambda _: None)
@@ -79,6 +80,28 @@ def test_static_masks_of_a_lost_run_are_calibrated_from_a_retrained_seed(tiny_pr
     assert again["auc"] == pytest.approx(static["auc"], abs=1e-4)
     # the retrained seed was not recorded a second time
     assert sum(r["variant"] == TUNED for r in load_results(contest.results_json)) == 1
+
+
+def test_a_contest_tuned_without_the_defaults_trial_gets_it_and_retrains_when_the_choice_changes(
+        tiny_prepared: Path, tmp_path: Path) -> None:
+    contest = make_contest(tmp_path)
+    contest.models = ["dnn"]
+    run(contest, tiny_prepared, say=lambda _: None)
+    (first,) = load_results(contest.results_json)
+    # a record from before the defaults trial existed, whose search found nothing good
+    path = tmp_path / "docs" / "tuning" / "synthetic" / "dnn.json"
+    record = json.loads(path.read_text())
+    del record["defaults"]
+    record["trials"][0]["valid_auc"] = record["best"]["valid_auc"] = 0.1
+    record["best"]["number"] = 0
+    path.write_text(json.dumps(record))
+    assert [s.label() for s in plan(contest) if not s.done] == ["defaults dnn"]
+    said: list[str] = []
+    after = run(contest, tiny_prepared, say=said.append)
+    assert all(s.done for s in after) and any("1 runs at the earlier choice dropped" in m for m in said)
+    assert json.loads(path.read_text())["best"]["number"] == "defaults"
+    (again,) = load_results(contest.results_json)
+    assert again["variant"] == TUNED and again["auc"] != first["auc"]  # trained again, at the defaults
 
 
 def test_a_study_searched_with_other_held_settings_is_refused(tiny_prepared: Path, tmp_path: Path) -> None:

@@ -10,7 +10,7 @@ import optuna
 import pytest
 
 from ctrserve.models.train.config import resolve_config
-from ctrserve.models.tune import as_overrides, search_space, suggest, tune
+from ctrserve.models.tune import DEFAULTS, as_overrides, search_space, suggest, tune, write_choice
 
 pytestmark = pytest.mark.slow
 
@@ -41,13 +41,14 @@ def test_a_study_records_every_trial_and_hands_its_best_to_train(tiny_prepared: 
     assert saved == json.loads(json.dumps(record))
     assert len(saved["trials"]) == 2 and all(t["state"] == "COMPLETE" for t in saved["trials"])
     aucs = [t["valid_auc"] for t in saved["trials"]]
-    assert saved["best"]["valid_auc"] == max(aucs) and 0.5 < max(aucs) <= 1.0
+    assert 0.5 < max(aucs) <= 1.0 and 0.5 < saved["defaults"]["valid_auc"] <= 1.0
+    assert saved["best"]["valid_auc"] == max(*aucs, saved["defaults"]["valid_auc"])
     # the two trials sampled different settings
     assert saved["trials"][0]["params"] != saved["trials"][1]["params"]
     cfg_file = tmp_path / "models" / "configs" / "tuned" / "synthetic" / "dnn.yaml"
     cfg = resolve_config("dnn", "synthetic", config_file=cfg_file)
     best = saved["best"]["values"]
-    assert cfg.train.lr == pytest.approx(best["train.lr"]) and cfg.params["dropout"] == best["model.dropout"]
+    assert cfg.train.lr == pytest.approx(best.get("train.lr", resolve_config("dnn", "synthetic").train.lr))
     # settings held fixed are not searched, and travel with the chosen ones
     assert "model.hidden" not in saved["search_space"] and "model.hidden" not in best
     assert cfg.train.max_epochs == 2 and cfg.params["hidden"] == [8]
@@ -84,3 +85,23 @@ def test_a_resumed_study_draws_new_settings_and_does_not_count_an_interrupted_tr
     assert [t["state"] for t in record["trials"]] == ["COMPLETE", "FAIL", "COMPLETE"]
     first, _, resumed = record["trials"]
     assert resumed["params"] != first["params"]
+
+
+def test_the_defaults_are_chosen_only_when_they_beat_every_trial(tmp_path: Path) -> None:
+    space = {"train.lr": {"low": 1e-3, "high": 1e-2, "log": True}}
+    record = {"model": "dnn", "dataset": "synthetic", "command": "ctrserve tune", "search_space": space,
+              "fixed": FIXED, "trials": [
+                  {"number": 0, "state": "COMPLETE", "valid_auc": 0.70, "params": {"train.lr": 2e-3}},
+                  {"number": 1, "state": "PRUNED", "valid_auc": 0.90, "params": {"train.lr": 5e-3}},
+                  {"number": 2, "state": "COMPLETE", "valid_auc": 0.75, "params": {"train.lr": 4e-3}}]}
+    cfg_file = tmp_path / "models" / "configs" / "tuned" / "synthetic" / "dnn.yaml"
+    # a pruned trial's value is its last epoch's, not a finished run's: it is never chosen
+    chosen = write_choice({**record, DEFAULTS: {"valid_auc": 0.75}}, tmp_path)["best"]
+    assert chosen == {"number": 2, "valid_auc": 0.75, "values": {"train.lr": 4e-3}}  # a tie keeps the trial
+    assert resolve_config("dnn", "synthetic", config_file=cfg_file).train.lr == pytest.approx(4e-3)
+
+    chosen = write_choice({**record, DEFAULTS: {"valid_auc": 0.80}}, tmp_path)["best"]
+    assert chosen == {"number": DEFAULTS, "valid_auc": 0.80, "values": {}}
+    cfg = resolve_config("dnn", "synthetic", config_file=cfg_file)
+    assert cfg.train.lr == pytest.approx(resolve_config("dnn", "synthetic").train.lr)
+    assert cfg.train.max_epochs == 2 and "the model's defaults" in cfg_file.read_text().splitlines()[0]
