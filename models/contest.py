@@ -2,10 +2,11 @@
 
 Every model gets the same budget: ``tune`` (models/tune.py) to ``trials`` finished trials, with the
 same settings held out of the search (``--set``, e.g. an epoch cap), all chosen on the validation
-split. Then each seed trains at the tuned settings and is recorded as variant ``tuned``. MGDIN also
-gets its w/o-DI ablation at its own tuned settings (``tuned_wo_di``) and static masks calibrated
-from each tuned run and fine-tuned with them (``tuned_static_masks_finetuned``), the serving form
-the verdict is about.
+split, and the model's own settings trained once beside the trials (chosen when better on
+validation). Then each seed trains at the chosen settings and is recorded as variant ``tuned``.
+MGDIN also gets its w/o-DI ablation at its own tuned settings (``tuned_wo_di``) and static masks
+calibrated from each tuned run and fine-tuned with them (``tuned_static_masks_finetuned``), the
+serving form the verdict is about.
 
 Each step first looks at what is already there (the study's finished trials, the records in
 docs/results.json), so a contest stopped at any point resumes where it stopped, and ``plan`` lists
