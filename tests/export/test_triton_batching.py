@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import time
 import urllib.request
 from pathlib import Path
 
@@ -48,10 +49,18 @@ def user_requests(repo: Path, tiny_prepared: Path) -> list[dict[str, np.ndarray]
             for row, start, size in zip(users, starts, SIZES, strict=True)]
 
 
-def _stats(server) -> tuple[int, int]:
-    with urllib.request.urlopen(f"{server.http_url}/v2/models/{NAME}/versions/1/stats", timeout=10) as r:
-        stats = json.loads(r.read())["model_stats"][0]
-    return int(stats["inference_count"]), int(stats["execution_count"])
+def _stats(server, at_least: int = 0) -> tuple[int, int]:
+    """(inference count, execution count), once the inference count reaches ``at_least`` (within
+    5 s): Triton counts a request after sending its response, so a read right after the last
+    response can miss it (seen on a loaded host: 19 counted for 18 merged requests)."""
+    deadline = time.monotonic() + 5.0
+    while True:
+        with urllib.request.urlopen(f"{server.http_url}/v2/models/{NAME}/versions/1/stats", timeout=10) as r:
+            stats = json.loads(r.read())["model_stats"][0]
+        counts = int(stats["inference_count"]), int(stats["execution_count"])
+        if counts[0] >= at_least or time.monotonic() > deadline:
+            return counts
+        time.sleep(0.05)
 
 
 async def _score(url: str, requests: list[dict], together: bool) -> list[np.ndarray]:
@@ -93,10 +102,10 @@ def test_merged_requests_score_like_single_calls_and_embedded_ort(repo: Path, us
     server = tritonserver(repo, models=[])
     server.load(NAME, versions=[1])
     single = asyncio.run(_score(server.grpc_url, user_requests, together=False))
-    before = _stats(server)
+    before = _stats(server, at_least=len(SIZES))  # a fresh server: the single calls are all it counted
     rounds = 3
     merged = [asyncio.run(_score(server.grpc_url, user_requests, together=True)) for _ in range(rounds)]
-    after = _stats(server)
+    after = _stats(server, at_least=before[0] + rounds * len(SIZES))
 
     for i, (ref, one) in enumerate(zip(reference, single, strict=True)):
         assert one.shape == (SIZES[i],)
@@ -123,7 +132,7 @@ def test_a_bad_request_fails_alone_in_its_batch(repo: Path, user_requests, trito
     server = tritonserver(repo, models=[])
     server.load(NAME, versions=[1])
     expected = asyncio.run(_score(server.grpc_url, user_requests, together=False))
-    before = _stats(server)
+    before = _stats(server, at_least=len(user_requests))
 
     async def together() -> list:
         from ctrserve.service.backends.triton import TritonBackend, TritonClient
@@ -138,7 +147,7 @@ def test_a_bad_request_fails_alone_in_its_batch(repo: Path, user_requests, trito
             await client.close()
 
     *good, error = asyncio.run(together())
-    after = _stats(server)
+    after = _stats(server, at_least=before[0] + len(user_requests))
     assert isinstance(error, BackendError) and "candidate inputs must share one shape" in str(error), error
     for got, ref in zip(good, expected, strict=True):
         assert not isinstance(got, BaseException), got
