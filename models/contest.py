@@ -184,7 +184,8 @@ def _tune(contest: Contest, prepared: Path, step: Step, say: Callable[[str], Non
         variants = {TUNED, STATIC, *ABLATIONS.get(model, {})}
         gone = drop_results(lambda r: (r["dataset"], r["model"]) == (contest.dataset_id, model)
                             and r["variant"] in variants, contest.results_json)
-        say(f"contest {contest.dataset_id}: {model} now uses {after['number']} (valid AUC {after['valid_auc']:.4f}); "
+        chosen = "its defaults" if after["number"] == "defaults" else f"trial {after['number']}"
+        say(f"contest {contest.dataset_id}: {model} now uses {chosen} (valid AUC {after['valid_auc']:.4f}); "
             f"{len(gone)} runs at the earlier choice dropped, to train again")
 
 
