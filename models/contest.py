@@ -80,11 +80,15 @@ class Contest:
         return self.out_root / "docs" / "results.json"
 
     def tuned_config(self, model: str) -> Path:
-        return self.out_root / "models" / "configs" / "tuned" / self.dataset_id / f"{model}.yaml"
+        from .tune import config_path  # optuna, torch: not at import
+
+        return config_path(self.out_root, self.dataset_id, model)
 
     def tuning_record(self, model: str) -> dict[str, Any]:
         """The model's search record (empty before its study); refused when searched with other held settings."""
-        record = self.out_root / "docs" / "tuning" / self.dataset_id / f"{model}.json"
+        from .tune import record_path  # optuna, torch: not at import
+
+        record = record_path(self.out_root, self.dataset_id, model)
         if not record.exists():
             return {}
         saved = json.loads(record.read_text())
@@ -93,11 +97,6 @@ class Contest:
             raise ValueError(f"{record} was searched with held settings {saved.get('fixed')}, not {self.fixed}; "
                              "pass the same --set, or remove the record and its study to start again")
         return saved
-
-    def finished_trials(self, model: str) -> int:
-        from .tune import BUDGET_STATES  # optuna, torch: not at import
-
-        return sum(t["state"] in BUDGET_STATES for t in self.tuning_record(model).get("trials", []))
 
     def _flags(self) -> str:
         return f"--dataset {self.dataset}{_options('--data-set', self.data)}"
@@ -130,13 +129,16 @@ def _flat(blocks: dict[str, Any], prefix: str = "") -> list[tuple[str, Any]]:
 def plan(contest: Contest) -> list[Step]:
     """Every step of the contest in order, each marked done from the study and the records."""
     from .train.results import load_results
+    from .tune import BUDGET_STATES, DEFAULTS
 
     recorded = {(r["model"], r["variant"], r["seed"]) for r in load_results(contest.results_json)
                 if r["dataset"] == contest.dataset_id}
     steps: list[Step] = []
     for model in contest.models:
-        steps.append(Step("tune", model, done=contest.finished_trials(model) >= contest.trials))
-        steps.append(Step("defaults", model, done="defaults" in contest.tuning_record(model)))
+        searched = contest.tuning_record(model)
+        finished = sum(t["state"] in BUDGET_STATES for t in searched.get("trials", []))
+        steps.append(Step("tune", model, done=finished >= contest.trials))
+        steps.append(Step("defaults", model, done=DEFAULTS in searched))
         for variant, overrides in [(TUNED, {}), *ABLATIONS.get(model, {}).items()]:
             steps += [Step("train", model, variant, s, overrides, (model, variant, s) in recorded)
                       for s in contest.seeds]
@@ -169,13 +171,12 @@ def _tune(contest: Contest, prepared: Path, step: Step, say: Callable[[str], Non
     search recorded before it existed; records trained at an earlier choice are then dropped, so the
     plan trains them again."""
     from .train.results import drop_results
-    from .tune import defaults_trial, tune
+    from .tune import DEFAULTS, defaults_trial, tune
 
     model = step.model
     before = contest.tuning_record(model).get("best")
     if step.kind == "defaults":
-        record = defaults_trial(model, contest.dataset, prepared, contest.work, 1, contest.fixed, contest.data,
-                                contest.out_root)
+        record = defaults_trial(model, contest.dataset, prepared, contest.work, 1, contest.data, contest.out_root)
     else:
         record = tune(model, contest.dataset, prepared, contest.work, contest.trials, seed=1, fixed=contest.fixed,
                       command=contest.tune_command(model), out_root=contest.out_root, data=contest.data)
@@ -184,7 +185,7 @@ def _tune(contest: Contest, prepared: Path, step: Step, say: Callable[[str], Non
         variants = {TUNED, STATIC, *ABLATIONS.get(model, {})}
         gone = drop_results(lambda r: (r["dataset"], r["model"]) == (contest.dataset_id, model)
                             and r["variant"] in variants, contest.results_json)
-        chosen = "its defaults" if after["number"] == "defaults" else f"trial {after['number']}"
+        chosen = "its defaults" if after["number"] == DEFAULTS else f"trial {after['number']}"
         say(f"contest {contest.dataset_id}: {model} now uses {chosen} (valid AUC {after['valid_auc']:.4f}); "
             f"{len(gone)} runs at the earlier choice dropped, to train again")
 

@@ -48,7 +48,11 @@ def test_a_study_records_every_trial_and_hands_its_best_to_train(tiny_prepared: 
     cfg_file = tmp_path / "models" / "configs" / "tuned" / "synthetic" / "dnn.yaml"
     cfg = resolve_config("dnn", "synthetic", config_file=cfg_file)
     best = saved["best"]["values"]
-    assert cfg.train.lr == pytest.approx(best.get("train.lr", resolve_config("dnn", "synthetic").train.lr))
+    # the chosen trial's values, or none at all when the defaults won
+    assert (best == {}) == (saved["best"]["number"] == DEFAULTS)
+    chosen = resolve_config("dnn", "synthetic", overrides=FIXED) if not best else None
+    assert cfg.train.lr == pytest.approx(best["train.lr"] if best else chosen.train.lr)
+    assert cfg.params["dropout"] == (best["model.dropout"] if best else chosen.params["dropout"])
     # settings held fixed are not searched, and travel with the chosen ones
     assert "model.hidden" not in saved["search_space"] and "model.hidden" not in best
     assert cfg.train.max_epochs == 2 and cfg.params["hidden"] == [8]
