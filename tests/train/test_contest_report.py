@@ -1,0 +1,39 @@
+"""The contest verdict from hand-made records: which arm is served, and what the table says about it."""
+
+from __future__ import annotations
+
+import pytest
+
+from ctrserve.models.train.contest_report import STATIC, TUNED, WO_DI, markdown, verdicts
+
+pytestmark = pytest.mark.quick
+
+
+def _rows(variants: dict[tuple[str, str], list[float]]) -> list[dict]:
+    return [{"model": m, "variant": v, "dataset": "d", "seed": s, "auc": a, "tokens": 12}
+            for (m, v), aucs in variants.items() for s, a in enumerate(aucs, 1)]
+
+
+def test_calibrated_mgdin_is_judged_with_its_static_masks() -> None:
+    rows = _rows({("dnn", TUNED): [0.80, 0.81, 0.82], ("dcnv2", TUNED): [0.70, 0.70, 0.70],
+                  ("mgdin", TUNED): [0.83, 0.84, 0.85], ("mgdin", STATIC): [0.82, 0.83, 0.84],
+                  ("mgdin", WO_DI): [0.80, 0.80, 0.80]})
+    (v,) = verdicts(rows)
+    assert v.best_baseline.model == "dnn" and v.mgdin.variant == STATIC
+    assert v.over_baseline.value == pytest.approx(0.02) and v.over_baseline.beyond_noise
+    assert v.over_wo_di is not None and v.over_wo_di.value == pytest.approx(0.04)  # dynamic against w/o DI
+    assert v.static_minus_dynamic == pytest.approx(-0.01)
+    row = next(line for line in markdown(rows) if line.startswith("| d |"))
+    assert "(3 seeds)" in row and "-0.0100 (over 0.002)" in row
+
+
+def test_uncalibrated_mgdin_is_shown_as_dynamic_without_a_static_gap() -> None:
+    rows = _rows({("dnn", TUNED): [0.80, 0.81], ("mgdin", TUNED): [0.79, 0.80]})
+    (v,) = verdicts(rows)
+    assert v.static is None and v.mgdin.variant == TUNED and v.static_minus_dynamic is None
+    row = next(line for line in markdown(rows) if line.startswith("| d |"))
+    assert "dynamic: not calibrated yet" in row and row.rstrip().endswith("| – | – |")
+
+
+def test_no_verdict_without_a_tuned_baseline() -> None:
+    assert verdicts(_rows({("mgdin", TUNED): [0.8]})) == [] and markdown([]) == []
