@@ -154,7 +154,9 @@ def plot(rows: list[dict[str, Any]], out: Path) -> Path | None:
                     fmt="s--", capsize=3, label="MGDIN − MGDIN w/o deferred interaction")
     for v in vs:
         label = v.dataset + ("" if v.static else " (dynamic masks)")
-        ax.annotate(label, (v.tokens, v.over_baseline.value), textcoords="offset points", xytext=(4, 6), fontsize=7)
+        right = v.tokens == max(x)  # the rightmost label reads leftwards, inside the axes
+        ax.annotate(label, (v.tokens, v.over_baseline.value), textcoords="offset points",
+                    xytext=(-4 if right else 4, 6), ha="right" if right else "left", fontsize=7)
     ax.axhline(0.0, color="grey", lw=0.8)
     # whole token counts, and room around them: one dataset alone must not zoom the axis to 0.15
     ax.set_xlim(min(x) - 2, max(x) + 2)
