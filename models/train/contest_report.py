@@ -152,14 +152,15 @@ def plot(rows: list[dict[str, Any]], out: Path) -> Path | None:
     if di:
         ax.errorbar([t + 0.15 for t, _ in di], [g.value for _, g in di], yerr=[2 * g.se for _, g in di],
                     fmt="s--", capsize=3, label="MGDIN − MGDIN w/o deferred interaction")
+    rightmost = max(x)
     for v in vs:
         label = v.dataset + ("" if v.static else " (dynamic masks)")
-        right = v.tokens == max(x)  # the rightmost label reads leftwards, inside the axes
+        right = v.tokens == rightmost  # the rightmost label reads leftwards, inside the axes
         ax.annotate(label, (v.tokens, v.over_baseline.value), textcoords="offset points",
                     xytext=(-4 if right else 4, 6), ha="right" if right else "left", fontsize=7)
     ax.axhline(0.0, color="grey", lw=0.8)
     # whole token counts, and room around them: one dataset alone must not zoom the axis to 0.15
-    ax.set_xlim(min(x) - 2, max(x) + 2)
+    ax.set_xlim(min(x) - 2, rightmost + 2)
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_xlabel("feature tokens per sample")
     ax.set_ylabel("test AUC difference (± 2 seed SE)")
