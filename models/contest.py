@@ -185,6 +185,8 @@ def _tune(contest: Contest, prepared: Path, step: Step, say: Callable[[str], Non
         variants = {TUNED, STATIC, *ABLATIONS.get(model, {})}
         gone = drop_results(lambda r: (r["dataset"], r["model"]) == (contest.dataset_id, model)
                             and r["variant"] in variants, contest.results_json)
+        if not gone:  # a search resumed from its partial record: nothing was trained at its best so far
+            return
         chosen = "its defaults" if after["number"] == DEFAULTS else f"trial {after['number']}"
         say(f"contest {contest.dataset_id}: {model} now uses {chosen} (valid AUC {after['valid_auc']:.4f}); "
             f"{len(gone)} runs at the earlier choice dropped, to train again")

@@ -15,6 +15,9 @@ Beside the budget, the model's own settings train once like a trial and are chos
 every trial on validation (``defaults`` in the record), so tuning never returns a worse setting.
 
 The study lives in ``work/tuning/<dataset>/<model>.db`` (SQLite), so an interrupted search resumes.
+The record is rewritten after every finished trial with each trial's per-epoch validation AUC, so a
+study lost with its machine (a fresh clone has no ``work/``) is rebuilt from the record and resumes
+there too: only the trial that was running is trained again.
 """
 
 from __future__ import annotations
@@ -26,6 +29,7 @@ from typing import Any
 
 import optuna
 import yaml
+from optuna.distributions import BaseDistribution, CategoricalDistribution, FloatDistribution
 
 from .data.prepare import dataset_identity
 from .train.config import resolve_config
@@ -52,16 +56,27 @@ def search_space(model: str, path: Path = SEARCH_FILE) -> dict[str, dict[str, An
     return space
 
 
-def suggest(trial: optuna.Trial, space: dict[str, dict[str, Any]]) -> dict[str, Any]:
-    """One value per key; list-valued choices travel as their JSON text (Optuna stores scalars)."""
-    values: dict[str, Any] = {}
+def distributions(space: dict[str, dict[str, Any]]) -> dict[str, BaseDistribution]:
+    """The Optuna distribution each key is drawn from; list-valued choices travel as their JSON
+    text (Optuna stores scalars)."""
+    out: dict[str, BaseDistribution] = {}
     for key, spec in space.items():
         if "choice" in spec:
-            options = [json.dumps(c) if isinstance(c, list) else c for c in spec["choice"]]
-            picked = trial.suggest_categorical(key, options)
+            out[key] = CategoricalDistribution([json.dumps(c) if isinstance(c, list) else c for c in spec["choice"]])
+        else:
+            out[key] = FloatDistribution(float(spec["low"]), float(spec["high"]), log=bool(spec.get("log")))
+    return out
+
+
+def suggest(trial: optuna.Trial, space: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    """One value per key, list-valued choices back as lists."""
+    values: dict[str, Any] = {}
+    for key, dist in distributions(space).items():
+        if isinstance(dist, CategoricalDistribution):
+            picked = trial.suggest_categorical(key, dist.choices)
             values[key] = json.loads(picked) if isinstance(picked, str) and picked.startswith("[") else picked
         else:
-            values[key] = trial.suggest_float(key, float(spec["low"]), float(spec["high"]), log=bool(spec.get("log")))
+            values[key] = trial.suggest_float(key, dist.low, dist.high, log=dist.log)
     return values
 
 
@@ -119,15 +134,41 @@ def tune(model: str, dataset: str, prepared: Path, work: Path, trials: int, seed
     # A fresh sampler seeded with `seed` alone would replay the first trials' settings after a
     # resume (its start-up draws restart); offsetting by the trials already stored keeps a fresh
     # study exactly as before and gives a resumed one new settings.
+    restore(study, record_path(out_root, name, model), space, fixed)
     study.sampler = optuna.samplers.TPESampler(seed=seed + len(study.trials))
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     done = [t for t in study.trials if t.state.name in BUDGET_STATES]
     if len(done) < trials:
+        def save(study: optuna.Study, _: optuna.trial.FrozenTrial) -> None:
+            if any(t.state.name == "COMPLETE" for t in study.trials):
+                write_record(study, model, name, space, fixed, command, out_root)
+
         study.optimize(objective(model, dataset, prepared, db.parent / "runs", space, seed, fixed, data),
-                       n_trials=trials - len(done))
+                       n_trials=trials - len(done), callbacks=[save])
     # the trials' record is written before the defaults train: a search stopped there keeps its record
     record = write_record(study, model, name, space, fixed, command, out_root)
     return _with_defaults(record, dataset, prepared, work, seed, data, out_root)
+
+
+def restore(study: optuna.Study, record: Path, space: dict[str, dict[str, Any]], fixed: dict[str, Any] | None
+            ) -> None:
+    """An empty study takes the finished trials of its record, when the record was searched over
+    the same space with the same held settings: a search resumes on another machine from what
+    the repository keeps. The per-epoch values come back too, so the pruner judges as before."""
+    if study.trials or not record.exists():
+        return
+    saved = json.loads(record.read_text())
+    if saved.get("search_space") != space or (saved.get("fixed") or {}) != (fixed or {}):
+        return
+    dists = distributions(space)
+    for t in saved.get("trials", []):
+        if t["state"] not in (*BUDGET_STATES, "FAIL"):
+            continue  # the trial running when the machine stopped trains again
+        steps = {int(step): auc for step, auc in (t.get("epoch_valid_auc") or {}).items()}
+        study.add_trial(optuna.trial.create_trial(
+            state=optuna.trial.TrialState[t["state"]], value=t["valid_auc"],
+            params=t["params"], distributions={k: dists[k] for k in t["params"]}, intermediate_values=steps,
+            user_attrs={"epochs": t["epochs"]} if t.get("epochs") is not None else {}))
 
 
 def record_path(out_root: Path, dataset_id: str, model: str) -> Path:
@@ -143,7 +184,8 @@ def write_record(study: optuna.Study, model: str, dataset: str, space: dict[str,
                  command: str, out_root: Path) -> dict[str, Any]:
     """The search's record and its choice; a defaults trial already in the record is kept."""
     trials = [{"number": t.number, "state": t.state.name, "valid_auc": t.value, "params": t.params,
-               "epochs": t.user_attrs.get("epochs")} for t in study.trials]
+               "epochs": t.user_attrs.get("epochs"), "epoch_valid_auc": t.intermediate_values}
+              for t in study.trials]
     if not any(t["state"] == "COMPLETE" for t in trials):
         raise RuntimeError(f"{dataset}/{model}: no trial finished")
     record = {"model": model, "dataset": dataset, "command": command, "search_space": space, "fixed": fixed or {},

@@ -109,3 +109,56 @@ def test_the_defaults_are_chosen_only_when_they_beat_every_trial(tmp_path: Path)
     cfg = resolve_config("dnn", "synthetic", config_file=cfg_file)
     assert cfg.train.lr == pytest.approx(resolve_config("dnn", "synthetic").train.lr)
     assert cfg.train.max_epochs == 2 and "the model's defaults" in cfg_file.read_text().splitlines()[0]
+
+
+def test_a_search_stopped_with_its_machine_resumes_from_the_record(
+        tiny_prepared: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import shutil
+
+    from ctrserve.models import tune as tune_module
+
+    trained = tune_module.train
+    calls = []
+
+    def stop_at_second(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt  # the machine stops in the middle of trial 1
+        return trained(*args, **kwargs)
+
+    monkeypatch.setattr(tune_module, "train", stop_at_second)
+    work = tmp_path / "work"
+    with pytest.raises(KeyboardInterrupt):
+        tune("dnn", "synthetic", tiny_prepared, work, trials=3, fixed=FIXED, out_root=tmp_path)
+    # trial 0 was written to the record as it finished, with its per-epoch values
+    saved = json.loads((tmp_path / "docs" / "tuning" / "synthetic" / "dnn.json").read_text())
+    assert [t["state"] for t in saved["trials"]] == ["COMPLETE"]
+    assert sorted(saved["trials"][0]["epoch_valid_auc"]) == ["1", "2"]
+    assert DEFAULTS not in saved
+
+    monkeypatch.setattr(tune_module, "train", trained)
+    shutil.rmtree(work)  # a fresh clone: the study's database is gone, the record is not
+    record = tune("dnn", "synthetic", tiny_prepared, work, trials=3, fixed=FIXED, out_root=tmp_path)
+    assert [t["state"] for t in record["trials"]] == ["COMPLETE"] * 3
+    first = json.loads(json.dumps(record["trials"][0]))
+    assert first == saved["trials"][0]  # kept as it was, not trained again
+    assert len({json.dumps(t["params"], sort_keys=True) for t in record["trials"]}) == 3
+    study = optuna.load_study(study_name="synthetic-dnn", storage=f"sqlite:///{work / 'tuning/synthetic/dnn.db'}")
+    assert study.trials[0].intermediate_values == {int(k): v for k, v in first["epoch_valid_auc"].items()}
+
+
+def test_a_record_of_another_search_or_other_held_settings_is_not_restored(
+        tiny_prepared: Path, tmp_path: Path) -> None:
+    from ctrserve.models.tune import record_path, restore
+
+    tune("dnn", "synthetic", tiny_prepared, tmp_path / "work", trials=1, fixed=FIXED, out_root=tmp_path)
+    record = record_path(tmp_path, "synthetic", "dnn")
+    space = json.loads(record.read_text())["search_space"]
+    other = {**FIXED, "train": {**FIXED["train"], "max_epochs": 1}}
+    for searched, held in [(space, other), ({k: v for k, v in space.items() if k != "train.lr"}, FIXED)]:
+        study = optuna.create_study(direction="maximize")
+        restore(study, record, searched, held)
+        assert study.trials == []
+    study = optuna.create_study(direction="maximize")
+    restore(study, record, space, FIXED)
+    assert [t.state.name for t in study.trials] == ["COMPLETE"]
