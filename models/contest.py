@@ -85,8 +85,9 @@ class Contest:
         return config_path(self.out_root, self.dataset_id, model)
 
     def tuning_record(self, model: str) -> dict[str, Any]:
-        """The model's search record (empty before its study); refused when searched with other held settings."""
-        from .tune import record_path  # optuna, torch: not at import
+        """The model's search record (empty before its study); refused when searched with other held
+        settings or over another space."""
+        from .tune import record_path, searched_space  # optuna, torch: not at import
 
         record = record_path(self.out_root, self.dataset_id, model)
         if not record.exists():
@@ -96,6 +97,10 @@ class Contest:
             # one study, one budget: trials run with other held settings are not this contest's
             raise ValueError(f"{record} was searched with held settings {saved.get('fixed')}, not {self.fixed}; "
                              "pass the same --set, or remove the record and its study to start again")
+        if saved.get("search_space") != searched_space(model, self.fixed):
+            # models/configs/search.yaml changed since: those trials drew from another space
+            raise ValueError(f"{record} was searched over another space than models/configs/search.yaml now "
+                             f"gives {model}; remove the record, its study and its tuned runs to search again")
         return saved
 
     def _flags(self) -> str:

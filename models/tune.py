@@ -68,6 +68,12 @@ def distributions(space: dict[str, dict[str, Any]]) -> dict[str, BaseDistributio
     return out
 
 
+def searched_space(model: str, fixed: dict[str, Any] | None) -> dict[str, dict[str, Any]]:
+    """The model's search space less the settings ``fixed`` holds out of it."""
+    held = {f"{block}.{name}" for block, settings in (fixed or {}).items() for name in settings}
+    return {key: spec for key, spec in search_space(model).items() if key not in held}
+
+
 def suggest(trial: optuna.Trial, space: dict[str, dict[str, Any]]) -> dict[str, Any]:
     """One value per key, list-valued choices back as lists."""
     values: dict[str, Any] = {}
@@ -122,8 +128,7 @@ def tune(model: str, dataset: str, prepared: Path, work: Path, trials: int, seed
     """Run (or resume) the study up to ``trials`` finished trials; write the record and the config.
     ``fixed`` (``{"train": {...}, "model": {...}}``) holds settings out of the search for every trial;
     ``data`` (loader overrides) names the study, its record and its config like the prepared data."""
-    held = {f"{block}.{name}" for block, settings in (fixed or {}).items() for name in settings}
-    space = {key: spec for key, spec in search_space(model).items() if key not in held}
+    space = searched_space(model, fixed)
     name = dataset_identity(dataset, data)
     db = work / "tuning" / name / f"{model}.db"
     db.parent.mkdir(parents=True, exist_ok=True)

@@ -125,3 +125,15 @@ def test_the_command_lists_the_plan_and_names_a_bad_model() -> None:
     assert "to do  tune dnn" in out.output and "calibrate mgdin tuned_static_masks_finetuned seed 3" in out.output
     out = runner.invoke(app, ["contest", "--dataset", "synthetic", "--model", "nope", "--dry-run"])
     assert out.exit_code == 2 and "unknown model" in out.output
+
+
+def test_a_study_searched_over_another_space_is_refused(tiny_prepared: Path, tmp_path: Path) -> None:
+    contest = make_contest(tmp_path)
+    contest.models = ["dnn"]
+    run(contest, tiny_prepared, say=lambda _: None)
+    path = tmp_path / "docs" / "tuning" / "synthetic" / "dnn.json"
+    record = json.loads(path.read_text())
+    record["search_space"]["model.dropout"] = {"choice": [0.0, 0.5]}  # search.yaml has changed since
+    path.write_text(json.dumps(record))
+    with pytest.raises(ValueError, match="another space"):
+        plan(contest)
