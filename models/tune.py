@@ -136,10 +136,10 @@ def tune(model: str, dataset: str, prepared: Path, work: Path, trials: int, seed
         study_name=f"{name}-{model}", storage=f"sqlite:///{db}", load_if_exists=True, direction="maximize",
         pruner=optuna.pruners.MedianPruner(n_startup_trials=3, n_warmup_steps=2),
     )
+    restore(study, record_path(out_root, name, model), space, fixed)
     # A fresh sampler seeded with `seed` alone would replay the first trials' settings after a
     # resume (its start-up draws restart); offsetting by the trials already stored keeps a fresh
     # study exactly as before and gives a resumed one new settings.
-    restore(study, record_path(out_root, name, model), space, fixed)
     study.sampler = optuna.samplers.TPESampler(seed=seed + len(study.trials))
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     done = [t for t in study.trials if t.state.name in BUDGET_STATES]
