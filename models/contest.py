@@ -6,7 +6,9 @@ split, and the model's own settings trained once beside the trials (chosen when 
 validation). Then each seed trains at the chosen settings and is recorded as variant ``tuned``.
 MGDIN also gets its w/o-DI ablation at its own tuned settings (``tuned_wo_di``) and static masks
 calibrated from each tuned run and fine-tuned with them (``tuned_static_masks_finetuned``), the
-serving form the verdict is about.
+serving form the verdict is about, and its DNN twin (``mgdin_twin``, recorded under ``dnn``): a DNN
+with MGDIN's head and trainer settings over the same tokens, which is MGDIN without its attention
+blocks when the tuned MGDIN feeds the raw tokens to its head (``head_embeddings``).
 
 Each step first looks at what is already there (the study's finished trials, the records in
 docs/results.json), so a contest stopped at any point resumes where it stopped, and ``plan`` lists
@@ -25,7 +27,7 @@ from typing import TYPE_CHECKING, Annotated, Any, Literal
 
 import typer
 
-from .train.contest_report import STATIC, TUNED, WO_DI
+from .train.contest_report import STATIC, SUBJECT, TUNED, TWIN, TWIN_MODEL, WO_DI
 
 if TYPE_CHECKING:
     from .train.trainer import TrainResult
@@ -39,11 +41,15 @@ ABLATIONS: dict[str, dict[str, dict[str, dict[str, Any]]]] = {"mgdin": {WO_DI: {
 #: static masks' valid AUC cost from 0.0045 to 0.0005 (docs/models/mgdin.md)
 CALIBRATED = ("mgdin",)
 FINETUNE_EPOCHS = 3
+#: per model: the model its twin is, and the settings the twin takes from the model's tuned config
+#: (the MLP head and the tokens' width and sequence pooling; every trainer setting)
+TWINS = {SUBJECT: TWIN_MODEL}
+TWIN_KEYS = ("embedding_dim", "seq_pooling", "hidden", "dropout", "batch_norm")
 
 
 @dataclass
 class Step:
-    kind: Literal["tune", "defaults", "train", "calibrate"]
+    kind: Literal["tune", "defaults", "train", "calibrate", "twin"]
     model: str
     variant: str = TUNED
     seed: int = 0
@@ -110,9 +116,21 @@ class Contest:
         return f"ctrserve tune --model {model} {self._flags()} --trials {self.trials}{_options('--set', self.fixed)}"
 
     def train_command(self, step: Step) -> str:
-        config = self.tuned_config(step.model).relative_to(self.out_root)
-        return (f"ctrserve train --model {step.model} {self._flags()} --config {config} --seed {step.seed}"
+        config = "" if step.kind == "twin" else f" --config {self.tuned_config(step.model).relative_to(self.out_root)}"
+        return (f"ctrserve train --model {step.model} {self._flags()}{config} --seed {step.seed}"
                 f"{_options('--set', step.overrides)} --variant {step.variant} --record")
+
+    def twin_overrides(self, model: str) -> dict[str, dict[str, Any]]:
+        """What the twin of ``model`` sets over its own dataset config: the settings of ``model``'s
+        tuned config that differ from it (``TWIN_KEYS`` and the trainer's)."""
+        from .train.config import resolve_config
+
+        subject = resolve_config(model, self.dataset, self.tuned_config(model), data=self.data)
+        twin = resolve_config(TWINS[model], self.dataset, data=self.data)
+        train = {k: v for k, v in subject.train.model_dump().items() if getattr(twin.train, k) != v}
+        head = {k: subject.params[k] for k in TWIN_KEYS
+                if k in subject.params and twin.params.get(k) != subject.params[k]}
+        return {block: values for block, values in (("train", train), ("model", head)) if values}
 
 
 def _options(flag: str, blocks: dict[str, Any]) -> str:
@@ -149,6 +167,9 @@ def plan(contest: Contest) -> list[Step]:
                       for s in contest.seeds]
         if model in CALIBRATED:
             steps += [Step("calibrate", model, STATIC, s, done=(model, STATIC, s) in recorded) for s in contest.seeds]
+        if model in TWINS:
+            steps += [Step("twin", TWINS[model], TWIN, s, done=(TWINS[model], TWIN, s) in recorded)
+                      for s in contest.seeds]
     return steps
 
 
@@ -162,7 +183,9 @@ def run(contest: Contest, prepared: Path, say: Callable[[str], None] = print) ->
         if step.kind in ("tune", "defaults"):
             _tune(contest, prepared, step, say)
             continue
-        if step.kind == "train":
+        if step.kind == "twin":  # its settings exist once the tuned model's search has chosen
+            step.overrides = contest.twin_overrides(next(m for m, twin in TWINS.items() if twin == step.model))
+        if step.kind in ("train", "twin"):
             metrics = _train(contest, prepared, step, record=True).metrics
         else:
             metrics = _calibrate(contest, prepared, step)
@@ -188,8 +211,10 @@ def _tune(contest: Contest, prepared: Path, step: Step, say: Callable[[str], Non
     after = record["best"]
     if before is not None and before["number"] != after["number"]:
         variants = {TUNED, STATIC, *ABLATIONS.get(model, {})}
-        gone = drop_results(lambda r: (r["dataset"], r["model"]) == (contest.dataset_id, model)
-                            and r["variant"] in variants, contest.results_json)
+        twin = (TWINS.get(model), TWIN)
+        gone = drop_results(lambda r: r["dataset"] == contest.dataset_id and (
+            (r["model"] == model and r["variant"] in variants) or (r["model"], r["variant"]) == twin),
+            contest.results_json)
         if not gone:  # a search resumed from its partial record: nothing was trained at its best so far
             return
         chosen = "its defaults" if after["number"] == DEFAULTS else f"trial {after['number']}"
@@ -201,7 +226,8 @@ def _train(contest: Contest, prepared: Path, step: Step, record: bool) -> TrainR
     from .train.config import resolve_config
     from .train.trainer import train
 
-    cfg = resolve_config(step.model, contest.dataset, contest.tuned_config(step.model), step.overrides,
+    config = None if step.kind == "twin" else contest.tuned_config(step.model)
+    cfg = resolve_config(step.model, contest.dataset, config, step.overrides,
                          seed=step.seed, variant=step.variant, data=contest.data)
     command = contest.train_command(step) if record else ""
     return train(cfg, prepared, contest.work / "runs", command=command, progress=False)

@@ -2,9 +2,10 @@
 own w/o-DI ablation, per dataset, against the number of feature tokens (issue #24's figure).
 
 Rows come from ``ctrserve contest`` (models/contest.py): variant ``tuned`` for every model,
-``tuned_wo_di`` and ``tuned_static_masks_finetuned`` for MGDIN. A gap is "more than the seed noise" when it
-exceeds twice its standard error over seeds (the two means' seed SEs combined), so a one-seed
-difference is never called.
+``tuned_wo_di`` and ``tuned_static_masks_finetuned`` for MGDIN, and MGDIN's DNN twin (``dnn``,
+``mgdin_twin``): what the attention blocks add over MGDIN's own head and settings. A gap is "more
+than the seed noise" when it exceeds twice its standard error over seeds (the two means' seed SEs
+combined), so a one-seed difference is never called.
 """
 
 from __future__ import annotations
@@ -18,6 +19,8 @@ from typing import Any
 TUNED = "tuned"
 WO_DI = "tuned_wo_di"
 STATIC = "tuned_static_masks_finetuned"  # `ctrserve calibrate --finetune-epochs` of a tuned run
+#: MGDIN's DNN twin, recorded under ``dnn``: MGDIN's head and trainer settings without the attention blocks
+TWIN, TWIN_MODEL = "mgdin_twin", "dnn"
 SUBJECT = "mgdin"
 #: static masks are served only when they cost at most this much AUC (models/calibrate.py)
 STATIC_BUDGET = 0.002
@@ -71,6 +74,7 @@ class Verdict:
     static: Arm | None  # None until the contest's calibrate steps have run
     best_baseline: Arm
     wo_di: Arm | None
+    twin: Arm | None = None
 
     @property
     def mgdin(self) -> Arm:
@@ -86,6 +90,10 @@ class Verdict:
         return gap(self.dynamic, self.wo_di) if self.wo_di else None
 
     @property
+    def over_twin(self) -> Gap | None:
+        return gap(self.dynamic, self.twin) if self.twin else None
+
+    @property
     def static_minus_dynamic(self) -> float | None:
         return self.static.mean - self.dynamic.mean if self.static else None
 
@@ -94,7 +102,7 @@ def verdicts(rows: list[dict[str, Any]]) -> list[Verdict]:
     """One verdict per dataset with tuned MGDIN and at least one tuned baseline, by token count."""
     arms: dict[str, dict[tuple[str, str], list[dict[str, Any]]]] = defaultdict(lambda: defaultdict(list))
     for r in rows:
-        if r["variant"] in (TUNED, WO_DI, STATIC):
+        if r["variant"] in (TUNED, WO_DI, STATIC, TWIN):
             arms[r["dataset"]][(r["model"], r["variant"])].append(r)
     out = []
     for dataset, by_arm in arms.items():
@@ -106,7 +114,8 @@ def verdicts(rows: list[dict[str, Any]]) -> list[Verdict]:
             continue
         tokens = next((r["tokens"] for rs in by_arm.values() for r in rs if "tokens" in r), 0)
         out.append(Verdict(dataset, tokens, dynamic, found.get((SUBJECT, STATIC)),
-                           max(baselines, key=lambda a: a.mean), found.get((SUBJECT, WO_DI))))
+                           max(baselines, key=lambda a: a.mean), found.get((SUBJECT, WO_DI)),
+                           found.get((TWIN_MODEL, TWIN))))
     return sorted(out, key=lambda v: (v.tokens, v.dataset))
 
 
@@ -116,24 +125,28 @@ def markdown(rows: list[dict[str, Any]]) -> list[str]:
     if not vs:
         return []
     lines = ["## MGDIN contest (`ctrserve contest`, tuned settings)", "",
-             "MGDIN with static masks against the best tuned baseline and against its own w/o-DI "
-             "ablation (dynamic masks on both sides); mean over seeds ± the seed standard error of the "
+             "MGDIN with static masks against the best tuned baseline; MGDIN against its own w/o-DI "
+             "ablation and against its DNN twin (MGDIN's head and trainer settings, no attention blocks), "
+             "dynamic masks on both sides; mean over seeds ± the seed standard error of the "
              "difference, \"within noise\" when under twice that. Figure: docs/img/mgdin_tokens_gain.png.", "",
-             "| dataset | tokens | MGDIN (static) | best baseline | MGDIN − best | MGDIN − w/o DI | static − dynamic |",
-             "|---|---|---|---|---|---|---|"]
+             "| dataset | tokens | MGDIN (static) | best baseline | MGDIN − best | MGDIN − w/o DI | MGDIN − twin "
+             "| static − dynamic |",
+             "|---|---|---|---|---|---|---|---|"]
     for v in vs:
         wo = v.over_wo_di.text() if v.over_wo_di else "–"
+        twin = v.over_twin.text() if v.over_twin else "–"
         delta = v.static_minus_dynamic
         shift = "–" if delta is None else f"{delta:+.4f}" + ("" if abs(delta) <= STATIC_BUDGET else " (over 0.002)")
         kind = "" if v.static else ", dynamic: not calibrated yet"
         lines.append(f"| {v.dataset} | {v.tokens} | {v.mgdin.mean:.4f} ({len(v.mgdin.aucs)} seeds{kind}) | "
                      f"{v.best_baseline.model} {v.best_baseline.mean:.4f} ({len(v.best_baseline.aucs)} seeds) | "
-                     f"{v.over_baseline.text()} | {wo} | {shift} |")
+                     f"{v.over_baseline.text()} | {wo} | {twin} | {shift} |")
     return [*lines, ""]
 
 
 def plot(rows: list[dict[str, Any]], out: Path) -> Path | None:
-    """MGDIN − best baseline and MGDIN − w/o DI against feature tokens, one point per dataset."""
+    """MGDIN − best baseline, MGDIN − w/o DI and MGDIN − its twin against feature tokens, one point per
+    dataset."""
     vs = verdicts(rows)
     if not vs:
         return None
@@ -148,10 +161,13 @@ def plot(rows: list[dict[str, Any]], out: Path) -> Path | None:
     base = [v.over_baseline for v in vs]
     ax.errorbar(x, [g.value for g in base], yerr=[2 * g.se for g in base], fmt="o-", capsize=3,
                 label="MGDIN (static masks) − best tuned baseline")
-    di = [(v.tokens, v.over_wo_di) for v in vs if v.over_wo_di]
-    if di:
-        ax.errorbar([t + 0.15 for t, _ in di], [g.value for _, g in di], yerr=[2 * g.se for _, g in di],
-                    fmt="s--", capsize=3, label="MGDIN − MGDIN w/o deferred interaction")
+    for shift, fmt, label, gaps in (
+            (0.15, "s--", "MGDIN − MGDIN w/o deferred interaction", [(v.tokens, v.over_wo_di) for v in vs]),
+            (0.3, "^:", "MGDIN − its DNN twin (no attention blocks)", [(v.tokens, v.over_twin) for v in vs])):
+        shown = [(t, g) for t, g in gaps if g]
+        if shown:
+            ax.errorbar([t + shift for t, _ in shown], [g.value for _, g in shown], yerr=[2 * g.se for _, g in shown],
+                        fmt=fmt, capsize=3, label=label)
     rightmost = max(x)
     for v in vs:
         label = v.dataset + ("" if v.static else " (dynamic masks)")
@@ -165,7 +181,7 @@ def plot(rows: list[dict[str, Any]], out: Path) -> Path | None:
     ax.set_xlabel("feature tokens per sample")
     ax.set_ylabel("test AUC difference (± 2 seed SE)")
     ax.set_title("Where does deferral help?")
-    ax.legend(fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.14), ncol=2)  # below: never over a point
+    ax.legend(fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.14), ncol=1)  # below: never over a point
     fig.tight_layout()
     out.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(out, dpi=120)

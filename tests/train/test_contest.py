@@ -12,7 +12,7 @@ import pytest
 
 from ctrserve.models import contest as contest_mod
 from ctrserve.models.contest import Contest, plan, run
-from ctrserve.models.train.contest_report import STATIC, TUNED, WO_DI, verdicts
+from ctrserve.models.train.contest_report import STATIC, TUNED, TWIN, WO_DI, verdicts
 from ctrserve.models.train.results import load_results
 
 pytestmark = pytest.mark.slow
@@ -32,20 +32,28 @@ def test_a_contest_records_each_step_once_and_resumes(tiny_prepared: Path, tmp_p
     assert [s.label() for s in before] == [
         "tune dnn", "defaults dnn", "train dnn tuned seed 1",
         "tune mgdin", "defaults mgdin", "train mgdin tuned seed 1", "train mgdin tuned_wo_di seed 1",
-        "calibrate mgdin tuned_static_masks_finetuned seed 1"]
+        "calibrate mgdin tuned_static_masks_finetuned seed 1", "twin dnn mgdin_twin seed 1"]
     assert not any(s.done for s in before)
 
     after = run(contest, tiny_prepared, say=lambda _: None)
     assert all(s.done for s in after)
     rows = load_results(contest.results_json)
     assert sorted((r["model"], r["variant"]) for r in rows) == [
-        ("dnn", TUNED), ("mgdin", TUNED), ("mgdin", STATIC), ("mgdin", WO_DI)]
+        ("dnn", TWIN), ("dnn", TUNED), ("mgdin", TUNED), ("mgdin", STATIC), ("mgdin", WO_DI)]
     fmap = json.loads((tiny_prepared / "feature_map.json").read_text())
     assert all(r["tokens"] > 1 and r["dataset"] == "synthetic" for r in rows)
     wo_di = next(r for r in rows if r["variant"] == WO_DI)
     assert "--variant tuned_wo_di" in wo_di["command"] and "--set model.deferred=false" in wo_di["command"]
     assert "--config models/configs/tuned/synthetic/mgdin.yaml" in wo_di["command"]
     assert fmap["dataset"] == "synthetic"
+    # the twin: a DNN with MGDIN's head and trainer settings over its own dataset config
+    twin = next(r for r in rows if r["variant"] == TWIN)
+    assert "--config" not in twin["command"] and "--model dnn" in twin["command"]
+    mgdin = next(r for r in rows if (r["model"], r["variant"]) == ("mgdin", TUNED))
+    assert twin["params"] < mgdin["params"]  # the blocks are what it lacks
+    overrides = contest.twin_overrides("mgdin")
+    assert overrides["model"]["hidden"] == [8] and overrides["model"]["embedding_dim"] == 4
+    assert overrides["train"]["max_epochs"] == 1 and "--set 'model.hidden=[8]'" in twin["command"]
 
     # the verdict and the figure come from those records
     md = (tmp_path / "docs" / "results.md").read_text()
@@ -53,6 +61,7 @@ def test_a_contest_records_each_step_once_and_resumes(tiny_prepared: Path, tmp_p
     assert (tmp_path / "docs" / "img" / "mgdin_tokens_gain.png").stat().st_size > 0
     (v,) = verdicts(rows)
     assert v.best_baseline.model == "dnn" and v.mgdin.variant == STATIC and v.wo_di is not None
+    assert v.twin is not None and v.best_baseline.variant == TUNED
 
     # a second call finds everything done and trains nothing
     def refuse(*args, **kwargs):

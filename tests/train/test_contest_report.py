@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from ctrserve.models.train.contest_report import STATIC, TUNED, WO_DI, markdown, verdicts
+from ctrserve.models.train.contest_report import STATIC, TUNED, TWIN, WO_DI, markdown, verdicts
 
 pytestmark = pytest.mark.quick
 
@@ -37,3 +37,13 @@ def test_uncalibrated_mgdin_is_shown_as_dynamic_without_a_static_gap() -> None:
 
 def test_no_verdict_without_a_tuned_baseline() -> None:
     assert verdicts(_rows({("mgdin", TUNED): [0.8]})) == [] and markdown([]) == []
+
+
+def test_the_twin_is_compared_with_dynamic_mgdin_and_is_never_the_best_baseline() -> None:
+    rows = _rows({("dnn", TUNED): [0.80, 0.80, 0.80], ("dnn", TWIN): [0.90, 0.91, 0.92],
+                  ("mgdin", TUNED): [0.85, 0.86, 0.87], ("mgdin", STATIC): [0.85, 0.86, 0.87]})
+    (v,) = verdicts(rows)
+    assert v.best_baseline.variant == TUNED and v.best_baseline.mean == pytest.approx(0.80)
+    assert v.over_twin is not None and v.over_twin.value == pytest.approx(-0.05) and v.over_twin.beyond_noise
+    row = next(line for line in markdown(rows) if line.startswith("| d |"))
+    assert "| -0.0500 ± 0.0082 |" in row
