@@ -41,9 +41,8 @@ ABLATIONS: dict[str, dict[str, dict[str, dict[str, Any]]]] = {"mgdin": {WO_DI: {
 #: static masks' valid AUC cost from 0.0045 to 0.0005 (docs/models/mgdin.md)
 CALIBRATED = ("mgdin",)
 FINETUNE_EPOCHS = 3
-#: per model: the model its twin is, and the settings the twin takes from the model's tuned config
-#: (the MLP head and the tokens' width and sequence pooling; every trainer setting)
-TWINS = {SUBJECT: TWIN_MODEL}
+#: the settings MGDIN's twin takes from MGDIN's tuned config besides every trainer setting: the MLP
+#: head and the tokens' width and sequence pooling
 TWIN_KEYS = ("embedding_dim", "seq_pooling", "hidden", "dropout", "batch_norm")
 
 
@@ -115,18 +114,24 @@ class Contest:
     def tune_command(self, model: str) -> str:
         return f"ctrserve tune --model {model} {self._flags()} --trials {self.trials}{_options('--set', self.fixed)}"
 
+    def step_config(self, step: Step) -> Path | None:
+        """The config a training step reads: the model's tuned one; none for the twin, whose
+        settings come as overrides (:meth:`twin_overrides`)."""
+        return None if step.kind == "twin" else self.tuned_config(step.model)
+
     def train_command(self, step: Step) -> str:
-        config = "" if step.kind == "twin" else f" --config {self.tuned_config(step.model).relative_to(self.out_root)}"
-        return (f"ctrserve train --model {step.model} {self._flags()}{config} --seed {step.seed}"
+        config = self.step_config(step)
+        shown = "" if config is None else f" --config {config.relative_to(self.out_root)}"
+        return (f"ctrserve train --model {step.model} {self._flags()}{shown} --seed {step.seed}"
                 f"{_options('--set', step.overrides)} --variant {step.variant} --record")
 
-    def twin_overrides(self, model: str) -> dict[str, dict[str, Any]]:
-        """What the twin of ``model`` sets over its own dataset config: the settings of ``model``'s
-        tuned config that differ from it (``TWIN_KEYS`` and the trainer's)."""
+    def twin_overrides(self) -> dict[str, dict[str, Any]]:
+        """What MGDIN's twin sets over the DNN's own dataset config: the settings of MGDIN's tuned
+        config that differ from it (``TWIN_KEYS`` and the trainer's)."""
         from .train.config import resolve_config
 
-        subject = resolve_config(model, self.dataset, self.tuned_config(model), data=self.data)
-        twin = resolve_config(TWINS[model], self.dataset, data=self.data)
+        subject = resolve_config(SUBJECT, self.dataset, self.tuned_config(SUBJECT), data=self.data)
+        twin = resolve_config(TWIN_MODEL, self.dataset, data=self.data)
         train = {k: v for k, v in subject.train.model_dump().items() if getattr(twin.train, k) != v}
         head = {k: subject.params[k] for k in TWIN_KEYS
                 if k in subject.params and twin.params.get(k) != subject.params[k]}
@@ -167,8 +172,8 @@ def plan(contest: Contest) -> list[Step]:
                       for s in contest.seeds]
         if model in CALIBRATED:
             steps += [Step("calibrate", model, STATIC, s, done=(model, STATIC, s) in recorded) for s in contest.seeds]
-        if model in TWINS:
-            steps += [Step("twin", TWINS[model], TWIN, s, done=(TWINS[model], TWIN, s) in recorded)
+        if model == SUBJECT:
+            steps += [Step("twin", TWIN_MODEL, TWIN, s, done=(TWIN_MODEL, TWIN, s) in recorded)
                       for s in contest.seeds]
     return steps
 
@@ -184,7 +189,7 @@ def run(contest: Contest, prepared: Path, say: Callable[[str], None] = print) ->
             _tune(contest, prepared, step, say)
             continue
         if step.kind == "twin":  # its settings exist once the tuned model's search has chosen
-            step.overrides = contest.twin_overrides(next(m for m, twin in TWINS.items() if twin == step.model))
+            step.overrides = contest.twin_overrides()
         if step.kind in ("train", "twin"):
             metrics = _train(contest, prepared, step, record=True).metrics
         else:
@@ -211,7 +216,7 @@ def _tune(contest: Contest, prepared: Path, step: Step, say: Callable[[str], Non
     after = record["best"]
     if before is not None and before["number"] != after["number"]:
         variants = {TUNED, STATIC, *ABLATIONS.get(model, {})}
-        twin = (TWINS.get(model), TWIN)
+        twin = (TWIN_MODEL, TWIN) if model == SUBJECT else None
         gone = drop_results(lambda r: r["dataset"] == contest.dataset_id and (
             (r["model"] == model and r["variant"] in variants) or (r["model"], r["variant"]) == twin),
             contest.results_json)
@@ -226,8 +231,7 @@ def _train(contest: Contest, prepared: Path, step: Step, record: bool) -> TrainR
     from .train.config import resolve_config
     from .train.trainer import train
 
-    config = None if step.kind == "twin" else contest.tuned_config(step.model)
-    cfg = resolve_config(step.model, contest.dataset, config, step.overrides,
+    cfg = resolve_config(step.model, contest.dataset, contest.step_config(step), step.overrides,
                          seed=step.seed, variant=step.variant, data=contest.data)
     command = contest.train_command(step) if record else ""
     return train(cfg, prepared, contest.work / "runs", command=command, progress=False)

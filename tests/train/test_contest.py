@@ -51,7 +51,7 @@ def test_a_contest_records_each_step_once_and_resumes(tiny_prepared: Path, tmp_p
     assert "--config" not in twin["command"] and "--model dnn" in twin["command"]
     mgdin = next(r for r in rows if (r["model"], r["variant"]) == ("mgdin", TUNED))
     assert twin["params"] < mgdin["params"]  # the blocks are what it lacks
-    overrides = contest.twin_overrides("mgdin")
+    overrides = contest.twin_overrides()
     assert overrides["model"]["hidden"] == [8] and overrides["model"]["embedding_dim"] == 4
     assert overrides["train"]["max_epochs"] == 1 and "--set 'model.hidden=[8]'" in twin["command"]
 
