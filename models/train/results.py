@@ -14,7 +14,7 @@ from typing import Any
 
 from ctrserve.paths import REPO_ROOT
 
-from . import contest_report
+from . import contest_report, search_report
 
 RESULTS_JSON = REPO_ROOT / "docs" / "results.json"
 RESULTS_MD = REPO_ROOT / "docs" / "results.md"
@@ -77,7 +77,8 @@ def _mean_std(xs: list[float]) -> tuple[float, float]:
     return m, sd
 
 
-def render_markdown(rows: list[dict[str, Any]]) -> str:
+def render_markdown(rows: list[dict[str, Any]], searches: list[search_report.Search] | None = None) -> str:
+    """The tables per dataset, the contest's verdict and, when given, how its searches went."""
     groups: dict[tuple[str, str, str], list[dict[str, Any]]] = defaultdict(list)
     for r in rows:
         groups[(r["dataset"], r["model"], r["variant"])].append(r)
@@ -119,12 +120,19 @@ def render_markdown(rows: list[dict[str, Any]]) -> str:
                 lines.append(f"- `{command}` → test AUC {seeds}")
         lines.append("")
     lines += contest_report.markdown(rows)
+    lines += search_report.markdown(searches or [])
     return "\n".join(lines)
+
+
+def markdown_for(json_path: Path = RESULTS_JSON, md_path: Path = RESULTS_MD) -> str:
+    """What ``md_path`` holds: the records of ``json_path`` and the searches recorded in the
+    docs/tuning folder beside ``md_path``."""
+    return render_markdown(load_results(json_path), search_report.load_searches(md_path.parent / "tuning"))
 
 
 def write_markdown(json_path: Path = RESULTS_JSON, md_path: Path = RESULTS_MD) -> Path:
     """docs/results.md, and the contest's tokens-vs-gain figure once a contest has rows."""
     rows = load_results(json_path)
-    md_path.write_text(render_markdown(rows))
+    md_path.write_text(markdown_for(json_path, md_path))
     contest_report.plot(rows, md_path.parent / "img" / "mgdin_tokens_gain.png")
     return md_path
