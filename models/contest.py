@@ -157,7 +157,7 @@ def _flat(blocks: dict[str, Any], prefix: str = "") -> list[tuple[str, Any]]:
 def plan(contest: Contest) -> list[Step]:
     """Every step of the contest in order, each marked done from the study and the records."""
     from .train.results import load_results
-    from .tune import BUDGET_STATES, DEFAULTS
+    from .train.search_report import BUDGET_STATES, DEFAULTS  # the record format, without optuna or torch
 
     recorded = {(r["model"], r["variant"], r["seed"]) for r in load_results(contest.results_json)
                 if r["dataset"] == contest.dataset_id}

@@ -33,15 +33,11 @@ from optuna.distributions import BaseDistribution, CategoricalDistribution, Floa
 
 from .data.prepare import dataset_identity
 from .train.config import resolve_config
+from .train.search_report import BUDGET_STATES, DEFAULTS
 from .train.trainer import train
 
 SEARCH_FILE = Path(__file__).resolve().parent / "configs" / "search.yaml"
-#: the trial states a budget counts; a trial cut short by Ctrl-C is stored as FAIL: it is in the
-#: record, not in the budget
-BUDGET_STATES = ("COMPLETE", "PRUNED")
 REPO = Path(__file__).resolve().parents[1]
-#: the record's entry for the model's own settings, trained beside the search (:func:`defaults_trial`)
-DEFAULTS = "defaults"
 
 
 def search_space(model: str, path: Path = SEARCH_FILE) -> dict[str, dict[str, Any]]:

@@ -31,10 +31,10 @@ def test_every_package_folder_is_listed_in_pyproject() -> None:
 
 
 def test_results_markdown_is_generated_from_json() -> None:
-    from ctrserve.models.train.results import RESULTS_JSON, RESULTS_MD, markdown_for
+    from ctrserve.models.train.results import RESULTS_JSON, RESULTS_MD, load_results, markdown_for
 
     assert RESULTS_JSON.exists(), "docs/results.json is missing"
-    assert RESULTS_MD.read_text() == markdown_for(RESULTS_JSON, RESULTS_MD), (
+    assert RESULTS_MD.read_text() == markdown_for(load_results(RESULTS_JSON), RESULTS_MD), (
         "docs/results.md is stale or hand-edited: run `ctrserve results`"
     )
 

@@ -124,15 +124,15 @@ def render_markdown(rows: list[dict[str, Any]], searches: list[search_report.Sea
     return "\n".join(lines)
 
 
-def markdown_for(json_path: Path = RESULTS_JSON, md_path: Path = RESULTS_MD) -> str:
-    """What ``md_path`` holds: the records of ``json_path`` and the searches recorded in the
-    docs/tuning folder beside ``md_path``."""
-    return render_markdown(load_results(json_path), search_report.load_searches(md_path.parent / "tuning"))
+def markdown_for(rows: list[dict[str, Any]], md_path: Path = RESULTS_MD) -> str:
+    """What ``md_path`` holds: ``rows`` (the records of docs/results.json) and the searches
+    recorded in the docs/tuning folder beside ``md_path``."""
+    return render_markdown(rows, search_report.load_searches(md_path.parent / "tuning"))
 
 
 def write_markdown(json_path: Path = RESULTS_JSON, md_path: Path = RESULTS_MD) -> Path:
     """docs/results.md, and the contest's tokens-vs-gain figure once a contest has rows."""
     rows = load_results(json_path)
-    md_path.write_text(markdown_for(json_path, md_path))
+    md_path.write_text(markdown_for(rows, md_path))
     contest_report.plot(rows, md_path.parent / "img" / "mgdin_tokens_gain.png")
     return md_path

@@ -17,7 +17,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-DEFAULTS = "defaults"  # models/tune.py DEFAULTS; this module reads records, it does not import the tuner
+# The record's vocabulary, defined here (no torch, no optuna) for the tuner that writes records
+# (models/tune.py) and for this report that reads them.
+#: the trial states a budget counts; a trial cut short by Ctrl-C is stored as FAIL: it is in the
+#: record, not in the budget
+BUDGET_STATES = ("COMPLETE", "PRUNED")
+#: the record's entry for the model's own settings, trained beside the search (``tune.defaults_trial``)
+DEFAULTS = "defaults"
 #: trials among the first this many (by number) count as "the first draws"
 FIRST_DRAWS = 2
 
@@ -48,7 +54,7 @@ def load_searches(root: Path) -> list[Search]:
     out = []
     for path in sorted(root.glob("*/*.json")):
         record = json.loads(path.read_text())
-        finished = [t for t in record["trials"] if t["state"] in ("COMPLETE", "PRUNED")]
+        finished = [t for t in record["trials"] if t["state"] in BUDGET_STATES]
         complete = [t for t in finished if t["state"] == "COMPLETE"]
         if not complete:
             continue
@@ -58,8 +64,7 @@ def load_searches(root: Path) -> list[Search]:
         if budget is None:
             raise ValueError(f"{path}: the command {record['command']!r} names no --trials budget")
         out.append(Search(record["dataset"], record["model"], record.get("fixed") or {}, int(budget.group(1)),
-                          len(finished),
-                          len(finished) - len(complete), best["number"], best["valid_auc"],
+                          len(finished), len(finished) - len(complete), best["number"], best["valid_auc"],
                           defaults["valid_auc"] if defaults else None))
     return out
 

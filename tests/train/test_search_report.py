@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from ctrserve.models.train import search_report
-from ctrserve.models.train.results import markdown_for, write_markdown
+from ctrserve.models.train.results import load_results, markdown_for, write_markdown
 
 pytestmark = pytest.mark.quick
 
@@ -74,5 +74,5 @@ def test_results_markdown_lists_the_searches_beside_it(tmp_path: Path) -> None:
     js, md = tmp_path / "results.json", tmp_path / "results.md"
     js.write_text("[]")
     write_markdown(js, md)
-    assert md.read_text() == markdown_for(js, md)
+    assert md.read_text() == markdown_for(load_results(js), md)
     assert "## Contest searches" in md.read_text() and "| d1 | dnn | train.max_epochs=15 | 4 (0) |" in md.read_text()
