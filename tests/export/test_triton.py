@@ -64,23 +64,11 @@ def requests_and_refs(repo: Path, tiny_prepared: Path) -> list[tuple[dict, dict[
     return out
 
 
-def _http_inputs(req: dict, manifest: Manifest):
-    import tritonclient.http as th
-
+def _infer_inputs(client_module, req: dict, manifest: Manifest) -> list:
+    """The request's tensors as ``InferInput``s of ``tritonclient.http`` or ``tritonclient.grpc``."""
     inputs = []
     for t in manifest.inputs:
-        i = th.InferInput(t.name, list(req[t.name].shape), TRITON_TYPES[t.dtype])
-        i.set_data_from_numpy(req[t.name])
-        inputs.append(i)
-    return inputs
-
-
-def _grpc_inputs(req: dict, manifest: Manifest):
-    import tritonclient.grpc as tg
-
-    inputs = []
-    for t in manifest.inputs:
-        i = tg.InferInput(t.name, list(req[t.name].shape), TRITON_TYPES[t.dtype])
+        i = client_module.InferInput(t.name, list(req[t.name].shape), TRITON_TYPES[t.dtype])
         i.set_data_from_numpy(req[t.name])
         inputs.append(i)
     return inputs
@@ -101,10 +89,9 @@ def test_http_and_grpc_match_pytorch(repo: Path, requests_and_refs, tritonserver
             b = len(next(iter(refs.values())))
             for version in ("1", "2", ""):  # "" = no version: the newest ready one
                 ref = refs[int(version or 2)]
-                for name, got in (
-                    ("http", http.infer(NAME, _http_inputs(req, manifest), model_version=version).as_numpy("prob")),
-                    ("grpc", grpc.infer(NAME, _grpc_inputs(req, manifest), model_version=version).as_numpy("prob")),
-                ):
+                for name, client, module in (("http", http, th), ("grpc", grpc, tg)):
+                    inputs = _infer_inputs(module, req, manifest)
+                    got = client.infer(NAME, inputs, model_version=version).as_numpy("prob")
                     # an empty tensor here is the numpy-2 stub failure the issue warns about
                     assert got is not None and got.shape == (b,), f"{name} v{version or '-'}: shape {got.shape}"
                     np.testing.assert_allclose(got, ref, rtol=0, atol=1e-4, err_msg=f"{name} version {version}")
@@ -129,7 +116,7 @@ def test_version_swap_under_concurrent_requests_fails_none(repo: Path, requests_
 
     def client() -> None:
         c = tg.InferenceServerClient(server.grpc_url)
-        inputs = _grpc_inputs(req, manifest)
+        inputs = _infer_inputs(tg, req, manifest)
         try:
             while not stop.is_set():
                 try:
