@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from ctrserve.models.train.contest_report import STATIC, TUNED, TWIN, WO_DI, markdown, verdicts
+from ctrserve.models.train.contest_report import STATIC, TUNED, TWIN, WO_DI, markdown, plot, tick_labels, verdicts
 
 pytestmark = pytest.mark.quick
 
@@ -47,3 +47,14 @@ def test_the_twin_is_compared_with_dynamic_mgdin_and_is_never_the_best_baseline(
     assert v.over_twin is not None and v.over_twin.value == pytest.approx(-0.05) and v.over_twin.beyond_noise
     row = next(line for line in markdown(rows) if line.startswith("| d |"))
     assert "| -0.0500 ± 0.0082 |" in row
+
+
+def test_the_figure_names_each_dataset_at_its_token_count(tmp_path) -> None:
+    rows = [{**r, "dataset": name, "tokens": tokens}
+            for name, tokens in (("frappe", 10), ("frappe_meta-semantic_ids.modeadd", 22))
+            for r in _rows({("dnn", TUNED): [0.80, 0.81], ("mgdin", TUNED): [0.79, 0.80]})]
+    assert tick_labels(verdicts(rows)) == {10: "10\nfrappe\n(dynamic)",
+                                           22: "22\nfrappe_meta\nsemantic_ids.modeadd\n(dynamic)"}
+    out = plot(rows, tmp_path / "gain.png")
+    assert out is not None and out.read_bytes().startswith(b"\x89PNG")
+    assert plot([], tmp_path / "none.png") is None and not (tmp_path / "none.png").exists()
