@@ -138,10 +138,15 @@ def markdown(rows: list[dict[str, Any]]) -> list[str]:
         delta = v.static_minus_dynamic
         shift = "–" if delta is None else f"{delta:+.4f}" + ("" if abs(delta) <= STATIC_BUDGET else " (over 0.002)")
         kind = "" if v.static else ", dynamic: not calibrated yet"
-        lines.append(f"| {v.dataset} | {v.tokens} | {v.mgdin.mean:.4f} ({len(v.mgdin.aucs)} seeds{kind}) | "
-                     f"{v.best_baseline.model} {v.best_baseline.mean:.4f} ({len(v.best_baseline.aucs)} seeds) | "
+        lines.append(f"| {v.dataset} | {v.tokens} | {v.mgdin.mean:.4f} ({_seeds(v.mgdin)}{kind}) | "
+                     f"{v.best_baseline.model} {v.best_baseline.mean:.4f} ({_seeds(v.best_baseline)}) | "
                      f"{v.over_baseline.text()} | {wo} | {twin} | {shift} |")
     return [*lines, ""]
+
+
+def _seeds(arm: Arm) -> str:
+    n = len(arm.aucs)
+    return f"{n} seed" if n == 1 else f"{n} seeds"
 
 
 def tick_labels(vs: list[Verdict]) -> dict[int, str]:

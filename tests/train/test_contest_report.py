@@ -35,6 +35,12 @@ def test_uncalibrated_mgdin_is_shown_as_dynamic_without_a_static_gap() -> None:
     assert "dynamic: not calibrated yet" in row and row.rstrip().endswith("| – | – |")
 
 
+def test_a_baseline_still_seeding_says_how_many_seeds_it_has() -> None:
+    rows = _rows({("dlf", TUNED): [0.90], ("mgdin", TUNED): [0.79, 0.80, 0.81]})
+    row = next(line for line in markdown(rows) if line.startswith("| d |"))
+    assert "dlf 0.9000 (1 seed) |" in row and "(3 seeds, dynamic" in row
+
+
 def test_no_verdict_without_a_tuned_baseline() -> None:
     assert verdicts(_rows({("mgdin", TUNED): [0.8]})) == [] and markdown([]) == []
 
