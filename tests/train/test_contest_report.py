@@ -41,6 +41,14 @@ def test_a_baseline_still_seeding_says_how_many_seeds_it_has() -> None:
     assert "dlf 0.9000 (1 seed) |" in row and "(3 seeds, dynamic" in row
 
 
+def test_a_gap_to_a_one_seed_arm_is_never_called_beyond_noise() -> None:
+    rows = _rows({("dlf", TUNED): [0.90], ("mgdin", TUNED): [0.79, 0.80, 0.81]})
+    (v,) = verdicts(rows)
+    assert v.over_baseline.value == pytest.approx(-0.10) and not v.over_baseline.beyond_noise
+    row = next(line for line in markdown(rows) if line.startswith("| d |"))
+    assert "| -0.1000 (one seed: noise unknown) |" in row
+
+
 def test_no_verdict_without_a_tuned_baseline() -> None:
     assert verdicts(_rows({("mgdin", TUNED): [0.8]})) == [] and markdown([]) == []
 
