@@ -52,7 +52,7 @@ class Arm:
 class Gap:
     value: float
     se: float
-    seeds: int = 2  # the fewer seeds of the two arms: with one, that arm's noise is unknown
+    seeds: int  # the fewer seeds of the two arms: with one, that arm's noise is unknown
 
     @property
     def beyond_noise(self) -> bool:
